@@ -1,0 +1,1 @@
+"""The coordinator: runs, registry, ledger, audits and checkpoints behind one gRPC service."""

@@ -1,0 +1,1 @@
+"""The community dashboard: FastAPI app, JSON API, Prometheus metrics, static page."""

@@ -1,0 +1,1 @@
+"""Diffusion models, data sources, the micro-batch function and the quality score."""

@@ -1,0 +1,1 @@
+"""A volunteer node: identity, coordinator client, hivemind swarm glue, trainer, validator, download."""
