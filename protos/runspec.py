@@ -10,12 +10,11 @@ omi.protos.runspec.RunSpecError: unknown key 'training.lr' (known: ...)
 """
 
 import re
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from google.protobuf import json_format
-
 from omi.protos import pb
 
 # section -> key -> (default, check, what the check wants). Every key of the RunSpec TOML is here.

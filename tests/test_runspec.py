@@ -1,7 +1,6 @@
 """RunSpec TOML parsing: defaults, and every refusal names the key."""
 
 import pytest
-
 from omi.protos.runspec import RunSpecError, load_runspec, parse_runspec
 
 BASE = '[run]\nid = "demo"\nmodel = "unet-digits-16"\n'
