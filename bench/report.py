@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-HEADER = "# Benchmarks\n\nFigures measured on the machine named in each section; every section is rewritten by its script.\n"
+HEADER = (
+    "# Benchmarks\n\n"
+    "Figures measured on the machine named in each section; every section is rewritten by its script.\n"
+)
 
 
 def machine() -> str:

@@ -25,7 +25,8 @@ def generate(out_root: Path) -> list[Path]:
     with tempfile.TemporaryDirectory() as tmp:
         include = Path(tmp) / "include"
         (include / "omi").mkdir(parents=True)
-        shutil.copytree(PROTOS, include / "omi" / "protos", ignore=shutil.ignore_patterns("*.py", "*.pyi", "__pycache__"))
+        skip = shutil.ignore_patterns("*.py", "*.pyi", "__pycache__")
+        shutil.copytree(PROTOS, include / "omi" / "protos", ignore=skip)
         sources = sorted(str(p.relative_to(include)) for p in include.rglob("*.proto"))
         (out_root / "omi" / "protos").mkdir(parents=True, exist_ok=True)
         args = ["protoc", f"-I{include}", f"-I{protoc._get_resource_file_name('grpc_tools', '_proto')}",
