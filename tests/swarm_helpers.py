@@ -1,0 +1,227 @@
+"""Swarm test helpers: a test coordinator's tokens, peer files, and peer processes (run as ``python swarm_helpers.py``).
+
+Every peer is its own process (hivemind forks its DHT and averagers from the main thread); the test process
+talks to peers through files: a peer writes ``ready.json`` once its DHT is up and ``result.json`` when done,
+and stops when its stdin is closed.
+
+    python tests/swarm_helpers.py bootstrap CONFIG.json
+    python tests/swarm_helpers.py trainer CONFIG.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omi.protos import pb, signing, swarmauth
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+RUN_ID = "swarmtest"
+
+
+def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", compression: str = "none",
+              target_batch_size: int = 64, matchmaking_time: float = 2.0, averaging_timeout: float = 8.0,
+              learning_rate: float = 0.01, clip_tau: float = 1.0, clip_iterations: int = 5,
+              load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = ()) -> pb.RunSpec:
+    """A RunSpec of a tiny test run (the settings the swarm layer reads)."""
+    return pb.RunSpec(
+        run_id=run_id, dht_prefix=f"{run_id}_v1", model="tiny-mlp",
+        coordinator_public_key=signing.public_bytes(coordinator_key), initial_peers=list(initial_peers),
+        training=pb.TrainingSpec(target_batch_size=target_batch_size, learning_rate=learning_rate, micro_batch_size=8),
+        averaging=pb.AveragingSpec(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
+                                   compression=compression, reducer=reducer, clip_tau=clip_tau,
+                                   clip_iterations=clip_iterations, load_state_from_peers=load_state_from_peers),
+    )
+
+
+@dataclass
+class PeerFiles:
+    """Everything a peer keeps on disk: libp2p identity, swarm RSA key, token file; and its peer id."""
+
+    identity_path: str
+    swarm_key_path: str
+    token_path: str
+    peer_id: str
+
+
+def make_peer_files(directory: Path, coordinator_key, spec: pb.RunSpec, *, ttl: float = 600.0,
+                    token_peer_id: str | None = None, expired: bool = False) -> PeerFiles:
+    """Create a peer's identity and swarm key and write a coordinator-signed token for it.
+
+    :param token_peer_id: bind the token to this peer id instead of the peer's own (a token of someone else)
+    :param expired: issue a token that expired a minute ago
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    identity_path, key_path = str(directory / "p2p.id"), str(directory / "swarm_rsa.pem")
+    peer_id = swarmauth.load_or_create_peer_identity(identity_path)
+    swarm_key = swarmauth.load_or_create_swarm_key(key_path)
+    now = time.time() - (ttl + 60 if expired else 0)
+    token = swarmauth.mint_access_token(
+        coordinator_key, run_id=spec.run_id, peer_id=token_peer_id or peer_id,
+        swarm_public_key=swarmauth.swarm_public_key(swarm_key),
+        node_public_key=signing.public_bytes(signing.generate_key()), ttl=ttl, now=now)
+    token_path = str(directory / "token.bin")
+    swarmauth.TokenFile(token_path).write(token)
+    return PeerFiles(identity_path, key_path, token_path, peer_id)
+
+
+class PeerProcess:
+    """A peer running ``swarm_helpers.py ROLE CONFIG`` in a subprocess; ``stop()`` always reaps it."""
+
+    def __init__(self, role: str, directory: Path, **config):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ready_path, self.result_path = directory / "ready.json", directory / "result.json"
+        config.update(ready_path=str(self.ready_path), result_path=str(self.result_path))
+        config_path = directory / f"{role}.json"
+        config_path.write_text(json.dumps(config))
+        self.log = open(directory / f"{role}.log", "wb")
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "swarm_helpers.py"), role, str(config_path)],
+                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        return self._wait_file(self.ready_path, timeout)
+
+    def wait_result(self, timeout: float) -> dict:
+        return self._wait_file(self.result_path, timeout)
+
+    def _wait_file(self, path: Path, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if path.exists():
+                return json.loads(path.read_text())
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"peer exited with {self.proc.returncode} before writing {path.name}:\n"
+                                   + self.tail())
+            time.sleep(0.1)
+        raise TimeoutError(f"no {path.name} after {timeout}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 40) -> str:
+        self.log.flush()
+        text = (self.directory / Path(self.log.name).name).read_text(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout)
+            except (subprocess.TimeoutExpired, BrokenPipeError):
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    Path(tmp).write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- peer entry points (subprocesses)
+
+
+def run_bootstrap(config: dict) -> None:
+    """A coordinator's bootstrap DHT peer; writes its multiaddrs, serves until stdin closes."""
+    coordinator_key = signing.load_key(config["coordinator_key_path"])
+    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
+    dht, maddrs = swarmauth.start_bootstrap_dht(coordinator_key, spec, identity_path=config.get("identity_path"))
+    _write_json(config["ready_path"], dict(maddrs=maddrs, peer_id=dht.peer_id.to_base58()))
+    try:
+        sys.stdin.read()
+    finally:
+        dht.shutdown()
+
+
+def tiny_model():
+    import torch
+
+    torch.manual_seed(0)  # every peer starts from the same parameters
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+
+
+def regression_batch(generator, batch_size: int):
+    """Samples of y = <w, x> with one fixed w for every peer (a task all peers agree on)."""
+    import torch
+
+    w = torch.linspace(-1, 1, 16)
+    x = torch.randn(batch_size, 16, generator=generator)
+    return x, (x @ w).unsqueeze(1)
+
+
+def run_trainer(config: dict) -> None:
+    """Train ``tiny_model`` with make_optimizer for ``epochs`` swarm epochs; report group sizes and parameters.
+
+    ``gradient_scale`` != 1 makes an attacker: it multiplies its gradient before handing it to hivemind.
+    """
+    import torch
+    from omi.node import swarm
+
+    torch.set_num_threads(1)
+    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
+    spec.initial_peers[:] = config["initial_peers"]
+    dht = swarm.start_dht(spec, swarmauth.TokenFile(config["token_path"]),
+                          swarm_key=swarmauth.load_or_create_swarm_key(config["swarm_key_path"]),
+                          identity_path=config["identity_path"])
+    model = tiny_model()
+    batch_size = config.get("batch_size", 8)
+    opt = swarm.make_optimizer(model, spec, dht, batch_size_per_step=batch_size, verbose=True)
+    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58(),
+                                           maddrs=[str(m) for m in dht.get_visible_maddrs()]))
+    generator = torch.Generator().manual_seed(config.get("seed", 0))
+    eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
+    t0 = time.monotonic()
+
+    # the progress tracker needs time to see the swarm; without this wait the first epochs are stepped alone
+    deadline = t0 + config.get("wait_peers_timeout", 30.0)
+    while opt.tracker.global_progress.num_peers < config.get("expected_peers", 1) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    peers_seen_after = time.monotonic() - t0
+
+    epochs, group_sizes, first_group_at = config["epochs"], [], None
+    deadline = time.monotonic() + config.get("train_timeout", 90.0)
+    losses = []
+    while opt.local_epoch < epochs and time.monotonic() < deadline:
+        x, y = regression_batch(generator, batch_size)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if config.get("gradient_scale", 1.0) != 1.0:
+            for param in model.parameters():
+                param.grad.mul_(config["gradient_scale"])
+        epoch_before = opt.local_epoch
+        opt.step()
+        opt.zero_grad()
+        if opt.local_epoch != epoch_before:
+            group_sizes.append(opt.grad_group_size if opt.grad_rounds_averaged else 0)
+            if first_group_at is None and opt.grad_rounds_averaged:
+                first_group_at = time.monotonic() - t0
+            with torch.no_grad():
+                losses.append(torch.nn.functional.mse_loss(model(eval_x), eval_y).item())
+        time.sleep(config.get("step_sleep", 0.05))
+
+    with torch.no_grad():
+        params = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
+    _write_json(config["result_path"], dict(
+        local_epoch=opt.local_epoch, group_sizes=group_sizes, rounds_averaged=opt.grad_rounds_averaged,
+        state_rounds_averaged=opt.state_averager.rounds_averaged, params=params, eval_losses=losses,
+        peers_seen_after=peers_seen_after, first_group_at=first_group_at, seconds=time.monotonic() - t0))
+    try:
+        sys.stdin.read()  # stay in the swarm (serve state, refuse intruders) until the test is done
+    finally:
+        opt.shutdown()
+        dht.shutdown()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    role, config_path = sys.argv[1], sys.argv[2]
+    {"bootstrap": run_bootstrap, "trainer": run_trainer}[role](json.loads(Path(config_path).read_text()))
