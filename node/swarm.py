@@ -44,9 +44,12 @@ from omi.protos import pb
 from omi.protos.swarmauth import (
     AccessControlledGradientAverager,
     AccessControlledTrainingStateAverager,
+    AccessDenied,
     PeerAccessGate,
     TokenProvider,
+    is_valid_access_token,
     make_dht,
+    swarm_public_key,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,9 +77,16 @@ def start_dht(spec: pb.RunSpec, token_provider: TokenProvider, *, swarm_key: RSA
     :param client_mode: for volunteers behind NAT: make outgoing connections only, serve no RPCs
     :param announce_host: the address other peers should dial (needs an explicit ``port``)
     :returns: a started ``hivemind.DHT``; it re-publishes the node's token in the run's token registry
+    :raises AccessDenied: if the provider's token is not valid now (a banned node cannot renew it)
     """
     if not spec.dht_prefix or "." in spec.dht_prefix:
         raise ValueError(f"RunSpec.dht_prefix must be non-empty and without '.', got {spec.dht_prefix!r}")
+    token = token_provider()
+    if not is_valid_access_token(token, spec.coordinator_public_key, spec.run_id,
+                                 swarm_public_key=swarm_public_key(swarm_key)):
+        # every peer would refuse us; say why instead of hivemind's "bootstrap failed"
+        raise AccessDenied(f"the access token of node {token.node_id or '?'} is not valid for run {spec.run_id!r} "
+                           "(expired, of another run, or not bound to this swarm key): renew it first")
     return make_dht(spec, token_provider, swarm_key, initial_peers=list(spec.initial_peers),
                     identity_path=None if identity_path is None else str(identity_path), host=host, port=port,
                     client_mode=client_mode, announce_host=announce_host)
