@@ -1,0 +1,167 @@
+"""`omi-coordinator`: serve, and the admin commands (`run create|list|pause|resume|stop`, `node ban|unban`).
+
+    omi-coordinator serve --run examples/runs/digits.toml
+    omi-coordinator run create examples/runs/digits.toml --start
+    omi-coordinator run list
+    omi-coordinator node ban <node id> --reason "failed audits"
+"""
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import typer
+from omi.coordinator.errors import CoordinatorError
+from omi.coordinator.runs import STATE_NAMES
+from omi.coordinator.server import ADMIN_TOKEN_FILENAME, DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
+from omi.protos import pb, rpc
+from rich.console import Console
+from rich.table import Table
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(help="The omi-swarm coordinator: serve, and administer runs and nodes.", no_args_is_help=True)
+run_app = typer.Typer(help="Create and steer runs (admin).", no_args_is_help=True)
+node_app = typer.Typer(help="Ban and unban nodes (admin).", no_args_is_help=True)
+app.add_typer(run_app, name="run")
+app.add_typer(node_app, name="node")
+console = Console()
+err_console = Console(stderr=True)
+
+COORDINATOR_OPTION = typer.Option("127.0.0.1:50051", "--coordinator", "-c", help="HOST:PORT of the gRPC API.")
+STATE_DIR_OPTION = typer.Option(Path("state"), "--state-dir", help="State dir holding the admin token.")
+TOKEN_FILE_OPTION = typer.Option(None, "--admin-token-file", help="File holding the admin token.")
+
+
+@app.command("serve")
+def serve_command(
+    state_dir: Path = typer.Option(Path("state"), help="Key, admin token and the SQLite database live here."),
+    db: str = typer.Option(None, help="SQLAlchemy URL (e.g. postgresql://user@host/omi); default SQLite in state."),
+    grpc_address: str = typer.Option("127.0.0.1:50051", "--grpc", help="HOST:PORT of the gRPC API."),
+    http_address: str = typer.Option("127.0.0.1:8080", "--http", help="HOST:PORT of the dashboard; '' for none."),
+    run: Path = typer.Option(None, help="RunSpec TOML to create (if new) and start."),
+    max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, help="Larger requests are refused."),
+    log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
+) -> None:
+    """Run the coordinator until SIGTERM or Ctrl-C."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(state_dir=state_dir, db_url=db, grpc_address=grpc_address, http_address=http_address or None,
+                          run_file=run, max_message_bytes=max_message_bytes)
+    try:
+        asyncio.run(serve(config))
+    except (CoordinatorError, OSError) as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1) from None
+
+
+class AdminClient:
+    """Calls the Admin service with the admin token.
+
+    :param address: HOST:PORT of the coordinator's gRPC API
+    :param admin_token: the token written to ``<state dir>/admin_token`` at first start
+    """
+
+    def __init__(self, address: str, admin_token: str, *, timeout: float = 10.0):
+        self.channel = grpc.insecure_channel(address)
+        self.stub = rpc.AdminStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {admin_token}"),)
+        self.timeout = timeout
+
+    def call(self, method: str, request):
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def find_admin_token(state_dir: Path, token_file: Path | None) -> str:
+    """The admin token from --admin-token-file, else $OMI_ADMIN_TOKEN, else <state dir>/admin_token."""
+    if token_file is None and os.environ.get("OMI_ADMIN_TOKEN"):
+        return os.environ["OMI_ADMIN_TOKEN"].strip()
+    path = token_file or state_dir / ADMIN_TOKEN_FILENAME
+    try:
+        return path.read_text().strip()
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] cannot read the admin token from {path} ({e.strerror}); "
+                          "pass --state-dir, --admin-token-file or set OMI_ADMIN_TOKEN")
+        raise typer.Exit(2) from None
+
+
+def _admin(coordinator: str, state_dir: Path, token_file: Path | None, method: str, request):
+    client = AdminClient(coordinator, find_admin_token(state_dir, token_file))
+    try:
+        return client.call(method, request)
+    except grpc.RpcError as e:
+        err_console.print(f"[red]error:[/red] {e.code().name}: {e.details()}")
+        raise typer.Exit(1) from None
+    finally:
+        client.close()
+
+
+def _print_runs(runs: list[pb.RunSummary]) -> None:
+    table = Table("run", "name", "model", "state", "epoch", "samples", "online")
+    for r in runs:
+        table.add_row(r.run_id, r.name, r.model, STATE_NAMES.get(r.state, "?"), str(r.epoch), f"{r.total_samples:,}",
+                      str(r.volunteers_online))
+    console.print(table)
+
+
+@run_app.command("create")
+def run_create(file: Path = typer.Argument(..., help="RunSpec TOML file."),
+               start: bool = typer.Option(False, help="Start the run right away."),
+               coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION,
+               admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """Create a run from a RunSpec TOML file (checked by the coordinator; a bad key is named)."""
+    try:
+        text = file.read_text()
+    except OSError as e:
+        err_console.print(f"[red]error:[/red] cannot read {file}: {e.strerror}")
+        raise typer.Exit(2) from None
+    _print_runs([_admin(coordinator, state_dir, admin_token_file, "CreateRun",
+                        pb.CreateRunRequest(spec_toml=text, start=start))])
+
+
+@run_app.command("list")
+def run_list(coordinator: str = COORDINATOR_OPTION) -> None:
+    """List the runs (public: no token needed)."""
+    with grpc.insecure_channel(coordinator) as channel:
+        try:
+            runs = rpc.CoordinatorStub(channel).ListRuns(pb.ListRunsRequest(), timeout=10.0).runs
+        except grpc.RpcError as e:
+            err_console.print(f"[red]error:[/red] {e.code().name}: {e.details()}")
+            raise typer.Exit(1) from None
+    _print_runs(list(runs))
+
+
+def _transition(method: str, help_text: str):
+    def command(run_id: str = typer.Argument(..., help="Run id."), coordinator: str = COORDINATOR_OPTION,
+                state_dir: Path = STATE_DIR_OPTION, admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+        _print_runs([_admin(coordinator, state_dir, admin_token_file, method, pb.RunRequest(run_id=run_id))])
+    command.__doc__ = help_text
+    return command
+
+
+run_app.command("pause")(_transition("PauseRun", "Pause a running run."))
+run_app.command("resume")(_transition("ResumeRun", "Resume a paused run (or start a created one)."))
+run_app.command("stop")(_transition("StopRun", "Stop a run for good."))
+
+
+@node_app.command("ban")
+def node_ban(node_id: str = typer.Argument(..., help="Node id (64 hex characters)."),
+             reason: str = typer.Option("", help="Why, for the record."), coordinator: str = COORDINATOR_OPTION,
+             state_dir: Path = STATE_DIR_OPTION, admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """Ban a node: it cannot register or renew its token any more."""
+    reply = _admin(coordinator, state_dir, admin_token_file, "BanNode", pb.BanNodeRequest(node_id=node_id,
+                                                                                         reason=reason))
+    console.print(f"node {node_id[:12]} banned" if reply.changed else f"node {node_id[:12]} was already banned")
+
+
+@node_app.command("unban")
+def node_unban(node_id: str = typer.Argument(..., help="Node id (64 hex characters)."),
+               coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION,
+               admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """Lift a node's ban."""
+    reply = _admin(coordinator, state_dir, admin_token_file, "UnbanNode", pb.BanNodeRequest(node_id=node_id))
+    console.print(f"node {node_id[:12]} unbanned" if reply.changed else f"node {node_id[:12]} was not banned")

@@ -1,0 +1,137 @@
+"""The coordinator's domain objects wired together over one store and one key; what the servicer calls."""
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from omi.coordinator.audit import Auditor
+from omi.coordinator.checkpoints import Checkpoints
+from omi.coordinator.ledger import Ledger
+from omi.coordinator.liveness import Beat, Liveness
+from omi.coordinator.registry import Caller, Registry, RegistryConfig
+from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.store import RunMetric, Store, sqlite_url
+from omi.coordinator.work import ShardLayout, WorkPlanner, data_layout
+from omi.protos import pb, signing
+
+logger = logging.getLogger(__name__)
+
+KEY_FILENAME = "coordinator_key.pem"
+
+
+@dataclass
+class CoordinatorConfig:
+    registry: RegistryConfig = field(default_factory=RegistryConfig)  # TTLs and rate limits
+    flush_interval: float = 2.0     # seconds between heartbeat flushes to the store
+    metrics_interval: float = 10.0  # seconds between points of the run history
+    audit_task_timeout: float = 600.0  # seconds a validator may hold an audit task
+
+
+class Coordinator:
+    """Runs, registry, work planner, ledger, auditor and checkpoints over one store.
+
+    :param store: the database
+    :param key: the coordinator's Ed25519 key (signs tokens and assignments; its public half is in every RunSpec)
+    :param config: limits and intervals
+    :param layout: DataSpec -> ShardLayout, how a run's data splits into shards
+
+    >>> from omi.protos.signing import generate_key
+    >>> coordinator = Coordinator(Store("sqlite://"), generate_key())
+    >>> coordinator.runs.create('[run]\\nid = "demo"\\nmodel = "unet-digits-16"\\n').state == pb.RUN_STATE_CREATED
+    True
+    """
+
+    def __init__(self, store: Store, key: Ed25519PrivateKey, config: CoordinatorConfig | None = None, *,
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
+        self.store, self.key = store, key
+        self.config = config or CoordinatorConfig()
+        self.public_key = signing.public_bytes(key)
+        self.runs = Runs(store, self.public_key)
+        self.liveness = Liveness(store)
+        self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
+        self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout)
+        self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout)
+        self.ledger = Ledger(store, self.runs, self.auditor)
+        self.checkpoints = Checkpoints(store, self.runs)
+
+    @classmethod
+    def open(cls, state_dir: str | Path, db_url: str | None = None, config: CoordinatorConfig | None = None,
+             **kwargs) -> "Coordinator":
+        """The coordinator of a state dir: its key (created at first start, mode 0600) and its database."""
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        key = signing.load_or_create_key(state_dir / KEY_FILENAME)
+        return cls(Store(db_url or sqlite_url(state_dir)), key, config, **kwargs)
+
+    # ---------------------------------------------------------------- node requests
+
+    def heartbeat(self, caller: Caller, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        self.liveness.beat(caller.run_id, caller.node_id, Beat(request.epoch, request.samples_per_second,
+                                                               request.swarm_peers, request.loss, now_ms()))
+        self.runs.observe_epoch(caller.run_id, request.epoch)
+        run = self.runs.get(caller.run_id)
+        return pb.HeartbeatResponse(run_state=run.state, epoch=run.epoch,
+                                    token_expires_at_ms=caller.token.expires_at_ms)
+
+    def leave(self, caller: Caller) -> None:
+        released = self.work.release_node(caller.run_id, caller.node_id)
+        self.liveness.forget(caller.run_id, caller.node_id)
+        logger.info("node %s left run %s (%d open assignments released)", caller.node_id[:12], caller.run_id,
+                    released)
+
+    # ---------------------------------------------------------------- public views
+
+    def volunteers_online(self, run_id: str) -> list[Beat]:
+        return self.liveness.online(run_id, now_ms(), self.runs.get(run_id).spec.liveness.heartbeat_timeout)
+
+    def list_runs(self) -> list[pb.RunSummary]:
+        return [self.runs.summary(r, len(self.volunteers_online(r))) for r in self.runs.run_ids()]
+
+    def run_status(self, run_id: str) -> pb.RunStatus:
+        online = self.volunteers_online(run_id)
+        losses = [b.loss for b in online if b.loss > 0]
+        contributions, verified = self.ledger.totals(run_id)
+        return pb.RunStatus(summary=self.runs.summary(run_id, len(online)),
+                            samples_per_second=sum(b.samples_per_second for b in online),
+                            last_loss=sum(losses) / len(losses) if losses else 0.0,
+                            contributions=contributions, verified_samples=verified)
+
+    # ---------------------------------------------------------------- background work
+
+    def record_metrics(self) -> None:
+        """One point of history per running run: loss, samples/s, volunteers online."""
+        now = now_ms()
+        points = []
+        for run_id in self.runs.run_ids():
+            info = self.runs.get(run_id)
+            if info.state != pb.RUN_STATE_RUNNING:
+                continue
+            status = self.run_status(run_id)
+            points.append(RunMetric(run_id=run_id, at_ms=now, epoch=info.epoch, total_samples=info.total_samples,
+                                    loss=status.last_loss or None, samples_per_second=status.samples_per_second,
+                                    volunteers_online=status.summary.volunteers_online))
+        if points:
+            with self.store.transaction() as s:
+                s.add_all(points)
+
+    async def maintain(self) -> None:
+        """Flush heartbeats and record run history until cancelled."""
+        last_metrics = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.config.flush_interval)
+            try:
+                self.liveness.flush()
+                if loop.time() - last_metrics >= self.config.metrics_interval:
+                    last_metrics = loop.time()
+                    self.record_metrics()
+            except Exception:
+                logger.exception("background flush failed; retrying at the next interval")
+
+    def close(self) -> None:
+        """Flush what is in memory and close the database."""
+        self.liveness.flush()
+        self.store.close()

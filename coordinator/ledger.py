@@ -1,0 +1,88 @@
+"""The contribution ledger: one signed Contribution per (node, run, epoch), checked against its assignment."""
+
+import logging
+import math
+import uuid
+
+from omi.coordinator.audit import Auditor
+from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from omi.coordinator.registry import Caller
+from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.store import Contribution, Store, WorkAssignment
+from omi.protos import pb, signing
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+logger = logging.getLogger(__name__)
+
+
+class Ledger:
+    """Records contributions.
+
+    :param store: the database
+    :param runs: run states and sample totals
+    :param auditor: samples each new contribution for audit in the same transaction
+    """
+
+    def __init__(self, store: Store, runs: Runs, auditor: Auditor):
+        self.store, self.runs, self.auditor = store, runs, auditor
+
+    def report(self, caller: Caller, contribution: pb.Contribution) -> str:
+        """Check and store a contribution; returns its id. A second report for the epoch is AlreadyExists."""
+        self._check(caller, contribution)
+        with self.store.session() as s:
+            if s.scalar(select(Contribution.contribution_id).where(
+                    Contribution.node_id == caller.node_id, Contribution.run_id == caller.run_id,
+                    Contribution.epoch == contribution.epoch)) is not None:
+                raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}")
+            assignment = s.get(WorkAssignment, contribution.assignment_id)
+        if assignment is None:
+            raise NotFound(f"no assignment {contribution.assignment_id!r}")
+        if (assignment.node_id, assignment.run_id, assignment.epoch) != (caller.node_id, caller.run_id,
+                                                                          contribution.epoch):
+            raise InvalidArgument("the assignment belongs to another node, run or epoch")
+        if assignment.released_at_ms is not None:
+            raise FailedPrecondition("the assignment was released after missed heartbeats; ask for new work")
+        if contribution.samples > assignment.num_samples:
+            raise InvalidArgument(f"samples {contribution.samples} exceed the {assignment.num_samples} assigned")
+        row = Contribution(contribution_id=uuid.uuid4().hex, run_id=caller.run_id, node_id=caller.node_id,
+                           epoch=contribution.epoch, assignment_id=contribution.assignment_id,
+                           samples=contribution.samples, mean_loss=contribution.mean_loss,
+                           compute_seconds=contribution.compute_seconds, status="accepted",
+                           message=contribution.SerializeToString(deterministic=True), received_at_ms=now_ms())
+        try:
+            with self.store.transaction() as s:
+                s.add(row)
+                s.flush()
+                self.runs.add_samples(s, caller.run_id, contribution.samples)
+                self.auditor.maybe_queue(s, row, contribution.micro_batches)
+        except IntegrityError as e:  # a concurrent duplicate got in first
+            raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}") from e
+        self.runs.samples_committed(caller.run_id, contribution.samples)
+        self.runs.observe_epoch(caller.run_id, contribution.epoch)
+        return row.contribution_id
+
+    def _check(self, caller: Caller, c: pb.Contribution) -> None:
+        if c.node_id != caller.node_id or c.run_id != caller.run_id:
+            raise PermissionDenied("the contribution names another node or run than the token")
+        if not signing.verify(c, caller.public_key):
+            raise InvalidArgument("bad signature on Contribution")
+        run = self.runs.get(caller.run_id)
+        if run.state == pb.RUN_STATE_STOPPED:
+            raise FailedPrecondition(f"run '{caller.run_id}' is stopped")
+        if c.samples == 0 or c.micro_batches == 0:
+            raise InvalidArgument("a contribution needs samples > 0 and micro_batches > 0")
+        if not (math.isfinite(c.mean_loss) and math.isfinite(c.compute_seconds) and c.compute_seconds >= 0):
+            raise InvalidArgument("mean_loss and compute_seconds must be finite, compute_seconds >= 0")
+        if len(c.gradient_sketch) > run.spec.verification.sketch_size:
+            raise InvalidArgument(f"gradient_sketch longer than verification.sketch_size "
+                                  f"({run.spec.verification.sketch_size})")
+
+    def totals(self, run_id: str) -> tuple[int, int]:
+        """(contributions not voided, verified samples) of a run."""
+        with self.store.session() as s:
+            count = s.scalar(select(func.count()).select_from(Contribution).where(
+                Contribution.run_id == run_id, Contribution.status != "voided"))
+            verified = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+                Contribution.run_id == run_id, Contribution.status == "verified"))
+        return count, verified

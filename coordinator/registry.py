@@ -1,0 +1,232 @@
+"""Who may take part: challenges, registration, coordinator-signed access tokens, request authentication, bans.
+
+A node proves it holds its Ed25519 key by signing a RegisterRequest that contains a fresh, single-use
+nonce; it receives an AccessToken signed by the coordinator. Every later request carries that token,
+a timestamp and the node's signature over the request.
+"""
+
+import logging
+import secrets
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from omi.coordinator.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from omi.coordinator.liveness import Beat, Liveness
+from omi.coordinator.ratelimit import RateLimiter
+from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.store import Ban, Node, Store, Token
+from omi.protos import pb, signing
+from sqlalchemy import select
+
+logger = logging.getLogger(__name__)
+
+MAX_PEER_ID = 128
+MAX_DISPLAY_NAME = 64
+MAX_SWARM_KEY = 1024
+MAX_CHALLENGES = 100_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """A node whose request carried a valid token and signature."""
+
+    node_id: str
+    run_id: str
+    peer_id: str
+    public_key: bytes
+    token: pb.AccessToken
+
+
+@dataclass
+class RegistryConfig:
+    challenge_ttl: float = 60.0    # seconds a challenge nonce may be answered
+    max_clock_skew: float = 60.0   # seconds a signed request's timestamp may differ from the coordinator's clock
+    node_rate: float = 5.0         # requests per second per node after the burst
+    node_burst: int = 50           # requests a node may send back to back
+    register_rate: float = 5.0     # challenges + registrations per second per source address after the burst
+    register_burst: int = 60
+
+
+class Registry:
+    """Registration and authentication of nodes.
+
+    :param store: the database
+    :param key: the coordinator's Ed25519 key, which signs access tokens
+    :param runs: the runs nodes register for
+    :param liveness: registration counts as a first sign of life
+    :param config: TTLs and rate limits
+    """
+
+    def __init__(self, store: Store, key: Ed25519PrivateKey, runs: Runs, liveness: Liveness,
+                 config: RegistryConfig | None = None):
+        self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
+        self.config = config or RegistryConfig()
+        self.public_key = signing.public_bytes(key)
+        self._challenges: dict[bytes, int] = {}  # nonce -> expires_at_ms
+        self._verified_tokens: set[bytes] = set()  # serialized tokens whose coordinator signature checked out
+        self._node_limiter = RateLimiter(self.config.node_rate, self.config.node_burst)
+        self._register_limiter = RateLimiter(self.config.register_rate, self.config.register_burst)
+        with store.session() as s:
+            self._banned: set[str] = set(s.scalars(select(Ban.node_id)))
+
+    # ---------------------------------------------------------------- registration
+
+    def challenge(self, source: str) -> pb.Challenge:
+        """A fresh random nonce, valid for ``challenge_ttl`` seconds and for one registration."""
+        self._limit_source(source)
+        now = now_ms()
+        if len(self._challenges) >= MAX_CHALLENGES:
+            self._challenges = {n: t for n, t in self._challenges.items() if t > now}
+            if len(self._challenges) >= MAX_CHALLENGES:
+                raise ResourceExhausted("too many open challenges, try again shortly")
+        nonce = secrets.token_bytes(32)
+        expires = now + int(self.config.challenge_ttl * 1000)
+        self._challenges[nonce] = expires
+        return pb.Challenge(nonce=nonce, expires_at_ms=expires)
+
+    def register(self, request: pb.RegisterRequest, source: str) -> pb.RegisterResponse:
+        """Check the signed answer to a challenge; store the node and return its token and the RunSpec."""
+        self._limit_source(source)
+        expires = self._challenges.pop(request.nonce, None)  # single use, even if what follows fails
+        if expires is None:
+            raise Unauthenticated("unknown or already used challenge nonce")
+        if expires < now_ms():
+            raise Unauthenticated("challenge expired, ask for a new one")
+        if len(request.public_key) != 32:
+            raise InvalidArgument(f"public_key must be a raw 32-byte Ed25519 key, got {len(request.public_key)} bytes")
+        if not signing.verify(request, request.public_key):
+            raise Unauthenticated("bad signature on RegisterRequest")
+        if not request.peer_id or len(request.peer_id) > MAX_PEER_ID:
+            raise InvalidArgument(f"peer_id must have 1 to {MAX_PEER_ID} characters")
+        if len(request.display_name) > MAX_DISPLAY_NAME:
+            raise InvalidArgument(f"display_name has more than {MAX_DISPLAY_NAME} characters")
+        if len(request.swarm_public_key) > MAX_SWARM_KEY:
+            raise InvalidArgument(f"swarm_public_key has more than {MAX_SWARM_KEY} bytes")
+        node_id = signing.node_id(request.public_key)
+        if node_id in self._banned:
+            raise PermissionDenied(f"node {node_id[:12]} is banned")
+        run = self.runs.get(request.run_id)
+        if run.state == pb.RUN_STATE_STOPPED:
+            raise FailedPrecondition(f"run '{request.run_id}' is stopped")
+        now = now_ms()
+        with self.store.transaction() as s:
+            node = s.get(Node, node_id)
+            if node is None:
+                s.add(Node(node_id=node_id, public_key=request.public_key, display_name=request.display_name,
+                           strikes=0, created_at_ms=now))
+            else:
+                node.display_name = request.display_name
+            token = self._issue(s, node_id, request.run_id, request.peer_id, request.public_key,
+                                request.swarm_public_key, now)
+        self.liveness.beat(request.run_id, node_id, Beat(run.epoch, 0.0, 0, 0.0, now))
+        logger.info("registered node %s (%s) for run %s", node_id[:12], request.display_name or "-", request.run_id)
+        return pb.RegisterResponse(node_id=node_id, token=token, run_spec=self.runs.spec_for_nodes(request.run_id))
+
+    def renew(self, request: pb.RenewTokenRequest) -> pb.AccessToken:
+        """A new token for the same node, peer and run; refused to banned nodes and for stopped runs."""
+        caller = self.authenticate(request, allow_expired=True)
+        if self.runs.get(caller.run_id).state == pb.RUN_STATE_STOPPED:
+            raise FailedPrecondition(f"run '{caller.run_id}' is stopped")
+        with self.store.transaction() as s:
+            return self._issue(s, caller.node_id, caller.run_id, caller.peer_id, caller.public_key,
+                               caller.token.swarm_public_key, now_ms())
+
+    def _issue(self, session, node_id: str, run_id: str, peer_id: str, public_key: bytes, swarm_public_key: bytes,
+               now: int) -> pb.AccessToken:
+        ttl_ms = int(self.runs.get(run_id).spec.liveness.token_ttl * 1000)
+        token = pb.AccessToken(node_id=node_id, peer_id=peer_id, run_id=run_id, issued_at_ms=now,
+                               expires_at_ms=now + ttl_ms, node_public_key=public_key,
+                               swarm_public_key=swarm_public_key)
+        signing.sign(token, self.key)
+        session.add(Token(node_id=node_id, run_id=run_id, peer_id=peer_id, swarm_public_key=swarm_public_key,
+                          issued_at_ms=now, expires_at_ms=token.expires_at_ms))
+        return token
+
+    def _limit_source(self, source: str) -> None:
+        if not self._register_limiter.allow(source):
+            raise ResourceExhausted(f"too many registration attempts from {source}, slow down")
+
+    # ---------------------------------------------------------------- authentication
+
+    def authenticate(self, request, *, allow_expired: bool = False) -> Caller:
+        """Check the token, timestamp and node signature of a node's request; rate-limit the node.
+
+        ``request`` is any message with ``token``, ``timestamp_ms`` and ``signature`` fields.
+        """
+        if not request.HasField("token"):
+            raise Unauthenticated("missing access token")
+        token = request.token
+        now = now_ms()
+        if abs(now - request.timestamp_ms) > self.config.max_clock_skew * 1000:
+            raise Unauthenticated(f"stale timestamp: more than {self.config.max_clock_skew:g} s from the "
+                                  "coordinator's clock")
+        serialized = token.SerializeToString(deterministic=True)
+        if serialized not in self._verified_tokens:
+            if not signing.verify(token, self.public_key):
+                raise Unauthenticated("access token not signed by this coordinator")
+            if len(self._verified_tokens) > 200_000:
+                self._verified_tokens.clear()
+            self._verified_tokens.add(serialized)
+        if token.expires_at_ms < now and not allow_expired:
+            raise Unauthenticated("access token expired, renew it")
+        if not signing.verify(request, token.node_public_key):
+            raise Unauthenticated("bad request signature")
+        if token.node_id in self._banned:
+            raise PermissionDenied(f"node {token.node_id[:12]} is banned")
+        if not self._node_limiter.allow(token.node_id):
+            raise ResourceExhausted(f"node {token.node_id[:12]} sends too many requests, slow down")
+        return Caller(token.node_id, token.run_id, token.peer_id, token.node_public_key, token)
+
+    # ---------------------------------------------------------------- bans
+
+    def is_banned(self, node_id: str) -> bool:
+        return node_id in self._banned
+
+    def ban(self, node_id: str, reason: str) -> bool:
+        """Ban a node (it may be unknown yet); False if it was already banned."""
+        with self.store.transaction() as s:
+            changed = self.ban_in(s, node_id, reason)
+        if changed:
+            self._banned.add(node_id)
+        return changed
+
+    def ban_in(self, session, node_id: str, reason: str) -> bool:
+        """Ban inside the caller's transaction; call ``banned_committed`` once it is committed."""
+        if len(node_id) != 64:
+            raise InvalidArgument("node_id must be 64 hex characters")
+        if session.get(Ban, node_id) is not None:
+            return False
+        session.add(Ban(node_id=node_id, reason=reason, created_at_ms=now_ms()))
+        logger.warning("banned node %s: %s", node_id[:12], reason or "no reason given")
+        return True
+
+    def banned_committed(self, node_id: str) -> None:
+        self._banned.add(node_id)
+
+    def unban(self, node_id: str) -> bool:
+        """Lift a ban (and clear the node's strikes); False if the node was not banned."""
+        with self.store.transaction() as s:
+            ban = s.get(Ban, node_id)
+            if ban is None:
+                return False
+            s.delete(ban)
+            node = s.get(Node, node_id)
+            if node is not None:
+                node.strikes = 0
+        self._banned.discard(node_id)
+        logger.info("unbanned node %s", node_id[:12])
+        return True
+
+    def node(self, node_id: str) -> Node:
+        with self.store.session() as s:
+            node = s.get(Node, node_id)
+        if node is None:
+            raise NotFound(f"no node {node_id[:12]}")
+        return node

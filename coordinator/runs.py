@@ -1,0 +1,137 @@
+"""Runs: created from a RunSpec TOML, lifecycle created -> running <-> paused -> stopped, and the spec handed out.
+
+The parsed RunSpec is stored once; what nodes receive is that spec plus the coordinator's public key
+and the swarm's initial peers, which belong to the running server (``Runs.initial_peers``).
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from omi.coordinator.store import Run, Store
+from omi.protos import pb
+from omi.protos.runspec import RunSpecError, parse_runspec
+from sqlalchemy import select
+
+logger = logging.getLogger(__name__)
+
+S = pb.RunState
+STATE_NAMES = {S.RUN_STATE_CREATED: "created", S.RUN_STATE_RUNNING: "running", S.RUN_STATE_PAUSED: "paused",
+               S.RUN_STATE_STOPPED: "stopped"}
+
+# action -> (states it may start from, state it leads to)
+TRANSITIONS = {
+    "pause": ({S.RUN_STATE_RUNNING}, S.RUN_STATE_PAUSED),
+    "resume": ({S.RUN_STATE_PAUSED, S.RUN_STATE_CREATED}, S.RUN_STATE_RUNNING),  # resuming a created run starts it
+    "stop": ({S.RUN_STATE_CREATED, S.RUN_STATE_RUNNING, S.RUN_STATE_PAUSED}, S.RUN_STATE_STOPPED),
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class RunInfo:
+    """What the coordinator keeps in memory of one run (the store is the source of truth)."""
+
+    spec: pb.RunSpec
+    state: int
+    epoch: int
+    total_samples: int
+    created_at_ms: int
+
+
+@dataclass
+class Runs:
+    """All runs of this coordinator.
+
+    :param store: the database
+    :param coordinator_public_key: raw Ed25519 key put into every RunSpec handed out
+    """
+
+    store: Store
+    coordinator_public_key: bytes
+    # multiaddrs of the coordinator's hivemind bootstrap peer; serve() fills this once it runs one
+    initial_peers: list[str] = field(default_factory=list)
+    _runs: dict[str, RunInfo] = field(default_factory=dict)
+
+    def __post_init__(self):
+        with self.store.session() as s:
+            for row in s.scalars(select(Run)):
+                self._runs[row.run_id] = RunInfo(pb.RunSpec.FromString(row.spec), row.state, row.epoch,
+                                                 row.total_samples, row.created_at_ms)
+
+    def create(self, spec_toml: str, *, start: bool = False) -> pb.RunSummary:
+        """Parse and store a new run; a bad TOML key or value is InvalidArgument naming the key."""
+        try:
+            spec = parse_runspec(spec_toml)
+        except RunSpecError as e:
+            raise InvalidArgument(str(e)) from e
+        if spec.run_id in self._runs:
+            raise AlreadyExists(f"run '{spec.run_id}' already exists")
+        state = S.RUN_STATE_RUNNING if start else S.RUN_STATE_CREATED
+        now = now_ms()
+        with self.store.transaction() as s:
+            s.add(Run(run_id=spec.run_id, name=spec.name, model=spec.model, state=state,
+                      spec=spec.SerializeToString(deterministic=True), spec_toml=spec_toml, epoch=0, total_samples=0,
+                      created_at_ms=now, updated_at_ms=now))
+        self._runs[spec.run_id] = RunInfo(spec, state, 0, 0, now)
+        logger.info("created run %s (%s), state %s", spec.run_id, spec.model, STATE_NAMES[state])
+        return self.summary(spec.run_id)
+
+    def transition(self, run_id: str, action: str) -> pb.RunSummary:
+        """Apply ``pause``, ``resume`` or ``stop``; a transition the lifecycle forbids is FailedPrecondition."""
+        info = self.get(run_id)
+        allowed_from, target = TRANSITIONS[action]
+        if info.state not in allowed_from:
+            raise FailedPrecondition(f"cannot {action} run '{run_id}': it is {STATE_NAMES[info.state]}")
+        with self.store.transaction() as s:
+            row = s.get(Run, run_id)
+            row.state, row.updated_at_ms = target, now_ms()
+        info.state = target
+        logger.info("run %s is now %s", run_id, STATE_NAMES[target])
+        return self.summary(run_id)
+
+    def get(self, run_id: str) -> RunInfo:
+        info = self._runs.get(run_id)
+        if info is None:
+            raise NotFound(f"no run '{run_id}'")
+        return info
+
+    def exists(self, run_id: str) -> bool:
+        return run_id in self._runs
+
+    def run_ids(self) -> list[str]:
+        return sorted(self._runs, key=lambda r: self._runs[r].created_at_ms)
+
+    def spec_for_nodes(self, run_id: str) -> pb.RunSpec:
+        """The RunSpec as nodes receive it: with the coordinator's public key and the initial peers."""
+        spec = pb.RunSpec()
+        spec.CopyFrom(self.get(run_id).spec)
+        spec.coordinator_public_key = self.coordinator_public_key
+        spec.initial_peers.extend(self.initial_peers)
+        return spec
+
+    def observe_epoch(self, run_id: str, epoch: int) -> None:
+        """A node reports being at ``epoch``; the run's epoch follows, one step at a time so one liar cannot
+        jump it far (hivemind keeps honest peers within one epoch of each other)."""
+        info = self.get(run_id)
+        if epoch > info.epoch:
+            info.epoch += 1
+            with self.store.transaction() as s:
+                s.get(Run, run_id).epoch = info.epoch
+
+    def add_samples(self, session, run_id: str, samples: int) -> None:
+        """Add to the run's sample count inside the caller's transaction; ``samples_committed`` once it is."""
+        session.get(Run, run_id).total_samples += samples
+
+    def samples_committed(self, run_id: str, samples: int) -> None:
+        self.get(run_id).total_samples += samples
+
+    def summary(self, run_id: str, volunteers_online: int = 0) -> pb.RunSummary:
+        info = self.get(run_id)
+        return pb.RunSummary(run_id=run_id, name=info.spec.name, model=info.spec.model, state=info.state,
+                             epoch=info.epoch, total_samples=info.total_samples, volunteers_online=volunteers_online,
+                             created_at_ms=info.created_at_ms)

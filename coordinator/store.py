@@ -1,0 +1,233 @@
+"""The coordinator's tables (SQLAlchemy 2): SQLite in WAL mode under the state dir by default, or any URL.
+
+Every acknowledged registration, run change, assignment, contribution, audit and ban is committed
+before the reply; heartbeats are soft state kept in memory and flushed here periodically.
+
+>>> store = Store("sqlite://")
+>>> store.row_counts()["runs"]
+0
+"""
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+DB_FILENAME = "coordinator.db"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    __tablename__ = "runs"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    model: Mapped[str] = mapped_column(String(128))
+    state: Mapped[int] = mapped_column(Integer)  # pb.RunState value
+    spec: Mapped[bytes] = mapped_column(LargeBinary)  # serialized RunSpec as parsed (no coordinator key)
+    spec_toml: Mapped[str] = mapped_column(Text)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    updated_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    display_name: Mapped[str] = mapped_column(String(128), default="")
+    strikes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Token(Base):
+    """One AccessToken issued to a node for a run (registration or renewal)."""
+
+    __tablename__ = "tokens"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"))
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
+    peer_id: Mapped[str] = mapped_column(String(128))
+    swarm_public_key: Mapped[bytes] = mapped_column(LargeBinary)
+    issued_at_ms: Mapped[int] = mapped_column(BigInteger)
+    expires_at_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (Index("ix_tokens_node_run", "node_id", "run_id"),)
+
+
+class Heartbeat(Base):
+    """The latest heartbeat of a node in a run (flushed from memory every few seconds)."""
+
+    __tablename__ = "heartbeats"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    samples_per_second: Mapped[float] = mapped_column(Float)
+    swarm_peers: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float] = mapped_column(Float)
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class WorkAssignment(Base):
+    __tablename__ = "work_assignments"
+    assignment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"))
+    num_samples: Mapped[int] = mapped_column(BigInteger)
+    seed: Mapped[int] = mapped_column(BigInteger)
+    message: Mapped[bytes] = mapped_column(LargeBinary)  # the coordinator-signed WorkAssignment as sent
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    released_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # node went offline
+    __table_args__ = (Index("ix_assignments_run_epoch_node", "run_id", "epoch", "node_id"),)
+
+
+class AssignedShard(Base):
+    """A shard taken in one epoch: the primary key is what forbids handing it out twice."""
+
+    __tablename__ = "assigned_shards"
+    run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"))
+
+
+class Contribution(Base):
+    __tablename__ = "contributions"
+    contribution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"))
+    samples: Mapped[int] = mapped_column(BigInteger)
+    mean_loss: Mapped[float] = mapped_column(Float)
+    compute_seconds: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))  # accepted | verified | voided
+    message: Mapped[bytes] = mapped_column(LargeBinary)  # the node-signed Contribution as received
+    received_at_ms: Mapped[int] = mapped_column(BigInteger)
+    __table_args__ = (UniqueConstraint("node_id", "run_id", "epoch", name="uq_contribution_node_run_epoch"),)
+
+
+class Audit(Base):
+    __tablename__ = "audits"
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    contribution_id: Mapped[str] = mapped_column(ForeignKey("contributions.contribution_id"))
+    run_id: Mapped[str] = mapped_column(String(64))
+    node_id: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(Integer)
+    micro_batch_indices: Mapped[str] = mapped_column(Text)  # JSON list
+    audit_seed: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))  # pending | assigned | passed | failed
+    validator_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    assigned_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    verdict: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the validator-signed AuditVerdict
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+    decided_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    __table_args__ = (Index("ix_audits_run_state", "run_id", "state"),)
+
+
+class Ban(Base):
+    __tablename__ = "bans"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class Checkpoint(Base):
+    __tablename__ = "checkpoints"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
+    epoch: Mapped[int] = mapped_column(Integer)
+    total_samples: Mapped[int] = mapped_column(BigInteger)
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)
+    milestone: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunMetric(Base):
+    """One point of a run's history, for the dashboard's charts."""
+
+    __tablename__ = "run_metrics"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int] = mapped_column(Integer)
+    total_samples: Mapped[int] = mapped_column(BigInteger)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples_per_second: Mapped[float] = mapped_column(Float)
+    volunteers_online: Mapped[int] = mapped_column(Integer)
+    __table_args__ = (Index("ix_run_metrics_run_at", "run_id", "at_ms"),)
+
+
+def sqlite_url(state_dir: str | Path) -> str:
+    """The default database: one SQLite file under the state dir."""
+    return f"sqlite:///{Path(state_dir).resolve() / DB_FILENAME}"
+
+
+class Store:
+    """The coordinator's database.
+
+    :param url: an SQLAlchemy URL, e.g. ``sqlite:////var/omi/coordinator.db`` or ``postgresql://user@host/omi``
+    """
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work is committed when the block ends (rolled back if it raises)."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def session(self) -> Session:
+        """A session for reads (``with store.session() as s: ...``)."""
+        return self._sessions()
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows per table: what the tests compare before and after a refused request."""
+        with self.session() as s:
+            return {name: s.scalar(select(func.count()).select_from(table))
+                    for name, table in Base.metadata.tables.items()}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    # WAL lets readers (dashboard) run beside the writer; synchronous=NORMAL in WAL mode keeps every
+    # committed transaction across a process crash (kill -9), only an OS crash may lose the last ones.
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()

@@ -1,0 +1,178 @@
+"""Work assignment: which data shards a node trains on in an epoch, and the seed its noise derives from.
+
+For (run, epoch, node) the choice is deterministic given which shards are already taken: the epoch's
+shards are put in an order seeded by (run seed, run, epoch), and a node walks that order from a
+position derived from its id, taking the first free shards. The assignment is stored, so asking
+again returns it unchanged. The primary key of ``assigned_shards`` is what makes double
+assignment impossible; shards of nodes that missed their heartbeats go back to the pool.
+"""
+
+import hashlib
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from omi.coordinator.errors import FailedPrecondition, InvalidArgument
+from omi.coordinator.liveness import Liveness
+from omi.coordinator.registry import Caller
+from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.store import AssignedShard, Contribution, Store, WorkAssignment
+from omi.protos import pb, signing
+from sqlalchemy import delete, exists, select
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a run's data splits into numbered shards."""
+
+    num_shards: int
+    shard_range: Callable[[int], tuple[int, int]]  # shard id -> (first sample, end sample exclusive)
+
+
+def uniform_layout(num_samples: int, shard_size: int) -> ShardLayout:
+    """Shards of ``shard_size`` consecutive samples, the last one shorter."""
+    num_shards = -(-num_samples // shard_size)
+    return ShardLayout(num_shards, lambda i: (i * shard_size, min(num_samples, (i + 1) * shard_size)))
+
+
+def data_layout(data: pb.DataSpec) -> ShardLayout:
+    """The shard layout of a run's data source, from ``omi.models.data``."""
+    try:
+        from omi.models.data import open_source  # imported late: it pulls in torch and the data libraries
+    except ImportError:
+        # TODO(remove when omi.models.data lands): scikit-learn's digits set has 1797 samples.
+        if data.source == "builtin:digits":
+            return uniform_layout(1797, data.shard_size)
+        raise
+    source = open_source(data)
+    return ShardLayout(source.num_shards, source.shard_range)
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed from the parts (63 bits so it fits a signed 64-bit column)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+@lru_cache(maxsize=16)
+def _shard_order(run_seed: int, run_id: str, epoch: int, num_shards: int) -> tuple[int, ...]:
+    order = list(range(num_shards))
+    random.Random(derive_seed(run_seed, run_id, epoch, "shards")).shuffle(order)
+    return tuple(order)
+
+
+class WorkPlanner:
+    """Hands out WorkAssignments.
+
+    :param store: the database
+    :param key: the coordinator's key, which signs assignments
+    :param runs: run specs and states
+    :param liveness: to tell which assigned nodes went offline
+    :param layout: DataSpec -> ShardLayout (``data_layout`` reads the real data source)
+    """
+
+    def __init__(self, store: Store, key: Ed25519PrivateKey, runs: Runs, liveness: Liveness, *,
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
+        self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
+        self._layout = layout
+        self._layouts: dict[str, ShardLayout] = {}
+
+    def layout(self, run_id: str) -> ShardLayout:
+        if run_id not in self._layouts:
+            data = self.runs.get(run_id).spec.data
+            try:
+                self._layouts[run_id] = self._layout(data)
+            except (ValueError, OSError) as e:
+                raise FailedPrecondition(f"cannot open the data source {data.source!r} of run '{run_id}': {e}") from e
+        return self._layouts[run_id]
+
+    def get_work(self, caller: Caller, epoch: int) -> pb.WorkAssignment:
+        """The caller's assignment for ``epoch``: the stored one if it has it, else a new one."""
+        run = self.runs.get(caller.run_id)
+        if run.state != pb.RUN_STATE_RUNNING:
+            raise FailedPrecondition(f"run '{caller.run_id}' is not running")
+        if run.spec.training.max_epochs and epoch >= run.spec.training.max_epochs:
+            raise FailedPrecondition(f"run '{caller.run_id}' ends before epoch {epoch}")
+        if epoch > run.epoch + 1:
+            raise InvalidArgument(f"epoch {epoch} is ahead of the run (epoch {run.epoch})")
+        with self.store.session() as s:
+            stored = s.scalar(select(WorkAssignment.message).where(
+                WorkAssignment.run_id == caller.run_id, WorkAssignment.epoch == epoch,
+                WorkAssignment.node_id == caller.node_id, WorkAssignment.released_at_ms.is_(None)))
+        if stored is not None:
+            return pb.WorkAssignment.FromString(stored)
+        return self._assign(caller, epoch)
+
+    def _assign(self, caller: Caller, epoch: int) -> pb.WorkAssignment:
+        run = self.runs.get(caller.run_id)
+        layout = self.layout(caller.run_id)
+        now = now_ms()
+        assignment = pb.WorkAssignment(run_id=caller.run_id, epoch=epoch, node_id=caller.node_id,
+                                       micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
+        with self.store.transaction() as s:
+            self._release_offline(s, caller.run_id, epoch, now)
+            taken = set(s.scalars(select(AssignedShard.shard_id).where(
+                AssignedShard.run_id == caller.run_id, AssignedShard.epoch == epoch)))
+            order = _shard_order(run.spec.training.seed, caller.run_id, epoch, layout.num_shards)
+            start = derive_seed(caller.run_id, epoch, caller.node_id) % layout.num_shards
+            wanted = run.spec.training.shards_per_assignment
+            chosen = []
+            for i in range(layout.num_shards):
+                if len(chosen) == wanted or len(taken) + len(chosen) == layout.num_shards:
+                    break
+                shard = order[(start + i) % layout.num_shards]
+                if shard not in taken:
+                    chosen.append(shard)
+            if not chosen:
+                # Every shard of this epoch is taken: the node averages with the swarm without data of its own
+                # and asks again later (shards come back when their nodes go offline). Nothing is stored.
+                logger.info("no free shard in run %s epoch %d for node %s", caller.run_id, epoch, caller.node_id[:12])
+                return assignment
+            assignment.assignment_id = uuid.uuid4().hex
+            assignment.seed = derive_seed(run.spec.training.seed, caller.run_id, epoch, caller.node_id)
+            for shard in sorted(chosen):
+                begin, end = layout.shard_range(shard)
+                assignment.shards.add(shard_id=shard, start=begin, end=end)
+            signing.sign(assignment, self.key)
+            s.add(WorkAssignment(assignment_id=assignment.assignment_id, run_id=caller.run_id, epoch=epoch,
+                                 node_id=caller.node_id, num_samples=sum(r.end - r.start for r in assignment.shards),
+                                 seed=assignment.seed, message=assignment.SerializeToString(deterministic=True),
+                                 created_at_ms=now))
+            s.flush()
+            s.add_all([AssignedShard(run_id=caller.run_id, epoch=epoch, shard_id=shard,
+                                     assignment_id=assignment.assignment_id) for shard in chosen])
+        return assignment
+
+    def _release_offline(self, session, run_id: str, epoch: int, now: int) -> None:
+        """Put back the shards of this epoch's assignments whose node missed its heartbeats and reported nothing."""
+        timeout_ms = int(self.runs.get(run_id).spec.liveness.heartbeat_timeout * 1000)
+        open_assignments = session.execute(select(WorkAssignment.assignment_id, WorkAssignment.node_id).where(
+            WorkAssignment.run_id == run_id, WorkAssignment.epoch == epoch, WorkAssignment.released_at_ms.is_(None),
+            ~exists().where(Contribution.assignment_id == WorkAssignment.assignment_id))).all()
+        for assignment_id, node_id in open_assignments:
+            if now - self.liveness.last_seen_ms(run_id, node_id) > timeout_ms:
+                self.release(session, assignment_id, now)
+                logger.info("node %s missed its heartbeats: shards of run %s epoch %d back in the pool",
+                            node_id[:12], run_id, epoch)
+
+    def release(self, session, assignment_id: str, now: int) -> None:
+        session.get(WorkAssignment, assignment_id).released_at_ms = now
+        session.execute(delete(AssignedShard).where(AssignedShard.assignment_id == assignment_id))
+
+    def release_node(self, run_id: str, node_id: str) -> int:
+        """The node left: put back the shards of its assignments that have no contribution yet."""
+        now = now_ms()
+        with self.store.transaction() as s:
+            ids = list(s.scalars(select(WorkAssignment.assignment_id).where(
+                WorkAssignment.run_id == run_id, WorkAssignment.node_id == node_id,
+                WorkAssignment.released_at_ms.is_(None),
+                ~exists().where(Contribution.assignment_id == WorkAssignment.assignment_id))))
+            for assignment_id in ids:
+                self.release(session=s, assignment_id=assignment_id, now=now)
+        return len(ids)

@@ -1,0 +1,104 @@
+"""Helpers for the coordinator tests: a real server on 127.0.0.1 in a background thread, nodes, RunSpecs."""
+
+import asyncio
+import socket
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+from omi.coordinator.core import CoordinatorConfig
+from omi.coordinator.registry import RegistryConfig
+from omi.coordinator.server import CoordinatorServer, ServerConfig
+from omi.node.client import CoordinatorClient
+from omi.protos import pb, rpc
+from omi.protos.signing import generate_key
+
+# A small run: the real digits data (1797 samples, 29 shards of 64), short liveness for the tests.
+TEST_RUN = """
+[run]
+id = "{run_id}"
+model = "unet-digits-16"
+[data]
+source = "builtin:digits"
+shard_size = 64
+[training]
+shards_per_assignment = {shards}
+[verification]
+audit_rate = {audit_rate}
+max_strikes = {max_strikes}
+[liveness]
+heartbeat_timeout = {heartbeat_timeout}
+token_ttl = {token_ttl}
+"""
+
+
+def run_toml(run_id: str = "t", *, shards: int = 4, audit_rate: float = 0.0, max_strikes: int = 2,
+             heartbeat_timeout: float = 30.0, token_ttl: float = 3600.0) -> str:
+    return TEST_RUN.format(run_id=run_id, shards=shards, audit_rate=audit_rate, max_strikes=max_strikes,
+                           heartbeat_timeout=heartbeat_timeout, token_ttl=token_ttl)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """A CoordinatorServer serving on 127.0.0.1 (any free port) from its own event loop in a thread.
+
+    :param state_dir: state dir (key, admin token, SQLite file)
+    :param run: RunSpec TOML created and started before serving (None: no run)
+    :param registry: TTLs and rate limits
+    """
+
+    def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
+                 max_message_bytes: int = 4 * 1024 * 1024):
+        config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=None,
+                              max_message_bytes=max_message_bytes,
+                              coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig()))
+        self.server = CoordinatorServer(config)
+        self.coordinator = self.server.coordinator
+        self.store = self.coordinator.store
+        self.admin_token = self.server.admin_token
+        if run is not None:
+            self.coordinator.runs.create(run, start=True)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
+        self.address = f"127.0.0.1:{self.server.grpc_port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = rpc.CoordinatorStub(self.channel)
+        self.admin = rpc.AdminStub(self.channel)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.channel.close()
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace=0), self.loop).result(timeout=30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()
+
+    def admin_call(self, method: str, request, token: str | None = None):
+        metadata = (("authorization", f"Bearer {token or self.admin_token}"),)
+        return getattr(self.admin, method)(request, metadata=metadata, timeout=10)
+
+    def node(self, run_id: str = "t", name: str = "", key=None) -> CoordinatorClient:
+        """A fresh node (new key unless given), registered for ``run_id``."""
+        client = CoordinatorClient(self.address, key or generate_key(), attempts=1)
+        client.register(run_id, peer_id=f"peer-{name or 'x'}", display_name=name, swarm_public_key=b"swarm-key")
+        return client
+
+
+def contribution_for(work: pb.WorkAssignment, **fields) -> pb.Contribution:
+    """A contribution that did all the work of ``work`` (unsigned; the client signs it)."""
+    samples = sum(s.end - s.start for s in work.shards)
+    values = dict(epoch=work.epoch, assignment_id=work.assignment_id, samples=samples, mean_loss=0.5,
+                  compute_seconds=3.0, params_hash=b"p" * 32, commitment=b"c" * 32,
+                  micro_batches=-(-samples // max(1, work.micro_batch_size)), gradient_sketch=[0.1, 0.2])
+    values.update(fields)
+    return pb.Contribution(**values)

@@ -1,0 +1,362 @@
+"""The coordinator over real gRPC on 127.0.0.1 with a real SQLite file: registration, runs, work, ledger, audits."""
+
+import time
+
+import grpc
+import pytest
+from coordinator_helpers import ServerThread, contribution_for, run_toml
+from omi.coordinator.registry import RegistryConfig
+from omi.node.client import CoordinatorClient
+from omi.protos import pb, signing
+from omi.protos.signing import generate_key
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def server(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml()) as s:
+        yield s
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def refused(server, call, code: grpc.StatusCode, match: str = "") -> None:
+    """``call`` fails with ``code`` (details containing ``match``) and no table changes."""
+    before = server.store.row_counts()
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details()
+    assert server.store.row_counts() == before
+
+
+# ---------------------------------------------------------------- registration and tokens
+
+def test_register_gives_signed_token_and_runspec(server):
+    key = generate_key()
+    client = CoordinatorClient(server.address, key, attempts=1)
+    reply = client.register("t", peer_id="QmPeer", display_name="alice", swarm_public_key=b"swarm")
+    assert reply.node_id == signing.node_id(signing.public_bytes(key)) == client.node_id
+    spec = reply.run_spec
+    assert spec.run_id == "t" and spec.coordinator_public_key == server.coordinator.public_key
+    assert signing.verify(reply.token, spec.coordinator_public_key)
+    token = reply.token
+    assert (token.node_id, token.peer_id, token.run_id, token.swarm_public_key) == (client.node_id, "QmPeer", "t",
+                                                                                    b"swarm")
+    assert token.node_public_key == signing.public_bytes(key)
+    assert abs(token.expires_at_ms - token.issued_at_ms - spec.liveness.token_ttl * 1000) < 1
+    counts = server.store.row_counts()
+    assert counts["nodes"] == 1 and counts["tokens"] == 1
+
+    renewed = client.renew_token()
+    assert signing.verify(renewed, spec.coordinator_public_key) and renewed.expires_at_ms >= token.expires_at_ms
+    assert server.store.row_counts()["tokens"] == 2
+    assert client.heartbeat(epoch=0).run_state == pb.RUN_STATE_RUNNING
+
+
+def test_reused_nonce_and_expired_challenge_are_refused(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=0.3)) as server:
+        key = generate_key()
+        challenge = server.stub.GetChallenge(pb.GetChallengeRequest())
+        assert challenge.expires_at_ms > time.time() * 1000
+
+        def register(nonce):
+            request = pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=nonce, run_id="t", peer_id="p")
+            return server.stub.Register(signing.sign(request, key))
+
+        assert register(challenge.nonce).node_id
+        refused(server, lambda: register(challenge.nonce), grpc.StatusCode.UNAUTHENTICATED, "already used")
+        refused(server, lambda: register(b"\x00" * 32), grpc.StatusCode.UNAUTHENTICATED)
+        late = server.stub.GetChallenge(pb.GetChallengeRequest())
+        time.sleep(0.4)
+        refused(server, lambda: register(late.nonce), grpc.StatusCode.UNAUTHENTICATED, "expired")
+
+
+def test_wrong_signatures_and_forged_tokens_are_refused(server):
+    key, other = generate_key(), generate_key()
+    nonce = server.stub.GetChallenge(pb.GetChallengeRequest()).nonce
+    request = pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=nonce, run_id="t", peer_id="p")
+    refused(server, lambda: server.stub.Register(signing.sign(request, other)), grpc.StatusCode.UNAUTHENTICATED,
+            "signature")
+
+    client = server.node()
+    # the request signed by another key than the token's
+    request = signing.sign(pb.HeartbeatRequest(token=client.token, timestamp_ms=int(time.time() * 1000)), other)
+    refused(server, lambda: server.stub.Heartbeat(request), grpc.StatusCode.UNAUTHENTICATED, "signature")
+    # a token whose content was changed (its coordinator signature no longer matches)
+    forged = pb.AccessToken()
+    forged.CopyFrom(client.token)
+    forged.expires_at_ms += 10**9
+    client.token = forged
+    refused(server, lambda: client.heartbeat(), grpc.StatusCode.UNAUTHENTICATED, "not signed by this coordinator")
+    # a token signed by someone else, for a key the attacker holds
+    forged = pb.AccessToken(node_id=signing.node_id(signing.public_bytes(other)), run_id="t", peer_id="p",
+                            expires_at_ms=int(time.time() * 1000) + 10**6, node_public_key=signing.public_bytes(other))
+    attacker = CoordinatorClient(server.address, other, attempts=1)
+    attacker.token = signing.sign(forged, other)
+    refused(server, lambda: attacker.get_work(0), grpc.StatusCode.UNAUTHENTICATED, "not signed by this coordinator")
+    # no token at all
+    refused(server, lambda: server.stub.Heartbeat(pb.HeartbeatRequest()), grpc.StatusCode.UNAUTHENTICATED)
+
+
+def test_stale_timestamp_is_refused(server):
+    client = server.node()
+    stale = int(time.time() * 1000) - 120_000
+    request = signing.sign(pb.HeartbeatRequest(token=client.token, timestamp_ms=stale), client.key)
+    refused(server, lambda: server.stub.Heartbeat(request), grpc.StatusCode.UNAUTHENTICATED, "stale timestamp")
+
+
+def test_expired_token_is_refused_until_renewed(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=1.0)) as server:
+        client = server.node()
+        client.heartbeat()
+        time.sleep(1.1)
+        refused(server, lambda: client.heartbeat(), grpc.StatusCode.UNAUTHENTICATED, "expired")
+        refused(server, lambda: client.get_work(0), grpc.StatusCode.UNAUTHENTICATED, "expired")
+        client.renew_token()
+        assert client.heartbeat().token_expires_at_ms > time.time() * 1000
+
+
+def test_banned_node_cannot_renew_register_or_work(server):
+    key = generate_key()
+    client = server.node(key=key)
+    assert server.admin_call("BanNode", pb.BanNodeRequest(node_id=client.node_id, reason="test")).changed
+    assert not server.admin_call("BanNode", pb.BanNodeRequest(node_id=client.node_id)).changed
+    refused(server, client.renew_token, grpc.StatusCode.PERMISSION_DENIED, "banned")
+    refused(server, lambda: client.get_work(0), grpc.StatusCode.PERMISSION_DENIED, "banned")
+    assert code_of(lambda: server.node(key=key)) == grpc.StatusCode.PERMISSION_DENIED
+    assert server.admin_call("UnbanNode", pb.BanNodeRequest(node_id=client.node_id)).changed
+    client.renew_token()
+    assert client.get_work(0).shards
+
+
+# ---------------------------------------------------------------- runs and admin
+
+def test_runspec_errors_name_the_key_over_grpc(server):
+    bad = run_toml("u") + "[averaging]\nreducer = 'median'\n"
+    refused(server, lambda: server.admin_call("CreateRun", pb.CreateRunRequest(spec_toml=bad)),
+            grpc.StatusCode.INVALID_ARGUMENT, "averaging.reducer")
+    bad = run_toml("u").replace("[training]", "[training]\nlr = 0.1")
+    refused(server, lambda: server.admin_call("CreateRun", pb.CreateRunRequest(spec_toml=bad)),
+            grpc.StatusCode.INVALID_ARGUMENT, "training.lr")
+
+
+def test_run_lifecycle(server):
+    created = server.admin_call("CreateRun", pb.CreateRunRequest(spec_toml=run_toml("life")))
+    assert created.state == pb.RUN_STATE_CREATED
+    refused(server, lambda: server.admin_call("CreateRun", pb.CreateRunRequest(spec_toml=run_toml("life"))),
+            grpc.StatusCode.ALREADY_EXISTS)
+    req = pb.RunRequest(run_id="life")
+    refused(server, lambda: server.admin_call("PauseRun", req), grpc.StatusCode.FAILED_PRECONDITION, "created")
+    assert server.admin_call("ResumeRun", req).state == pb.RUN_STATE_RUNNING
+    assert server.admin_call("PauseRun", req).state == pb.RUN_STATE_PAUSED
+    client = server.node("life")
+    refused(server, lambda: client.get_work(0), grpc.StatusCode.FAILED_PRECONDITION, "not running")
+    assert client.heartbeat().run_state == pb.RUN_STATE_PAUSED
+    assert server.admin_call("ResumeRun", req).state == pb.RUN_STATE_RUNNING
+    assert client.get_work(0).shards
+    assert server.admin_call("StopRun", req).state == pb.RUN_STATE_STOPPED
+    for method in ("ResumeRun", "PauseRun", "StopRun"):
+        refused(server, lambda m=method: server.admin_call(m, req), grpc.StatusCode.FAILED_PRECONDITION, "stopped")
+    refused(server, client.renew_token, grpc.StatusCode.FAILED_PRECONDITION, "stopped")
+    refused(server, lambda: server.admin_call("PauseRun", pb.RunRequest(run_id="nope")), grpc.StatusCode.NOT_FOUND)
+    states = {r.run_id: r.state for r in client.list_runs()}
+    assert states == {"t": pb.RUN_STATE_RUNNING, "life": pb.RUN_STATE_STOPPED}
+
+
+@pytest.mark.parametrize("metadata", [(), (("authorization", "Bearer wrong"),), (("authorization", "token"),)])
+def test_admin_rpcs_need_the_admin_token(server, metadata):
+    calls = {"CreateRun": pb.CreateRunRequest(spec_toml=run_toml("x"), start=True),
+             "PauseRun": pb.RunRequest(run_id="t"), "ResumeRun": pb.RunRequest(run_id="t"),
+             "StopRun": pb.RunRequest(run_id="t"), "BanNode": pb.BanNodeRequest(node_id="a" * 64),
+             "UnbanNode": pb.BanNodeRequest(node_id="a" * 64)}
+    for method, request in calls.items():
+        refused(server, lambda m=method, r=request: getattr(server.admin, m)(r, metadata=metadata),
+                grpc.StatusCode.UNAUTHENTICATED)
+    assert server.coordinator.runs.get("t").state == pb.RUN_STATE_RUNNING
+
+
+# ---------------------------------------------------------------- work assignment
+
+def test_work_is_deterministic_and_idempotent(tmp_path):
+    key = generate_key()
+    assignments = []
+    for i in range(2):  # two coordinators with fresh state, same run and node: same shards and seed
+        with ServerThread(tmp_path / f"state{i}", run_toml()) as server:
+            client = server.node(key=key)
+            first = client.get_work(0)
+            again = client.get_work(0)
+            assert again == first and server.store.row_counts()["work_assignments"] == 1
+            assert signing.verify(first, server.coordinator.public_key)
+            assignments.append(first)
+    a, b = assignments
+    assert [s.shard_id for s in a.shards] == [s.shard_id for s in b.shards] and len(a.shards) == 4
+    assert a.seed == b.seed and a.micro_batch_size == 32 and a.node_id == signing.node_id(signing.public_bytes(key))
+    for shard in a.shards:
+        assert (shard.start, shard.end) == (shard.shard_id * 64, min(1797, shard.shard_id * 64 + 64))
+
+
+def test_no_shard_is_assigned_twice_in_an_epoch(server):
+    nodes = [server.node(name=f"n{i}") for i in range(8)]
+    works = [n.get_work(0) for n in nodes]
+    shards = [s.shard_id for w in works for s in w.shards]
+    assert len(shards) == len(set(shards)) == 29  # 7 nodes x 4 shards + the last one
+    assert [len(w.shards) for w in works].count(4) == 7
+    assert len({w.seed for w in works}) == 8
+    latecomer = server.node(name="late")
+    empty = latecomer.get_work(0)
+    assert not empty.shards and not empty.assignment_id
+    assert sum(len(w.shards) for w in (nodes[0].get_work(1),)) == 4  # the next epoch has its own pool
+    with pytest.raises(grpc.RpcError) as info:
+        nodes[0].get_work(5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ahead" in info.value.details()
+
+
+def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=1.0)) as server:
+        silent, alive, newcomer = (server.node(name=n) for n in ("silent", "alive", "new"))
+        silent_work = silent.get_work(0)
+        alive_work = alive.get_work(0)
+        assert len(silent_work.shards) == 15 and len(alive_work.shards) == 14
+        assert not newcomer.get_work(0).shards
+        for _ in range(3):
+            time.sleep(0.45)
+            alive.heartbeat()
+            newcomer.heartbeat()
+        taken_over = newcomer.get_work(0)
+        assert sorted(s.shard_id for s in taken_over.shards) == sorted(s.shard_id for s in silent_work.shards)
+        assert alive.get_work(0) == alive_work
+        refused(server, lambda: silent.report_contribution(contribution_for(silent_work)),
+                grpc.StatusCode.FAILED_PRECONDITION, "released")
+        assert not silent.get_work(0).shards  # back, but every shard is taken now
+        assert server.coordinator.run_status("t").summary.volunteers_online == 2
+
+
+def test_leave_puts_unfinished_shards_back(server):
+    leaver, other = server.node(name="a"), server.node(name="b")
+    for _ in range(6):
+        server.node(name="filler").get_work(0)
+    work = leaver.get_work(0)
+    assert work.shards
+    leaver.leave()
+    assert sorted(s.shard_id for s in other.get_work(0).shards) == sorted(s.shard_id for s in work.shards)
+
+
+# ---------------------------------------------------------------- ledger and audits
+
+def test_contribution_recorded_once_and_replay_refused(server):
+    client = server.node()
+    work = client.get_work(0)
+    contribution = contribution_for(work)
+    reply = client.report_contribution(contribution)
+    assert reply.accepted and reply.contribution_id
+    request = client._signed(pb.ReportContributionRequest, contribution=contribution)
+    refused(server, lambda: server.stub.ReportContribution(request), grpc.StatusCode.ALREADY_EXISTS)
+    second = contribution_for(work, samples=10, mean_loss=0.1)
+    refused(server, lambda: client.report_contribution(second), grpc.StatusCode.ALREADY_EXISTS)
+    status = client.get_run_status()
+    assert status.contributions == 1 and status.summary.total_samples == contribution.samples
+
+
+def test_bad_contributions_are_refused_and_change_nothing(server):
+    client, other = server.node(name="a"), server.node(name="b")
+    work, other_work = client.get_work(0), other.get_work(0)
+    cases = [
+        (contribution_for(work, assignment_id="nope"), grpc.StatusCode.NOT_FOUND),
+        (contribution_for(other_work), grpc.StatusCode.INVALID_ARGUMENT),
+        (contribution_for(work, samples=10**6), grpc.StatusCode.INVALID_ARGUMENT),
+        (contribution_for(work, micro_batches=0), grpc.StatusCode.INVALID_ARGUMENT),
+        (contribution_for(work, mean_loss=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+        (contribution_for(work, node_id=other.node_id), grpc.StatusCode.PERMISSION_DENIED),
+    ]
+    for contribution, code in cases:
+        refused(server, lambda c=contribution: client.report_contribution(c), code)
+    unsigned_by_node = contribution_for(work, run_id="t", node_id=client.node_id)
+    signing.sign(unsigned_by_node, other.key)
+    request = client._signed(pb.ReportContributionRequest, contribution=unsigned_by_node)
+    refused(server, lambda: server.stub.ReportContribution(request), grpc.StatusCode.INVALID_ARGUMENT, "signature")
+    assert client.report_contribution(contribution_for(work)).accepted
+
+
+def test_failed_audit_voids_the_contribution_and_bans_at_max_strikes(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0, max_strikes=1)) as server:
+        worker, validator = server.node(name="worker"), server.node(name="validator")
+        work = worker.get_work(0)
+        contribution = contribution_for(work)
+        worker.report_contribution(contribution)
+        assert not worker.get_audit_task().has_task  # nobody audits their own work
+        task = validator.get_audit_task()
+        assert task.has_task and task.node_id == worker.node_id and task.assignment == work
+        assert len(task.micro_batch_indices) == 2 and task.params_hash == contribution.params_hash
+        assert all(0 <= i < contribution.micro_batches for i in task.micro_batch_indices)
+        assert validator.get_audit_task().task_id == task.task_id  # the same task until a verdict comes
+        before = worker.get_run_status().summary.total_samples
+        verdict = pb.AuditVerdict(task_id=task.task_id, passed=False, reason="loss differs",
+                                  checks=[pb.MicroBatchCheck(index=task.micro_batch_indices[0], loss_diff=1.0)])
+        assert validator.report_audit_verdict(verdict).accepted
+        refused(server, lambda: validator.report_audit_verdict(verdict), grpc.StatusCode.ALREADY_EXISTS)
+        status = validator.get_run_status()
+        assert status.summary.total_samples == before - contribution.samples and status.contributions == 0
+        assert code_of(worker.renew_token) == grpc.StatusCode.PERMISSION_DENIED
+        assert not validator.get_audit_task().has_task
+
+
+def test_passed_audit_marks_samples_verified(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0)) as server:
+        worker, validator = server.node(name="worker"), server.node(name="validator")
+        contribution = contribution_for(worker.get_work(0))
+        worker.report_contribution(contribution)
+        task = validator.get_audit_task()
+        forged = pb.AuditVerdict(task_id=task.task_id, passed=True, validator_node_id=validator.node_id)
+        signing.sign(forged, worker.key)
+        request = validator._signed(pb.ReportAuditVerdictRequest, verdict=forged)
+        refused(server, lambda: server.stub.ReportAuditVerdict(request), grpc.StatusCode.INVALID_ARGUMENT)
+        validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
+        assert validator.get_run_status().verified_samples == contribution.samples
+
+
+# ---------------------------------------------------------------- status, bad input, limits
+
+def test_run_status_and_views(server):
+    a, b = server.node(name="a"), server.node(name="b")
+    a.heartbeat(epoch=0, samples_per_second=100.0, loss=0.5)
+    b.heartbeat(epoch=1, samples_per_second=50.0, loss=0.3)
+    status = a.get_run_status()
+    assert status.summary.volunteers_online == 2 and status.samples_per_second == 150.0
+    assert abs(status.last_loss - 0.4) < 1e-9 and status.summary.epoch == 1
+    assert a.list_checkpoints() == []
+    assert a.get_run_spec().coordinator_public_key == server.coordinator.public_key
+    assert code_of(lambda: a.get_run_status("nope")) == grpc.StatusCode.NOT_FOUND
+    server.coordinator.record_metrics()
+    assert server.store.row_counts()["run_metrics"] == 1
+
+
+def test_malformed_and_oversized_messages(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(), max_message_bytes=64 * 1024) as server:
+        client = server.node()
+        raw = server.channel.unary_unary("/omi.v1.Coordinator/Register")
+        refused(server, lambda: raw(b"\xff\xff\xff\xff\xff"), grpc.StatusCode.INVALID_ARGUMENT, "malformed")
+        raw_heartbeat = server.channel.unary_unary("/omi.v1.Coordinator/Heartbeat")
+        refused(server, lambda: raw_heartbeat(b"\x0a\x05ab"), grpc.StatusCode.INVALID_ARGUMENT, "malformed")
+        big = contribution_for(client.get_work(0), gradient_sketch=[0.5] * 20_000)  # ~80 KB
+        refused(server, lambda: client.report_contribution(big), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        too_long = contribution_for(client.get_work(0), gradient_sketch=[0.5] * 2000)  # longer than sketch_size
+        refused(server, lambda: client.report_contribution(too_long), grpc.StatusCode.INVALID_ARGUMENT, "sketch")
+        assert client.report_contribution(contribution_for(client.get_work(0))).accepted  # still serving
+
+
+def test_rate_limits(tmp_path):
+    limits = RegistryConfig(node_rate=0.5, node_burst=3, register_rate=0.5, register_burst=4)
+    with ServerThread(tmp_path / "state", run_toml(), registry=limits) as server:
+        client = server.node()  # challenge + register: 2 of the source's 4
+        for _ in range(3):
+            client.heartbeat()
+        refused(server, lambda: client.heartbeat(), grpc.StatusCode.RESOURCE_EXHAUSTED, "too many")
+        refused(server, lambda: client.get_work(0), grpc.StatusCode.RESOURCE_EXHAUSTED)
+        server.node()
+        refused(server, lambda: server.node(), grpc.StatusCode.RESOURCE_EXHAUSTED, "registration")
