@@ -1,0 +1,145 @@
+"""`omi-coordinator` as a real process: durability across kill -9, graceful SIGTERM, the admin CLI, the HTTP side."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from coordinator_helpers import contribution_for, free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from omi.node.client import CoordinatorClient
+from omi.protos import pb
+from omi.protos.signing import generate_key
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+BIN = Path(sys.executable).parent
+DIGITS = Path(__file__).resolve().parent.parent / "examples" / "runs" / "digits.toml"
+
+
+class ServeProcess:
+    """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING."""
+
+    def __init__(self, state_dir: Path, grpc_port: int, http_port: int, log: Path):
+        self.address = f"127.0.0.1:{grpc_port}"
+        self.http = f"http://127.0.0.1:{http_port}"
+        self.log = log
+        with open(log, "a") as out:
+            self.proc = subprocess.Popen(
+                [BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", self.address,
+                 "--http", f"127.0.0.1:{http_port}", "--run", DIGITS], stdout=out, stderr=subprocess.STDOUT)
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while True:
+                assert self.proc.poll() is None, f"serve exited: {log.read_text()}"
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, f"serve did not come up: {log.read_text()}"
+                time.sleep(0.1)
+
+
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "omi-coordinator", *map(str, args)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def serve(tmp_path):
+    processes = []
+
+    def start() -> ServeProcess:
+        process = ServeProcess(tmp_path / "state", grpc_port, http_port, tmp_path / "serve.log")
+        processes.append(process)
+        return process
+
+    grpc_port, http_port = free_port(), free_port()
+    yield start
+    for p in processes:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
+    server = serve()
+    state = tmp_path / "state"
+    assert (state / "admin_token").stat().st_mode & 0o777 == 0o600
+    assert (state / "coordinator_key.pem").stat().st_mode & 0o777 == 0o600
+
+    keys = [generate_key() for _ in range(3)]
+    nodes = [CoordinatorClient(server.address, k, attempts=1) for k in keys]
+    works, contributions = [], []
+    for i, node in enumerate(nodes):
+        node.register("digits", peer_id=f"peer{i}", display_name=f"n{i}")
+        works.append(node.get_work(0))
+        contributions.append(contribution_for(works[-1]))
+        assert node.report_contribution(contributions[-1]).accepted
+    banned = CoordinatorClient(server.address, generate_key(), attempts=1)
+    banned.register("digits", peer_id="bad")
+    assert cli("node", "ban", banned.node_id, "--reason", "test", "-c", server.address, "--state-dir", state) \
+        .returncode == 0
+    extra = tmp_path / "extra.toml"
+    extra.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "extra"'))
+    created = cli("run", "create", extra, "-c", server.address, "--state-dir", state)
+    assert created.returncode == 0 and "extra" in created.stdout
+
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    server = serve()
+
+    status = nodes[0].get_run_status("digits")
+    assert status.contributions == 3
+    assert status.summary.total_samples == sum(c.samples for c in contributions)
+    assert {r.run_id: r.state for r in nodes[0].list_runs()} == {"digits": pb.RUN_STATE_RUNNING,
+                                                                   "extra": pb.RUN_STATE_CREATED}
+    for node, work, contribution in zip(nodes, works, contributions, strict=True):
+        assert node.heartbeat().run_state == pb.RUN_STATE_RUNNING  # the token still checks out: same key
+        assert node.get_work(0) == work
+        with pytest.raises(grpc.RpcError) as info:
+            node.report_contribution(contribution)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as info:
+        banned.renew_token()
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    runs = json.load(urllib.request.urlopen(f"{server.http}/api/runs", timeout=10))
+    assert {r["run_id"]: r["total_samples"] for r in runs}["digits"] == str(status.summary.total_samples)
+    assert json.load(urllib.request.urlopen(f"{server.http}/healthz", timeout=10)) == {"status": "ok"}
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    assert "coordinator stopped" in server.log.read_text()
+
+
+def test_admin_cli(serve, tmp_path):
+    server = serve()
+    state = tmp_path / "state"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "other"').replace("seed = 0", "seeds = 0"))
+    result = cli("run", "create", bad, "-c", server.address, "--state-dir", state)
+    assert result.returncode != 0 and "training.seeds" in result.stderr and "Traceback" not in result.stderr
+
+    result = cli("run", "pause", "digits", "-c", server.address, "--state-dir", tmp_path / "nowhere")
+    assert result.returncode != 0 and "admin token" in result.stderr and "Traceback" not in result.stderr
+    result = cli("run", "pause", "digits", "-c", server.address, env={"OMI_ADMIN_TOKEN": "wrong"})
+    assert result.returncode != 0 and "UNAUTHENTICATED" in result.stderr
+
+    token_file = state / "admin_token"
+    result = cli("run", "pause", "digits", "-c", server.address, "--admin-token-file", token_file)
+    assert result.returncode == 0 and "paused" in result.stdout
+    result = cli("run", "pause", "digits", "-c", server.address, "--state-dir", state)
+    assert result.returncode != 0 and "FAILED_PRECONDITION" in result.stderr
+    assert cli("run", "resume", "digits", "-c", server.address, "--state-dir", state).returncode == 0
+    assert cli("run", "stop", "digits", "-c", server.address, "--state-dir", state).returncode == 0
+    listed = cli("run", "list", "-c", server.address)
+    assert listed.returncode == 0 and "stopped" in listed.stdout
