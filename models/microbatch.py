@@ -1,0 +1,203 @@
+"""The one micro-batch function: DDPM loss and gradient from (parameters, samples, seed), with its record and sketch.
+
+The node trainer, the validator and the checkpointer all call :func:`compute_micro_batch`; nothing else in the
+project draws diffusion noise or timesteps for training. Noise and timesteps come from a CPU ``torch.Generator``
+seeded with :func:`micro_batch_seed` (run, epoch, node, micro-batch index), so anyone holding the same parameters
+and the same samples recomputes the same gradient: bitwise on the same CPU with the same torch thread count,
+within :class:`omi.models.verify.Tolerances` elsewhere.
+
+>>> import torch
+>>> from omi.models.registry import build_model
+>>> model, scheduler = build_model("unet-digits-16")
+>>> sketch = GradientSketch(model, size=256, seed=0)
+>>> batch = torch.zeros(2, 1, 16, 16)
+>>> seed = micro_batch_seed(0, "digits", epoch=0, node_id="node-a", index=0)
+>>> record = compute_micro_batch(model, scheduler, batch, seed, prediction_type="epsilon", sketch=sketch)
+>>> record.samples, record.sketch.shape, record.grad_norm > 0
+(2, torch.Size([256]), True)
+"""
+
+import hashlib
+import logging
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+logger = logging.getLogger(__name__)
+
+
+def micro_batch_seed(base_seed: int, run_id: str, epoch: int, node_id: str, index: int) -> int:
+    """The 63-bit seed of one micro-batch's noise and timesteps, hash-derived so nearby inputs give unrelated seeds.
+
+    >>> micro_batch_seed(0, "digits", 0, "node-a", 0) == micro_batch_seed(0, "digits", 0, "node-a", 1)
+    False
+    """
+    text = f"omi-micro-batch-v1|{int(base_seed)}|{run_id}|{int(epoch)}|{node_id}|{int(index)}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters a gradient covers, in the model's fixed definition order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def params_hash(model: torch.nn.Module) -> bytes:
+    """SHA-256 over every parameter in definition order, with its name, dtype and shape.
+
+    Two nodes agree on this hash exactly when they hold bitwise the same parameters.
+    """
+    digest = hashlib.sha256(b"omi-params-v1")
+    for name, param in model.named_parameters():
+        tensor = param.detach().to("cpu").contiguous()
+        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
+        digest.update(struct.pack("<I", len(header)) + header)
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.digest()
+
+
+class GradientSketch:
+    """A seeded CountSketch of the flattened gradient: a sparse ±1 random projection to ``size`` numbers.
+
+    Every gradient coordinate ``i`` is added, with sign ``s[i]``, into bucket ``h[i]``; ``h`` and ``s`` come from
+    a CPU generator seeded with ``seed``. The sketch is linear (sketch(g1 + g2) = sketch(g1) + sketch(g2)), so the
+    sketch of an accumulated gradient is the sum of the micro-batch sketches, and it preserves Euclidean distances
+    in expectation, so ``||sketch(g) - sketch(g')||`` measures how far a claimed gradient is from the true one.
+    It costs one pass over the gradient and 5 bytes per parameter of memory (int32 bucket + int8 sign).
+
+    :param model_or_num_params: the model whose gradients are sketched, or the length of the flat gradient
+    :param size: number of buckets (the RunSpec's ``verification.sketch_size``)
+    :param seed: seeds the buckets and signs; every node and validator of a run uses the same one
+
+    >>> s = GradientSketch(10, size=4, seed=0)
+    >>> g = torch.arange(10, dtype=torch.float32)
+    >>> torch.allclose(s.of_vector(g + g), 2 * s.of_vector(g))
+    True
+    """
+
+    def __init__(self, model_or_num_params: torch.nn.Module | int, size: int, seed: int):
+        if isinstance(model_or_num_params, torch.nn.Module):
+            num_params = sum(p.numel() for p in trainable_parameters(model_or_num_params))
+        else:
+            num_params = int(model_or_num_params)
+        if size <= 0 or num_params <= 0:
+            raise ValueError(f"sketch size and parameter count must be > 0, got size={size}, params={num_params}")
+        self.size, self.seed, self.num_params = int(size), int(seed), num_params
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self._buckets = torch.randint(0, self.size, (num_params,), generator=generator).to(torch.int32)
+        self._signs = (torch.randint(0, 2, (num_params,), generator=generator) * 2 - 1).to(torch.int8)
+        self._device = torch.device("cpu")
+
+    def _on(self, device: torch.device) -> None:
+        if device != self._device:
+            self._buckets, self._signs, self._device = self._buckets.to(device), self._signs.to(device), device
+
+    def of_vector(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sketch of a flat gradient vector of ``num_params`` numbers, as ``size`` float32 numbers on the CPU."""
+        if flat.dim() != 1 or flat.numel() != self.num_params:
+            raise ValueError(f"expected a flat vector of {self.num_params} numbers, got shape {tuple(flat.shape)}")
+        self._on(flat.device)
+        signed = flat.to(torch.float32) * self._signs
+        out = torch.zeros(self.size, dtype=torch.float32, device=flat.device)
+        return out.index_add_(0, self._buckets, signed).cpu()
+
+    def of_grads(self, grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+        """Sketch of per-parameter gradients (``None`` counts as zero), in the order of ``params``."""
+        return self.of_vector(flatten_grads(grads, params))
+
+    def of_model_grads(self, model: torch.nn.Module) -> torch.Tensor:
+        """Sketch of the gradient currently held in the model's ``param.grad``."""
+        params = trainable_parameters(model)
+        return self.of_grads([p.grad for p in params], params)
+
+
+def flatten_grads(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
+    """One flat float32 vector of the gradients, zeros where a parameter got none."""
+    pairs = zip(grads, params, strict=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32) for g, p in pairs])
+
+
+@dataclass
+class MicroBatchRecord:
+    """What a node records about one micro-batch: enough for a validator to check it after recomputing."""
+
+    index: int  # micro-batch index within the node's epoch
+    samples: int  # number of samples in the micro-batch
+    loss: float  # mean DDPM loss over the micro-batch
+    grad_norm: float  # L2 norm of this micro-batch's own gradient
+    sketch: torch.Tensor  # float32 GradientSketch of this micro-batch's own gradient (empty if no sketch)
+
+
+def diffusion_target(
+    scheduler: DDPMScheduler, samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """What the UNet is trained to predict: the noise (epsilon) or the velocity (v-prediction)."""
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return scheduler.get_velocity(samples, noise, timesteps)
+    raise ValueError(f"unknown prediction_type '{prediction_type}' (known: epsilon, v_prediction)")
+
+
+def compute_micro_batch(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler,
+    batch: torch.Tensor,
+    seed: int,
+    *,
+    prediction_type: str,
+    sketch: GradientSketch | None,
+    index: int = 0,
+) -> MicroBatchRecord:
+    """Forward and backward of the DDPM loss on one micro-batch; adds its gradient to ``param.grad``.
+
+    Gradient semantics: this micro-batch's own gradient is computed with ``torch.autograd.grad`` (so it never
+    depends on what ``param.grad`` held before), the record's norm and sketch are taken from it, and then it is
+    ADDED to ``param.grad`` (set where it was ``None``). Callers accumulate micro-batches by calling this in a row
+    and zero the grads themselves when an optimizer step is done.
+
+    Randomness: a CPU generator seeded with ``seed`` draws first the noise (shape of ``batch``, standard normal),
+    then the timesteps (uniform in ``[0, num_train_timesteps)``); both are then moved to the model's device (and
+    the noise cast to the model's dtype).
+
+    :param model: the UNet; its parameters decide the gradient
+    :param scheduler: the DDPM scheduler (its noise schedule; ``add_noise`` and ``get_velocity``)
+    :param batch: clean samples, ``(N, C, H, W)`` in ``[-1, 1]``
+    :param seed: from :func:`micro_batch_seed`
+    :param prediction_type: ``epsilon`` or ``v_prediction`` (the RunSpec's; must match the scheduler's)
+    :param sketch: the run's gradient sketch, or ``None`` for an empty sketch in the record
+    :param index: the micro-batch index stored in the record
+    """
+    assert batch.dim() == 4, f"a micro-batch is (N, C, H, W), got shape {tuple(batch.shape)}"
+    params = trainable_parameters(model)
+    device, dtype = params[0].device, params[0].dtype
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn(batch.shape, generator=generator, dtype=torch.float32)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=generator)
+    samples, noise, timesteps = batch.to(device, dtype), noise.to(device, dtype), timesteps.to(device)
+
+    noisy = scheduler.add_noise(samples, noise, timesteps)
+    target = diffusion_target(scheduler, samples, noise, timesteps, prediction_type)
+    prediction = model(noisy, timesteps).sample
+    loss = F.mse_loss(prediction.float(), target.float())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+
+    flat = flatten_grads(list(grads), params)
+    grad_norm = float(torch.linalg.vector_norm(flat))
+    sketch_values = sketch.of_vector(flat) if sketch is not None else torch.empty(0, dtype=torch.float32)
+    with torch.no_grad():
+        for param, grad in zip(params, grads, strict=True):
+            if grad is None:
+                continue
+            if param.grad is None:
+                param.grad = grad.detach()
+            else:
+                param.grad.add_(grad)
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        logger.warning("micro-batch %d: non-finite loss %s", index, loss_value)
+    return MicroBatchRecord(index=int(index), samples=int(batch.shape[0]), loss=loss_value, grad_norm=grad_norm,
+                            sketch=sketch_values)
