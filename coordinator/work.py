@@ -4,7 +4,8 @@ For (run, epoch, node) the choice is deterministic given which shards are alread
 shards are put in an order seeded by (run seed, run, epoch), and a node walks that order from a
 position derived from its id, taking the first free shards. The assignment is stored, so asking
 again returns it unchanged. The primary key of ``assigned_shards`` is what makes double
-assignment impossible; shards of nodes that missed their heartbeats go back to the pool.
+assignment impossible. When free shards run short, the shards of nodes that missed their heartbeats
+(and reported nothing) go back to the pool.
 """
 
 import hashlib
@@ -116,19 +117,10 @@ class WorkPlanner:
         assignment = pb.WorkAssignment(run_id=caller.run_id, epoch=epoch, node_id=caller.node_id,
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         with self.store.transaction() as s:
-            self._release_offline(s, caller.run_id, epoch, now)
-            taken = set(s.scalars(select(AssignedShard.shard_id).where(
-                AssignedShard.run_id == caller.run_id, AssignedShard.epoch == epoch)))
-            order = _shard_order(run.spec.training.seed, caller.run_id, epoch, layout.num_shards)
-            start = derive_seed(caller.run_id, epoch, caller.node_id) % layout.num_shards
             wanted = run.spec.training.shards_per_assignment
-            chosen = []
-            for i in range(layout.num_shards):
-                if len(chosen) == wanted or len(taken) + len(chosen) == layout.num_shards:
-                    break
-                shard = order[(start + i) % layout.num_shards]
-                if shard not in taken:
-                    chosen.append(shard)
+            chosen = self._pick_free(s, caller, epoch, wanted)
+            if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
+                chosen = self._pick_free(s, caller, epoch, wanted)
             if not chosen:
                 # Every shard of this epoch is taken: the node averages with the swarm without data of its own
                 # and asks again later (shards come back when their nodes go offline). Nothing is stored.
@@ -149,17 +141,41 @@ class WorkPlanner:
                                      assignment_id=assignment.assignment_id) for shard in chosen])
         return assignment
 
-    def _release_offline(self, session, run_id: str, epoch: int, now: int) -> None:
-        """Put back the shards of this epoch's assignments whose node missed its heartbeats and reported nothing."""
+    def _pick_free(self, session, caller: Caller, epoch: int, wanted: int) -> list[int]:
+        """Walk the epoch's shard order from the node's own position; the first ``wanted`` free shards.
+
+        Candidates are checked in small batches, so a call costs about ``wanted`` lookups while shards are free."""
+        run = self.runs.get(caller.run_id)
+        num_shards = self.layout(caller.run_id).num_shards
+        order = _shard_order(run.spec.training.seed, caller.run_id, epoch, num_shards)
+        start = derive_seed(caller.run_id, epoch, caller.node_id) % num_shards
+        chosen: list[int] = []
+        position, batch = 0, max(16, 2 * wanted)
+        while len(chosen) < wanted and position < num_shards:
+            candidates = [order[(start + position + i) % num_shards] for i in range(min(batch, num_shards - position))]
+            position += len(candidates)
+            taken = set(session.scalars(select(AssignedShard.shard_id).where(
+                AssignedShard.run_id == caller.run_id, AssignedShard.epoch == epoch,
+                AssignedShard.shard_id.in_(candidates))))
+            chosen += [shard for shard in candidates if shard not in taken][: wanted - len(chosen)]
+        return chosen
+
+    def _release_offline(self, session, run_id: str, epoch: int, now: int) -> int:
+        """Put back the shards of this epoch's assignments whose node missed its heartbeats and reported nothing.
+
+        Called when free shards run short, so the scan over the epoch's assignments happens only then."""
         timeout_ms = int(self.runs.get(run_id).spec.liveness.heartbeat_timeout * 1000)
         open_assignments = session.execute(select(WorkAssignment.assignment_id, WorkAssignment.node_id).where(
             WorkAssignment.run_id == run_id, WorkAssignment.epoch == epoch, WorkAssignment.released_at_ms.is_(None),
             ~exists().where(Contribution.assignment_id == WorkAssignment.assignment_id))).all()
+        released = 0
         for assignment_id, node_id in open_assignments:
             if now - self.liveness.last_seen_ms(run_id, node_id) > timeout_ms:
                 self.release(session, assignment_id, now)
+                released += 1
                 logger.info("node %s missed its heartbeats: shards of run %s epoch %d back in the pool",
                             node_id[:12], run_id, epoch)
+        return released
 
     def release(self, session, assignment_id: str, now: int) -> None:
         session.get(WorkAssignment, assignment_id).released_at_ms = now

@@ -239,10 +239,10 @@ def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path):
 
 def test_leave_puts_unfinished_shards_back(server):
     leaver, other = server.node(name="a"), server.node(name="b")
-    for _ in range(6):
-        server.node(name="filler").get_work(0)
     work = leaver.get_work(0)
-    assert work.shards
+    for _ in range(7):  # 4 + 6 x 4 + 1: every one of the 29 shards is taken
+        server.node(name="filler").get_work(0)
+    assert len(work.shards) == 4 and not other.get_work(0).shards
     leaver.leave()
     assert sorted(s.shard_id for s in other.get_work(0).shards) == sorted(s.shard_id for s in work.shards)
 
