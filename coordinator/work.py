@@ -44,13 +44,8 @@ def uniform_layout(num_samples: int, shard_size: int) -> ShardLayout:
 
 def data_layout(data: pb.DataSpec) -> ShardLayout:
     """The shard layout of a run's data source, from ``omi.models.data``."""
-    try:
-        from omi.models.data import open_source  # imported late: it pulls in torch and the data libraries
-    except ImportError:
-        # TODO(remove when omi.models.data lands): scikit-learn's digits set has 1797 samples.
-        if data.source == "builtin:digits":
-            return uniform_layout(1797, data.shard_size)
-        raise
+    from omi.models.data import open_source  # imported late: it pulls in torch and the data libraries
+
     source = open_source(data)
     return ShardLayout(source.num_shards, source.shard_range)
 
