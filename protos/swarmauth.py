@@ -321,14 +321,18 @@ async def _publish_token_periodically(registry_key: str, period: float, dht: hiv
     """Runs inside the DHT process: store the token the authorizer holds under the registry, again and again."""
     authorizer: CoordinatorTokenAuthorizer = node.protocol.authorizer
     peer_id = node.peer_id.to_base58()
+    published = None
     while True:
         try:
             await authorizer.refresh_token_if_needed()
             token = authorizer.access_token
+            # re-storing an unchanged token reaches peers that joined since; they answer False where they hold it
             stored = await node.store(registry_key, subkey=peer_id, value=token.SerializeToString(),
                                       expiration_time=token.expires_at_ms / 1000)
-            if not stored:
-                logger.warning("could not publish this node's access token in the DHT")
+            if stored:
+                published = token
+            elif token != published:
+                logger.warning("could not publish this node's access token in the DHT (will retry)")
         except AccessDenied as e:
             logger.warning("%s", e)
         except Exception:

@@ -181,13 +181,18 @@ def run_trainer(config: dict) -> None:
     eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
     t0 = time.monotonic()
 
-    # the progress tracker needs time to see the swarm; without this wait the first epochs are stepped alone
+    # wait until the other trainers published their tokens (they are up), so the first epochs are less often
+    # stepped alone; the progress tracker sees a peer only after that peer reported samples
+    registry_key, expected = swarmauth.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
     deadline = t0 + config.get("wait_peers_timeout", 30.0)
-    while opt.tracker.global_progress.num_peers < config.get("expected_peers", 1) and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
+        found = dht.get(registry_key, latest=True)
+        if found is not None and len(set(found.value) & set(config.get("trainer_peer_ids", []))) >= expected:
+            break
         time.sleep(0.2)
     peers_seen_after = time.monotonic() - t0
 
-    epochs, group_sizes, first_group_at = config["epochs"], [], None
+    epochs, rounds_at_epoch, group_sizes, first_group_at = config["epochs"], [], [], None
     deadline = time.monotonic() + config.get("train_timeout", 90.0)
     losses = []
     while opt.local_epoch < epochs and time.monotonic() < deadline:
@@ -201,17 +206,19 @@ def run_trainer(config: dict) -> None:
         opt.step()
         opt.zero_grad()
         if opt.local_epoch != epoch_before:
-            group_sizes.append(opt.grad_group_size if opt.grad_rounds_averaged else 0)
+            rounds_at_epoch.append(opt.grad_rounds_averaged)
+            group_sizes.append(opt.grad_group_size)
             if first_group_at is None and opt.grad_rounds_averaged:
                 first_group_at = time.monotonic() - t0
             with torch.no_grad():
                 losses.append(torch.nn.functional.mse_loss(model(eval_x), eval_y).item())
-        time.sleep(config.get("step_sleep", 0.05))
+        time.sleep(config.get("step_sleep", 0.2))
 
     with torch.no_grad():
         params = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
     _write_json(config["result_path"], dict(
-        local_epoch=opt.local_epoch, group_sizes=group_sizes, rounds_averaged=opt.grad_rounds_averaged,
+        local_epoch=opt.local_epoch, rounds_at_epoch=rounds_at_epoch, group_sizes=group_sizes,
+        rounds_averaged=opt.grad_rounds_averaged,
         state_rounds_averaged=opt.state_averager.rounds_averaged, params=params, eval_losses=losses,
         peers_seen_after=peers_seen_after, first_group_at=first_group_at, seconds=time.monotonic() - t0))
     try:

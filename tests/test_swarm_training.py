@@ -1,0 +1,183 @@
+"""Token-holding peers train and average through make_optimizer; peers without a token for their peer id cannot."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter
+from hivemind.utils.timed_storage import get_dht_time
+from omi.node import swarm
+from omi.node.swarm import CenteredClipReducer, centered_clip
+from omi.protos import signing, swarmauth
+from swarm_helpers import PeerProcess, make_peer_files, make_spec
+
+# ---------------------------------------------------------------- CenteredClip on tensors
+
+
+def test_centered_clip_stays_near_the_honest_mean_where_the_mean_does_not():
+    torch.manual_seed(0)
+    honest = torch.randn(1, 1000) + 0.05 * torch.randn(3, 1000)  # three similar honest gradients
+    attacker = -1000 * honest[:1]
+    parts, weights = torch.cat([honest, attacker]), torch.ones(4)
+    honest_mean = honest.mean(0)
+    mean = (parts * weights[:, None]).sum(0) / weights.sum()
+    clipped = centered_clip(parts, weights, tau=1.0, iterations=5)
+    assert (mean - honest_mean).norm() > 100 * honest_mean.norm()
+    assert (clipped - honest_mean).norm() < 0.2 * honest_mean.norm()
+    # without outliers (all within tau) CenteredClip is exactly the weighted mean
+    near = torch.ones(3, 10) + 0.01 * torch.randn(3, 10)
+    w = torch.tensor([1.0, 2.0, 3.0])
+    assert torch.allclose(centered_clip(near, w, tau=10.0, iterations=1), (near * w[:, None]).sum(0) / w.sum())
+    # zero-weight senders (hivemind peers tagging along) do not count
+    assert torch.allclose(centered_clip(parts, torch.tensor([1.0, 1.0, 1.0, 0.0]), tau=1.0, iterations=5),
+                          honest_mean, atol=1e-6)
+
+
+def test_centered_clip_reducer_reduces_parts_streamed_by_senders():
+    async def scenario():
+        torch.manual_seed(1)
+        shapes = (torch.Size([64]), torch.Size([32]))
+        honest = [[torch.randn(s) * 0 + 1 + 0.01 * torch.randn(s) for s in shapes] for _ in range(3)]
+        senders = honest + [[-1000 * part for part in honest[0]]]
+        reducer = CenteredClipReducer(shapes, num_senders=4, tau=1.0, iterations=5)
+
+        async def send(index):
+            return [await reducer.accumulate_part(index, part_index, part, weight=1.0)
+                    for part_index, part in enumerate(senders[index])]
+
+        results = await asyncio.wait_for(asyncio.gather(*(send(i) for i in range(4))), timeout=10)
+        assert reducer.finished.is_set()
+        for part_index in range(2):
+            honest_mean = torch.stack([h[part_index] for h in honest]).mean(0)
+            for sender_result in results:  # every sender gets the same reduced part
+                assert torch.equal(sender_result[part_index], results[0][part_index])
+            assert (results[0][part_index] - honest_mean).norm() < 0.2 * honest_mean.norm()
+
+    asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- swarms of real peers
+
+
+def _start_swarm(tmp_path: Path, coordinator_key, spec, trainers: list[dict]) -> tuple[list[PeerProcess], list]:
+    """A bootstrap peer and one trainer process per dict in ``trainers`` (extra config, and ``token_peer_id``)."""
+    signing.save_key(coordinator_key, tmp_path / "coordinator.pem")
+    (tmp_path / "spec.bin").write_bytes(spec.SerializeToString())
+    procs = [PeerProcess("bootstrap", tmp_path / "bootstrap", coordinator_key_path=str(tmp_path / "coordinator.pem"),
+                         spec_path=str(tmp_path / "spec.bin"))]
+    files = []
+    maddrs = procs[0].wait_ready()["maddrs"]
+    for i, extra in enumerate(trainers):
+        files.append(make_peer_files(tmp_path / f"peer{i}", coordinator_key, spec,
+                                     token_peer_id=extra.pop("token_peer_id", None)))
+    honest_ids = [f.peer_id for f, extra in zip(files, trainers, strict=True) if not extra.get("intruder")]
+    for i, (f, extra) in enumerate(zip(files, trainers, strict=True)):
+        extra.pop("intruder", None)
+        procs.append(PeerProcess("trainer", tmp_path / f"peer{i}", spec_path=str(tmp_path / "spec.bin"),
+                                 token_path=f.token_path, identity_path=f.identity_path,
+                                 swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
+                                 expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
+    return procs, files
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_three_token_holders_average_gradients_and_agree(tmp_path):
+    coordinator_key = signing.generate_key()
+    spec = make_spec(coordinator_key, compression="float16", target_batch_size=192)
+    procs, _ = _start_swarm(tmp_path, coordinator_key, spec, [dict(epochs=3) for _ in range(3)])
+    try:
+        results = [p.wait_result(150) for p in procs[1:]]
+    finally:
+        for p in procs:
+            p.stop()
+    for r in results:
+        assert r["local_epoch"] >= 3
+        assert r["rounds_averaged"] >= 1, "the peer never averaged gradients"
+        assert max(r["group_sizes"]) >= 2
+    assert max(max(r["group_sizes"]) for r in results) == 3, "no round gathered all three peers"
+    # peers that averaged in every epoch applied the same averaged gradients from the same start
+    in_step = [r for r in results if r["rounds_at_epoch"][:3] == [1, 2, 3]]
+    assert len(in_step) >= 2, [r["rounds_at_epoch"] for r in results]
+    params = torch.tensor([r["params"] for r in in_step])
+    assert (params - params[0]).abs().max() < 1e-4, "peers' parameters diverged"
+    losses = [r["eval_losses"] for r in results]
+    assert all(run[-1] < run[0] for run in losses), f"loss did not fall: {losses}"
+
+
+async def _probe_averaging_rpcs(maddrs: list[str], target: str, prefix: str, p2p: P2P | None = None) -> dict:
+    """Call the three averaging RPCs of peer ``target`` directly (as a fresh libp2p peer unless ``p2p`` given)."""
+    own = p2p is None
+    if own:
+        p2p = await P2P.create(initial_peers=maddrs)
+    try:
+        peer = PeerID.from_base58(target)
+        grad = swarmauth.AccessControlledGradientAverager.get_stub(p2p, peer, namespace=f"{prefix}_grad_averager")
+        state = swarmauth.AccessControlledTrainingStateAverager.get_stub(p2p, peer,
+                                                                          namespace=f"{prefix}_state_averager")
+        join = await grad.rpc_join_group(averaging_pb2.JoinRequest(
+            schema_hash=b"probe", expiration=get_dht_time() + 5, group_key=f"{prefix}_grad_averager.0b"))
+        join_code = (await asyncio.wait_for(join.__anext__(), 10)).code
+        part = await grad.rpc_aggregate_part(as_aiter(averaging_pb2.AveragingData(
+            code=averaging_pb2.PART_FOR_AVERAGING, group_id=b"probe-group")))
+        part_code = (await asyncio.wait_for(part.__anext__(), 10)).code
+        downloaded = 0
+        async for _ in await state.rpc_download_state(averaging_pb2.DownloadRequest()):
+            downloaded += 1
+        return dict(join=join_code, part=part_code, state_messages=downloaded)
+    finally:
+        if own:
+            await p2p.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_peer_without_a_token_for_its_peer_id_cannot_average_nor_download_state(tmp_path):
+    coordinator_key = signing.generate_key()
+    spec = make_spec(coordinator_key, reducer="centered_clip", clip_tau=1.0, clip_iterations=3,
+                     target_batch_size=128)
+    # the intruder holds a real token, but for another peer id: it gets into the DHT (its RSA key matches), so it
+    # finds the averaging groups, yet libp2p proves its peer id, for which no token exists
+    trainers = [dict(epochs=3), dict(epochs=3),
+                dict(epochs=3, intruder=True, token_peer_id="QmNotTheIntrudersPeerId", train_timeout=40)]
+    procs, files = _start_swarm(tmp_path, coordinator_key, spec, trainers)
+    member = None
+    try:
+        honest_maddrs = procs[1].wait_ready()["maddrs"]
+        results = [p.wait_result(150) for p in procs[1:]]
+
+        # direct calls of a token-less libp2p peer, and of a token holder (the control), on honest peer 0
+        spec.initial_peers[:] = procs[0].wait_ready()["maddrs"]
+        refused = asyncio.run(_probe_averaging_rpcs(honest_maddrs, files[0].peer_id, spec.dht_prefix))
+        member_files = make_peer_files(tmp_path / "member", coordinator_key, spec)
+        member = swarm.start_dht(spec, swarmauth.TokenFile(member_files.token_path),
+                                 swarm_key=swarmauth.load_or_create_swarm_key(member_files.swarm_key_path),
+                                 identity_path=member_files.identity_path)
+        time.sleep(1.0)  # let the member's token reach the registry
+
+        async def as_member():
+            return await _probe_averaging_rpcs(honest_maddrs, files[0].peer_id, spec.dht_prefix,
+                                               p2p=await member.replicate_p2p())
+
+        allowed = asyncio.run(as_member())
+    finally:
+        if member is not None:
+            member.shutdown()
+        for p in procs:
+            p.stop()
+
+    honest, intruder = results[:2], results[2]
+    for r in honest:
+        assert r["rounds_averaged"] >= 1 and set(r["group_sizes"]) <= {0, 2}, r["group_sizes"]
+    assert intruder["rounds_averaged"] == 0, "the intruder got into an all-reduce"
+    assert intruder["state_rounds_averaged"] == 0, "the intruder averaged parameters with someone"
+
+    assert refused == dict(join=averaging_pb2.PROTOCOL_VIOLATION, part=averaging_pb2.PROTOCOL_VIOLATION,
+                           state_messages=0)
+    assert allowed["join"] != averaging_pb2.PROTOCOL_VIOLATION
+    assert allowed["part"] == averaging_pb2.BAD_GROUP_ID  # let through; there is just no such group
+    assert allowed["state_messages"] > 0
