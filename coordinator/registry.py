@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.errors import (
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
@@ -223,10 +222,3 @@ class Registry:
         self._banned.discard(node_id)
         logger.info("unbanned node %s", node_id[:12])
         return True
-
-    def node(self, node_id: str) -> Node:
-        with self.store.session() as s:
-            node = s.get(Node, node_id)
-        if node is None:
-            raise NotFound(f"no node {node_id[:12]}")
-        return node
