@@ -491,7 +491,8 @@ class AccessControlledAveragerMixin:
     - before an all-reduce, every member of the assembled group must hold a valid token, else the round fails
       before any tensor leaves this peer.
 
-    It also records the size of the last group it averaged with (``last_group_size``, 0 = none yet) and lets
+    It also records how many senders' parts it reduced in its last all-reduce (``last_group_size``, 0 = none
+    yet; senders that never sent are not counted), counts rounds with more than itself, and lets
     the all-reduce runner be replaced (``allreduce_runner``, e.g. a robust reducer).
 
     :param access: the :class:`PeerAccessGate` of the run
@@ -516,12 +517,12 @@ class AccessControlledAveragerMixin:
 
     @property
     def last_group_size(self) -> int:
-        """Number of peers in the last successful all-reduce of this averager (0 if none yet)."""
+        """Senders whose parts this peer reduced in its last all-reduce, itself included (0 if none yet)."""
         return self._last_group_size.value
 
     @property
     def rounds_averaged(self) -> int:
-        """Number of successful all-reduce rounds of this averager."""
+        """All-reduce rounds of this averager in which it reduced parts of at least one other peer."""
         return self._rounds_averaged.value
 
     async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
@@ -552,9 +553,9 @@ class AccessControlledAveragerMixin:
             if not await self._is_member(peer_id):
                 raise AllReduceRefused(f"group member {peer_id} has no valid access token")
         result = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
-        self._last_group_size.value = len(group_info.peer_ids)
-        with self._rounds_averaged.get_lock():
-            self._rounds_averaged.value += 1
+        if self._last_group_size.value > 1:
+            with self._rounds_averaged.get_lock():
+                self._rounds_averaged.value += 1
         return result
 
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
@@ -573,6 +574,8 @@ class AccessControlledAveragerMixin:
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
+        # senders whose parts this peer actually reduced: a group whose members all refused us counts as 1
+        self._last_group_size.value = len(runner.sender_peer_ids) - len(runner.banned_senders)
 
 
 class AllReduceRefused(AllreduceException):
