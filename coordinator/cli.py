@@ -43,12 +43,13 @@ def serve_command(
     http_address: str = typer.Option("127.0.0.1:8080", "--http", help="HOST:PORT of the dashboard; '' for none."),
     run: Path = typer.Option(None, help="RunSpec TOML to create (if new) and start."),
     max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, help="Larger requests are refused."),
+    swarm_host: str = typer.Option("127.0.0.1", help="Address of the runs' hivemind bootstrap peers; '' for none."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(state_dir=state_dir, db_url=db, grpc_address=grpc_address, http_address=http_address or None,
-                          run_file=run, max_message_bytes=max_message_bytes)
+                          run_file=run, max_message_bytes=max_message_bytes, swarm_host=swarm_host or None)
     try:
         asyncio.run(serve(config))
     except (CoordinatorError, OSError) as e:

@@ -1,11 +1,12 @@
 """Runs: created from a RunSpec TOML, lifecycle created -> running <-> paused -> stopped, and the spec handed out.
 
 The parsed RunSpec is stored once; what nodes receive is that spec plus the coordinator's public key
-and the swarm's initial peers, which belong to the running server (``Runs.initial_peers``).
+and the swarm's initial peers, which belong to the running server (``Runs.swarm_peers``).
 """
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -53,8 +54,8 @@ class Runs:
 
     store: Store
     coordinator_public_key: bytes
-    # multiaddrs of the coordinator's hivemind bootstrap peer; serve() fills this once it runs one
-    initial_peers: list[str] = field(default_factory=list)
+    # RunSpec -> multiaddrs of the run's hivemind bootstrap peer; serve() sets it (None: no swarm peer)
+    swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None
     _runs: dict[str, RunInfo] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -111,7 +112,8 @@ class Runs:
         spec = pb.RunSpec()
         spec.CopyFrom(self.get(run_id).spec)
         spec.coordinator_public_key = self.coordinator_public_key
-        spec.initial_peers.extend(self.initial_peers)
+        if self.swarm_peers is not None:
+            spec.initial_peers.extend(self.swarm_peers(spec))
         return spec
 
     def observe_epoch(self, run_id: str, epoch: int) -> None:

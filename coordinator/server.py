@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from omi.coordinator.bootstrap import SwarmBootstrap
 from omi.coordinator.core import Coordinator, CoordinatorConfig
 from omi.coordinator.errors import FailedPrecondition, InvalidArgument
 from omi.coordinator.runs import STATE_NAMES
@@ -45,6 +46,7 @@ class ServerConfig:
     http_address: str | None = "127.0.0.1:8080"  # HOST:PORT of the dashboard; None = no HTTP
     run_file: Path | None = None                 # RunSpec TOML created (if new) and started at startup
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
+    swarm_host: str | None = "127.0.0.1"         # where runs' hivemind bootstrap peers listen; None = no swarm peer
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
 
@@ -64,11 +66,20 @@ class CoordinatorServer:
         self._maintain: asyncio.Task | None = None
         self._http = None
         self._http_task: asyncio.Task | None = None
+        self.bootstrap: SwarmBootstrap | None = None
+        if config.swarm_host is not None:
+            self.bootstrap = SwarmBootstrap(self.coordinator.key, config.state_dir, config.swarm_host)
+            self.coordinator.runs.swarm_peers = self.bootstrap.initial_peers
 
     async def start(self) -> None:
-        """Prepare the default run, bind the ports and start serving."""
+        """Prepare the default run, start the running runs' swarm peers, bind the ports and start serving."""
         if self.config.run_file is not None:
             self.ensure_run(self.config.run_file)
+        if self.bootstrap is not None:
+            runs = self.coordinator.runs
+            for run_id in runs.run_ids():
+                if runs.get(run_id).state == pb.RUN_STATE_RUNNING:
+                    runs.spec_for_nodes(run_id)  # starts the bootstrap peer now rather than at the first Register
         limit = self.config.max_message_bytes
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                 ("grpc.max_send_message_length", limit)])
@@ -133,6 +144,8 @@ class CoordinatorServer:
         if self._maintain is not None:
             self._maintain.cancel()
             await asyncio.gather(self._maintain, return_exceptions=True)
+        if self.bootstrap is not None:
+            self.bootstrap.shutdown()
         self.coordinator.close()
         logger.info("coordinator stopped")
 

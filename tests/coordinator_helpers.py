@@ -56,7 +56,7 @@ class ServerThread:
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
                  max_message_bytes: int = 4 * 1024 * 1024):
         config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=None,
-                              max_message_bytes=max_message_bytes,
+                              max_message_bytes=max_message_bytes, swarm_host=None,
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig()))
         self.server = CoordinatorServer(config)
         self.coordinator = self.server.coordinator
