@@ -90,6 +90,7 @@ def train_local(
     progress: bool = True,
     batch_size: int | None = None,
     quality_samples: int = QUALITY_SAMPLES,
+    quality_steps: int = QUALITY_STEPS,
     max_seconds: float | None = None,
 ) -> TrainResult:
     """Train ``spec`` in this process for ``samples`` samples.
@@ -101,6 +102,7 @@ def train_local(
     :param progress: show a rich progress bar
     :param batch_size: samples per optimizer step (default: ``spec.training.target_batch_size``)
     :param quality_samples: digits generated for the quality score (0: skip it)
+    :param quality_steps: DDIM steps for those digits
     :param max_seconds: stop early after this much training time (for time-boxed benchmarks)
     """
     if samples <= 0:
@@ -161,7 +163,7 @@ def train_local(
     # 3. quality of samples (digits only), then the checkpoint and a preview grid
     quality = None
     if quality_samples and spec.data.source == "builtin:digits":
-        quality = quality_score(generate(model, scheduler, quality_samples, QUALITY_STEPS, seed=training.seed))
+        quality = quality_score(generate(model, scheduler, quality_samples, quality_steps, seed=training.seed))
     window = losses[-FINAL_LOSS_WINDOW:]
     result = TrainResult(
         losses=losses, samples=trained, seconds=seconds, samples_per_second=trained / seconds,

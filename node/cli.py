@@ -30,6 +30,8 @@ def train_local(
     out: Path | None = typer.Option(None, "--out", help="Save the diffusers checkpoint and preview.png here."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
                                           help="Samples per optimizer step (default: the RunSpec's target)."),
+    quality_samples: int = typer.Option(256, "--quality-samples", min=0,
+                                        help="Digits generated for the quality score (0: skip it)."),
 ) -> None:
     """Train a RunSpec in this process, without a swarm: the baseline swarm training is compared against."""
     # Imported here so `omi-node --help` and the light commands stay fast (torch and diffusers take seconds).
@@ -38,7 +40,8 @@ def train_local(
 
     try:
         spec = load_runspec(run)
-        result = run_train_local(spec, samples, device=device, out_dir=out, batch_size=batch_size)
+        result = run_train_local(spec, samples, device=device, out_dir=out, batch_size=batch_size,
+                                 quality_samples=quality_samples)
     except (RunSpecError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
@@ -72,3 +75,50 @@ def sample(
     images = generate(model, scheduler, n, steps, seed)
     save_grid(images, out)
     console.print(f"{n} images from {checkpoint} -> {out}")
+
+
+@app.command("join")
+def join(
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    run: str = typer.Option("", "--run", help="Run to join (default: the coordinator's only running run)."),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N."),
+    batch_size: int = typer.Option(0, "--batch-size", min=0, help="Micro-batch size (default: the RunSpec's)."),
+    identity: Path | None = typer.Option(None, "--identity", help="Ed25519 key (default: STATE_DIR/node_key.pem)."),
+    state_dir: Path = typer.Option(Path.home() / ".omi", "--state-dir", envvar="OMI_HOME",
+                                   help="Identity, swarm keys and token live here."),
+    name: str = typer.Option("", "--name", help="Display name on the dashboard."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the swarm peer listens on (0.0.0.0: all)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="TCP port of the swarm peer (0: any free one)."),
+    announce: str | None = typer.Option(None, "--announce", help="Address other peers dial (needs --port)."),
+    client_mode: bool = typer.Option(False, "--client-mode", help="Behind NAT: outgoing connections only."),
+    max_epochs: int = typer.Option(0, "--max-epochs", min=0, help="Leave after this many contributions (0: never)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; log lines only."),
+    log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line (implies --quiet)."),
+) -> None:
+    """Join a training run as a volunteer: train in the swarm and report contributions until Ctrl-C."""
+    from omi.node.trainer import NodeConfig, NodeError, VolunteerNode, install_stop_signals
+    from omi.node.view import JsonFormatter, LiveView
+
+    if log_json:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter())
+        logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    config = NodeConfig(coordinator=coordinator, run_id=run, device=device, batch_size=batch_size,
+                        state_dir=state_dir, identity=identity, display_name=name, host=host, port=port,
+                        announce=announce, client_mode=client_mode, max_epochs=max_epochs, threads=threads)
+    view = None if (quiet or log_json or not console.is_terminal) else LiveView(console)
+    node = VolunteerNode(config, on_status=view.update if view else None)
+    install_stop_signals(node)
+    try:
+        if view is not None:
+            with view:
+                status = node.run()
+        else:
+            status = node.run()
+    except NodeError as e:
+        logger.error("%s", e)
+        raise typer.Exit(e.exit_code) from None
+    finally:
+        node.shutdown()
+    logger.info("done: %d samples trained, %d contributions accepted", status.samples, status.contributions)
