@@ -95,6 +95,7 @@ class WorkPlanner:
             raise FailedPrecondition(f"run '{caller.run_id}' is not running")
         if run.spec.training.max_epochs and epoch >= run.spec.training.max_epochs:
             raise FailedPrecondition(f"run '{caller.run_id}' ends before epoch {epoch}")
+        self.runs.observe_epoch(caller.run_id, epoch)  # heartbeats may lag behind a fast swarm
         if epoch > run.epoch + 1:
             raise InvalidArgument(f"epoch {epoch} is ahead of the run (epoch {run.epoch})")
         with self.store.session() as s:
@@ -111,11 +112,19 @@ class WorkPlanner:
         now = now_ms()
         assignment = pb.WorkAssignment(run_id=caller.run_id, epoch=epoch, node_id=caller.node_id,
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
+        training = run.spec.training
         with self.store.transaction() as s:
-            wanted = run.spec.training.shards_per_assignment
+            # A node alone must be able to fill a whole swarm step (target_batch_size samples) from one assignment:
+            # hivemind ends the epoch once the swarm has that many, so no node ever needs more.
+            wanted = max(training.shards_per_assignment, -(-training.target_batch_size // run.spec.data.shard_size))
             chosen = self._pick_free(s, caller, epoch, wanted)
             if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
                 chosen = self._pick_free(s, caller, epoch, wanted)
+            while chosen and self._samples(layout, chosen) < training.target_batch_size:
+                more = self._pick_free(s, caller, epoch, 1, exclude=frozenset(chosen))
+                if not more:
+                    break  # the epoch's data is nearly all taken: the node trains on less
+                chosen += more
             if not chosen:
                 # Every shard of this epoch is taken: the node averages with the swarm without data of its own
                 # and asks again later (shards come back when their nodes go offline). Nothing is stored.
@@ -136,7 +145,12 @@ class WorkPlanner:
                                      assignment_id=assignment.assignment_id) for shard in chosen])
         return assignment
 
-    def _pick_free(self, session, caller: Caller, epoch: int, wanted: int) -> list[int]:
+    @staticmethod
+    def _samples(layout: ShardLayout, shards: list[int]) -> int:
+        return sum(end - begin for begin, end in map(layout.shard_range, shards))
+
+    def _pick_free(self, session, caller: Caller, epoch: int, wanted: int,
+                   exclude: frozenset[int] = frozenset()) -> list[int]:
         """Walk the epoch's shard order from the node's own position; the first ``wanted`` free shards.
 
         Candidates are checked in small batches, so a call costs about ``wanted`` lookups while shards are free."""
@@ -152,7 +166,8 @@ class WorkPlanner:
             taken = set(session.scalars(select(AssignedShard.shard_id).where(
                 AssignedShard.run_id == caller.run_id, AssignedShard.epoch == epoch,
                 AssignedShard.shard_id.in_(candidates))))
-            chosen += [shard for shard in candidates if shard not in taken][: wanted - len(chosen)]
+            free = [shard for shard in candidates if shard not in taken and shard not in exclude]
+            chosen += free[: wanted - len(chosen)]
         return chosen
 
     def _release_offline(self, session, run_id: str, epoch: int, now: int) -> int:

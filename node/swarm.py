@@ -204,6 +204,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *, access: PeerAccessGate, allreduce_runner: Callable[..., AllReduceRunner] | None = None,
                  allow_load_state: bool = True, **kwargs):
         self._access, self._allreduce_runner, self.allow_load_state = access, allreduce_runner, allow_load_state
+        self.state_loads = 0  # times this peer replaced its state with the swarm's (it was behind)
         super().__init__(**kwargs)
 
     def _make_state_averager(self, **kwargs) -> AccessControlledTrainingStateAverager:
@@ -218,6 +219,11 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def _should_load_state_from_peers(self) -> bool:
         return self.allow_load_state and super()._should_load_state_from_peers()
+
+    def load_state_from_peers(self, **kwargs):
+        # counted so the trainer knows when its micro-batches were dropped for the swarm's newer state
+        self.state_loads += 1
+        return super().load_state_from_peers(**kwargs)
 
     @property
     def grad_group_size(self) -> int:
