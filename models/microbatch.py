@@ -67,8 +67,9 @@ class GradientSketch:
     a bucket sit in different rows, so their signs are independent and this is a CountSketch: linear
     (sketch(g1 + g2) = sketch(g1) + sketch(g2)), so an accumulated gradient's sketch is the sum of the
     micro-batch sketches, and unbiased for squared distances, so ``||sketch(g) - sketch(g')||`` measures how far a
-    claimed gradient is from the true one. Computing it is one matrix-vector product over the gradient viewed as
-    ``(num_params / size, size)`` (a single memory pass, BLAS-fast); it keeps 4 bytes per ``size`` parameters.
+    claimed gradient is from the true one. Computing it is a matrix-vector product over the gradient viewed as
+    rows of ``size`` (one memory pass; large tensors in place, small ones concatenated); it keeps 4 bytes per
+    ``size`` parameters.
 
     :param model_or_num_params: the model whose gradients are sketched, or the length of the flat gradient
     :param size: number of buckets (the RunSpec's ``verification.sketch_size``)
@@ -92,28 +93,80 @@ class GradientSketch:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         self._signs = (torch.randint(0, 2, (rows,), generator=generator) * 2 - 1).to(torch.float32)
 
+    def _add(self, out: torch.Tensor, values: torch.Tensor, offset: int) -> None:
+        """Add the sketch of ``values``, sitting at ``offset`` in the flat gradient, into ``out``."""
+        size, signs, n = self.size, self._signs, values.numel()
+        head = min((-offset) % size, n)  # up to the next row boundary
+        if head:
+            out[offset % size:offset % size + head] += values[:head] * signs[offset // size]
+        row, rows = (offset + head) // size, (n - head) // size
+        if rows:
+            out += values[head:head + rows * size].view(rows, size).T @ signs[row:row + rows]
+        tail = values[head + rows * size:]
+        if tail.numel():
+            out[:tail.numel()] += tail * signs[row + rows]
+
     def of_vector(self, flat: torch.Tensor) -> torch.Tensor:
         """Sketch of a flat gradient vector of ``num_params`` numbers, as ``size`` float32 numbers on the CPU."""
         if flat.dim() != 1 or flat.numel() != self.num_params:
             raise ValueError(f"expected a flat vector of {self.num_params} numbers, got shape {tuple(flat.shape)}")
-        if self._signs.device != flat.device:
-            self._signs = self._signs.to(flat.device)
-        flat = flat.to(torch.float32)
-        full_rows = self.num_params // self.size
-        out = flat[:full_rows * self.size].view(full_rows, self.size).T @ self._signs[:full_rows]
-        tail = flat[full_rows * self.size:]
-        if tail.numel():
-            out[:tail.numel()] += tail * self._signs[full_rows]
-        return out.cpu()
+        return self.of_segments([(0, flat.to(torch.float32))])
 
     def of_grads(self, grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
-        """Sketch of per-parameter gradients (``None`` counts as zero), in the order of ``params``."""
-        return self.of_vector(flatten_grads(grads, params))
+        """Sketch of per-parameter gradients (``None`` counts as zero) laid end to end in the order of ``params``."""
+        return self.of_segments(gradient_segments(grads, params))
+
+    def of_segments(self, segments: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """Sketch of a gradient given as ``(offset, flat float32 values)`` pieces (see :func:`gradient_segments`)."""
+        if not segments:
+            return torch.zeros(self.size, dtype=torch.float32)
+        device = segments[0][1].device
+        if self._signs.device != device:
+            self._signs = self._signs.to(device)
+        out = torch.zeros(self.size, dtype=torch.float32, device=device)
+        for offset, values in segments:
+            if offset + values.numel() > self.num_params:
+                raise ValueError(f"gradient piece at {offset} runs past the sketch's {self.num_params} numbers")
+            self._add(out, values, offset)
+        return out.cpu()
 
     def of_model_grads(self, model: torch.nn.Module) -> torch.Tensor:
         """Sketch of the gradient currently held in the model's ``param.grad``."""
         params = trainable_parameters(model)
         return self.of_grads([p.grad for p in params], params)
+
+
+SMALL_TENSOR = 1 << 16  # gradients smaller than this are concatenated; larger ones are used in place
+
+
+def gradient_segments(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> list[tuple[int, torch.Tensor]]:
+    """The gradient as ``(offset in the flat gradient, flat float32 values)`` pieces, ``None`` grads left out.
+
+    Runs of small tensors are concatenated (one op instead of hundreds of tiny ones), large tensors are viewed in
+    place (no copy of the bulk of the gradient): both keep the sketch and norm cheap for tiny and big models.
+    """
+    segments: list[tuple[int, torch.Tensor]] = []
+    run: list[torch.Tensor] = []
+    run_start = offset = 0
+
+    def flush() -> None:
+        if run:
+            segments.append((run_start, torch.cat(run).to(torch.float32) if len(run) > 1 else run[0].to(torch.float32)))
+            run.clear()
+
+    for grad, param in zip(grads, params, strict=True):
+        if grad is None:
+            flush()
+        elif grad.numel() >= SMALL_TENSOR:
+            flush()
+            segments.append((offset, grad.detach().reshape(-1).to(torch.float32)))
+        else:
+            if not run:
+                run_start = offset
+            run.append(grad.detach().reshape(-1))
+        offset += param.numel()
+    flush()
+    return segments
 
 
 def flatten_grads(grads: list[torch.Tensor | None], params: list[torch.Tensor]) -> torch.Tensor:
@@ -187,9 +240,10 @@ def compute_micro_batch(
     loss = F.mse_loss(prediction.float(), target.float())
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
-    flat = flatten_grads(list(grads), params)
-    grad_norm = float(torch.linalg.vector_norm(flat))
-    sketch_values = sketch.of_vector(flat) if sketch is not None else torch.empty(0, dtype=torch.float32)
+    segments = gradient_segments(list(grads), params)
+    norms = [torch.linalg.vector_norm(values) for _, values in segments]
+    grad_norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    sketch_values = sketch.of_segments(segments) if sketch is not None else torch.empty(0, dtype=torch.float32)
     with torch.no_grad():
         for param, grad in zip(params, grads, strict=True):
             if grad is None:

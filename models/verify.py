@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 class Tolerances:
     """Largest relative differences (``|claimed - recomputed| / |recomputed|``) a passing micro-batch may show.
 
-    Calibrated on unet-digits-16, micro-batches of 32 (docs/models.md has the table): between 1 and 2 torch
-    threads the differences were loss 0, norm <= 2.6e-7, sketch <= 1.4e-6; float32 against a float64 recompute
-    norm 2e-7, sketch 9e-7. Dishonest or careless work showed: one of 32 samples swapped loss 1.8e-4, norm 1.2e-3,
-    sketch 3.2e-3; bfloat16 autocast norm 1.7e-2, sketch 3e-2; another seed sketch 0.9. The defaults sit ~100x above
-    honest float32 noise (so CUDA with TF32 off, see ``pick_device``, has room) and below every dishonest figure.
+    Calibrated on unet-digits-16 with micro-batches of 32 (``python -m bench.bench_models``; docs/models.md):
+    honest recomputations differed by at most 2.6e-7 (norm) and 1.4e-6 (sketch) between 1 and 2 torch threads,
+    and by 1.3e-6 (sketch) against a float64 recomputation, while 1 of 32 samples swapped showed loss 1.8e-4,
+    norm 5.7e-3, sketch 1.5e-2; bfloat16 autocast norm 1.8e-2, sketch 3.3e-2; another seed sketch 0.84. The
+    defaults sit ~100x above honest float32 noise (room for CUDA with TF32 off, see ``pick_device``, which could
+    not be measured here) and below every dishonest figure; the sketch is the discriminating number.
     """
 
     loss: float = 1e-4  # relative difference of the mean loss
