@@ -93,6 +93,9 @@ def join(
     client_mode: bool = typer.Option(False, "--client-mode", help="Behind NAT: outgoing connections only."),
     max_epochs: int = typer.Option(0, "--max-epochs", min=0, help="Leave after this many contributions (0: never)."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    save: Path | None = typer.Option(None, "--save", help="On leaving, save the model here (diffusers format)."),
+    connect_attempts: int = typer.Option(6, "--connect-attempts", min=1,
+                                         help="Tries to reach the coordinator (waits 1, 2, 4, … s between)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live view; log lines only."),
     log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line (implies --quiet)."),
 ) -> None:
@@ -106,7 +109,8 @@ def join(
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     config = NodeConfig(coordinator=coordinator, run_id=run, device=device, batch_size=batch_size,
                         state_dir=state_dir, identity=identity, display_name=name, host=host, port=port,
-                        announce=announce, client_mode=client_mode, max_epochs=max_epochs, threads=threads)
+                        announce=announce, client_mode=client_mode, max_epochs=max_epochs, threads=threads,
+                        save_dir=save, connect_attempts=connect_attempts)
     view = None if (quiet or log_json or not console.is_terminal) else LiveView(console)
     node = VolunteerNode(config, on_status=view.update if view else None)
     install_stop_signals(node)
@@ -122,3 +126,5 @@ def join(
     finally:
         node.shutdown()
     logger.info("done: %d samples trained, %d contributions accepted", status.samples, status.contributions)
+    if node.refused:
+        raise typer.Exit(5)

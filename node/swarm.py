@@ -274,6 +274,9 @@ def make_optimizer(model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, 
         optimizer=functools.partial(torch.optim.AdamW, lr=spec.training.learning_rate,
                                     weight_decay=spec.training.weight_decay),
         matchmaking_time=averaging.matchmaking_time, averaging_timeout=averaging.averaging_timeout,
+        # hivemind waits only matchmaking_time for a peer's next chunk, then averages without it; on busy CPUs that
+        # drops parts of honest peers and their parameters drift apart. A vanished peer costs this much wait.
+        next_chunk_timeout=max(averaging.matchmaking_time, averaging.averaging_timeout / 2),
         load_state_timeout=load_state_timeout or 2 * averaging.averaging_timeout,
         grad_compression=COMPRESSIONS[averaging.compression](), grad_averager_factory=grad_averager,
         verbose=verbose,

@@ -14,9 +14,11 @@ micro-batch until the swarm's epoch moves on, then reports one signed ``Contribu
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -85,6 +87,7 @@ class NodeConfig:
     max_epochs: int = 0  # leave after contributing to this many epochs (0: until Ctrl-C or the run stops)
     connect_attempts: int = 6  # tries to reach the coordinator before giving up (backoff doubles from 1 s)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    save_dir: Path | None = None  # on leaving, save the model here in diffusers format (with its epoch)
 
 
 @dataclass
@@ -168,6 +171,7 @@ class VolunteerNode:
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._registered = False
+        self.refused: str | None = None  # why the coordinator refused this node, if it did
         self._epoch_started: float | None = None  # when the swarm's current epoch began (for swarm samples/s)
 
     # ---------------------------------------------------------------- set-up
@@ -218,7 +222,6 @@ class VolunteerNode:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         training = spec.training
-        self.device = pick_device(self.config.device)
         info = model_info(spec.model)
         self.model, self.scheduler = build_model(spec.model, prediction_type=training.prediction_type,
                                                  num_train_timesteps=training.num_train_timesteps,
@@ -255,7 +258,16 @@ class VolunteerNode:
         token = self.client.token
         left = token.expires_at_ms / 1000 - time.time()
         if left < TOKEN_RENEW_FRACTION * (token.expires_at_ms - token.issued_at_ms) / 1000:
-            self.tokens.write(self.client.renew_token())
+            try:
+                self.tokens.write(self.client.renew_token())
+            except grpc.RpcError as e:
+                if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                    # banned: the swarm refuses this node once its token expires, so there is no point going on
+                    logger.error("the coordinator refused to renew this node's access token: %s", e.details())
+                    self.refused = e.details() or e.code().name
+                    self.stop()
+                    return
+                raise
             logger.info("access token renewed until %s", time.strftime("%H:%M:%S",
                                                                        time.localtime(self.client.token.expires_at_ms
                                                                                       / 1000)))
@@ -264,6 +276,10 @@ class VolunteerNode:
 
     def run(self) -> NodeStatus:
         """Train until Ctrl-C, ``max_epochs`` contributions, or the run stops; returns the final status."""
+        try:
+            self.device = pick_device(self.config.device)
+        except ValueError as e:
+            raise NodeError(str(e), exit_code=2) from e
         response = self._connect()
         spec = response.run_spec
         self.spec = spec
@@ -396,6 +412,8 @@ class VolunteerNode:
             except grpc.RpcError as e:
                 logger.warning("could not tell the coordinator we left: %s", e.details())
         if self.optimizer is not None:
+            if self.config.save_dir is not None:
+                self._save(self.config.save_dir)
             self.optimizer.shutdown()
             self.optimizer = None
         if self.dht is not None:
@@ -404,6 +422,21 @@ class VolunteerNode:
         if self.client is not None:
             self.client.close()
         self._set_state("left")
+
+
+    def _save(self, folder: Path) -> None:
+        """The model as this node holds it, in diffusers format, with the epoch it is at (written atomically)."""
+        from omi.models import save_pretrained
+
+        folder = Path(folder)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(self.model.to("cpu"), self.scheduler, tmp)
+        (tmp / "omi_node.json").write_text(json.dumps({"run_id": self.status.run_id, "node_id": self.status.node_id,
+                                                       "epoch": self.optimizer.local_epoch}) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+        logger.info("saved the model at epoch %d to %s", self.optimizer.local_epoch, folder)
 
 
 def install_stop_signals(node: VolunteerNode) -> None:

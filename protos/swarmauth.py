@@ -340,6 +340,24 @@ async def _publish_token_periodically(registry_key: str, period: float, dht: hiv
         await asyncio.sleep(period)
 
 
+async def _exit_with_parent(dht: hivemind.DHT, node) -> None:
+    """Runs inside the DHT process: when the process that started it dies (even by SIGKILL), stop the libp2p
+    daemon and exit, rather than linger as an orphan that holds the peer identity and its port."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the process that started this DHT peer is gone; shutting the peer down")
+    try:
+        await asyncio.wait_for(node.p2p.shutdown(), timeout=5.0)
+    finally:
+        os._exit(0)
+
+
+def exit_with_parent(dht: hivemind.DHT) -> None:
+    """Make ``dht``'s process (and its libp2p daemon) end when the process that started it ends."""
+    dht.run_coroutine(_exit_with_parent, return_future=True)
+
+
 def start_token_publisher(dht: hivemind.DHT, dht_prefix: str, period: float = PUBLISH_PERIOD) -> None:
     """Publish (and keep re-publishing, picking up renewals) this node's token in the run's token registry."""
     dht.run_coroutine(functools.partial(_publish_token_periodically, token_registry_key(dht_prefix), period),
@@ -361,6 +379,7 @@ def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPriv
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         announce_maddrs=[f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None,
     )
+    exit_with_parent(dht)
     if publish_token:
         start_token_publisher(dht, spec.dht_prefix)
     return dht

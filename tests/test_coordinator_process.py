@@ -5,47 +5,20 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from coordinator_helpers import contribution_for, free_port
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omi.node.client import CoordinatorClient
 from omi.protos import pb
 from omi.protos.signing import generate_key
+from processes import DIGITS, ServeProcess, kill_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 BIN = Path(sys.executable).parent
-DIGITS = Path(__file__).resolve().parent.parent / "examples" / "runs" / "digits.toml"
-
-
-class ServeProcess:
-    """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING."""
-
-    def __init__(self, state_dir: Path, grpc_port: int, http_port: int, log: Path):
-        self.address = f"127.0.0.1:{grpc_port}"
-        self.http = f"http://127.0.0.1:{http_port}"
-        self.log = log
-        with open(log, "a") as out:
-            self.proc = subprocess.Popen(
-                [BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", self.address,
-                 "--http", f"127.0.0.1:{http_port}", "--run", DIGITS], stdout=out, stderr=subprocess.STDOUT)
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 30
-            while True:
-                assert self.proc.poll() is None, f"serve exited: {log.read_text()}"
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, f"serve did not come up: {log.read_text()}"
-                time.sleep(0.1)
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -58,16 +31,14 @@ def serve(tmp_path):
     processes = []
 
     def start() -> ServeProcess:
-        process = ServeProcess(tmp_path / "state", grpc_port, http_port, tmp_path / "serve.log")
+        process = ServeProcess(tmp_path / "state", tmp_path / "serve.log", grpc_port=grpc_port, http_port=http_port)
         processes.append(process)
         return process
 
     grpc_port, http_port = free_port(), free_port()
     yield start
     for p in processes:
-        if p.proc.poll() is None:
-            p.proc.kill()
-            p.proc.wait()
+        kill_group(p.proc)
 
 
 def test_acknowledged_writes_survive_kill_9(serve, tmp_path):

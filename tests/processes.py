@@ -1,0 +1,121 @@
+"""Real omi processes for tests: `omi-coordinator serve` and `omi-node join` as subprocesses on 127.0.0.1.
+
+Each process runs in its own session (process group), so a test can kill one "machine" whole with SIGKILL —
+the main process, hivemind's forked DHT and averager processes and the libp2p daemon — as a crash would.
+Every wait is bounded; `reap_all()` kills whatever a test left running.
+"""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from coordinator_helpers import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from omi.protos import pb
+
+BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "runs" / "digits.toml"
+_STARTED: list[subprocess.Popen] = []
+
+# a digits run sized for 2 shared cores: short matchmaking, frequent heartbeats, a small swarm step
+FAST_RUN = """
+[run]
+id = "digits"
+model = "unet-digits-16"
+[training]
+micro_batch_size = 32
+target_batch_size = 192
+learning_rate = 0.002
+[averaging]
+matchmaking_time = 2.0
+averaging_timeout = 20.0
+[liveness]
+heartbeat_interval = 1.0
+heartbeat_timeout = 6.0
+token_ttl = 600.0
+"""
+
+
+def _popen(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+    _STARTED.append(process)
+    return process
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL the process and everything it started (its session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+def reap_all() -> None:
+    while _STARTED:
+        kill_group(_STARTED.pop())
+
+
+class ServeProcess:
+    """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING."""
+
+    def __init__(self, state_dir: Path, log: Path, *, run_file: Path = DIGITS, grpc_port: int | None = None,
+                 http_port: int | None = None, extra: tuple = ()):
+        self.state_dir, self.log = state_dir, log
+        self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
+        self.address = f"127.0.0.1:{self.grpc_port}"
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", self.address,
+                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *extra], log)
+        with grpc.insecure_channel(self.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            while True:
+                assert self.proc.poll() is None, f"serve exited: {log.read_text()}"
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline, f"serve did not come up: {log.read_text()}"
+                time.sleep(0.1)
+
+    def contributions(self, run_id: str = "digits") -> list[pb.Contribution]:
+        """The ledger as stored in the coordinator's SQLite file."""
+        with sqlite3.connect(self.state_dir / "coordinator.db") as db:
+            rows = db.execute("SELECT message FROM contributions WHERE run_id = ? ORDER BY epoch", (run_id,))
+            return [pb.Contribution.FromString(row[0]) for row in rows]
+
+
+class NodeProcess:
+    """`omi-node join` in a subprocess with its own state dir."""
+
+    def __init__(self, coordinator: str, state_dir: Path, *args, name: str = ""):
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.log = state_dir.parent / f"{state_dir.name}.log"
+        self.proc = _popen([BIN / "omi-node", "join", "--coordinator", coordinator, "--state-dir", state_dir,
+                            "--quiet", "--name", name or state_dir.name, *args], self.log)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.state_dir.name} did not finish in {timeout:.0f} s:\n"
+                                 f"{self.log.read_text()[-3000:]}") from None
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def run_node(*args, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`omi-node ARGS` to completion (bounded)."""
+    return subprocess.run([str(BIN / "omi-node"), *map(str, args)], capture_output=True, text=True, timeout=timeout)

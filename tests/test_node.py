@@ -1,0 +1,127 @@
+"""`omi-node join` end to end: real coordinator, real volunteers in a real hivemind swarm, all on 127.0.0.1."""
+
+import json
+import time
+from collections import Counter
+
+import pytest
+import torch
+from omi.models import build_model, load_pretrained
+from omi.node.client import CoordinatorClient
+from omi.protos import pb
+from omi.protos.signing import generate_key
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(FAST_RUN)
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    yield server
+    kill_group(server.proc)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def flat_params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def relative_spread(folders) -> float:
+    """Largest distance between two nodes' parameters, relative to how far training moved them from the init."""
+    params = [flat_params(load_pretrained(folder)[0]) for folder in folders]
+    init = flat_params(build_model("unet-digits-16", seed=0)[0])
+    moved = min(float((p - init).norm()) for p in params)
+    return max(float((a - b).norm()) for i, a in enumerate(params) for b in params[i + 1:]) / moved
+
+
+@pytest.mark.timeout(420)
+def test_three_volunteers_train_together(coordinator, tmp_path):
+    epochs = 4
+    nodes = [NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--max-epochs", epochs,
+                         "--save", tmp_path / f"model-{i}") for i in range(3)]
+    for node in nodes:
+        assert node.wait(timeout=300) == 0, node.output()[-3000:]
+
+    ledger = coordinator.contributions()
+    per_node = Counter(c.node_id for c in ledger)
+    assert len(per_node) == 3 and set(per_node.values()) == {epochs}, per_node
+    assert len({(c.node_id, c.epoch) for c in ledger}) == len(ledger)  # one contribution per node per epoch
+    first = [c.mean_loss for c in ledger if c.epoch == min(c.epoch for c in ledger)]
+    last = [c.mean_loss for c in ledger if c.epoch == max(c.epoch for c in ledger)]
+    assert sum(last) / len(last) < 0.7 * sum(first) / len(first), (first, last)
+
+    # the swarm averaged: nodes at the same epoch hold (nearly) the same parameters
+    saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
+    by_epoch = Counter(saved.values())
+    epoch, count = by_epoch.most_common(1)[0]
+    assert count >= 2, f"no two nodes ended at the same epoch: {saved}"
+    same = [tmp_path / f"model-{i}" for i, e in saved.items() if e == epoch]
+    # without averaging, each node's AdamW steps would take it as far from the others as from the init
+    assert relative_spread(same) < 0.05
+    assert any("averaged with 3 peers" in node.output() or "averaged with 2 peers" in node.output()
+               for node in nodes)
+
+
+@pytest.mark.timeout(420)
+def test_churn_kill9_and_late_joiner(coordinator, tmp_path):
+    survivors = [NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--max-epochs", 5) for i in range(2)]
+    victim = NodeProcess(coordinator.address, tmp_path / "victim")
+    client = CoordinatorClient(coordinator.address, generate_key(), attempts=3)
+    wait_until(lambda: client.get_run_status("digits").summary.volunteers_online == 3, 120, "3 volunteers online")
+    wait_until(lambda: "epoch 0: reported" in victim.output(), 120, "the victim's first contribution")
+    kill_group(victim.proc)  # kill -9 of the whole machine: node, DHT, averagers, libp2p daemon
+    killed_at = time.monotonic()
+
+    wait_until(lambda: client.get_run_status("digits").summary.volunteers_online == 2, 60, "the victim offline")
+    late = NodeProcess(coordinator.address, tmp_path / "late", "--max-epochs", 1)
+    for node in [*survivors, late]:
+        assert node.wait(timeout=300) == 0, node.output()[-3000:]
+
+    ledger = coordinator.contributions()
+    epochs_by_node = {}
+    for c in ledger:
+        epochs_by_node.setdefault(c.node_id, []).append(c.epoch)
+    assert sum(len(e) == 5 for e in epochs_by_node.values()) >= 2  # both survivors went on to 5 contributions
+    late_epochs = [e for e in epochs_by_node.values() if len(e) == 1 and e[0] > 0]
+    assert late_epochs, f"the late joiner did not contribute after epoch 0: {epochs_by_node}"
+    assert "loaded" in late.output() or late_epochs[0][0] > 0
+    assert time.monotonic() - killed_at < 400
+
+
+def test_bad_input_is_a_clear_error(coordinator, tmp_path):
+    # nothing listens on port 9: the node retries with backoff, says so, and gives up with exit code 3
+    result = run_node("join", "--coordinator", "127.0.0.1:9", "--state-dir", tmp_path / "a", "--quiet",
+                      "--connect-attempts", "2")
+    assert result.returncode == 3, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "retrying" in output and "cannot reach the coordinator at 127.0.0.1:9" in output
+    assert "Traceback" not in output
+
+    result = run_node("join", "--coordinator", coordinator.address, "--run", "no-such-run",
+                      "--state-dir", tmp_path / "b", "--quiet")
+    assert result.returncode == 4 and "no-such-run" in result.stdout + result.stderr, result.stdout + result.stderr
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_node("join", "--coordinator", coordinator.address, "--state-dir", blocker / "state", "--quiet")
+    assert result.returncode == 2 and "not writable" in result.stdout + result.stderr
+    assert blocker.read_text() == "not a folder"
+
+    result = run_node("join", "--coordinator", coordinator.address, "--device", "tpu", "--state-dir",
+                      tmp_path / "c", "--quiet")
+    assert result.returncode == 2 and "tpu" in result.stdout + result.stderr
+    # none of the refused nodes left a contribution or a registration behind that trains
+    assert coordinator.contributions() == []
+    assert CoordinatorClient(coordinator.address, generate_key()).list_runs()[0].state == pb.RUN_STATE_RUNNING
