@@ -22,6 +22,8 @@ BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "runs" / "digits.toml"
 _STARTED: list[subprocess.Popen] = []
+# one torch thread per process (several share 2 cores); unbuffered, so a killed process's log is complete
+PROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 # a digits run sized for 2 shared cores: short matchmaking, frequent heartbeats, a small swarm step
 FAST_RUN = """
@@ -45,7 +47,7 @@ token_ttl = 600.0
 def _popen(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})})
+                                   start_new_session=True, env={**os.environ, **PROCESS_ENV, **(env or {})})
     _STARTED.append(process)
     return process
 
