@@ -485,7 +485,7 @@ class RunStatus(_message.Message):
     def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., samples_per_second: _Optional[float] = ..., last_loss: _Optional[float] = ..., contributions: _Optional[int] = ..., verified_samples: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("run_id", "epoch", "total_samples", "manifest_sha256", "size_bytes", "created_at_ms", "path", "milestone")
+    __slots__ = ("run_id", "epoch", "total_samples", "manifest_sha256", "size_bytes", "created_at_ms", "path", "milestone", "url")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
@@ -494,6 +494,7 @@ class Checkpoint(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     MILESTONE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     epoch: int
     total_samples: int
@@ -502,7 +503,8 @@ class Checkpoint(_message.Message):
     created_at_ms: int
     path: str
     milestone: bool
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., total_samples: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., path: _Optional[str] = ..., milestone: _Optional[bool] = ...) -> None: ...
+    url: str
+    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., total_samples: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., path: _Optional[str] = ..., milestone: _Optional[bool] = ..., url: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("run_id",)
