@@ -237,7 +237,8 @@ class VolunteerNode:
                              announce_host=self.config.announce)
         logger.info("joined the swarm as %s, listening on %s", self.peer_id,
                     [str(m) for m in self.dht.get_visible_maddrs()])
-        self.optimizer = make_optimizer(self.model, spec, self.dht, batch_size_per_step=self.micro_batch_size)
+        self.optimizer = make_optimizer(self.model, spec, self.dht, batch_size_per_step=self.micro_batch_size,
+                                        verbose=logger.isEnabledFor(logging.DEBUG))
 
     # ---------------------------------------------------------------- background: heartbeats and token renewal
 
@@ -440,8 +441,18 @@ class VolunteerNode:
 
 
 def install_stop_signals(node: VolunteerNode) -> None:
-    """SIGTERM stops the node like Ctrl-C: finish the micro-batch, leave, shut down."""
+    """SIGTERM stops the node like Ctrl-C: finish the micro-batch, leave, shut down.
+
+    hivemind forks its DHT and averager processes from this one, and a fork inherits Python signal handlers;
+    in those children the signal must keep its default effect, or hivemind's shutdown (SIGTERM) cannot end them.
+    """
+    main_pid = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         logger.info("%s received: leaving after this micro-batch", signal.Signals(signum).name)
         node.stop()
 

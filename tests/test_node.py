@@ -49,8 +49,16 @@ def relative_spread(folders) -> float:
 @pytest.mark.timeout(420)
 def test_three_volunteers_train_together(coordinator, tmp_path):
     epochs = 4
-    nodes = [NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--max-epochs", epochs,
-                         "--save", tmp_path / f"model-{i}") for i in range(3)]
+
+    def start(i: int) -> NodeProcess:
+        return NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--max-epochs", epochs,
+                           "--save", tmp_path / f"model-{i}")
+
+    # a swarm forms over time: peers that start at the very same moment each see "no other peers" and take
+    # their first step alone (a lasting offset); later joiners load the state of the running swarm instead
+    nodes = [start(0)]
+    wait_until(lambda: "state: training" in nodes[0].output(), 120, "the first volunteer training")
+    nodes += [start(1), start(2)]
     for node in nodes:
         assert node.wait(timeout=300) == 0, node.output()[-3000:]
 
