@@ -3,9 +3,17 @@
 import logging
 import math
 import uuid
+from collections import Counter
 
 from omi.coordinator.audit import Auditor
-from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from omi.coordinator.errors import (
+    AlreadyExists,
+    CoordinatorError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from omi.coordinator.registry import Caller
 from omi.coordinator.runs import Runs, now_ms
 from omi.coordinator.store import Contribution, Store, WorkAssignment
@@ -26,9 +34,18 @@ class Ledger:
 
     def __init__(self, store: Store, runs: Runs, auditor: Auditor):
         self.store, self.runs, self.auditor = store, runs, auditor
+        # (run id, status code name) -> contributions refused since this process started (for /metrics)
+        self.refused: Counter[tuple[str, str]] = Counter()
 
     def report(self, caller: Caller, contribution: pb.Contribution) -> str:
         """Check and store a contribution; returns its id. A second report for the epoch is AlreadyExists."""
+        try:
+            return self._record(caller, contribution)
+        except CoordinatorError as e:
+            self.refused[(caller.run_id, e.code)] += 1
+            raise
+
+    def _record(self, caller: Caller, contribution: pb.Contribution) -> str:
         self._check(caller, contribution)
         with self.store.session() as s:
             if s.scalar(select(Contribution.contribution_id).where(

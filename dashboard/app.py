@@ -1,12 +1,20 @@
-"""The dashboard's FastAPI app: health and a JSON list of runs, read from the coordinator's domain objects."""
+"""The dashboard's FastAPI app: the page (``/``, ``/runs/{run}``), its JSON API, Prometheus ``/metrics``, health."""
 
 import logging
+from pathlib import Path
 
-from fastapi import FastAPI
-from google.protobuf import json_format
+from fastapi import FastAPI, Response
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from omi.coordinator import views
 from omi.coordinator.core import Coordinator
+from omi.dashboard.api import Snapshots, create_router
+from omi.dashboard.metrics import RunCollector
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def create_app(coordinator: Coordinator) -> FastAPI:
@@ -14,16 +22,32 @@ def create_app(coordinator: Coordinator) -> FastAPI:
 
     :param coordinator: the running coordinator whose runs are shown
     """
-    app = FastAPI(title="omi-swarm dashboard")
+    app = FastAPI(title="omi-swarm dashboard", description="Community training progress: read-only JSON API, "
+                  "Prometheus metrics and a live page.")
+    snapshots = Snapshots()
+    app.include_router(create_router(coordinator, snapshots))
+    registry = CollectorRegistry(auto_describe=False)
+    # /metrics reads the API's cached status, so a scrape and the API show the same figures
+    registry.register(RunCollector(coordinator, lambda run: snapshots.get(
+        ("status", run), lambda: views.run_status(coordinator, run))[0]))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/healthz")
+    @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/api/runs")
-    async def runs() -> list[dict]:  # async: reads the coordinator in its own event loop
-        return [json_format.MessageToDict(summary, preserving_proto_field_name=True,
-                                          always_print_fields_with_no_presence=True)
-                for summary in coordinator.list_runs()]
+    @app.get("/metrics", summary="Prometheus metrics of every run", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def all_runs_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/runs/{run}", include_in_schema=False)
+    async def run_page(run: str) -> FileResponse:
+        # an unknown run still gets the page (it says so, from the API's 404) but with the right status
+        return FileResponse(STATIC / "index.html", status_code=200 if coordinator.runs.exists(run) else 404)
 
     return app

@@ -1,0 +1,255 @@
+"""Read-only views of a run for the dashboard: status, history, contributors and checkpoints, as plain dataclasses.
+
+Every function here only reads: the coordinator's in-memory state (runs, heartbeats) and the store. The
+dashboard's JSON API and its Prometheus ``/metrics`` both build on these, so the two always agree.
+
+>>> from omi.coordinator.core import Coordinator
+>>> from omi.coordinator.store import Store
+>>> from omi.protos.signing import generate_key
+>>> coordinator = Coordinator(Store("sqlite://"), generate_key())
+>>> _ = coordinator.runs.create('[run]\\nid = "demo"\\nmodel = "unet-digits-16"\\n', start=True)
+>>> run_status(coordinator, "demo").state, contributors(coordinator, "demo")
+('running', [])
+"""
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omi.coordinator.core import Coordinator
+from omi.coordinator.runs import STATE_NAMES, now_ms
+from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token
+from sqlalchemy import case, func, select
+
+logger = logging.getLogger(__name__)
+
+SHORT_ID = 12  # characters of a node id shown to people
+AUDIT_STATES = ("pending", "assigned", "passed", "failed")
+CONTRIBUTION_STATUSES = ("accepted", "verified", "voided")
+
+
+@dataclass
+class AuditCounts:
+    pending: int = 0   # sampled, not yet handed to a validator
+    assigned: int = 0  # a validator is recomputing it
+    passed: int = 0
+    failed: int = 0
+
+
+@dataclass
+class CheckpointFile:
+    name: str        # path inside the checkpoint folder, as in its manifest
+    url: str         # download URL on the coordinator's HTTP port
+    sha256: str = ""
+    size_bytes: int = 0
+
+
+@dataclass
+class CheckpointView:
+    epoch: int
+    total_samples: int
+    manifest_sha256: str
+    size_bytes: int
+    created_at_ms: int
+    milestone: bool
+    manifest_url: str  # /runs/{run}/checkpoints/{epoch}/manifest.json
+    preview_url: str | None = None  # the preview grid PNG listed in the manifest, if any
+    files: list[CheckpointFile] = field(default_factory=list)  # from the manifest, when it is readable here
+
+
+@dataclass
+class RunStatusView:
+    run_id: str
+    name: str
+    model: str
+    state: str                 # created | running | paused | stopped
+    epoch: int
+    total_samples: int         # samples trained, voided contributions excluded
+    volunteers_online: int
+    samples_per_second: float  # sum over the volunteers online
+    loss: float | None         # mean of the latest loss of the volunteers online
+    contributions: int         # contributions not voided
+    verified_samples: int
+    created_at_ms: int
+    contributions_refused: int          # refused by the ledger since the coordinator started
+    contributions_by_status: dict[str, int]  # accepted | verified | voided
+    audits: AuditCounts
+    latest_checkpoint: CheckpointView | None
+    server_time_ms: int
+
+
+@dataclass
+class HistoryPoint:
+    at_ms: int
+    epoch: int
+    total_samples: int
+    loss: float | None
+    samples_per_second: float
+    volunteers_online: int
+
+
+@dataclass
+class HistoryView:
+    run_id: str
+    since_ms: int
+    points: list[HistoryPoint]  # oldest first, all with at_ms > since_ms
+    next_since_ms: int          # pass as ``since`` to get only newer points
+    downsampled: bool           # True when there were more points than the limit and every n-th is shown
+
+
+@dataclass
+class ContributorView:
+    node_id: str
+    short_id: str
+    display_name: str
+    samples: int           # samples of its contributions, voided ones excluded
+    verified_samples: int
+    contributions: int     # contributions not voided
+    audits_passed: int
+    audits_failed: int
+    audits_pending: int    # sampled for audit, no verdict yet
+    last_seen_ms: int      # latest heartbeat, contribution or registration
+    online: bool
+    banned: bool
+
+
+def state_name(state: int) -> str:
+    return STATE_NAMES.get(state, "unknown")
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A loss as JSON can carry it: None for no value, NaN or infinity (a diverged node's report)."""
+    return value if value is not None and math.isfinite(value) else None
+
+
+def run_status(coordinator: Coordinator, run_id: str) -> RunStatusView:
+    """The headline of a run (``NotFound`` for an unknown run)."""
+    status = coordinator.run_status(run_id)
+    summary = status.summary
+    with coordinator.store.session() as s:
+        by_status = dict(s.execute(select(Contribution.status, func.count()).where(
+            Contribution.run_id == run_id).group_by(Contribution.status)).all())
+        by_state = dict(s.execute(select(Audit.state, func.count()).where(
+            Audit.run_id == run_id).group_by(Audit.state)).all())
+    checkpoints = checkpoint_views(coordinator, run_id)
+    return RunStatusView(
+        run_id=run_id, name=summary.name, model=summary.model, state=state_name(summary.state), epoch=summary.epoch,
+        total_samples=summary.total_samples, volunteers_online=summary.volunteers_online,
+        samples_per_second=status.samples_per_second, loss=finite_or_none(status.last_loss or None),
+        contributions=status.contributions, verified_samples=status.verified_samples,
+        created_at_ms=summary.created_at_ms, contributions_refused=refused(coordinator, run_id),
+        contributions_by_status={k: by_status.get(k, 0) for k in CONTRIBUTION_STATUSES},
+        audits=AuditCounts(**{k: by_state.get(k, 0) for k in AUDIT_STATES}),
+        latest_checkpoint=checkpoints[-1] if checkpoints else None, server_time_ms=now_ms())
+
+
+def refused(coordinator: Coordinator, run_id: str) -> int:
+    """Contributions to ``run_id`` the ledger refused since the coordinator started."""
+    return sum(n for (run, _code), n in coordinator.ledger.refused.items() if run == run_id)
+
+
+def history(coordinator: Coordinator, run_id: str, since_ms: int = 0, limit: int = 2000) -> HistoryView:
+    """Points of the run's history recorded after ``since_ms``; beyond ``limit`` points, every n-th one."""
+    assert limit >= 1, "limit must be >= 1"
+    coordinator.runs.get(run_id)
+    where = (RunMetric.run_id == run_id, RunMetric.at_ms > since_ms)
+    with coordinator.store.session() as s:
+        count = s.scalar(select(func.count()).select_from(RunMetric).where(*where))
+        query = select(RunMetric).where(*where)
+        stride = math.ceil(count / limit) if count > limit else 1
+        if stride > 1:  # ids grow with time, so every stride-th id spreads the points over the whole run
+            query = query.where(RunMetric.id % stride == 0)
+        rows = s.scalars(query.order_by(RunMetric.at_ms)).all()
+        last = s.scalar(select(func.max(RunMetric.at_ms)).where(*where))
+    points = [HistoryPoint(r.at_ms, r.epoch, r.total_samples, finite_or_none(r.loss), r.samples_per_second,
+                           r.volunteers_online)
+              for r in rows]
+    return HistoryView(run_id=run_id, since_ms=since_ms, points=points, next_since_ms=last or since_ms,
+                       downsampled=stride > 1)
+
+
+def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]:
+    """Every node registered for the run or with a contribution to it, most samples first."""
+    coordinator.runs.get(run_id)
+    now = now_ms()
+    online_cutoff = now - int(coordinator.runs.get(run_id).spec.liveness.heartbeat_timeout * 1000)
+    live = Contribution.status != "voided"
+    with coordinator.store.session() as s:
+        registered = dict(s.execute(select(Token.node_id, func.max(Token.issued_at_ms)).where(
+            Token.run_id == run_id).group_by(Token.node_id)).all())
+        work = {row.node_id: row for row in s.execute(select(
+            Contribution.node_id,
+            func.coalesce(func.sum(case((live, Contribution.samples), else_=0)), 0).label("samples"),
+            func.coalesce(func.sum(case((Contribution.status == "verified", Contribution.samples), else_=0)),
+                          0).label("verified"),
+            func.coalesce(func.sum(case((live, 1), else_=0)), 0).label("count"),
+            func.max(Contribution.received_at_ms).label("last")).where(
+            Contribution.run_id == run_id).group_by(Contribution.node_id))}
+        audits: dict[str, dict[str, int]] = {}
+        for node_id, state, n in s.execute(select(Audit.node_id, Audit.state, func.count()).where(
+                Audit.run_id == run_id).group_by(Audit.node_id, Audit.state)):
+            audits.setdefault(node_id, {})[state] = n
+        node_ids = set(registered) | set(work)
+        names = dict(s.execute(select(Node.node_id, Node.display_name).where(Node.node_id.in_(node_ids))).all())
+        banned = set(s.scalars(select(Ban.node_id).where(Ban.node_id.in_(node_ids))))
+    views = []
+    for node_id in node_ids:
+        w, a = work.get(node_id), audits.get(node_id, {})
+        beat = coordinator.liveness.last_seen_ms(run_id, node_id)
+        views.append(ContributorView(
+            node_id=node_id, short_id=node_id[:SHORT_ID], display_name=names.get(node_id, ""),
+            samples=int(w.samples) if w else 0, verified_samples=int(w.verified) if w else 0,
+            contributions=int(w.count) if w else 0, audits_passed=a.get("passed", 0),
+            audits_failed=a.get("failed", 0), audits_pending=a.get("pending", 0) + a.get("assigned", 0),
+            last_seen_ms=max(beat, w.last if w else 0, registered.get(node_id) or 0),
+            online=beat >= online_cutoff, banned=node_id in banned))
+    views.sort(key=lambda v: (-v.samples, v.node_id))
+    return views
+
+
+def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointView]:
+    """The run's checkpoints, oldest first, with their download URLs (served under ``/runs/{run}/checkpoints``)."""
+    coordinator.runs.get(run_id)
+    with coordinator.store.session() as s:
+        rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.epoch)).all()
+    views = []
+    for r in rows:
+        base = f"/runs/{run_id}/checkpoints/{r.epoch}"
+        files = [CheckpointFile(name, f"{base}/{name}", sha, size)
+                 for name, sha, size in manifest_files(r.path, r.manifest_sha256)]
+        preview = next((f.url for f in files if f.name.lower().endswith(".png")), None)
+        views.append(CheckpointView(epoch=r.epoch, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
+                                    size_bytes=r.size_bytes, created_at_ms=r.created_at_ms, milestone=r.milestone,
+                                    manifest_url=f"{base}/manifest.json", preview_url=preview, files=files))
+    return views
+
+
+_MANIFESTS: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = {}  # (folder, manifest sha256) -> files
+
+
+def manifest_files(folder: str, manifest_sha256: str) -> tuple[tuple[str, str, int], ...]:
+    """(name, sha256, size) of every file a checkpoint's ``manifest.json`` lists; () if it is not readable here.
+
+    A manifest read once is kept by its hash: a checkpoint never changes once written. ``files`` may be
+    a mapping ``name -> {sha256, size}`` or a list of ``{path|name, sha256, size}``.
+    """
+    key = (folder, manifest_sha256)
+    if key in _MANIFESTS:
+        return _MANIFESTS[key]
+    try:
+        manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return ()
+    files = manifest.get("files", ()) if isinstance(manifest, dict) else ()
+    if isinstance(files, dict):
+        files = [{"path": name, **(meta if isinstance(meta, dict) else {})} for name, meta in files.items()]
+    listed = []
+    for entry in files:
+        name = entry.get("path") or entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
+            continue
+        listed.append((name, str(entry.get("sha256", "")), int(entry.get("size", entry.get("size_bytes", 0)) or 0)))
+    _MANIFESTS[key] = tuple(sorted(listed))
+    return _MANIFESTS[key]

@@ -1,0 +1,124 @@
+"""The dashboard's read-only JSON API (``/api/...``), documented by FastAPI's OpenAPI schema.
+
+Each answer is computed from ``omi.coordinator.views`` at most once per ``ttl`` seconds and served as
+cached bytes in between: a crowd of viewers polling the same run costs the coordinator's event loop (which
+also serves the volunteers' gRPC calls) one query per second, not one per viewer.
+"""
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from omi.coordinator import views
+from omi.coordinator.core import Coordinator
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TTL = 1.0     # seconds an answer is reused
+MAX_ENTRIES = 1024    # cached answers kept before expired ones are dropped
+NOT_FOUND = {404: {"description": "no such run", "content": {"application/json": {"example": {
+    "detail": "no run 'x'"}}}}}
+
+
+def _clean(value: Any) -> Any:
+    """Non-finite floats become null: JSON has no NaN, and a diverged node may report one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def to_json(view: Any) -> bytes:
+    """A view dataclass (or list of them) as compact JSON bytes."""
+    data = [asdict(v) for v in view] if isinstance(view, list) else asdict(view)
+    return json.dumps(_clean(data), separators=(",", ":")).encode()
+
+
+class Snapshots:
+    """Views and their JSON, reused for ``ttl`` seconds per key.
+
+    :param ttl: seconds a computed view is served before it is computed again
+    :param clock: monotonic seconds (tests pass a fake one)
+    """
+
+    def __init__(self, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic):
+        assert ttl >= 0, "ttl must be >= 0"
+        self.ttl, self.clock = ttl, clock
+        self._entries: dict[tuple, tuple[float, Any, bytes]] = {}
+
+    def get(self, key: tuple, compute: Callable[[], Any]) -> tuple[Any, bytes]:
+        """(view, its JSON) for ``key``, from the cache if younger than ``ttl``."""
+        now = self.clock()
+        entry = self._entries.get(key)
+        if entry is not None and now - entry[0] < self.ttl:
+            return entry[1], entry[2]
+        view = compute()
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self.ttl}
+        self._entries[key] = (now, view, to_json(view))
+        return view, self._entries[key][2]
+
+
+def json_response(body: bytes) -> Response:
+    # no-cache: browsers revalidate every poll; the server-side snapshot already bounds the cost
+    return Response(content=body, media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+
+def create_router(coordinator: Coordinator, snapshots: Snapshots) -> APIRouter:
+    """The ``/api`` routes over ``coordinator`` (every one a GET: the dashboard never changes state).
+
+    :param coordinator: the running coordinator
+    :param snapshots: the cache shared with ``/metrics``
+    """
+    router = APIRouter(prefix="/api", tags=["dashboard API"])
+
+    def known(run: str) -> str:
+        if not coordinator.runs.exists(run):
+            raise HTTPException(status_code=404, detail=f"no run '{run}'")
+        return run
+
+    # async handlers: they read the coordinator's objects from the event loop that owns them
+    @router.get("/runs", response_model=list[views.RunStatusView], summary="All runs with their headline")
+    async def list_runs() -> Response:
+        def compute():
+            return [views.run_status(coordinator, run) for run in coordinator.runs.run_ids()]
+        return json_response(snapshots.get(("runs",), compute)[1])
+
+    @router.get("/runs/{run}/status", response_model=views.RunStatusView, responses=NOT_FOUND,
+                summary="Headline of a run: state, epoch, samples, volunteers online, throughput, loss, audits")
+    async def run_status(run: str) -> Response:
+        known(run)
+        return json_response(snapshots.get(("status", run), lambda: views.run_status(coordinator, run))[1])
+
+    @router.get("/runs/{run}/history", response_model=views.HistoryView, responses=NOT_FOUND,
+                summary="Points of the run's history (loss, throughput, volunteers online) recorded after `since`")
+    async def run_history(run: str,
+                          since: int = Query(0, ge=0, description="only points with at_ms > since (ms since epoch)"),
+                          limit: int = Query(2000, ge=1, le=20000, description="at most this many points")
+                          ) -> Response:
+        known(run)
+        key = ("history", run, since, limit)
+        return json_response(snapshots.get(key, lambda: views.history(coordinator, run, since, limit))[1])
+
+    @router.get("/runs/{run}/contributors", response_model=list[views.ContributorView], responses=NOT_FOUND,
+                summary="Volunteers of the run: samples, verified samples, audits passed/failed, last seen")
+    async def run_contributors(run: str) -> Response:
+        known(run)
+        return json_response(snapshots.get(("contributors", run), lambda: views.contributors(coordinator, run))[1])
+
+    @router.get("/runs/{run}/checkpoints", response_model=list[views.CheckpointView], responses=NOT_FOUND,
+                summary="Published checkpoints, oldest first, with download URLs, sha256 and preview grid")
+    async def run_checkpoints(run: str) -> Response:
+        known(run)
+        return json_response(snapshots.get(("checkpoints", run),
+                                           lambda: views.checkpoint_views(coordinator, run))[1])
+
+    return router
