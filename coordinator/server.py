@@ -12,6 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from omi.coordinator.bootstrap import SwarmBootstrap
+from omi.coordinator.checkpointer import CheckpointerSupervisor
 from omi.coordinator.core import Coordinator, CoordinatorConfig
 from omi.coordinator.errors import FailedPrecondition, InvalidArgument
 from omi.coordinator.runs import STATE_NAMES
@@ -70,6 +71,11 @@ class CoordinatorServer:
         if config.swarm_host is not None:
             self.bootstrap = SwarmBootstrap(self.coordinator.key, config.state_dir, config.swarm_host)
             self.coordinator.runs.swarm_peers = self.bootstrap.initial_peers
+        # checkpoint folders live in the state dir and are served on the HTTP port
+        self.coordinator.checkpoints.state_dir = Path(config.state_dir)
+        self.coordinator.checkpoints.public_url = f"http://{config.http_address}" if config.http_address else ""
+        self.checkpointers: CheckpointerSupervisor | None = None
+        self._checkpointers_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Prepare the default run, start the running runs' swarm peers, bind the ports and start serving."""
@@ -100,6 +106,11 @@ class CoordinatorServer:
         self._maintain = asyncio.create_task(self.coordinator.maintain())
         if self.config.http_address:
             await self._start_http(self.config.http_address)
+        if self.bootstrap is not None:  # the checkpointer is a swarm peer: without a swarm there is nothing to pull
+            self.checkpointers = CheckpointerSupervisor(
+                self.config.state_dir, self.config.db_url, self.coordinator.runs, self.bootstrap.initial_peers,
+                host=self.config.swarm_host, public_url=self.coordinator.checkpoints.public_url)
+            self._checkpointers_task = asyncio.create_task(self.checkpointers.supervise())
 
     def ensure_run(self, run_file: Path) -> None:
         """Create the run of ``run_file`` if it is new and make sure it is running."""
@@ -144,6 +155,10 @@ class CoordinatorServer:
         if self._maintain is not None:
             self._maintain.cancel()
             await asyncio.gather(self._maintain, return_exceptions=True)
+        if self._checkpointers_task is not None:
+            self._checkpointers_task.cancel()
+            await asyncio.gather(self._checkpointers_task, return_exceptions=True)
+            self.checkpointers.shutdown()
         if self.bootstrap is not None:
             self.bootstrap.shutdown()
         self.coordinator.close()

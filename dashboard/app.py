@@ -9,6 +9,7 @@ from fastapi.staticfiles import StaticFiles
 from omi.coordinator import views
 from omi.coordinator.core import Coordinator
 from omi.dashboard.api import Snapshots, create_router
+from omi.dashboard.downloads import checkpoint_router
 from omi.dashboard.metrics import RunCollector
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -26,6 +27,7 @@ def create_app(coordinator: Coordinator) -> FastAPI:
                   "Prometheus metrics and a live page.")
     snapshots = Snapshots()
     app.include_router(create_router(coordinator, snapshots))
+    app.include_router(checkpoint_router(coordinator))  # /runs/{run}/checkpoints/...: downloads (issue 5)
     registry = CollectorRegistry(auto_describe=False)
     # /metrics reads the API's cached status, so a scrape and the API show the same figures
     registry.register(RunCollector(coordinator, lambda run: snapshots.get(

@@ -128,3 +128,140 @@ def join(
     logger.info("done: %d samples trained, %d contributions accepted", status.samples, status.contributions)
     if node.refused:
         raise typer.Exit(5)
+
+
+@app.command("download")
+def download(
+    run: str = typer.Argument(..., help="Run id."),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="Epoch number or 'latest'."),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write (default: RUN-epoch-E here)."),
+    coordinator: str | None = typer.Option(None, "--coordinator", "-c",
+                                           help="HOST:PORT of the gRPC API: the coordinator's key and the URL."),
+    http: str | None = typer.Option(None, "--http", help="Base URL of the coordinator's HTTP port "
+                                                          "(default: from the coordinator's checkpoint list)."),
+    coordinator_key: str | None = typer.Option(None, "--coordinator-key",
+                                               help="Pinned coordinator public key (64 hex characters)."),
+) -> None:
+    """Download a checkpoint, resumably; refuse it unless the coordinator's signature and every sha256 check out."""
+    from omi.node.download import DownloadError, download_checkpoint
+
+    if checkpoint != "latest" and not checkpoint.isdigit():
+        console.print(f"[red]error:[/red] --checkpoint must be an epoch number or 'latest', got {checkpoint!r}")
+        raise typer.Exit(2)
+    epoch = None if checkpoint == "latest" else int(checkpoint)
+    try:
+        public_key, folder_url = _checkpoint_source(run, epoch, coordinator, http, coordinator_key)
+        result = download_checkpoint(folder_url, run, out, public_key, epoch=epoch, console=console,
+                                     progress=console.is_terminal)
+    except DownloadError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(e.exit_code) from None
+    mib = result.total_bytes / 2**20
+    console.print(f"run {run} epoch {result.epoch}: {len(result.manifest['files'])} files, {mib:.1f} MiB verified "
+                  f"(signature and sha256) in {result.folder} ({result.downloaded_bytes / 2**20:.1f} MiB fetched "
+                  f"in {result.seconds:.1f} s)")
+
+
+def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, http: str | None,
+                       coordinator_key: str | None) -> tuple[bytes, str]:
+    """(the coordinator's public key, the checkpoint folder URL) from the flags and, if needed, the gRPC API."""
+    import grpc
+    from omi.node.download import DownloadError
+    from omi.protos import pb, rpc
+
+    public_key = None
+    if coordinator_key:
+        try:
+            public_key = bytes.fromhex(coordinator_key)
+        except ValueError:
+            public_key = b""
+        if len(public_key) != 32:
+            raise DownloadError("--coordinator-key must be 64 hex characters (a raw Ed25519 key)", 2)
+    if coordinator is None:
+        if http is None or public_key is None:
+            raise DownloadError("pass --coordinator HOST:PORT, or both --http URL and --coordinator-key", 2)
+        return public_key, _folder_url(http, run, epoch)
+    with grpc.insecure_channel(coordinator) as channel:
+        stub = rpc.CoordinatorStub(channel)
+        try:
+            if public_key is None:
+                public_key = stub.GetRunSpec(pb.GetRunSpecRequest(run_id=run), timeout=10).coordinator_public_key
+            if http is not None:
+                return public_key, _folder_url(http, run, epoch)
+            listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), timeout=10).checkpoints
+        except grpc.RpcError as e:
+            code = 4 if e.code() == grpc.StatusCode.NOT_FOUND else 3
+            raise DownloadError(f"coordinator {coordinator}: {e.code().name}: {e.details()}", code) from None
+    chosen = [c for c in listed if epoch is None or c.epoch == epoch]
+    if not chosen:
+        raise DownloadError(f"run {run} has no checkpoint {epoch if epoch is not None else ''} "
+                            f"(listed: {', '.join(str(c.epoch) for c in listed) or 'none'})", 4)
+    if not chosen[-1].url:
+        raise DownloadError("the coordinator serves no HTTP download URL; pass --http", 2)
+    return public_key, chosen[-1].url
+
+
+def _folder_url(http: str, run: str, epoch: int | None) -> str:
+    return f"{http.rstrip('/')}/runs/{run}/checkpoints/{epoch if epoch is not None else 'latest'}"
+
+
+@app.command("status")
+def status(
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    http: str | None = typer.Option(None, "--http", help="Base URL of the coordinator's HTTP port "
+                                                          "(default: http://HOST:8080)."),
+    state_dir: Path = typer.Option(Path.home() / ".omi", "--state-dir", envvar="OMI_HOME",
+                                   help="Where the node's identity and token live."),
+    identity: Path | None = typer.Option(None, "--identity", help="Ed25519 key (default: STATE_DIR/node_key.pem)."),
+) -> None:
+    """This node's identity, the runs it joined, and the credit the coordinator's ledger gives it."""
+    import json as json_module
+    import time
+    import urllib.error
+    import urllib.request
+
+    import grpc
+    from omi.protos import pb, rpc, signing
+    from omi.protos.swarmauth import TokenFile
+    from rich.table import Table
+
+    key_path = identity or state_dir / "node_key.pem"
+    if not key_path.exists():
+        console.print(f"[red]error:[/red] no node identity at {key_path}: this node never joined (omi-node join)")
+        raise typer.Exit(2)
+    node_id = signing.node_id(signing.public_bytes(signing.load_key(key_path)))
+    console.print(f"node id  [bold]{node_id}[/bold]\nidentity {key_path}")
+    token_path = state_dir / "token.bin"
+    if token_path.exists():
+        token = TokenFile(token_path)()
+        left = token.expires_at_ms / 1000 - time.time()
+        console.print(f"token    run {token.run_id}, peer {token.peer_id}, "
+                      + (f"valid {left / 60:.0f} more minutes" if left > 0 else "expired"))
+    base = (http or f"http://{coordinator.rsplit(':', 1)[0]}:8080").rstrip("/")
+    with grpc.insecure_channel(coordinator) as channel:
+        try:
+            runs = rpc.CoordinatorStub(channel).ListRuns(pb.ListRunsRequest(), timeout=10).runs
+        except grpc.RpcError as e:
+            console.print(f"[red]error:[/red] coordinator {coordinator}: {e.code().name}: {e.details()}")
+            raise typer.Exit(3) from None
+    table = Table("run", "epoch", "samples", "verified samples", "audits passed", "audits failed", "online")
+    joined = 0
+    for run in runs:
+        try:
+            with urllib.request.urlopen(f"{base}/api/runs/{run.run_id}/contributors", timeout=10) as response:
+                contributors = json_module.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            console.print(f"[red]error:[/red] cannot read the ledger at {base}: {getattr(e, 'reason', e)} "
+                          "(pass --http URL of the coordinator's HTTP port)")
+            raise typer.Exit(3) from None
+        mine = next((c for c in contributors if c.get("node_id") == node_id), None)
+        if mine is None:
+            continue
+        joined += 1
+        table.add_row(run.run_id, str(run.epoch), f"{mine.get('samples', 0):,}",
+                      f"{mine.get('verified_samples', 0):,}", str(mine.get("audits_passed", 0)),
+                      str(mine.get("audits_failed", 0)), "yes" if mine.get("online") else "no")
+    if joined:
+        console.print(table)
+    else:
+        console.print(f"no contributions in any of the coordinator's {len(runs)} runs yet")

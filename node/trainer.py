@@ -239,6 +239,9 @@ class VolunteerNode:
                     [str(m) for m in self.dht.get_visible_maddrs()])
         self.optimizer = make_optimizer(self.model, spec, self.dht, batch_size_per_step=self.micro_batch_size,
                                         verbose=logger.isEnabledFor(logging.DEBUG))
+        # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
+        from omi.node.download import resume_from_checkpoint
+        resume_from_checkpoint(self.client, spec, self.model, self.optimizer, self.config.state_dir / "checkpoints")
 
     # ---------------------------------------------------------------- background: heartbeats and token renewal
 

@@ -1,0 +1,345 @@
+"""The checkpointer: a non-training swarm peer that pulls the run's state and publishes signed diffusers checkpoints.
+
+``omi-coordinator serve`` starts one checkpointer process per running run (:class:`CheckpointerSupervisor`):
+
+    python -m omi.coordinator.checkpointer --state-dir state --run digits --initial-peer /ip4/127.0.0.1/tcp/...
+
+It runs in its own process because hivemind's ``load_state_from_peers`` blocks (and hivemind must be created in
+a main thread), while the coordinator's main thread runs the gRPC API's event loop. The process joins the run's
+swarm with a token the coordinator mints for it (it holds the coordinator's key), builds the run's model and an
+access-controlled ``TrainingStateAverager`` with the same prefix, parameters and optimizer as the volunteers'
+``hivemind.Optimizer`` (so their ``rpc_download_state`` answers it) that never averages and never shares state.
+It follows the run's epoch in the database; every ``checkpoints.every_epochs`` epochs it downloads the swarm's
+state and writes a checkpoint folder atomically (:func:`write_checkpoint`), then lists it in the same database
+(:meth:`omi.coordinator.checkpoints.Checkpoints.publish`; SQLite in WAL mode takes the two writers).
+
+Test hook: ``OMI_CHECKPOINT_STALL=EPOCH:SECONDS`` pauses the write of every checkpoint of epoch >= EPOCH for
+SECONDS after the weights are on disk (so a test can kill the coordinator mid-write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name, sha256_file
+from omi.coordinator.core import KEY_FILENAME
+from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.store import Run, Store, sqlite_url
+from omi.protos import pb, signing
+from omi.protos.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, manifest_to_bytes, sign_manifest
+from sqlalchemy import select
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 1.0  # seconds between two reads of the run's epoch
+RETRY_INTERVAL = 5.0  # seconds before asking the swarm again after it had no (newer) state
+LOAD_TIMEOUT = 600.0  # seconds one state download may take in all
+PREVIEW_STEPS = 25  # DDIM steps of the preview grid
+PREVIEW_SEED = 0  # fixed: previews of successive checkpoints show the same noise
+PREVIEW_FILENAME = "preview.png"
+STALL_ENV = "OMI_CHECKPOINT_STALL"
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before their folders
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stall(epoch: int) -> None:
+    value = os.environ.get(STALL_ENV)
+    if not value:
+        return
+    from_epoch, seconds = value.split(":")
+    if epoch >= int(from_epoch):
+        logger.warning("stalling the write of checkpoint epoch %d for %s s (%s)", epoch, seconds, STALL_ENV)
+        time.sleep(float(seconds))
+
+
+def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epoch: int, run_folder: Path,
+                     checkpoints: Checkpoints, key, preview: bool = True) -> tuple[Path, dict]:
+    """Write the checkpoint of ``model`` at ``epoch`` under ``run_folder`` atomically; returns (folder, manifest).
+
+    Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
+    temporary folder that is fsynced and renamed to ``epoch-<E>``. Until the rename nothing is at the final name,
+    and nothing is listed until the caller publishes the folder.
+
+    :param model: the UNet holding the swarm's parameters
+    :param scheduler: the run's DDPM scheduler
+    :param spec: the RunSpec (run id, model name, preview size)
+    :param epoch: the swarm epoch of these parameters (hivemind's ``local_epoch``)
+    :param run_folder: the run's checkpoint folder
+    :param checkpoints: reads the ledger for the manifest
+    :param key: the coordinator's Ed25519 key, which signs the manifest
+    :param preview: also draw the preview grid
+    """
+    from omi.models import generate, params_hash, save_grid, save_pretrained
+
+    final = run_folder / folder_name(epoch)
+    tmp = run_folder / f"{TMP_PREFIX}{folder_name(epoch)}-{os.getpid()}"
+    run_folder.mkdir(parents=True, exist_ok=True)
+    model = model.to("cpu").eval()
+    save_pretrained(model, scheduler, tmp)
+    _stall(epoch)
+    if preview:
+        images = generate(model, scheduler, spec.checkpoints.preview_samples, steps=PREVIEW_STEPS, seed=PREVIEW_SEED)
+        save_grid(images, tmp / PREVIEW_FILENAME)
+    files = [dict(path=path.relative_to(tmp).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
+             for path in sorted(tmp.rglob("*")) if path.is_file()]
+    summary = checkpoints.ledger_summary(spec.run_id, epoch)
+    manifest = sign_manifest(dict(
+        format=MANIFEST_FORMAT, run_id=spec.run_id, model=spec.model, epoch=epoch,
+        total_samples=summary.total_samples, loss=summary.loss, created_at_ms=now_ms(),
+        params_hash=params_hash(model).hex(), files=files, contributors=summary.contributors,
+        data_shards=summary.data_shards, data_source=spec.data.source,
+        coordinator_public_key=signing.public_bytes(key).hex(),
+    ), key)
+    (tmp / MANIFEST_FILENAME).write_bytes(manifest_to_bytes(manifest))
+    _fsync_tree(tmp)
+    os.replace(tmp, final)
+    _fsync_dir(run_folder)
+    return final, manifest
+
+
+class Checkpointer:
+    """Follows one run and publishes its checkpoints; create and run it in the main thread of its own process.
+
+    :param state_dir: the coordinator's state dir (its key, and the checkpoint folders)
+    :param db_url: the coordinator's database (None: SQLite under ``state_dir``)
+    :param run_id: the run to follow
+    :param initial_peers: multiaddrs of the run's swarm (the coordinator's bootstrap peer)
+    :param host: address the checkpointer's swarm peer listens on
+    :param public_url: base URL of the coordinator's HTTP port, for the ``url`` of listed checkpoints
+
+    >>> Checkpointer("state", None, "digits", ["/ip4/127.0.0.1/tcp/4001/p2p/Qm..."]).run()  # doctest: +SKIP
+    """
+
+    def __init__(self, state_dir: str | Path, db_url: str | None, run_id: str, initial_peers: list[str], *,
+                 host: str = "127.0.0.1", public_url: str = ""):
+        self.state_dir, self.run_id, self.host = Path(state_dir), run_id, host
+        self.key = signing.load_key(self.state_dir / KEY_FILENAME)
+        self.store = Store(db_url or sqlite_url(self.state_dir))
+        self.runs = Runs(self.store, signing.public_bytes(self.key))
+        self.checkpoints = Checkpoints(self.store, self.runs, self.state_dir, public_url)
+        self.spec = self.runs.spec_for_nodes(run_id)
+        self.spec.initial_peers.extend(initial_peers)
+        self._stop = threading.Event()
+        self.dht = self.averager = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _start_swarm_peer(self) -> None:
+        from omi.models import build_model
+        from omi.protos.swarmauth import (
+            AccessControlledTrainingStateAverager,
+            MintingTokenProvider,
+            PeerAccessGate,
+            load_or_create_peer_identity,
+            load_or_create_swarm_key,
+            make_dht,
+            swarm_public_key,
+        )
+
+        spec, training = self.spec, self.spec.training
+        folder = self.state_dir / "swarm" / self.run_id / "checkpointer"
+        folder.mkdir(parents=True, exist_ok=True)
+        swarm_key = load_or_create_swarm_key(folder / "swarm_rsa.pem")
+        peer_id = load_or_create_peer_identity(folder / "p2p.id")
+        tokens = MintingTokenProvider(self.key, run_id=self.run_id, peer_id=peer_id,
+                                      swarm_public_key=swarm_public_key(swarm_key), ttl=spec.liveness.token_ttl)
+        self.dht = make_dht(spec, tokens, swarm_key, initial_peers=list(spec.initial_peers),
+                            identity_path=str(folder / "p2p.id"), host=self.host)
+        self.model, self.scheduler = build_model(spec.model, prediction_type=training.prediction_type,
+                                                 num_train_timesteps=training.num_train_timesteps, seed=training.seed)
+        # the volunteers' hivemind.Optimizer state averager: same prefix, parameters and optimizer (the state they
+        # send is parameters + AdamW statistics); this one never averages and never offers its state
+        self.averager = AccessControlledTrainingStateAverager(
+            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), dht=self.dht,
+            prefix=f"{spec.dht_prefix}_state_averager", params=list(self.model.parameters()),
+            optimizer=functools.partial(torch.optim.AdamW, lr=training.learning_rate,
+                                        weight_decay=training.weight_decay),
+            allow_state_sharing=False, next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
+        logger.info("run %s: checkpointer peer %s joined the swarm", self.run_id, peer_id)
+
+    def _run_row(self) -> tuple[int, int]:
+        with self.store.session() as s:
+            state, epoch = s.execute(select(Run.state, Run.epoch).where(Run.run_id == self.run_id)).one()
+        return state, epoch
+
+    def run(self) -> None:
+        """Repair, join the swarm, then checkpoint every ``every_epochs`` epochs until :meth:`stop`."""
+        self.checkpoints.repair(self.run_id, signing.public_bytes(self.key))
+        self._start_swarm_peer()
+        every = self.spec.checkpoints.every_epochs
+        latest = self.checkpoints.get(self.run_id)
+        last_epoch = latest.epoch if latest is not None else 0
+        retry_at = 0.0
+        while not self._stop.wait(POLL_INTERVAL):
+            state, run_epoch = self._run_row()
+            due = (max(last_epoch, self.averager.local_epoch) // every + 1) * every
+            if state != pb.RUN_STATE_RUNNING or run_epoch < due or time.monotonic() < retry_at:
+                continue
+            started = time.perf_counter()
+            self.averager.load_state_from_peers(timeout=LOAD_TIMEOUT)
+            epoch = self.averager.local_epoch
+            if epoch < due:
+                logger.info("run %s: no swarm state at epoch >= %d yet (have %d); retrying", self.run_id, due, epoch)
+                retry_at = time.monotonic() + RETRY_INTERVAL
+                continue
+            pulled = time.perf_counter()
+            folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
+                                                run_folder=self.checkpoints.run_folder(self.run_id),
+                                                checkpoints=self.checkpoints, key=self.key)
+            written = time.perf_counter()
+            self.checkpoints.publish(self.run_id, epoch, folder, manifest)
+            last_epoch = epoch
+            logger.info("run %s: checkpoint epoch %d written (state pulled in %.1f s, written in %.1f s, "
+                        "%d samples, loss %s)", self.run_id, epoch, pulled - started, written - pulled,
+                        manifest["total_samples"], manifest["loss"])
+
+    def shutdown(self) -> None:
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
+        self.store.close()
+
+
+def _exit_with_parent(parent: int) -> None:
+    # the coordinator may die without stopping us (SIGKILL): an orphaned checkpointer must not keep writing
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    logger.warning("the coordinator process is gone; the checkpointer exits")
+    os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The coordinator's checkpointer of one run (started by serve).")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite under the state dir)")
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--initial-peer", action="append", default=[])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--public-url", default="")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # shares the coordinator's machine; pulling state and writing files is I/O-bound
+    if args.parent_pid:
+        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+    checkpointer = Checkpointer(args.state_dir, args.db, args.run, args.initial_peer, host=args.host,
+                                public_url=args.public_url)
+    main_pid = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != main_pid:  # hivemind's forked children inherit this handler: keep the default there
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        checkpointer.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        checkpointer.run()
+    finally:
+        checkpointer.shutdown()
+
+
+class CheckpointerSupervisor:
+    """Inside ``omi-coordinator serve``: one checkpointer process per running run, restarted if it dies.
+
+    :param state_dir: the coordinator's state dir
+    :param db_url: the coordinator's database URL (None: SQLite under ``state_dir``)
+    :param runs: the coordinator's runs
+    :param initial_peers: RunSpec -> multiaddrs of the run's bootstrap peer (starts it if needed)
+    :param host: address the checkpointers' swarm peers listen on
+    :param public_url: base URL of the coordinator's HTTP port
+    """
+
+    def __init__(self, state_dir: Path, db_url: str | None, runs: Runs, initial_peers, *, host: str = "127.0.0.1",
+                 public_url: str = ""):
+        self.state_dir, self.db_url, self.runs, self.initial_peers = Path(state_dir), db_url, runs, initial_peers
+        self.host, self.public_url = host, public_url
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._stopping: set[str] = set()  # runs whose checkpointer was asked to stop
+
+    def _command(self, run_id: str) -> list[str]:
+        command = [sys.executable, "-m", "omi.coordinator.checkpointer", "--state-dir", str(self.state_dir),
+                   "--run", run_id, "--host", self.host, "--parent-pid", str(os.getpid())]
+        if self.db_url:
+            command += ["--db", self.db_url]
+        if self.public_url:
+            command += ["--public-url", self.public_url]
+        for peer in self.initial_peers(self.runs.get(run_id).spec):
+            command += ["--initial-peer", peer]
+        return command
+
+    def check(self) -> None:
+        """Start the checkpointers of running runs, stop those of runs no longer running, restart dead ones."""
+        for run_id in self.runs.run_ids():
+            running = self.runs.get(run_id).state == pb.RUN_STATE_RUNNING
+            process = self.processes.get(run_id)
+            if process is not None and process.poll() is not None:
+                if run_id not in self._stopping:
+                    logger.warning("run %s: checkpointer exited with code %s", run_id, process.returncode)
+                del self.processes[run_id]
+                process = None
+            if running and process is None:
+                self.processes[run_id] = subprocess.Popen(self._command(run_id))
+                logger.info("run %s: checkpointer started (pid %d)", run_id, self.processes[run_id].pid)
+            elif not running and process is not None and run_id not in self._stopping:
+                process.terminate()  # reaped by a later check; waiting here would block the event loop
+                self._stopping.add(run_id)
+                logger.info("run %s: checkpointer stopping (the run is no longer running)", run_id)
+        self._stopping &= set(self.processes)
+
+    def _stop(self, run_id: str, timeout: float = 15.0) -> None:
+        process = self.processes.pop(run_id)
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+
+    async def supervise(self, interval: float = 2.0) -> None:
+        """Run :meth:`check` every ``interval`` seconds until cancelled."""
+        while True:
+            try:
+                self.check()
+            except Exception:
+                logger.exception("checkpointer supervision failed; retrying")
+            await asyncio.sleep(interval)
+
+    def shutdown(self) -> None:
+        for run_id in list(self.processes):
+            self._stop(run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""HTTP download routes of published checkpoints (on the coordinator's HTTP port, beside the dashboard).
+
+    GET /runs/{run}/checkpoints                           the run's checkpoints (JSON, oldest first)
+    GET /runs/{run}/checkpoints/{epoch|latest}/manifest.json
+    GET /runs/{run}/checkpoints/{epoch|latest}/{file}     a file the manifest lists; ``Range`` requests honoured
+
+Only checkpoints listed in the ``checkpoints`` table are served, and of them only the files their manifest
+names, so a checkpoint being written (a temporary folder) or a path outside it is never reachable. Byte ranges
+are Starlette's ``FileResponse`` (206 with ``Content-Range``, 416 past the end), which is what lets
+``omi-node download`` resume.
+"""
+
+import json
+import logging
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+from google.protobuf import json_format
+from omi.coordinator.core import Coordinator
+from omi.coordinator.errors import NotFound
+from omi.protos import pb
+from omi.protos.manifest import MANIFEST_FILENAME
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_router(coordinator: Coordinator) -> APIRouter:
+    """The download routes of ``coordinator``'s checkpoints.
+
+    :param coordinator: the running coordinator (its ``checkpoints`` must have a state dir)
+    """
+    router = APIRouter()
+    checkpoints = coordinator.checkpoints
+
+    def find(run_id: str, ref: str) -> pb.Checkpoint:
+        if ref != "latest" and not ref.isdigit():
+            raise HTTPException(404, f"checkpoint must be an epoch number or 'latest', got {ref!r}")
+        try:
+            checkpoint = checkpoints.get(run_id, None if ref == "latest" else int(ref))
+        except NotFound as e:
+            raise HTTPException(404, str(e)) from None
+        if checkpoint is None:
+            raise HTTPException(404, f"run {run_id!r} has no checkpoint {ref}")
+        return checkpoint
+
+    @router.get("/runs/{run_id}/checkpoints")
+    def list_checkpoints(run_id: str) -> list[dict]:
+        try:
+            listed = checkpoints.list(run_id)
+        except NotFound as e:
+            raise HTTPException(404, str(e)) from None
+        return [json_format.MessageToDict(c, preserving_proto_field_name=True,
+                                          always_print_fields_with_no_presence=True) for c in listed]
+
+    @router.get("/runs/{run_id}/checkpoints/{ref}/manifest.json")
+    def manifest(run_id: str, ref: str) -> FileResponse:
+        checkpoint = find(run_id, ref)
+        path = checkpoints.folder(run_id, checkpoint.epoch) / MANIFEST_FILENAME
+        if not path.is_file():  # retention removed it between the lookup and now
+            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone")
+        return FileResponse(path, media_type="application/json")
+
+    @router.get("/runs/{run_id}/checkpoints/{ref}/{file_path:path}")
+    def checkpoint_file(run_id: str, ref: str, file_path: str) -> FileResponse:
+        checkpoint = find(run_id, ref)
+        folder = checkpoints.folder(run_id, checkpoint.epoch)
+        try:
+            listed = {entry["path"] for entry in json.loads((folder / MANIFEST_FILENAME).read_bytes())["files"]}
+        except (OSError, ValueError, KeyError):
+            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone") from None
+        if file_path not in listed:
+            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} has no file {file_path!r}")
+        return FileResponse(folder / file_path, media_type="application/octet-stream")
+
+    return router

@@ -1,0 +1,269 @@
+"""Fetch a published checkpoint over HTTP, resumably, and refuse it unless the coordinator's signature and every sha256
+check out; and resume an empty swarm from the latest checkpoint.
+
+    omi-node download digits --checkpoint latest --coordinator 127.0.0.1:50051 --out digits-latest
+
+How a download goes: the signed ``manifest.json`` first (refused unless its Ed25519 signature verifies under the
+coordinator's public key, from ``GetRunSpec`` or pinned with ``--coordinator-key``); then every file it lists into
+``<name>.part`` (an interrupted download continues with an HTTP ``Range`` request from the bytes already there),
+hashed while written; a file whose size or sha256 differs is renamed ``<name>.corrupt`` and the download refused.
+A verified file gets its real name; ``manifest.json`` is written last, so a folder holding it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from omi.protos import pb
+from omi.protos.manifest import MANIFEST_FILENAME, verify_manifest
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per read
+HTTP_TIMEOUT = 30.0  # seconds without data before a request fails
+
+
+class DownloadError(RuntimeError):
+    """A download that failed or was refused; ``exit_code``: 1 refused (bad signature or hash), 2 bad input,
+    3 coordinator unreachable or transfer interrupted (run again to resume), 4 not found."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class DownloadResult:
+    folder: Path
+    epoch: int
+    manifest: dict
+    downloaded_bytes: int  # bytes fetched by this call (less than the total when resuming)
+    total_bytes: int
+    seconds: float
+
+
+def _open(url: str, headers: dict | None = None):
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=HTTP_TIMEOUT)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise DownloadError(f"not found: {url}", 4) from None
+        raise DownloadError(f"{url}: HTTP {e.code}", 3) from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"cannot reach {url}: {getattr(e, 'reason', e)}", 3) from None
+
+
+def fetch_manifest(folder_url: str, public_key: bytes, run_id: str, epoch: int | None) -> tuple[dict, bytes]:
+    """The checkpoint's manifest, refused unless signed by ``public_key`` for ``run_id`` (and ``epoch`` if given)."""
+    with _open(f"{folder_url}/{MANIFEST_FILENAME}") as response:
+        data = response.read()
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        raise DownloadError(f"refused: {folder_url}/{MANIFEST_FILENAME} is not JSON") from None
+    if not isinstance(manifest, dict) or not verify_manifest(manifest, public_key):
+        raise DownloadError("refused: the manifest's signature does not verify under the coordinator's key "
+                            f"{public_key.hex()[:16]}…")
+    if manifest.get("run_id") != run_id or (epoch is not None and manifest.get("epoch") != epoch):
+        raise DownloadError(f"refused: the manifest is of run {manifest.get('run_id')!r} epoch "
+                            f"{manifest.get('epoch')}, not what was asked")
+    for entry in manifest.get("files", []):
+        path = PurePosixPath(entry["path"])
+        if path.is_absolute() or ".." in path.parts or entry["path"] == MANIFEST_FILENAME:
+            raise DownloadError(f"refused: the manifest lists an unsafe path {entry['path']!r}")
+    return manifest, data
+
+
+def _sha256_of(path: Path) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest
+
+
+def _fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
+    """Download ``url`` into ``target`` through ``target.part`` (resumed if present); returns bytes fetched."""
+    part = target.with_name(target.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > size:
+        part.unlink()
+        have = 0
+    digest = _sha256_of(part) if have else hashlib.sha256()
+    advance(have)
+    fetched = 0
+    if have < size:
+        response = _open(url, {"Range": f"bytes={have}-"} if have else None)
+        with response:
+            if have and response.status != 206:  # the server ignored the range: start over
+                advance(-have)
+                have, digest = 0, hashlib.sha256()
+            with open(part, "ab" if have else "wb") as f:
+                try:
+                    while chunk := response.read(CHUNK):
+                        f.write(chunk)
+                        digest.update(chunk)
+                        fetched += len(chunk)
+                        advance(len(chunk))
+                except (OSError, http.client.HTTPException) as e:
+                    raise DownloadError(f"transfer of {target.name} interrupted after {have + fetched} of {size} "
+                                        f"bytes ({e}); run the same command again to resume", 3) from None
+                finally:
+                    f.flush()
+                    os.fsync(f.fileno())
+    got = part.stat().st_size
+    if got < size:  # the connection ended early without an error: keep the part to resume from
+        raise DownloadError(f"transfer of {target.name} ended after {got} of {size} bytes; run the same command "
+                            "again to resume", 3)
+    if got != size or digest.hexdigest() != sha256:
+        corrupt = target.with_name(target.name + ".corrupt")
+        os.replace(part, corrupt)
+        raise DownloadError(f"refused: {target.name} does not match the signed manifest (sha256 "
+                            f"{digest.hexdigest()[:16]}… instead of {sha256[:16]}…, {got} bytes); kept as "
+                            f"{corrupt.name}")
+    os.replace(part, target)
+    return fetched
+
+
+def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_key: bytes, *,
+                        epoch: int | None = None, console: Console | None = None,
+                        progress: bool = True) -> DownloadResult:
+    """Download and verify the checkpoint served at ``folder_url`` (``…/runs/RUN/checkpoints/EPOCH|latest``).
+
+    :param folder_url: URL of the checkpoint folder on the coordinator's HTTP port
+    :param run_id: the run the manifest must name
+    :param out: the folder to write (None: ``RUN-epoch-E`` in the working directory)
+    :param public_key: the coordinator's raw Ed25519 key the manifest must be signed with
+    :param epoch: the epoch the manifest must name (None: any, e.g. for ``latest``)
+    :param console: where the progress bar goes
+    :param progress: show a progress bar
+    :raises DownloadError: on any mismatch (nothing is presented as complete) or transfer failure
+    """
+    started = time.perf_counter()
+    manifest, manifest_bytes = fetch_manifest(folder_url, public_key, run_id, epoch)
+    epoch = manifest["epoch"]
+    folder_url = folder_url.rsplit("/", 1)[0] + f"/{epoch}"  # "latest" may move on while the files come
+    out = Path(out) if out is not None else Path(f"{run_id}-epoch-{epoch}")
+    out.mkdir(parents=True, exist_ok=True)
+    complete = out / MANIFEST_FILENAME
+    if complete.exists():
+        complete.unlink()  # the folder is being (re)written: it stops counting as complete until the end
+    files, total = manifest["files"], sum(entry["size"] for entry in manifest["files"])
+    fetched = 0
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{run_id} epoch {epoch}", total=total)
+        for entry in files:
+            target = out / entry["path"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists() and target.stat().st_size == entry["size"] and \
+                    _sha256_of(target).hexdigest() == entry["sha256"]:
+                bar.advance(task, entry["size"])
+                continue
+            target.unlink(missing_ok=True)
+            fetched += _fetch_file(f"{folder_url}/{entry['path']}", target, entry["size"], entry["sha256"],
+                                   lambda n: bar.advance(task, n))
+    tmp = out / (MANIFEST_FILENAME + ".part")
+    tmp.write_bytes(manifest_bytes)
+    os.replace(tmp, complete)
+    return DownloadResult(out, epoch, manifest, fetched, total, time.perf_counter() - started)
+
+
+def verify_folder(folder: Path, public_key: bytes) -> dict:
+    """The manifest of a downloaded folder, if its signature and every listed file check out (else DownloadError)."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILENAME).read_bytes())
+    except (OSError, ValueError):
+        raise DownloadError(f"{folder} has no readable {MANIFEST_FILENAME}: not a complete checkpoint") from None
+    if not verify_manifest(manifest, public_key):
+        raise DownloadError(f"refused: the manifest in {folder} is not signed by the coordinator")
+    for entry in manifest["files"]:
+        path = Path(folder) / entry["path"]
+        if not path.is_file() or _sha256_of(path).hexdigest() != entry["sha256"]:
+            raise DownloadError(f"refused: {path} does not match the signed manifest")
+    return manifest
+
+
+# ---------------------------------------------------------------- resume an empty swarm
+
+
+def load_into_optimizer(optimizer, model, loaded_model, epoch: int) -> None:
+    """Put ``loaded_model``'s parameters into ``model`` and move a fresh ``hivemind.Optimizer`` to ``epoch``.
+
+    Mirrors what hivemind's ``Optimizer.load_state_from_peers`` does after a download: parameters copied in
+    place, the state averager's buffers refreshed, the epoch set and reported to the progress tracker, and the
+    state offered to later joiners with that epoch as priority. AdamW statistics start afresh (a checkpoint holds
+    the weights only).
+    """
+    import torch
+
+    names = [name for name, _ in model.named_parameters()]
+    loaded = dict(loaded_model.named_parameters())
+    if sorted(names) != sorted(loaded):
+        raise DownloadError("the checkpoint's model has other parameters than the run's model", 2)
+    state = optimizer.state_averager
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(loaded[name].to(param.device))
+    if not state.reuse_tensors:
+        state._load_local_tensors_into_averager_()  # hivemind averages copies of the parameters, refresh them
+    state.local_epoch = epoch
+    with optimizer.tracker.pause_updates():
+        optimizer.tracker.update_epoch(epoch)
+    if not optimizer.client_mode:
+        state.state_sharing_priority = epoch
+        if optimizer.grad_averager is not None:
+            optimizer.grad_averager.state_sharing_priority = epoch
+
+
+def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir: Path) -> int | None:
+    """If the swarm holds no state as new as the run's latest checkpoint, start from that checkpoint.
+
+    Called right after ``make_optimizer``: hivemind's tracker has read the swarm's progress by then. When some
+    peer is at the checkpoint's epoch or later, hivemind loads that peer's (newer) state itself and nothing
+    happens here. Otherwise (every volunteer left, or this is the first to come back) the checkpoint is
+    downloaded and verified like ``omi-node download`` does, and the node continues at
+    ``max(checkpoint epoch, run epoch)``: the run's epoch never goes back, so the coordinator's epoch and
+    hivemind's agree and no (node, epoch) of the ledger is reused.
+
+    :returns: the epoch the node resumed at, or None if it did not resume
+    """
+    import grpc
+    from omi.models import load_pretrained
+
+    try:
+        checkpoints = client.list_checkpoints(spec.run_id)
+        run_epoch = client.get_run_status(spec.run_id).summary.epoch
+    except grpc.RpcError as e:
+        logger.warning("could not ask the coordinator for checkpoints: %s", e.details())
+        return None
+    if not checkpoints or not checkpoints[-1].url:
+        return None
+    latest = checkpoints[-1]
+    swarm_epoch = max(optimizer.local_epoch, optimizer.tracker.global_epoch)
+    if swarm_epoch >= latest.epoch:
+        return None
+    try:
+        result = download_checkpoint(latest.url, spec.run_id, Path(cache_dir) / f"{spec.run_id}-epoch-{latest.epoch}",
+                                     spec.coordinator_public_key, epoch=latest.epoch, progress=False)
+    except DownloadError as e:  # never train on weights that do not verify; hivemind's own start is still sound
+        logger.error("could not resume from checkpoint epoch %d: %s", latest.epoch, e)
+        return None
+    loaded, _ = load_pretrained(result.folder)
+    epoch = max(latest.epoch, run_epoch)
+    load_into_optimizer(optimizer, model, loaded, epoch)
+    logger.info("the swarm had no state past epoch %d: resumed from checkpoint epoch %d (verified, %d bytes "
+                "fetched), continuing at epoch %d", swarm_epoch, latest.epoch, result.downloaded_bytes, epoch)
+    return epoch
