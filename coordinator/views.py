@@ -26,13 +26,14 @@ from sqlalchemy import case, func, select
 logger = logging.getLogger(__name__)
 
 SHORT_ID = 12  # characters of a node id shown to people
-AUDIT_STATES = ("pending", "assigned", "passed", "failed")
+AUDIT_STATES = ("awaiting_records", "pending", "assigned", "passed", "failed")
 CONTRIBUTION_STATUSES = ("accepted", "verified", "voided")
 
 
 @dataclass
 class AuditCounts:
-    pending: int = 0   # sampled, not yet handed to a validator
+    awaiting_records: int = 0  # sampled; the node has not handed over its records yet
+    pending: int = 0   # records check passed, not yet handed to a validator
     assigned: int = 0  # a validator is recomputing it
     passed: int = 0
     failed: int = 0
@@ -202,7 +203,8 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
             node_id=node_id, short_id=node_id[:SHORT_ID], display_name=names.get(node_id, ""),
             samples=int(w.samples) if w else 0, verified_samples=int(w.verified) if w else 0,
             contributions=int(w.count) if w else 0, audits_passed=a.get("passed", 0),
-            audits_failed=a.get("failed", 0), audits_pending=a.get("pending", 0) + a.get("assigned", 0),
+            audits_failed=a.get("failed", 0),
+            audits_pending=sum(a.get(k, 0) for k in ("awaiting_records", "pending", "assigned")),
             last_seen_ms=max(beat, w.last if w else 0, registered.get(node_id) or 0),
             online=beat >= online_cutoff, banned=node_id in banned))
     views.sort(key=lambda v: (-v.samples, v.node_id))
@@ -210,15 +212,21 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
 
 
 def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointView]:
-    """The run's checkpoints, oldest first, with their download URLs (served under ``/runs/{run}/checkpoints``)."""
+    """The run's checkpoints, oldest first, with their download URLs (served under ``/runs/{run}/checkpoints``).
+
+    The files and the preview grid come from each checkpoint's ``manifest.json`` in its folder under the
+    coordinator's state dir; a checkpoint whose folder is not readable here is still listed, without them.
+    """
     coordinator.runs.get(run_id)
     with coordinator.store.session() as s:
         rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.epoch)).all()
+    has_folders = getattr(coordinator.checkpoints, "state_dir", None) is not None
     views = []
     for r in rows:
         base = f"/runs/{run_id}/checkpoints/{r.epoch}"
-        files = [CheckpointFile(name, f"{base}/{name}", sha, size)
-                 for name, sha, size in manifest_files(r.path, r.manifest_sha256)]
+        listed = manifest_files(str(coordinator.checkpoints.folder(run_id, r.epoch)), r.manifest_sha256) \
+            if has_folders else ()
+        files = [CheckpointFile(name, f"{base}/{name}", sha, size) for name, sha, size in listed]
         preview = next((f.url for f in files if f.name.lower().endswith(".png")), None)
         views.append(CheckpointView(epoch=r.epoch, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
                                     size_bytes=r.size_bytes, created_at_ms=r.created_at_ms, milestone=r.milestone,

@@ -1,0 +1,250 @@
+"""The dashboard's JSON API and /metrics over real HTTP, against a real coordinator fed over real gRPC.
+
+Volunteers register, take work, report signed contributions and heartbeats; a validator passes one audit
+and fails another; the figures the API and /metrics show must be the ledger's, read straight from SQLite.
+"""
+
+import hashlib
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+from coordinator_helpers import ServerThread, contribution_for, free_port, run_toml
+from omi.coordinator.store import Checkpoint
+from omi.coordinator.views import AuditCounts
+from omi.dashboard.api import Snapshots
+from omi.models import MicroBatchRecord, merkle_root
+from omi.protos import pb
+from prometheus_client.parser import text_string_to_metric_families
+
+XSS_NAME = "<img src=x onerror=\"window.__xss=1\">"
+SKETCH_SIZE = 1024  # verification.sketch_size by default
+SNAPSHOT_TTL = 1.0  # the API reuses an answer for this long (omi.dashboard.api.DEFAULT_TTL)
+
+
+def get(base: str, path: str) -> tuple[int, bytes, dict]:
+    try:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def get_json(base: str, path: str):
+    status, body, _ = get(base, path)
+    assert status == 200, (path, status, body)
+    return json.loads(body)
+
+
+def fresh(base: str, path: str):
+    """The answer once the snapshot cache has expired (what a viewer sees a second later)."""
+    time.sleep(SNAPSHOT_TTL + 0.1)
+    return get_json(base, path)
+
+
+def records_for(work: pb.WorkAssignment, loss: float) -> tuple[pb.Contribution, list[pb.MicroBatchRecord]]:
+    """A contribution over the whole micro-batches of ``work``, committed to their records (one shared sketch)."""
+    size = work.micro_batch_size
+    count = sum(s.end - s.start for s in work.shards) // size
+    sketch = [0.25] * SKETCH_SIZE
+    records = [MicroBatchRecord(i, size, loss, 1.0, torch.tensor(sketch)) for i in range(count)]
+    contribution = contribution_for(work, samples=count * size, mean_loss=loss, micro_batches=count,
+                                    commitment=merkle_root(records), gradient_sketch=sketch)
+    protos = [pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss, grad_norm=r.grad_norm, sketch=sketch)
+              for r in records]
+    return contribution, protos
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    """A coordinator with dashboard; two volunteers' contributions, all audited: alice's records match her
+    commitment and a validator passes them, mallory hands over one record fewer than she claimed (failed)."""
+    state = tmp_path_factory.mktemp("coordinator")
+    server = ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3))
+    server.server.config.http_address = f"127.0.0.1:{free_port()}"
+    with server:
+        server.http = f"http://{server.server.config.http_address}"
+        alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
+        validator = server.node("t", "validator")
+        for node, loss in ((alice, 0.4), (mallory, 0.6)):
+            contribution, records = records_for(node.get_work(epoch=0), loss)
+            reply = node.report_contribution(contribution)
+            assert reply.audit_task_id, "audit_rate 1.0 audits every contribution"
+            handed = records if node is alice else records[:-1]
+            assert node.submit_audit_records(reply.audit_task_id, handed).accepted == (node is alice)
+            node.heartbeat(epoch=0, samples_per_second=120.0 if node is alice else 80.0, swarm_peers=2, loss=loss)
+        with pytest.raises(Exception, match="already reported"):  # a second report of epoch 0 is refused
+            alice.report_contribution(records_for(alice.get_work(epoch=0), 0.4)[0])
+        task = validator.get_audit_task()
+        assert task.has_task and task.node_id == alice.node_id
+        validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
+        server.coordinator.record_metrics()
+        server.nodes = {"alice": alice, "mallory": mallory, "validator": validator}
+        yield server
+
+
+def ledger(server) -> dict:
+    """Per node: (samples not voided, verified samples, contributions not voided), from the SQLite file."""
+    with sqlite3.connect(server.store.engine.url.database) as db:
+        rows = db.execute("SELECT node_id, status, samples FROM contributions WHERE run_id = 't'").fetchall()
+    out = {}
+    for node_id, status, samples in rows:
+        s, v, n = out.get(node_id, (0, 0, 0))
+        out[node_id] = (s + (samples if status != "voided" else 0), v + (samples if status == "verified" else 0),
+                        n + (status != "voided"))
+    return out
+
+
+def test_status_matches_the_ledger(swarm):
+    status = get_json(swarm.http, "/api/runs/t/status")
+    book = ledger(swarm)
+    assert status["total_samples"] == sum(s for s, _, _ in book.values()) > 0
+    assert status["verified_samples"] == sum(v for _, v, _ in book.values()) > 0
+    assert status["contributions"] == sum(n for _, _, n in book.values()) == 1  # mallory's was voided
+    assert status["contributions_by_status"] == {"accepted": 0, "verified": 1, "voided": 1}
+    assert status["audits"] == {"awaiting_records": 0, "pending": 0, "assigned": 0, "passed": 1, "failed": 1}
+    assert status["contributions_refused"] == 1
+    assert status["volunteers_online"] == 3  # registering counts as a sign of life
+    assert status["samples_per_second"] == pytest.approx(200.0)
+    assert status["loss"] == pytest.approx(0.5)
+    assert (status["run_id"], status["model"], status["state"]) == ("t", "unet-digits-16", "running")
+    grpc_status = swarm.nodes["alice"].get_run_status("t")
+    assert status["total_samples"] == grpc_status.summary.total_samples
+    assert status["verified_samples"] == grpc_status.verified_samples
+    runs = get_json(swarm.http, "/api/runs")
+    assert [r["run_id"] for r in runs] == ["t"] and runs[0]["total_samples"] == status["total_samples"]
+
+
+def test_contributors_match_the_ledger_and_keep_names_verbatim(swarm):
+    rows = {r["node_id"]: r for r in get_json(swarm.http, "/api/runs/t/contributors")}
+    nodes = swarm.nodes
+    assert set(rows) == {n.node_id for n in nodes.values()}
+    for node_id, (samples, verified, count) in ledger(swarm).items():
+        assert (rows[node_id]["samples"], rows[node_id]["verified_samples"], rows[node_id]["contributions"]) == (
+            samples, verified, count)
+    alice, mallory = rows[nodes["alice"].node_id], rows[nodes["mallory"].node_id]
+    assert mallory["display_name"] == XSS_NAME  # the API returns data; the page renders it as text
+    assert (alice["audits_passed"], alice["audits_failed"]) == (1, 0)
+    assert (mallory["audits_passed"], mallory["audits_failed"], mallory["samples"]) == (0, 1, 0)
+    assert alice["short_id"] == alice["node_id"][:12] and alice["online"] and not alice["banned"]
+    assert abs(alice["last_seen_ms"] - time.time() * 1000) < 120_000
+    assert list(rows)[0] == nodes["alice"].node_id  # most samples first
+
+
+def test_history_and_since(swarm):
+    history = get_json(swarm.http, "/api/runs/t/history")
+    assert len(history["points"]) >= 1
+    point = history["points"][-1]
+    assert point["total_samples"] == get_json(swarm.http, "/api/runs/t/status")["total_samples"]
+    assert point["volunteers_online"] == 3 and point["loss"] == pytest.approx(0.5)
+    later = get_json(swarm.http, f"/api/runs/t/history?since={history['next_since_ms']}")
+    assert later["points"] == [] and later["next_since_ms"] == history["next_since_ms"]
+    assert get(swarm.http, "/api/runs/t/history?since=-1")[0] == 422
+
+
+def test_unknown_run_is_404_json(swarm):
+    for path in ("status", "history", "contributors", "checkpoints"):
+        status, body, headers = get(swarm.http, f"/api/runs/nope/{path}")
+        assert status == 404 and headers["content-type"] == "application/json"
+        assert json.loads(body) == {"detail": "no run 'nope'"}
+    assert get(swarm.http, "/runs/nope")[0] == 404
+    assert get(swarm.http, "/runs/t")[0] == 200
+
+
+def test_api_is_read_only_and_documented(swarm):
+    before = swarm.store.row_counts()
+    paths = ["/api/runs", "/api/runs/t/status", "/api/runs/t/history?since=0", "/api/runs/t/contributors",
+             "/api/runs/t/checkpoints", "/metrics", "/", "/runs/t", "/openapi.json"]
+    for path in paths:
+        assert get(swarm.http, path)[0] == 200, path
+    for path in paths[:5]:
+        request = urllib.request.Request(swarm.http + path.split("?")[0], data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 405, path
+    assert swarm.store.row_counts() == before
+    schema = get_json(swarm.http, "/openapi.json")
+    for path in ("/api/runs", "/api/runs/{run}/status", "/api/runs/{run}/history", "/api/runs/{run}/contributors",
+                 "/api/runs/{run}/checkpoints", "/metrics"):
+        assert set(schema["paths"][path]) == {"get"}, path
+    status_schema = schema["paths"]["/api/runs/{run}/status"]["get"]["responses"]
+    assert status_schema["200"]["content"]["application/json"]["schema"]["$ref"].endswith("RunStatusView")
+    assert "404" in status_schema
+    assert {"since", "limit"} <= {p["name"] for p in schema["paths"]["/api/runs/{run}/history"]["get"]["parameters"]}
+
+
+def test_metrics_parse_and_match_the_api(swarm):
+    status = get_json(swarm.http, "/api/runs/t/status")
+    _, body, headers = get(swarm.http, "/metrics")
+    assert headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    run = (("run", "t"),)
+    assert samples[("omi_volunteers_online", run)] == status["volunteers_online"]
+    assert samples[("omi_run_samples", run)] == status["total_samples"]
+    assert samples[("omi_run_verified_samples", run)] == status["verified_samples"]
+    assert samples[("omi_run_samples_per_second", run)] == pytest.approx(status["samples_per_second"])
+    assert samples[("omi_run_epoch", run)] == status["epoch"]
+    assert samples[("omi_run_loss", run)] == pytest.approx(status["loss"])
+    assert samples[("omi_contributions_accepted_total", run)] == 2
+    assert samples[("omi_contributions_refused_total", (("code", "ALREADY_EXISTS"), ("run", "t")))] == 1
+    for state, n in status["audits"].items():
+        assert samples[("omi_audits", (("run", "t"), ("state", state)))] == n
+    assert samples[("omi_run_state", (("run", "t"), ("state", "running")))] == 1
+    assert not any(name == "omi_checkpoint_age_seconds" for name, _ in samples)  # no checkpoint yet
+
+
+def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
+    assert get_json(swarm.http, "/api/runs/t/checkpoints") == []
+    folder = swarm.coordinator.checkpoints.folder("t", 1)  # where the checkpointer writes epoch 1
+    folder.mkdir(parents=True)
+    files = {"unet/diffusion_pytorch_model.safetensors": b"weights", "preview.png": b"\x89PNG fake"}
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    manifest = {"run_id": "t", "epoch": 1, "files": [{"path": name, "sha256": hashlib.sha256(data).hexdigest(),
+                                                      "size": len(data)} for name, data in files.items()]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    manifest_sha = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    created = int(time.time() * 1000) - 30_000
+    with swarm.store.transaction() as s:
+        s.add(Checkpoint(run_id="t", epoch=1, total_samples=256, manifest_sha256=manifest_sha, size_bytes=1234,
+                         path="/runs/t/checkpoints/1", milestone=False, created_at_ms=created))
+    [checkpoint] = fresh(swarm.http, "/api/runs/t/checkpoints")
+    assert checkpoint["manifest_sha256"] == manifest_sha and checkpoint["epoch"] == 1
+    assert checkpoint["manifest_url"] == "/runs/t/checkpoints/1/manifest.json"
+    assert checkpoint["preview_url"] == "/runs/t/checkpoints/1/preview.png"
+    assert {f["name"]: f["sha256"] for f in checkpoint["files"]} == {
+        name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    assert get_json(swarm.http, "/api/runs/t/status")["latest_checkpoint"]["epoch"] == 1
+    _, body, _ = get(swarm.http, "/metrics")
+    ages = [s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
+            if s.name == "omi_checkpoint_age_seconds"]
+    assert len(ages) == 1 and 29 <= ages[0] < 120
+
+
+def test_snapshots_reuse_an_answer_for_ttl_seconds():
+    now = [100.0]
+    snapshots = Snapshots(ttl=1.0, clock=lambda: now[0])
+    computed = []
+
+    def compute() -> AuditCounts:
+        computed.append(now[0])
+        return AuditCounts(passed=len(computed), failed=float("nan"))
+
+    view, body = snapshots.get(("k",), compute)
+    assert view.passed == 1
+    # JSON has no NaN: a non-finite float is null
+    assert json.loads(body) == {"awaiting_records": 0, "pending": 0, "assigned": 0, "passed": 1, "failed": None}
+    now[0] += 0.5
+    assert snapshots.get(("k",), compute)[0].passed == 1
+    now[0] += 0.6
+    assert snapshots.get(("k",), compute)[0].passed == 2
+    assert snapshots.get(("other",), compute)[0].passed == 3
+    assert computed == [100.0, 101.1, 101.1]
