@@ -1,31 +1,120 @@
-"""The auditor: samples contributions, hands audit tasks to validators and applies their verdicts.
+"""The auditor: samples contributions, checks the handed-over records, queues recomputations, applies verdicts.
 
-A contribution is audited with probability ``verification.audit_rate``; the micro-batches to
-recompute and the audit seed are drawn with ``secrets`` after the node committed to its records,
-so a node cannot know in advance which micro-batches will be checked. A failed verdict voids the
-contribution and adds a strike; ``verification.max_strikes`` strikes ban the node.
+An audit goes through these states (``Audit.state``):
+
+1. ``awaiting_records`` — when a contribution arrives (its Merkle ``commitment`` is in it), the auditor draws
+   with ``secrets`` whether to audit it (``verification.audit_rate``; every contribution of a node that already
+   has a strike), which ``micro_batches_per_audit`` micro-batches a validator will recompute and the audit seed.
+   The node is told only *that* it is audited (``ReportContributionResponse.audit_task_id``) and hands over all
+   records of the epoch (``SubmitAuditRecords``); it never learns which ones get recomputed.
+2. The coordinator checks the records without recomputing anything (:func:`check_records`): their Merkle root
+   is the commitment, their count is ``micro_batches``, their samples add up to ``samples``, their losses to
+   ``mean_loss``, and their sketches' sample-weighted combination is the ``gradient_sketch`` the node said it
+   sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
+   proofs) are kept and the audit becomes ``pending``.
+3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator recomputes the chosen micro-batches
+   (``omi.node.validate``) and returns a signed verdict.
+
+A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node,
+which also voids its provisional (not yet verified) contributions. Records not handed over before the audit
+window closes count as a failed audit.
 """
 
 import json
 import logging
+import math
 import secrets
 import uuid
 
+import torch
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from omi.coordinator.registry import Caller, Registry
 from omi.coordinator.runs import Runs, now_ms
-from omi.coordinator.store import Audit, Contribution, Node, Store, WorkAssignment
+from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, WorkAssignment
+from omi.models import MicroBatchRecord, merkle_proof, merkle_root
 from omi.protos import pb, signing
-from sqlalchemy import or_, select
+from sqlalchemy import or_, select, update
 
 logger = logging.getLogger(__name__)
 
+AWAITING = "awaiting_records"
+OPEN_STATES = (AWAITING, "pending", "assigned")
+COORDINATOR = "coordinator"  # validator_node_id of verdicts the coordinator reaches itself (records check)
+STRUCK_AUDIT_RATE = 1.0  # a node with a strike is audited on every contribution until banned
+SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
+
+
+def record_from_proto(record: pb.MicroBatchRecord) -> MicroBatchRecord:
+    return MicroBatchRecord(index=record.index, samples=record.samples, loss=record.loss, grad_norm=record.grad_norm,
+                            sketch=torch.tensor(list(record.sketch), dtype=torch.float32))
+
+
+def sent_sketch(records: list[MicroBatchRecord]) -> torch.Tensor:
+    """What hivemind's GradientAverager sends is ``sum(samples_i / samples_0 * grad_i) / n`` (see
+    ``omi.node.trainer.sent_sketch``); the sketch is linear, so this is its sketch."""
+    anchor = records[0].samples
+    total = sum(record.sketch * (record.samples / anchor) for record in records)
+    return total / len(records)
+
+
+def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord], sketch_size: int) -> str:
+    """Why the handed-over records contradict the signed contribution ("" if they do not); no recomputation.
+
+    >>> import torch
+    >>> records = [MicroBatchRecord(i, 32, 0.5, 1.0, torch.ones(4)) for i in range(3)]
+    >>> c = pb.Contribution(samples=96, micro_batches=3, mean_loss=0.5, commitment=merkle_root(records),
+    ...                     gradient_sketch=[1.0] * 4)
+    >>> check_records(c, records, 4)
+    ''
+    >>> check_records(c, records[:2], 4)
+    'contribution claims 3 micro-batches, 2 records handed over'
+    """
+    if len(records) != contribution.micro_batches:
+        return f"contribution claims {contribution.micro_batches} micro-batches, {len(records)} records handed over"
+    if [r.index for r in records] != list(range(len(records))):
+        return "records are not micro-batches 0..n-1 in order"
+    if any(r.sketch.numel() != sketch_size for r in records):
+        return f"a record's sketch does not have verification.sketch_size = {sketch_size} numbers"
+    if merkle_root(records) != contribution.commitment:
+        return "records do not match the commitment (Merkle root differs)"
+    sizes = {r.samples for r in records}
+    if len(sizes) != 1 or 0 in sizes:
+        return f"micro-batches of different or zero sizes: {sorted(sizes)}"
+    samples = sum(r.samples for r in records)
+    if samples != contribution.samples:
+        return f"contribution claims {contribution.samples} samples, records hold {samples}"
+    mean_loss = sum(r.loss * r.samples for r in records) / samples
+    if not math.isclose(mean_loss, contribution.mean_loss, rel_tol=1e-9, abs_tol=1e-12):
+        return f"mean_loss {contribution.mean_loss:.6g} is not the records' {mean_loss:.6g}"
+    expected = sent_sketch(records)
+    claimed = torch.tensor(list(contribution.gradient_sketch), dtype=torch.float32)
+    if claimed.shape != expected.shape:
+        return "gradient_sketch has the wrong length"
+    difference = float((claimed - expected).norm() / expected.norm().clamp_min(1e-12))
+    if not difference <= SKETCH_SUM_TOLERANCE:
+        return f"gradient_sketch is not the records' sample-weighted sum (relative difference {difference:.2e})"
+    return ""
+
+
+def audited_records(records: list[MicroBatchRecord], indices: list[int]) -> list[pb.AuditedRecord]:
+    """The chosen records with their Merkle proofs, as a validator receives them."""
+    chosen = []
+    for i in indices:
+        proof = merkle_proof(records, i)
+        r = records[i]
+        chosen.append(pb.AuditedRecord(
+            record=pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss, grad_norm=r.grad_norm,
+                                       sketch=r.sketch.tolist()),
+            proof_hashes=[h for _, h in proof.siblings], proof_sides="".join(side for side, _ in proof.siblings),
+            leaves=proof.size))
+    return chosen
+
 
 class Auditor:
-    """Audit sampling and verdicts.
+    """Audit sampling, the records check, validator tasks and verdicts.
 
     :param store: the database
-    :param runs: run specs (audit rate, micro-batches per audit, max strikes)
+    :param runs: run specs (audit rate, micro-batches per audit, max strikes, audit window, sketch size)
     :param registry: bans nodes that reach max strikes
     :param task_timeout: seconds a validator has for a task before it is handed to another
     """
@@ -35,18 +124,52 @@ class Auditor:
         self.task_timeout = task_timeout
 
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
-        """Inside the ledger's transaction: draw whether to audit ``contribution``; queue a task if so."""
+        """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records."""
         spec = self.runs.get(contribution.run_id).spec.verification
-        if secrets.randbelow(1_000_000) >= int(spec.audit_rate * 1_000_000):
+        node = session.get(Node, contribution.node_id)
+        rate = STRUCK_AUDIT_RATE if node is not None and node.strikes > 0 else spec.audit_rate
+        if secrets.randbelow(1_000_000) >= int(rate * 1_000_000):
             return None
         count = min(spec.micro_batches_per_audit, micro_batches)
         indices = sorted(secrets.SystemRandom().sample(range(micro_batches), count))
         audit = Audit(task_id=uuid.uuid4().hex, contribution_id=contribution.contribution_id,
                       run_id=contribution.run_id, node_id=contribution.node_id, epoch=contribution.epoch,
-                      micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63), state="pending",
+                      micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63), state=AWAITING,
                       created_at_ms=now_ms())
         session.add(audit)
         return audit
+
+    # ---------------------------------------------------------------- the audited node
+
+    def submit_records(self, caller: Caller, request: pb.SubmitAuditRecordsRequest) -> pb.SubmitAuditRecordsResponse:
+        """The audited node's records of the epoch: checked against its contribution; a mismatch fails the audit."""
+        records = [record_from_proto(r) for r in request.records]
+        failure = None
+        with self.store.transaction() as s:
+            audit = s.get(Audit, request.task_id)
+            if audit is None:
+                raise NotFound(f"no audit task {request.task_id!r}")
+            if audit.node_id != caller.node_id:
+                raise PermissionDenied("this audit is of another node's work")
+            if audit.state != AWAITING:
+                raise AlreadyExists(f"audit task {request.task_id} already has the records")
+            contribution = s.get(Contribution, audit.contribution_id)
+            message = pb.Contribution.FromString(contribution.message)
+            sketch_size = self.runs.get(audit.run_id).spec.verification.sketch_size
+            problem = check_records(message, records, sketch_size)
+            if problem:
+                failure = self._fail(s, audit, contribution, problem)
+            else:
+                indices = json.loads(audit.micro_batch_indices)
+                s.add(AuditRecords(task_id=audit.task_id, records=pb.AuditTask(
+                    records=audited_records(records, indices)).SerializeToString(deterministic=True)))
+                audit.state = "pending"
+        self._committed(audit.run_id, failure)
+        if problem:
+            return pb.SubmitAuditRecordsResponse(accepted=False, reason=problem)
+        return pb.SubmitAuditRecordsResponse(accepted=True)
+
+    # ---------------------------------------------------------------- validators
 
     def next_task(self, validator: Caller) -> pb.AuditTask:
         """An audit of someone else's work in the validator's run (the one it already holds, if any)."""
@@ -64,10 +187,13 @@ class Auditor:
             audit.state, audit.validator_node_id, audit.assigned_at_ms = "assigned", validator.node_id, now
             contribution = pb.Contribution.FromString(s.get(Contribution, audit.contribution_id).message)
             assignment = pb.WorkAssignment.FromString(s.get(WorkAssignment, contribution.assignment_id).message)
+            held = s.get(AuditRecords, audit.task_id)
+            records = pb.AuditTask.FromString(held.records).records if held is not None else []
             return pb.AuditTask(task_id=audit.task_id, run_id=audit.run_id, contribution_id=audit.contribution_id,
                                 node_id=audit.node_id, epoch=audit.epoch, params_hash=contribution.params_hash,
                                 assignment=assignment, micro_batch_indices=json.loads(audit.micro_batch_indices),
-                                audit_seed=audit.audit_seed, has_task=True)
+                                audit_seed=audit.audit_seed, has_task=True, records=records,
+                                commitment=contribution.commitment, micro_batches=contribution.micro_batches)
 
     def record_verdict(self, validator: Caller, verdict: pb.AuditVerdict) -> None:
         """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""
@@ -75,39 +201,99 @@ class Auditor:
             raise PermissionDenied("verdict names another validator than the token")
         if not signing.verify(verdict, validator.public_key):
             raise InvalidArgument("bad signature on AuditVerdict")
-        banned = None
+        failure = None
         with self.store.transaction() as s:
             audit = s.get(Audit, verdict.task_id)
             if audit is None:
                 raise NotFound(f"no audit task {verdict.task_id!r}")
             if audit.state in ("passed", "failed"):
                 raise AlreadyExists(f"audit task {verdict.task_id} already has a verdict")
-            if audit.validator_node_id != validator.node_id:
+            if audit.validator_node_id != validator.node_id or audit.state != "assigned":
                 raise FailedPrecondition(f"audit task {verdict.task_id} is not assigned to this validator")
-            audit.state = "passed" if verdict.passed else "failed"
             audit.verdict = verdict.SerializeToString(deterministic=True)
             audit.decided_at_ms = now_ms()
             contribution = s.get(Contribution, audit.contribution_id)
             if verdict.passed:
-                contribution.status = "verified"
+                audit.state = "passed"
+                if contribution.status == "accepted":
+                    contribution.status = "verified"
             else:
-                banned = self._strike(s, audit, contribution, verdict.reason)
-        if banned:
-            self.registry.banned_committed(banned)
-        if not verdict.passed:
-            self.runs.samples_committed(audit.run_id, -contribution.samples)
+                failure = self._fail(s, audit, contribution, verdict.reason, verdict=audit.verdict)
+        self._committed(audit.run_id, failure)
         logger.info("audit %s of node %s epoch %d: %s", audit.task_id[:8], audit.node_id[:12], audit.epoch,
                     audit.state)
 
-    def _strike(self, session, audit: Audit, contribution: Contribution, reason: str) -> str | None:
-        """Void the contribution and strike its node; returns the node id if this strike bans it."""
-        contribution.status = "voided"
-        self.runs.add_samples(session, audit.run_id, -contribution.samples)
+    # ---------------------------------------------------------------- the audit window
+
+    def close_windows(self, run_id: str) -> int:
+        """Apply the audit window of ``run_id`` at its current epoch; returns contributions newly verified.
+
+        Audits still waiting for records when the window closes fail (the node did not hand them over);
+        contributions that were not audited, or whose audit passed, become verified (their samples are credit).
+        """
+        info = self.runs.get(run_id)
+        closed_before = info.epoch - info.spec.verification.audit_window_epochs  # epochs <= this are closed
+        if closed_before < 0:
+            return 0
+        with self.store.session() as s:
+            overdue = list(s.scalars(select(Audit.task_id).where(
+                Audit.run_id == run_id, Audit.state == AWAITING, Audit.epoch <= closed_before)))
+        for task_id in overdue:
+            failure = None
+            with self.store.transaction() as s:
+                audit = s.get(Audit, task_id)
+                if audit.state == AWAITING:
+                    contribution = s.get(Contribution, audit.contribution_id)
+                    failure = self._fail(s, audit, contribution, "records not handed over within the audit window")
+            self._committed(run_id, failure)
+        with self.store.transaction() as s:
+            still_open = select(Audit.contribution_id).where(Audit.run_id == run_id, Audit.state.in_(OPEN_STATES))
+            result = s.execute(update(Contribution).where(
+                Contribution.run_id == run_id, Contribution.status == "accepted", Contribution.epoch <= closed_before,
+                Contribution.contribution_id.not_in(still_open)).values(status="verified"))
+            return result.rowcount or 0
+
+    # ---------------------------------------------------------------- failures
+
+    def _fail(self, session, audit: Audit, contribution: Contribution, reason: str,
+              verdict: bytes | None = None) -> tuple[str | None, int]:
+        """Fail the audit, void the contribution and strike its node.
+
+        :returns: (the node id if this strike bans it, samples voided) for :meth:`_committed`
+        """
+        audit.state = "failed"
+        audit.decided_at_ms = now_ms()
+        if verdict is None:  # the coordinator's own finding (records check or window)
+            audit.validator_node_id = audit.validator_node_id or COORDINATOR
+            audit.verdict = pb.AuditVerdict(task_id=audit.task_id, validator_node_id=COORDINATOR, passed=False,
+                                             reason=reason, created_at_ms=audit.decided_at_ms
+                                             ).SerializeToString(deterministic=True)
+        voided = self._void(session, contribution)
         node = session.get(Node, audit.node_id)
         node.strikes += 1
         max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
-        logger.warning("node %s failed an audit (%s): strike %d of %d", node.node_id[:12], reason or "no reason",
-                       node.strikes, max_strikes)
+        logger.warning("node %s failed an audit of epoch %d (%s): strike %d of %d", node.node_id[:12], audit.epoch,
+                       reason or "no reason", node.strikes, max_strikes)
         if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits"):
-            return node.node_id
-        return None
+            for provisional in session.scalars(select(Contribution).where(
+                    Contribution.node_id == node.node_id, Contribution.status == "accepted")):
+                voided += self._void(session, provisional)
+            return node.node_id, voided
+        return None, voided
+
+    def _void(self, session, contribution: Contribution) -> int:
+        """Void a contribution inside the transaction; returns the samples taken off the run's total."""
+        if contribution.status == "voided":
+            return 0
+        contribution.status = "voided"
+        self.runs.add_samples(session, contribution.run_id, -contribution.samples)
+        return contribution.samples
+
+    def _committed(self, run_id: str, failure: tuple[str | None, int] | None) -> None:
+        """Once a failing transaction committed: the in-memory ban list and sample total follow the store."""
+        if failure is None:
+            return
+        banned, voided = failure
+        if banned:
+            self.registry.banned_committed(banned)
+        self.runs.samples_committed(run_id, -voided)

@@ -97,7 +97,8 @@ class Coordinator:
         return pb.RunStatus(summary=self.runs.summary(run_id, len(online)),
                             samples_per_second=sum(b.samples_per_second for b in online),
                             last_loss=sum(losses) / len(losses) if losses else 0.0,
-                            contributions=contributions, verified_samples=verified)
+                            contributions=contributions, verified_samples=verified,
+                            provisional_samples=self.ledger.provisional_samples(run_id))
 
     # ---------------------------------------------------------------- background work
 

@@ -1,4 +1,10 @@
-"""The contribution ledger: one signed Contribution per (node, run, epoch), checked against its assignment."""
+"""The contribution ledger: one signed Contribution per (node, run, epoch), checked against its assignment.
+
+Credit is verified samples. A contribution is ``accepted`` (provisional) when it arrives, ``verified`` when its
+audit passed or its audit window (``verification.audit_window_epochs``) closed without a failed audit, and
+``voided`` when an audit failed or its node was banned while it was still provisional. Only verified samples
+count as a volunteer's credit.
+"""
 
 import logging
 import math
@@ -37,15 +43,18 @@ class Ledger:
         # (run id, status code name) -> contributions refused since this process started (for /metrics)
         self.refused: Counter[tuple[str, str]] = Counter()
 
-    def report(self, caller: Caller, contribution: pb.Contribution) -> str:
-        """Check and store a contribution; returns its id. A second report for the epoch is AlreadyExists."""
+    def report(self, caller: Caller, contribution: pb.Contribution) -> tuple[str, str]:
+        """Check and store a contribution; returns its id and the audit task id ("" if not audited).
+
+        A second report for the epoch is AlreadyExists. Reports also move the run's audit windows on.
+        """
         try:
             return self._record(caller, contribution)
         except CoordinatorError as e:
             self.refused[(caller.run_id, e.code)] += 1
             raise
 
-    def _record(self, caller: Caller, contribution: pb.Contribution) -> str:
+    def _record(self, caller: Caller, contribution: pb.Contribution) -> tuple[str, str]:
         self._check(caller, contribution)
         with self.store.session() as s:
             if s.scalar(select(Contribution.contribution_id).where(
@@ -72,12 +81,13 @@ class Ledger:
                 s.add(row)
                 s.flush()
                 self.runs.add_samples(s, caller.run_id, contribution.samples)
-                self.auditor.maybe_queue(s, row, contribution.micro_batches)
+                audit = self.auditor.maybe_queue(s, row, contribution.micro_batches)
         except IntegrityError as e:  # a concurrent duplicate got in first
             raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}") from e
         self.runs.samples_committed(caller.run_id, contribution.samples)
         self.runs.observe_epoch(caller.run_id, contribution.epoch)
-        return row.contribution_id
+        self.auditor.close_windows(caller.run_id)
+        return row.contribution_id, audit.task_id if audit is not None else ""
 
     def _check(self, caller: Caller, c: pb.Contribution) -> None:
         if c.node_id != caller.node_id or c.run_id != caller.run_id:
@@ -103,3 +113,9 @@ class Ledger:
             verified = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
                 Contribution.run_id == run_id, Contribution.status == "verified"))
         return count, verified
+
+    def provisional_samples(self, run_id: str) -> int:
+        """Samples reported in a run that are neither verified nor voided yet."""
+        with self.store.session() as s:
+            return s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+                Contribution.run_id == run_id, Contribution.status == "accepted"))

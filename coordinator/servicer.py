@@ -49,8 +49,10 @@ class CoordinatorServicer:
         return self.c.work.get_work(self.c.registry.authenticate(request), request.epoch)
 
     def ReportContribution(self, request: pb.ReportContributionRequest, context) -> pb.ReportContributionResponse:
-        contribution_id = self.c.ledger.report(self.c.registry.authenticate(request), request.contribution)
-        return pb.ReportContributionResponse(contribution_id=contribution_id, accepted=True)
+        contribution_id, audit_task_id = self.c.ledger.report(self.c.registry.authenticate(request),
+                                                              request.contribution)
+        return pb.ReportContributionResponse(contribution_id=contribution_id, accepted=True,
+                                             audit_task_id=audit_task_id)
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveResponse:
         self.c.leave(self.c.registry.authenticate(request))
@@ -62,6 +64,9 @@ class CoordinatorServicer:
     def ReportAuditVerdict(self, request: pb.ReportAuditVerdictRequest, context) -> pb.ReportAuditVerdictResponse:
         self.c.auditor.record_verdict(self.c.registry.authenticate(request), request.verdict)
         return pb.ReportAuditVerdictResponse(accepted=True)
+
+    def SubmitAuditRecords(self, request: pb.SubmitAuditRecordsRequest, context) -> pb.SubmitAuditRecordsResponse:
+        return self.c.auditor.submit_records(self.c.registry.authenticate(request), request)
 
     def ListRuns(self, request: pb.ListRunsRequest, context) -> pb.ListRunsResponse:
         return pb.ListRunsResponse(runs=self.c.list_runs())

@@ -139,13 +139,21 @@ class Audit(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     micro_batch_indices: Mapped[str] = mapped_column(Text)  # JSON list
     audit_seed: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16))  # pending | assigned | passed | failed
+    state: Mapped[str] = mapped_column(String(16))  # awaiting_records | pending | assigned | passed | failed
     validator_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     assigned_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the validator-signed AuditVerdict
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     decided_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     __table_args__ = (Index("ix_audits_run_state", "run_id", "state"),)
+
+
+class AuditRecords(Base):
+    """The records an audited node handed over for the micro-batches chosen for recomputation, with Merkle proofs."""
+
+    __tablename__ = "audit_records"
+    task_id: Mapped[str] = mapped_column(ForeignKey("audits.task_id"), primary_key=True)
+    records: Mapped[bytes] = mapped_column(LargeBinary)  # an AuditTask message holding only ``records``
 
 
 class Ban(Base):

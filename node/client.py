@@ -129,6 +129,11 @@ class CoordinatorClient:
         signing.sign(verdict, self.key)
         return self._call("ReportAuditVerdict", lambda: self._signed(pb.ReportAuditVerdictRequest, verdict=verdict))
 
+    def submit_audit_records(self, task_id: str, records: list[pb.MicroBatchRecord]) -> pb.SubmitAuditRecordsResponse:
+        """Hand over every record of an audited epoch (the coordinator checks them against the commitment)."""
+        return self._call("SubmitAuditRecords", lambda: self._signed(pb.SubmitAuditRecordsRequest, task_id=task_id,
+                                                                     records=records))
+
     # ---------------------------------------------------------------- public views
 
     def list_runs(self) -> list[pb.RunSummary]:

@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
 TOKEN_RENEW_FRACTION = 0.5  # renew the access token when this fraction of its lifetime is left
-RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits
+RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits (at least the audit window)
 
 
 class NodeError(RuntimeError):
@@ -346,10 +346,10 @@ class VolunteerNode:
             seed = micro_batch_seed(training.seed, self.spec.run_id, epoch, self.status.node_id, index)
             tick = time.perf_counter()
             opt.zero_grad()
-            record = compute_micro_batch(self.model, self.scheduler, self.source.get(indices), seed,
-                                         prediction_type=training.prediction_type, sketch=self.sketch, index=index)
+            record = self._micro_batch(epoch, index, indices, seed)
             compute_seconds += time.perf_counter() - tick
             records.append(record)
+            self._before_averaging(epoch, index)
             opt.step(batch_size=len(indices))
             self._update_status(records, compute_seconds, started)
             if opt.local_epoch != epoch:
@@ -359,6 +359,39 @@ class VolunteerNode:
                         "epoch %d were not used and are not reported", opt.local_epoch, len(records), epoch)
             return
         self._report(epoch, assignment, started_hash, records, compute_seconds)
+
+    # ---------------------------------------------------------------- what is computed, sent and committed
+    # One method per behaviour the auditor checks; tests/adversaries/ overrides exactly one of them per attack.
+
+    def _micro_batch(self, epoch: int, index: int, indices: list[int], seed: int) -> MicroBatchRecord:
+        """Compute one assigned micro-batch: its gradient lands in ``param.grad``, its record is returned."""
+        return compute_micro_batch(self.model, self.scheduler, self.source.get(indices), seed,
+                                   prediction_type=self.spec.training.prediction_type, sketch=self.sketch,
+                                   index=index)
+
+    def _before_averaging(self, epoch: int, index: int) -> None:
+        """Last look at ``param.grad`` before hivemind accumulates it for the all-reduce (honest: untouched)."""
+
+    def _commit(self, epoch: int, records: list[MicroBatchRecord]) -> list[MicroBatchRecord]:
+        """The records this node commits to (Merkle root, sketch, samples) and hands over when audited."""
+        return records
+
+    def _hand_over(self, epoch: int, task_id: str) -> None:
+        """The coordinator audits ``epoch``: send every committed record of it (the Merkle leaves, in order)."""
+        records = self.records.get(epoch)
+        if records is None:
+            logger.warning("epoch %d is audited but its records are gone", epoch)
+            return
+        protos = [pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss, grad_norm=r.grad_norm,
+                                      sketch=r.sketch.tolist()) for r in records]
+        try:
+            reply = self.client.submit_audit_records(task_id, protos)
+        except grpc.RpcError as e:
+            logger.warning("epoch %d: audit records refused: %s %s", epoch, e.code().name, e.details())
+            return
+        if not reply.accepted:
+            logger.error("epoch %d: the coordinator says our records contradict our contribution: %s", epoch,
+                         reply.reason)
 
     def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
         opt, status = self.optimizer, self.status
@@ -379,6 +412,7 @@ class VolunteerNode:
 
     def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
                 records: list[MicroBatchRecord], compute_seconds: float) -> None:
+        records = self._commit(epoch, records)
         samples = sum(record.samples for record in records)
         contribution = pb.Contribution(
             epoch=epoch, assignment_id=assignment.assignment_id, samples=samples,
@@ -387,7 +421,8 @@ class VolunteerNode:
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
         )
         self.records[epoch] = records
-        for old in [e for e in self.records if e <= epoch - RECORDS_KEPT_EPOCHS]:
+        kept = max(RECORDS_KEPT_EPOCHS, self.spec.verification.audit_window_epochs + 1)
+        for old in [e for e in self.records if e <= epoch - kept]:
             del self.records[old]
         try:
             reply = self.client.report_contribution(contribution)
@@ -396,6 +431,8 @@ class VolunteerNode:
             return
         if reply.accepted:
             self.status.contributions += 1
+        if reply.audit_task_id:
+            self._hand_over(epoch, reply.audit_task_id)
         logger.info("epoch %d: reported %d samples in %d micro-batches, loss %.4f, %.1f s of compute "
                     "(averaged with %d peers)", epoch, samples, len(records), contribution.mean_loss, compute_seconds,
                     self.optimizer.grad_group_size)

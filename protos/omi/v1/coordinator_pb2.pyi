@@ -349,12 +349,14 @@ class ReportContributionRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., contribution: _Optional[_Union[Contribution, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionResponse(_message.Message):
-    __slots__ = ("contribution_id", "accepted")
+    __slots__ = ("contribution_id", "accepted", "audit_task_id")
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     contribution_id: str
     accepted: bool
-    def __init__(self, contribution_id: _Optional[str] = ..., accepted: _Optional[bool] = ...) -> None: ...
+    audit_task_id: str
+    def __init__(self, contribution_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., audit_task_id: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("token", "timestamp_ms", "signature")
@@ -381,7 +383,7 @@ class GetAuditTaskRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
-    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task")
+    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +394,9 @@ class AuditTask(_message.Message):
     MICRO_BATCH_INDICES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_SEED_FIELD_NUMBER: _ClassVar[int]
     HAS_TASK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     contribution_id: str
@@ -402,7 +407,10 @@ class AuditTask(_message.Message):
     micro_batch_indices: _containers.RepeatedScalarFieldContainer[int]
     audit_seed: int
     has_task: bool
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ...) -> None: ...
+    records: _containers.RepeatedCompositeFieldContainer[AuditedRecord]
+    commitment: bytes
+    micro_batches: int
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class MicroBatchCheck(_message.Message):
     __slots__ = ("index", "loss_diff", "norm_diff", "sketch_diff", "passed")
@@ -419,7 +427,7 @@ class MicroBatchCheck(_message.Message):
     def __init__(self, index: _Optional[int] = ..., loss_diff: _Optional[float] = ..., norm_diff: _Optional[float] = ..., sketch_diff: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
-    __slots__ = ("task_id", "validator_node_id", "passed", "checks", "reason", "created_at_ms", "signature")
+    __slots__ = ("task_id", "validator_node_id", "passed", "checks", "reason", "created_at_ms", "signature", "params_hash", "exact_params", "recompute_seconds")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VALIDATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +435,9 @@ class AuditVerdict(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
+    EXACT_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     validator_node_id: str
     passed: bool
@@ -434,7 +445,58 @@ class AuditVerdict(_message.Message):
     reason: str
     created_at_ms: int
     signature: bytes
-    def __init__(self, task_id: _Optional[str] = ..., validator_node_id: _Optional[str] = ..., passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[MicroBatchCheck, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    params_hash: bytes
+    exact_params: bool
+    recompute_seconds: float
+    def __init__(self, task_id: _Optional[str] = ..., validator_node_id: _Optional[str] = ..., passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[MicroBatchCheck, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ..., params_hash: _Optional[bytes] = ..., exact_params: _Optional[bool] = ..., recompute_seconds: _Optional[float] = ...) -> None: ...
+
+class MicroBatchRecord(_message.Message):
+    __slots__ = ("index", "samples", "loss", "grad_norm", "sketch")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    samples: int
+    loss: float
+    grad_norm: float
+    sketch: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, index: _Optional[int] = ..., samples: _Optional[int] = ..., loss: _Optional[float] = ..., grad_norm: _Optional[float] = ..., sketch: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AuditedRecord(_message.Message):
+    __slots__ = ("record", "proof_hashes", "proof_sides", "leaves")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    PROOF_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PROOF_SIDES_FIELD_NUMBER: _ClassVar[int]
+    LEAVES_FIELD_NUMBER: _ClassVar[int]
+    record: MicroBatchRecord
+    proof_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    proof_sides: str
+    leaves: int
+    def __init__(self, record: _Optional[_Union[MicroBatchRecord, _Mapping]] = ..., proof_hashes: _Optional[_Iterable[bytes]] = ..., proof_sides: _Optional[str] = ..., leaves: _Optional[int] = ...) -> None: ...
+
+class SubmitAuditRecordsRequest(_message.Message):
+    __slots__ = ("token", "timestamp_ms", "task_id", "records", "signature")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    token: AccessToken
+    timestamp_ms: int
+    task_id: str
+    records: _containers.RepeatedCompositeFieldContainer[MicroBatchRecord]
+    signature: bytes
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., task_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[MicroBatchRecord, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class SubmitAuditRecordsResponse(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportAuditVerdictRequest(_message.Message):
     __slots__ = ("token", "timestamp_ms", "verdict", "signature")
@@ -471,18 +533,20 @@ class GetRunStatusRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("summary", "samples_per_second", "last_loss", "contributions", "verified_samples")
+    __slots__ = ("summary", "samples_per_second", "last_loss", "contributions", "verified_samples", "provisional_samples")
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LAST_LOSS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     VERIFIED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PROVISIONAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     summary: RunSummary
     samples_per_second: float
     last_loss: float
     contributions: int
     verified_samples: int
-    def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., samples_per_second: _Optional[float] = ..., last_loss: _Optional[float] = ..., contributions: _Optional[int] = ..., verified_samples: _Optional[int] = ...) -> None: ...
+    provisional_samples: int
+    def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., samples_per_second: _Optional[float] = ..., last_loss: _Optional[float] = ..., contributions: _Optional[int] = ..., verified_samples: _Optional[int] = ..., provisional_samples: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
     __slots__ = ("run_id", "epoch", "total_samples", "manifest_sha256", "size_bytes", "created_at_ms", "path", "milestone", "url")

@@ -87,6 +87,11 @@ class CoordinatorStub:
                 request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictRequest.SerializeToString,
                 response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictResponse.FromString,
                 _registered_method=True)
+        self.SubmitAuditRecords = channel.unary_unary(
+                '/omi.v1.Coordinator/SubmitAuditRecords',
+                request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsRequest.SerializeToString,
+                response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsResponse.FromString,
+                _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/omi.v1.Coordinator/ListRuns',
                 request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListRunsRequest.SerializeToString,
@@ -170,6 +175,12 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitAuditRecords(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListRuns(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -240,6 +251,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportAuditVerdict,
                     request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictRequest.FromString,
                     response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictResponse.SerializeToString,
+            ),
+            'SubmitAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitAuditRecords,
+                    request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsRequest.FromString,
+                    response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsResponse.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
@@ -530,6 +546,33 @@ class Coordinator:
             '/omi.v1.Coordinator/ReportAuditVerdict',
             omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictRequest.SerializeToString,
             omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ReportAuditVerdictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omi.v1.Coordinator/SubmitAuditRecords',
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsRequest.SerializeToString,
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.SubmitAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,317 @@
+"""`omi-node validate`: follow the swarm's parameters, recompute audited micro-batches, report signed verdicts.
+
+    omi-node validate --coordinator 127.0.0.1:50051
+    omi-node validate --coordinator coord.example.org:50051 --state-dir ~/.omi/validator
+
+A validator is a token-holding swarm peer that never trains. It keeps the parameters of the last W epochs
+(``verification.audit_window_epochs`` + 1), downloaded from peers through hivemind's state averager as the
+swarm's epoch moves on, keyed by :func:`omi.models.params_hash`. For an ``AuditTask`` it
+
+1. checks every handed-over record's Merkle proof against the contribution's commitment;
+2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else the
+   snapshot of the same epoch (another peer's copy: hivemind leaves peers' parameters slightly apart);
+3. recomputes each chosen micro-batch with :func:`omi.models.verify.recompute` — the node's samples (its
+   ``WorkAssignment``, micro-batch size from the record) and seed (``micro_batch_seed``) — and compares loss,
+   gradient norm and sketch with :data:`EXACT_TOLERANCES` or, on another peer's copy, :data:`DRIFT_TOLERANCES`;
+4. signs an ``AuditVerdict`` with the measured differences.
+
+The coordinator runs one built in (``omi-coordinator serve`` starts ``omi-node validate --token-file``) unless
+disabled. Calibration of both tolerances: ``python -m bench.bench_verification`` and docs/verification.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from omi.models import (
+    GradientSketch,
+    MicroBatchRecord,
+    build_model,
+    micro_batch_seed,
+    model_info,
+    open_source,
+    params_hash,
+)
+from omi.models.commitment import MerkleProof, verify_proof
+from omi.models.verify import Tolerances, compare, recompute
+from omi.node.client import CoordinatorClient
+from omi.node.identity import NodeIdentity
+from omi.node.trainer import assignment_indices
+from omi.protos import pb, signing
+from omi.protos.swarmauth import TokenFile, load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+
+logger = logging.getLogger(__name__)
+
+# The validator holds the node's very parameters (params_hash matches): only float reduction order differs
+# (threads, CPU vs CPU); models.verify's defaults sit ~100x above that and below every dishonest figure.
+EXACT_TOLERANCES = Tolerances()
+# The validator holds another peer's copy of the same epoch. Calibrated by bench/bench_verification.py on honest
+# recomputations with parameters 1e-2 apart (relative to how far training moved them, the spread measured between
+# honest swarm peers): 3x the largest honest difference seen. Coarser: catches no-work, scaled, stale, wrong-seed
+# and wrong-data gradients, not a one-sample swap (see docs/verification.md).
+DRIFT_TOLERANCES = Tolerances(loss=0.05, norm=0.1, sketch=0.3)
+POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
+
+
+def record_from_proto(record: pb.MicroBatchRecord) -> MicroBatchRecord:
+    return MicroBatchRecord(index=record.index, samples=record.samples, loss=record.loss, grad_norm=record.grad_norm,
+                            sketch=torch.tensor(list(record.sketch), dtype=torch.float32))
+
+
+def micro_batch_samples(assignment: pb.WorkAssignment, index: int, size: int) -> list[int]:
+    """Sample indices of micro-batch ``index`` of ``size`` samples, as ``omi.node.trainer.micro_batches`` walks."""
+    order = assignment_indices(assignment)
+    return [order[(index * size + k) % len(order)] for k in range(size)]
+
+
+def proof_of(audited: pb.AuditedRecord) -> MerkleProof:
+    return MerkleProof(index=audited.record.index, size=audited.leaves,
+                       siblings=tuple(zip(audited.proof_sides, audited.proof_hashes, strict=False)))
+
+
+@dataclass
+class Snapshot:
+    """The parameters some peer held at ``epoch``."""
+
+    epoch: int
+    params_hash: bytes
+    state: dict[str, torch.Tensor]
+
+
+class ParameterHistory:
+    """Parameter snapshots of the last ``keep_epochs`` epochs, several per epoch (one per distinct hash).
+
+    :param keep_epochs: epochs kept (the audit window + 1)
+    :param per_epoch: distinct snapshots kept per epoch
+    """
+
+    def __init__(self, keep_epochs: int, per_epoch: int = 4):
+        self.keep_epochs, self.per_epoch = keep_epochs, per_epoch
+        self._snapshots: OrderedDict[bytes, Snapshot] = OrderedDict()
+
+    def add(self, epoch: int, model: torch.nn.Module) -> bytes:
+        digest = params_hash(model)
+        if digest not in self._snapshots:
+            state = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
+            self._snapshots[digest] = Snapshot(epoch, digest, state)
+        latest = max(s.epoch for s in self._snapshots.values())
+        for key, snap in list(self._snapshots.items()):
+            same_epoch = [s for s in self._snapshots.values() if s.epoch == snap.epoch]
+            if snap.epoch <= latest - self.keep_epochs or len(same_epoch) > self.per_epoch:
+                del self._snapshots[key]
+        return digest
+
+    def find(self, digest: bytes, epoch: int) -> tuple[Snapshot | None, bool]:
+        """The snapshot with ``digest`` (exact: True), else the newest one of ``epoch`` (False), else None."""
+        if digest in self._snapshots:
+            return self._snapshots[digest], True
+        same = [s for s in self._snapshots.values() if s.epoch == epoch]
+        return (same[-1], False) if same else (None, False)
+
+    def epochs(self) -> list[int]:
+        return sorted({s.epoch for s in self._snapshots.values()})
+
+
+@dataclass
+class Recomputer:
+    """What recomputing a run's micro-batches needs: its model, scheduler, data, sketch and seeds."""
+
+    spec: pb.RunSpec
+    model: torch.nn.Module
+    scheduler: object
+    source: object
+    sketch: GradientSketch
+    exact: Tolerances = EXACT_TOLERANCES
+    drift: Tolerances = DRIFT_TOLERANCES
+
+    @classmethod
+    def for_spec(cls, spec: pb.RunSpec, device: str = "cpu") -> Recomputer:
+        training = spec.training
+        model, scheduler = build_model(spec.model, prediction_type=training.prediction_type,
+                                       num_train_timesteps=training.num_train_timesteps, seed=training.seed)
+        model.to(device).train()
+        source = open_source(spec.data, channels=model_info(spec.model).channels)
+        return cls(spec, model, scheduler, source, GradientSketch(model, spec.verification.sketch_size,
+                                                                  seed=training.seed))
+
+    def load(self, snapshot: Snapshot) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                param.copy_(snapshot.state[name])
+
+    def check_task(self, task: pb.AuditTask, history: ParameterHistory) -> pb.AuditVerdict | None:
+        """The (unsigned) verdict on ``task``; None when this validator holds no parameters of its epoch."""
+        started = time.perf_counter()
+        if len(task.records) != len(task.micro_batch_indices):
+            return pb.AuditVerdict(task_id=task.task_id, passed=False, reason="records of the task are missing")
+        for audited in task.records:
+            record = record_from_proto(audited.record)
+            if record.index not in task.micro_batch_indices or audited.leaves != task.micro_batches:
+                return pb.AuditVerdict(task_id=task.task_id, passed=False,
+                                       reason=f"record {record.index} was not asked for")
+            if not verify_proof(task.commitment, record, proof_of(audited)):
+                return pb.AuditVerdict(task_id=task.task_id, passed=False,
+                                       reason=f"record {record.index} is not under the commitment")
+        snapshot, exact = history.find(task.params_hash, task.epoch)
+        if snapshot is None:
+            logger.warning("task %s: no parameters of epoch %d here (held: %s)", task.task_id[:8], task.epoch,
+                           history.epochs())
+            return None
+        self.load(snapshot)
+        tolerances = self.exact if exact else self.drift
+        training, checks = self.spec.training, []
+        for audited in task.records:
+            claimed = record_from_proto(audited.record)
+            samples = micro_batch_samples(task.assignment, claimed.index, max(claimed.samples, 1))
+            seed = micro_batch_seed(training.seed, self.spec.run_id, task.epoch, task.node_id, claimed.index)
+            recomputed = recompute(self.model, self.scheduler, self.source, samples, seed, training.prediction_type,
+                                   self.sketch, index=claimed.index)
+            checks.append(compare(claimed, recomputed, tolerances))
+        passed = all(c.passed for c in checks)
+        worst = max(checks, key=lambda c: c.sketch_diff if math.isfinite(c.sketch_diff) else math.inf)
+        reason = "" if passed else (f"micro-batch {worst.index} differs: loss {worst.loss_diff:.2e}, "
+                                    f"norm {worst.norm_diff:.2e}, sketch {worst.sketch_diff:.2e} "
+                                    f"({'exact' if exact else 'drift'} tolerances)")
+        return pb.AuditVerdict(task_id=task.task_id, passed=passed, checks=[c.to_proto() for c in checks],
+                               reason=reason, params_hash=snapshot.params_hash, exact_params=exact,
+                               recompute_seconds=time.perf_counter() - started)
+
+
+@dataclass
+class ValidatorConfig:
+    """Settings of ``omi-node validate``."""
+
+    coordinator: str  # HOST:PORT of the coordinator's gRPC API
+    run_id: str = ""  # the run to validate ("": the only running one)
+    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("OMI_HOME", Path.home() / ".omi"))
+                            / "validator")
+    token_file: Path | None = None  # a coordinator-minted token (built-in validator): no registration
+    host: str = "127.0.0.1"  # address the swarm peer listens on
+    threads: int = 0  # torch CPU threads (0: torch's default); equal to the nodes' for bitwise recomputation
+    max_tasks: int = 0  # stop after this many verdicts (0: until Ctrl-C)
+
+
+class Validator:
+    """A validator peer: registers (or uses a minted token), follows the swarm, audits until stopped.
+
+    :param config: its settings
+
+    >>> validator = Validator(ValidatorConfig(coordinator="127.0.0.1:50051"))  # doctest: +SKIP
+    >>> try:
+    ...     validator.run()
+    ... finally:
+    ...     validator.shutdown()
+    """
+
+    def __init__(self, config: ValidatorConfig):
+        self.config = config
+        self.client: CoordinatorClient | None = None
+        self.dht = self.optimizer = None
+        self.verdicts = 0
+        self._stop = threading.Event()
+
+    def _connect(self) -> pb.RunSpec:
+        config = self.config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        identity = NodeIdentity.load_or_create(config.state_dir / "node_key.pem")
+        self.client = CoordinatorClient(config.coordinator, identity.key)
+        self.swarm_key = load_or_create_swarm_key(config.state_dir / "swarm_rsa.pem")
+        self.tokens = TokenFile(config.token_file or config.state_dir / "token.bin")
+        if config.token_file is not None:
+            self.client.token = self.tokens()
+            return self.client.get_run_spec(self.client.token.run_id)
+        run_id = config.run_id or next(r.run_id for r in self.client.list_runs() if r.state == pb.RUN_STATE_RUNNING)
+        peer_id = load_or_create_peer_identity(config.state_dir / "p2p.id")
+        response = self.client.register(run_id, peer_id, "validator", swarm_public_key(self.swarm_key))
+        self.tokens.write(response.token)
+        return response.run_spec
+
+    def run(self) -> int:
+        """Audit until stopped (or ``max_tasks`` verdicts); returns the number of verdicts reported."""
+        from omi.node.swarm import make_optimizer, start_dht
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        spec = self._connect()
+        self.recomputer = Recomputer.for_spec(spec)
+        self.history = ParameterHistory(spec.verification.audit_window_epochs + 1)
+        self.dht = start_dht(spec, self.tokens, swarm_key=self.swarm_key,
+                             identity_path=self.config.state_dir / "p2p.id", host=self.config.host)
+        # a hivemind.Optimizer that never steps: it tracks the swarm's epoch and downloads the state from peers
+        self.optimizer = make_optimizer(self.recomputer.model, spec, self.dht,
+                                        batch_size_per_step=spec.training.micro_batch_size)
+        logger.info("validating run %s as node %s", spec.run_id, self.client.node_id[:12])
+        held = -1
+        while not self._stop.is_set():
+            if self.config.max_tasks and self.verdicts >= self.config.max_tasks:
+                break
+            swarm_epoch = self.optimizer.tracker.global_epoch
+            if swarm_epoch > held:
+                self.optimizer.load_state_from_peers()
+                held = max(held, self.optimizer.local_epoch)
+                digest = self.history.add(self.optimizer.local_epoch, self.recomputer.model)
+                logger.info("holding epoch %d parameters (%s)", self.optimizer.local_epoch, digest.hex()[:12])
+            self._renew_token_if_needed(spec)
+            if not self._audit_one():
+                self._stop.wait(POLL_INTERVAL)
+        return self.verdicts
+
+    def _audit_one(self) -> bool:
+        """Take one task and report its verdict; False when there was nothing to do."""
+        try:
+            task = self.client.get_audit_task()
+        except grpc.RpcError as e:
+            logger.warning("GetAuditTask failed: %s %s", e.code().name, e.details())
+            return False
+        if not task.has_task:
+            return False
+        verdict = self.recomputer.check_task(task, self.history)
+        if verdict is None:
+            return False  # the task goes to another validator once it times out
+        try:
+            self.client.report_audit_verdict(verdict)
+        except grpc.RpcError as e:
+            logger.warning("verdict refused: %s %s", e.code().name, e.details())
+            return False
+        self.verdicts += 1
+        logger.info("audit %s of node %s epoch %d: %s%s", task.task_id[:8], task.node_id[:12], task.epoch,
+                    "passed" if verdict.passed else "FAILED", "" if verdict.passed else f" ({verdict.reason})")
+        return True
+
+    def _renew_token_if_needed(self, spec: pb.RunSpec) -> None:
+        token = self.client.token
+        if self.config.token_file is not None:
+            self.client.token = self.tokens()  # the coordinator re-mints the built-in validator's token
+            return
+        if token.expires_at_ms / 1000 - time.time() < (token.expires_at_ms - token.issued_at_ms) / 2000:
+            self.tokens.write(self.client.renew_token())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.optimizer is not None:
+            self.optimizer.shutdown()
+            self.optimizer = None
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+        if self.client is not None:
+            self.client.close()
+
+
+def sign_verdict(verdict: pb.AuditVerdict, key, node_id: str) -> pb.AuditVerdict:
+    """Sign a verdict as the validator ``node_id`` (what ``CoordinatorClient.report_audit_verdict`` does)."""
+    verdict.validator_node_id = node_id
+    verdict.created_at_ms = verdict.created_at_ms or int(time.time() * 1000)
+    return signing.sign(verdict, key)
