@@ -241,7 +241,7 @@ Each row of the first table ran in its own process with {args.threads} torch thr
 
 {throughput}
 
-"sketch / backward" is the CountSketch (`GradientSketch.of_vector`) against the backward pass of the same
+"sketch / backward" is the CountSketch (`GradientSketch.of_segments`) against the backward pass of the same
 micro-batch (goal: < 2 %); "norm" is gathering the gradient pieces (small tensors concatenated, large
 ones in place) and their L2 norm for the record. Small micro-batches make the backward pass cheap, so the big
 UNets' ratios here (batch 8 and 2) are upper bounds.
