@@ -5,6 +5,7 @@
 """
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -265,3 +266,40 @@ def status(
         console.print(table)
     else:
         console.print(f"no contributions in any of the coordinator's {len(runs)} runs yet")
+
+
+@app.command("validate")
+def validate(
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    run: str = typer.Option("", "--run", help="Run to validate (default: the coordinator's only running one)."),
+    state_dir: Path = typer.Option(Path.home() / ".omi" / "validator", "--state-dir",
+                                   help="Identity, swarm keys and token live here."),
+    token_file: Path | None = typer.Option(None, "--token-file",
+                                           help="A coordinator-minted token (the built-in validator)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the swarm peer listens on."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
+    max_tasks: int = typer.Option(0, "--max-tasks", min=0, help="Stop after this many verdicts (0: never)."),
+) -> None:
+    """Follow a run's swarm, recompute audited micro-batches and report signed verdicts until Ctrl-C."""
+    import signal
+
+    from omi.node.validate import Validator, ValidatorConfig
+
+    validator = Validator(ValidatorConfig(coordinator=coordinator, run_id=run, state_dir=state_dir,
+                                          token_file=token_file, host=host, threads=threads, max_tasks=max_tasks))
+    main_pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() == main_pid:  # hivemind's forked children keep the default action
+            validator.stop()
+        else:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        verdicts = validator.run()
+    finally:
+        validator.shutdown()
+    logger.info("done: %d verdicts reported", verdicts)

@@ -1,4 +1,4 @@
-"""Run one adversary like ``omi-node join``: ``python -m tests.adversaries NAME --coordinator HOST:PORT [join options]``.
+"""Run one adversary like ``omi-node join``: ``python -m tests.adversaries NAME --coordinator HOST:PORT [...]``.
 
 The join command's own code parses the options and runs the node; only the node class is swapped.
 """

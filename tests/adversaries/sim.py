@@ -40,7 +40,7 @@ id = "sim"
 model = "unet-digits-16"
 [training]
 micro_batch_size = {micro_batch_size}
-target_batch_size = 256
+target_batch_size = 64
 learning_rate = {learning_rate}
 shards_per_assignment = 1
 [averaging]
