@@ -40,9 +40,11 @@ id = "{RUN_ID}"
 model = "unet-digits-16"
 [data]
 source = "builtin:digits"
-shard_size = 8
+shard_size = 64
 [training]
 shards_per_assignment = 1
+[verification]
+audit_rate = 0.0
 """
 PAGE_POLL = 2.0   # seconds between a viewer's polls (dashboard.js POLL_MS)
 SLOW_EVERY = 3    # contributors and checkpoints every 3rd poll (dashboard.js SLOW_EVERY)
@@ -72,12 +74,15 @@ def _serve(state_dir: str, grpc_port: int, http_port: int, ready) -> None:
     from omi.coordinator.core import Coordinator, CoordinatorConfig
     from omi.coordinator.registry import RegistryConfig
     from omi.coordinator.server import CoordinatorServer, ServerConfig
+    from omi.coordinator.work import uniform_layout
 
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6, node_rate=1e6, node_burst=10**6)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{grpc_port}",
                           http_address=f"127.0.0.1:{http_port}", swarm_host=None,
                           coordinator=CoordinatorConfig(registry=limits, metrics_interval=1.0))
-    coordinator = Coordinator.open(config.state_dir, None, config.coordinator)
+    # a synthetic 1 M-sample layout, so that every simulated volunteer gets shards (the data is never read)
+    coordinator = Coordinator.open(config.state_dir, None, config.coordinator,
+                                   layout=lambda data: uniform_layout(1_000_000, data.shard_size))
     coordinator.runs.create(BENCH_RUN, start=True)
     server = CoordinatorServer(config, coordinator)
 
@@ -217,7 +222,9 @@ def main() -> None:
             volunteers = ctx.Process(target=_volunteers, args=(f"127.0.0.1:{grpc_port}", args.volunteers,
                                                                args.heartbeats, ready, stop, grpc_results))
             volunteers.start()
-            assert ready.wait(120), "the volunteers did not register"
+            deadline = time.monotonic() + 120
+            while not ready.wait(1):
+                assert volunteers.is_alive() and time.monotonic() < deadline, "the volunteers did not register"
             time.sleep(2.0)  # warm-up; the history gets its first points meanwhile
             for name, mode in (("baseline (heartbeats only)", None), (f"page: {args.viewers} viewers", "page"),
                                (f"saturation: {args.viewers} viewers back to back", "saturate")):
