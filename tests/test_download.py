@@ -1,0 +1,210 @@
+"""`omi-node download` against a real coordinator's HTTP port: verification, refusals, Range and resume.
+
+The checkpoints are written by the checkpointer's own writer (`write_checkpoint` + `Checkpoints.publish`) into a
+state dir that a real `omi-coordinator serve` (no swarm) then serves; the swarm side is in test_checkpoints.py.
+"""
+
+import hashlib
+import json
+import re
+import socket
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+from omi.coordinator.checkpointer import write_checkpoint
+from omi.coordinator.core import Coordinator
+from omi.models import build_model
+from omi.protos import signing
+from omi.protos.manifest import verify_manifest
+from processes import FAST_RUN, ServeProcess, kill_group, run_node
+
+pytestmark = [pytest.mark.slow]
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16"):
+    """Write and list checkpoints of the run at ``epochs`` the way the checkpointer does."""
+    coordinator = Coordinator.open(state_dir)
+    coordinator.checkpoints.state_dir = state_dir
+    coordinator.runs.create(run_file.read_text(), start=True)
+    spec = coordinator.runs.spec_for_nodes("digits")
+    unet, scheduler = build_model(model)
+    for epoch in epochs:
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(0.01 * epoch)
+        folder, manifest = write_checkpoint(unet, scheduler, spec=spec, epoch=epoch,
+                                            checkpoints=coordinator.checkpoints,
+                                            run_folder=coordinator.checkpoints.run_folder("digits"),
+                                            key=coordinator.key, preview=model == "unet-digits-16")
+        coordinator.checkpoints.publish("digits", epoch, folder, manifest)
+    coordinator.close()
+    return signing.public_bytes(coordinator.key)
+
+
+@pytest.fixture
+def served(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(FAST_RUN + "[checkpoints]\nevery_epochs = 1\nkeep = 5\n")
+    state = tmp_path / "coordinator"
+    key = publish_checkpoints(state, run_file, [1, 2])
+    server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file, extra=("--swarm-host", ""))
+    yield server, key
+    kill_group(server.proc)
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_verifies_and_loads_with_stock_diffusers(served, tmp_path):
+    server, key = served
+    listed = json.loads(urllib.request.urlopen(f"{server.http}/runs/digits/checkpoints").read())
+    assert [c["epoch"] for c in listed] == [1, 2]
+    assert listed[-1]["url"] == f"{server.http}/runs/digits/checkpoints/2"
+
+    out = tmp_path / "out"
+    result = run_node("download", "digits", "--checkpoint", "latest", "--out", out, "--coordinator", server.address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["epoch"] == 2 and verify_manifest(manifest, key)
+    for entry in manifest["files"]:
+        assert sha256(out / entry["path"]) == entry["sha256"]
+    assert not list(out.rglob("*.part"))
+
+    from diffusers import DDPMPipeline
+    pipeline = DDPMPipeline.from_pretrained(out)
+    images = pipeline(batch_size=1, num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 16, 16, 1) and images.std() > 0
+
+    # Range: a suffix of the weights, byte for byte
+    weights = (out / WEIGHTS).read_bytes()
+    request = urllib.request.Request(f"{server.http}/runs/digits/checkpoints/2/{WEIGHTS}",
+                                     headers={"Range": "bytes=100-"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 206 and response.read() == weights[100:]
+    # only files the manifest lists are served, and unknown checkpoints are 404
+    for path in ["../../../coordinator_key.pem", "nothing.bin", "../1/manifest.json"]:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{server.http}/runs/digits/checkpoints/2/{path}")
+        assert e.value.code == 404
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{server.http}/runs/digits/checkpoints/7/manifest.json")
+
+    # a pinned key and --http without gRPC work too; the wrong pinned key is refused
+    result = run_node("download", "digits", "--checkpoint", "1", "--out", tmp_path / "one", "--http", server.http,
+                      "--coordinator-key", key.hex())
+    assert result.returncode == 0 and json.loads((tmp_path / "one" / "manifest.json").read_text())["epoch"] == 1
+    other = signing.public_bytes(signing.generate_key()).hex()
+    result = run_node("download", "digits", "--out", tmp_path / "two", "--http", server.http,
+                      "--coordinator-key", other)
+    assert result.returncode == 1 and "signature" in result.stdout
+    assert not (tmp_path / "two" / "manifest.json").exists()
+
+
+def test_flipped_byte_or_edited_manifest_is_refused(served, tmp_path):
+    server, _ = served
+    folder = server.state_dir / "checkpoints" / "digits" / "epoch-00000002"
+    weights = folder / WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "flipped"
+    result = run_node("download", "digits", "--checkpoint", "2", "--out", out, "--coordinator", server.address)
+    assert result.returncode == 1 and "refused" in result.stdout, result.stdout + result.stderr
+    assert not (out / "manifest.json").exists() and not (out / WEIGHTS).exists()
+    assert (out / (WEIGHTS + ".corrupt")).exists()  # kept, marked, never under the real name
+
+    manifest_path = server.state_dir / "checkpoints" / "digits" / "epoch-00000001" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["total_samples"] += 1000
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    out = tmp_path / "edited"
+    result = run_node("download", "digits", "--checkpoint", "1", "--out", out, "--coordinator", server.address)
+    assert result.returncode == 1 and "signature" in result.stdout, result.stdout + result.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+class ThrottlingProxy:
+    """A TCP proxy that passes the server's answers at ``rate`` bytes per second (so a transfer can be cut)."""
+
+    def __init__(self, upstream_port: int, rate: float):
+        self.upstream_port, self.rate = upstream_port, rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            client, _ = self.listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
+
+    def cut(self):
+        """Drop every connection, with whatever the proxy still holds (as a server that dies does)."""
+        for s in self.sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _pipe(source, sink, rate):
+        try:
+            while data := source.recv(16384):
+                sink.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_interrupted_download_resumes(served, tmp_path):
+    server, key = served
+    proxy = ThrottlingProxy(server.http_port, rate=1_000_000)  # the 3.8 MB weights take ~4 s
+    out = tmp_path / "out"
+    import subprocess
+
+    from processes import BIN
+    download = subprocess.Popen([str(BIN / "omi-node"), "download", "digits", "--checkpoint", "2", "--out", str(out),
+                                 "--http", f"http://127.0.0.1:{proxy.port}", "--coordinator-key", key.hex()],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    part = out / (WEIGHTS + ".part")
+    deadline = time.monotonic() + 60
+    while not (part.exists() and part.stat().st_size > 1_000_000):
+        assert time.monotonic() < deadline and download.poll() is None, download.stdout.read()
+        time.sleep(0.05)
+    kill_group(server.proc)  # the coordinator goes away mid-transfer
+    proxy.cut()
+    output, _ = download.communicate(timeout=60)
+    assert download.returncode == 3 and "resume" in output, output
+    assert not (out / "manifest.json").exists() and not (out / WEIGHTS).exists()
+    partial = part.stat().st_size
+
+    restarted = ServeProcess(server.state_dir, tmp_path / "restarted.log", grpc_port=server.grpc_port,
+                             http_port=server.http_port, run_file=tmp_path / "run.toml", extra=("--swarm-host", ""))
+    try:
+        result = run_node("download", "digits", "--checkpoint", "2", "--out", out, "--http", restarted.http,
+                          "--coordinator-key", key.hex())
+    finally:
+        kill_group(restarted.proc)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["path"] == WEIGHTS)
+    assert sha256(out / WEIGHTS) == entry["sha256"] and not part.exists()
+    fetched_mib = float(re.search(r"([\d.]+) MiB\s+fetched", result.stdout).group(1))
+    assert fetched_mib * 2**20 < entry["size"] - partial + 2**20 * 0.2, (fetched_mib, partial, entry["size"])
