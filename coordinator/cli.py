@@ -44,12 +44,15 @@ def serve_command(
     run: Path = typer.Option(None, help="RunSpec TOML to create (if new) and start."),
     max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, help="Larger requests are refused."),
     swarm_host: str = typer.Option("127.0.0.1", help="Address of the runs' hivemind bootstrap peers; '' for none."),
+    validator: bool = typer.Option(True, "--validator/--no-validator",
+                                   help="Run the built-in validator of each running run (a process of its own)."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(state_dir=state_dir, db_url=db, grpc_address=grpc_address, http_address=http_address or None,
-                          run_file=run, max_message_bytes=max_message_bytes, swarm_host=swarm_host or None)
+                          run_file=run, max_message_bytes=max_message_bytes, swarm_host=swarm_host or None,
+                          validator=validator)
     try:
         asyncio.run(serve(config))
     except (CoordinatorError, OSError) as e:

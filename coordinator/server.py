@@ -17,6 +17,7 @@ from omi.coordinator.core import Coordinator, CoordinatorConfig
 from omi.coordinator.errors import FailedPrecondition, InvalidArgument
 from omi.coordinator.runs import STATE_NAMES
 from omi.coordinator.servicer import add_services
+from omi.coordinator.validators import BuiltinValidators
 from omi.protos import pb
 from omi.protos.runspec import RunSpecError
 
@@ -48,6 +49,7 @@ class ServerConfig:
     run_file: Path | None = None                 # RunSpec TOML created (if new) and started at startup
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
     swarm_host: str | None = "127.0.0.1"         # where runs' hivemind bootstrap peers listen; None = no swarm peer
+    validator: bool = True                       # start the built-in validator of each running run (needs swarm_host)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
 
@@ -68,6 +70,7 @@ class CoordinatorServer:
         self._http = None
         self._http_task: asyncio.Task | None = None
         self.bootstrap: SwarmBootstrap | None = None
+        self.validators: BuiltinValidators | None = None
         if config.swarm_host is not None:
             self.bootstrap = SwarmBootstrap(self.coordinator.key, config.state_dir, config.swarm_host)
             self.coordinator.runs.swarm_peers = self.bootstrap.initial_peers
@@ -104,6 +107,8 @@ class CoordinatorServer:
                     self.config.state_dir, self.coordinator.store.engine.url.render_as_string(hide_password=True))
         logger.info("admin token in %s", Path(self.config.state_dir) / ADMIN_TOKEN_FILENAME)
         self._maintain = asyncio.create_task(self.coordinator.maintain())
+        if self.bootstrap is not None and self.config.validator:
+            self._start_validators(host)
         if self.config.http_address:
             await self._start_http(self.config.http_address)
         if self.bootstrap is not None:  # the checkpointer is a swarm peer: without a swarm there is nothing to pull
@@ -111,6 +116,15 @@ class CoordinatorServer:
                 self.config.state_dir, self.config.db_url, self.coordinator.runs, self.bootstrap.initial_peers,
                 host=self.config.swarm_host, public_url=self.coordinator.checkpoints.public_url)
             self._checkpointers_task = asyncio.create_task(self.checkpointers.supervise())
+
+    def _start_validators(self, host: str) -> None:
+        """The built-in validator of every running run (a process of its own; see omi.coordinator.validators)."""
+        self.validators = BuiltinValidators(self.coordinator.key, self.config.state_dir)
+        address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.grpc_port}"
+        runs = self.coordinator.runs
+        for run_id in runs.run_ids():
+            if runs.get(run_id).state == pb.RUN_STATE_RUNNING:
+                self.validators.start(runs.spec_for_nodes(run_id), address)
 
     def ensure_run(self, run_file: Path) -> None:
         """Create the run of ``run_file`` if it is new and make sure it is running."""
@@ -149,6 +163,8 @@ class CoordinatorServer:
         """Finish in-flight RPCs (up to ``grace`` seconds), stop HTTP, flush and close the store."""
         if self._server is not None:
             await self._server.stop(grace)
+        if self.validators is not None:
+            self.validators.shutdown()
         if self._http_task is not None:
             self._http.should_exit = True
             await asyncio.gather(self._http_task, return_exceptions=True)

@@ -1,0 +1,93 @@
+"""Verification with real peers on loopback: CenteredClip against a x(-1000) sign-flipper, and a cheater banned
+by the built-in validator in a real swarm (coordinator, volunteers and an adversary as separate processes)."""
+
+import statistics
+
+import pytest
+from omi.protos import signing
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group
+from swarm_helpers import make_spec
+from test_node import wait_until
+from test_swarm_training import _start_swarm
+
+pytestmark = [pytest.mark.slow]
+
+
+def _swarm_loss(tmp_path, reducer: str, flipper: bool, epochs: int = 5) -> float:
+    """Median final evaluation loss of the honest peers of a 4-peer swarm (one peer x-1000 if ``flipper``)."""
+    coordinator_key = signing.generate_key()
+    spec = make_spec(coordinator_key, reducer=reducer, clip_tau=1.0, clip_iterations=5, target_batch_size=64)
+    trainers = [dict(epochs=epochs, train_timeout=120) for _ in range(4)]
+    if flipper:
+        trainers[3]["gradient_scale"] = -1000.0
+    procs, _ = _start_swarm(tmp_path, coordinator_key, spec, trainers)
+    try:
+        results = [p.wait_result(200) for p in procs[1:]]
+    finally:
+        for p in procs:
+            p.stop()
+    honest = results[:3] if flipper else results
+    assert all(r["local_epoch"] >= epochs for r in honest), [r["local_epoch"] for r in honest]
+    return statistics.median(r["eval_losses"][epochs - 1] for r in honest)
+
+
+@pytest.mark.timeout(600)
+def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp_path):
+    clean = _swarm_loss(tmp_path / "clean", "mean", flipper=False)
+    mean = _swarm_loss(tmp_path / "mean", "mean", flipper=True)
+    clipped = _swarm_loss(tmp_path / "clip", "centered_clip", flipper=True)
+    print(f"final loss: clean {clean:.4f}, mean with a x-1000 flipper {mean:.4f}, centered_clip {clipped:.4f}")
+    assert mean > 10 * clean
+    assert abs(clipped - clean) <= 0.05 * clean, (clean, clipped)
+
+
+CHEAT_RUN = FAST_RUN.replace("token_ttl = 600.0", "token_ttl = 30.0") + """
+[verification]
+audit_rate = 1.0
+max_strikes = 2
+audit_window_epochs = 3
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_path):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(CHEAT_RUN)
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    try:
+        honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 6) for i in range(2)]
+        cheater, cheater_log = _adversary(server.address, tmp_path / "cheater", "sign_flip")
+        wait_until(lambda: "refused to renew" in cheater_log.read_text(), 420, "the cheater's renewal refused", 2)
+        assert cheater.wait(timeout=60) == 5, cheater_log.read_text()[-2000:]
+        for node in honest:
+            assert node.wait(timeout=300) == 0, node.output()[-2000:]
+        validator_log = (tmp_path / "coordinator" / "validator" / "digits" / "validator.log").read_text()
+        assert "FAILED" in validator_log
+        with __import__("sqlite3").connect(tmp_path / "coordinator" / "coordinator.db") as db:
+            states = db.execute("SELECT n.display_name, a.state FROM audits a JOIN nodes n ON a.node_id = n.node_id"
+                                ).fetchall()
+            banned = [row[0] for row in db.execute("SELECT n.display_name FROM bans b JOIN nodes n "
+                                                   "ON b.node_id = n.node_id")]
+        assert banned == ["cheater"], (banned, states)
+        assert not [s for name, s in states if name != "cheater" and s == "failed"], states
+    finally:
+        kill_group(server.proc)
+
+
+def _adversary(address, state_dir, name):
+    """``python -m tests.adversaries NAME`` with the options ``omi-node join`` gets in NodeProcess."""
+    import os
+    import subprocess
+    import sys
+
+    from processes import _STARTED, PROCESS_ENV, ROOT
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = state_dir.parent / f"{state_dir.name}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tests.adversaries", name, "--coordinator", address,
+                                    "--state-dir", str(state_dir), "--quiet", "--name", "cheater"],
+                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, **PROCESS_ENV})
+    _STARTED.append(process)
+    return process, log
