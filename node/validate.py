@@ -46,7 +46,7 @@ from omi.models.verify import Tolerances, compare, recompute
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.node.trainer import assignment_indices
-from omi.protos import pb, signing
+from omi.protos import pb
 from omi.protos.swarmauth import TokenFile, load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 
 logger = logging.getLogger(__name__)
@@ -309,9 +309,3 @@ class Validator:
         if self.client is not None:
             self.client.close()
 
-
-def sign_verdict(verdict: pb.AuditVerdict, key, node_id: str) -> pb.AuditVerdict:
-    """Sign a verdict as the validator ``node_id`` (what ``CoordinatorClient.report_audit_verdict`` does)."""
-    verdict.validator_node_id = node_id
-    verdict.created_at_ms = verdict.created_at_ms or int(time.time() * 1000)
-    return signing.sign(verdict, key)
