@@ -63,7 +63,7 @@ def figure(browser, element_id: str) -> int:
     return int(browser.find_element("id", element_id).text.replace(",", "") or 0)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN)
@@ -123,7 +123,7 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     assert "unreachable" in browser.find_element("id", "connection").text
     server = ServeProcess(server.state_dir, tmp_path / "coordinator-2.log", run_file=run_file,
                           grpc_port=server.grpc_port, http_port=server.http_port)
-    wait_for(browser, "!document.getElementById('connection').classList.contains('offline')", 40, "the page to recover")
+    wait_for(browser, "!document.getElementById('connection').classList.contains('offline')", 90, "the page to recover")
     total = api(server, "/api/runs/digits/status")["total_samples"]
     wait_for(browser, f"+document.getElementById('total-samples').textContent.replace(/,/g, '') === {total}", 20,
              "the figures after the restart")
