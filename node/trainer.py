@@ -14,6 +14,7 @@ micro-batch until the swarm's epoch moves on, then reports one signed ``Contribu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -172,6 +173,7 @@ class VolunteerNode:
         self._heartbeat_thread: threading.Thread | None = None
         self._registered = False
         self.refused: str | None = None  # why the coordinator refused this node, if it did
+        self.reinstall_signals: Callable[[], None] | None = None  # set by install_stop_signals
         self._epoch_started: float | None = None  # when the swarm's current epoch began (for swarm samples/s)
 
     # ---------------------------------------------------------------- set-up
@@ -289,6 +291,8 @@ class VolunteerNode:
         self.spec = spec
         self.run_state = pb.RUN_STATE_RUNNING
         self._build(spec)
+        if self.reinstall_signals is not None:
+            self.reinstall_signals()  # hivemind's averagers just set SIGINT to "ignore"
         self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, args=(spec,), daemon=True,
                                                   name="omi-heartbeat")
         self._heartbeat_thread.start()
@@ -481,10 +485,11 @@ class VolunteerNode:
 
 
 def install_stop_signals(node: VolunteerNode) -> None:
-    """SIGTERM stops the node like Ctrl-C: finish the micro-batch, leave, shut down.
+    """SIGTERM and SIGINT (Ctrl-C) stop the node: finish the micro-batch, leave, shut down.
 
-    hivemind forks its DHT and averager processes from this one, and a fork inherits Python signal handlers;
-    in those children the signal must keep its default effect, or hivemind's shutdown (SIGTERM) cannot end them.
+    hivemind's averagers set SIGINT to "ignore" in this process when they start, so the node installs these
+    again once its swarm peer runs. Forked children (DHT, averagers) inherit Python handlers; in them the signal
+    keeps its default effect, or hivemind's shutdown (SIGTERM) could not end them.
     """
     main_pid = os.getpid()
 
@@ -498,3 +503,4 @@ def install_stop_signals(node: VolunteerNode) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    node.reinstall_signals = functools.partial(install_stop_signals, node)

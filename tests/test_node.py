@@ -1,6 +1,7 @@
 """`omi-node join` end to end: real coordinator, real volunteers in a real hivemind swarm, all on 127.0.0.1."""
 
 import json
+import signal
 import time
 from collections import Counter
 
@@ -48,38 +49,42 @@ def relative_spread(folders) -> float:
 
 @pytest.mark.timeout(420)
 def test_three_volunteers_train_together(coordinator, tmp_path):
-    epochs = 4
+    epochs = 3
 
     def start(i: int) -> NodeProcess:
-        return NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--max-epochs", epochs,
-                           "--save", tmp_path / f"model-{i}")
+        return NodeProcess(coordinator.address, tmp_path / f"node-{i}", "--save", tmp_path / f"model-{i}")
 
     # a swarm forms over time: peers that start at the very same moment each see "no other peers" and take
     # their first step alone (a lasting offset); later joiners load the state of the running swarm instead
     nodes = [start(0)]
     wait_until(lambda: "state: training" in nodes[0].output(), 120, "the first volunteer training")
     nodes += [start(1), start(2)]
+
+    def contributions_per_node() -> Counter:
+        return Counter(c.node_id for c in coordinator.contributions())
+
+    wait_until(lambda: len(counts := contributions_per_node()) == 3 and min(counts.values()) >= epochs, 300,
+               f"every volunteer contributing {epochs} epochs")
     for node in nodes:
-        assert node.wait(timeout=300) == 0, node.output()[-3000:]
+        node.proc.send_signal(signal.SIGINT)  # Ctrl-C, at the same moment: each leaves gracefully
+    for node in nodes:
+        assert node.wait(timeout=120) == 0, node.output()[-3000:]
+        assert "left run digits" in node.output()
 
     ledger = coordinator.contributions()
-    per_node = Counter(c.node_id for c in ledger)
-    assert len(per_node) == 3 and set(per_node.values()) == {epochs}, per_node
     assert len({(c.node_id, c.epoch) for c in ledger}) == len(ledger)  # one contribution per node per epoch
-    first = [c.mean_loss for c in ledger if c.epoch == min(c.epoch for c in ledger)]
-    last = [c.mean_loss for c in ledger if c.epoch == max(c.epoch for c in ledger)]
-    assert sum(last) / len(last) < 0.7 * sum(first) / len(first), (first, last)
+    assert all(c.samples > 0 for c in ledger)
+    first_epoch = [c.mean_loss for c in ledger if c.epoch == min(c.epoch for c in ledger)]
+    last_epoch = [c.mean_loss for c in ledger if c.epoch == max(c.epoch for c in ledger)]
+    assert sum(last_epoch) / len(last_epoch) < 0.7 * sum(first_epoch) / len(first_epoch), (first_epoch, last_epoch)
 
     # the swarm averaged: nodes at the same epoch hold (nearly) the same parameters
     saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
-    by_epoch = Counter(saved.values())
-    epoch, count = by_epoch.most_common(1)[0]
+    epoch, count = Counter(saved.values()).most_common(1)[0]
     assert count >= 2, f"no two nodes ended at the same epoch: {saved}"
-    same = [tmp_path / f"model-{i}" for i, e in saved.items() if e == epoch]
-    # without averaging, each node's AdamW steps would take it as far from the others as from the init
-    assert relative_spread(same) < 0.05
-    assert any("averaged with 3 peers" in node.output() or "averaged with 2 peers" in node.output()
-               for node in nodes)
+    # without averaging, each node's AdamW steps would take it about as far from the others as from the init
+    assert relative_spread([tmp_path / f"model-{i}" for i, e in saved.items() if e == epoch]) < 0.05
+    assert any("averaged with 3 peers" in node.output() for node in nodes)
 
 
 @pytest.mark.timeout(420)
