@@ -2,7 +2,8 @@
 
 ``omi-coordinator serve`` starts one checkpointer process per running run (:class:`CheckpointerSupervisor`):
 
-    python -m omi.coordinator.checkpointer --state-dir state --run digits --initial-peer /ip4/127.0.0.1/tcp/...
+    python -c "from omi.coordinator.checkpointer import main; main()" --state-dir state --run digits \
+        --initial-peer /ip4/127.0.0.1/tcp/...
 
 It runs in its own process because hivemind's ``load_state_from_peers`` blocks (and hivemind must be created in
 a main thread), while the coordinator's main thread runs the gRPC API's event loop. The process joins the run's
@@ -289,7 +290,9 @@ class CheckpointerSupervisor:
         self._stopping: set[str] = set()  # runs whose checkpointer was asked to stop
 
     def _command(self, run_id: str) -> list[str]:
-        command = [sys.executable, "-m", "omi.coordinator.checkpointer", "--state-dir", str(self.state_dir),
+        # -c rather than -m: the package imports this module, and runpy would warn about running it twice
+        command = [sys.executable, "-c", "from omi.coordinator.checkpointer import main; main()",
+                   "--state-dir", str(self.state_dir),
                    "--run", run_id, "--host", self.host, "--parent-pid", str(os.getpid())]
         if self.db_url:
             command += ["--db", self.db_url]

@@ -1,0 +1,124 @@
+"""The checkpointer in a real swarm on loopback: checkpoints while volunteers train, retention, resume of an emptied
+swarm from the latest checkpoint, and a coordinator killed (SIGKILL) in the middle of writing one."""
+
+import json
+import re
+import sqlite3
+import time
+
+import pytest
+from omi.coordinator.checkpoints import verify_folder
+from omi.models import load_pretrained, params_hash
+from omi.node.client import CoordinatorClient
+from omi.protos import signing
+from omi.protos.manifest import verify_manifest
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node
+
+pytestmark = [pytest.mark.slow]
+
+CHECKPOINTS = "[checkpoints]\nevery_epochs = 1\nkeep = 2\nmilestone_every = 3\npreview_samples = 4\n"
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def expected_retention(written: list[int], keep: int, milestone_every: int) -> list[int]:
+    """What the RunSpec asks for, spelled out independently: the last `keep` written, plus each checkpoint that is
+    the first at or after a multiple of `milestone_every`."""
+    milestones, previous = set(), 0
+    for epoch in written:
+        if epoch // milestone_every > previous // milestone_every:
+            milestones.add(epoch)
+        previous = epoch
+    return sorted(set(written[-keep:]) | milestones)
+
+
+@pytest.fixture
+def run_file(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(FAST_RUN + CHECKPOINTS)
+    return path
+
+
+@pytest.mark.timeout(480)
+def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    client = CoordinatorClient(server.address, signing.generate_key(), attempts=3)
+    public_key = client.get_run_spec("digits").coordinator_public_key
+    nodes = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 4) for i in range(2)]
+    for node in nodes:
+        assert node.wait(timeout=300) == 0, node.output()[-3000:]
+    time.sleep(3)  # a pull that started before the last volunteer left finishes or gives up
+
+    # every checkpoint written while the swarm trained; retention kept exactly what the RunSpec says
+    written = [int(e) for e in re.findall(r"checkpoint epoch (\d+) written", server.log.read_text())]
+    assert len(written) >= 2 and written == sorted(written), written
+    listed = client.list_checkpoints("digits")
+    assert [c.epoch for c in listed] == expected_retention(written, keep=2, milestone_every=3)
+    on_disk = sorted(int(p.name.split("-")[1]) for p in (server.state_dir / "checkpoints" / "digits").iterdir())
+    assert on_disk == [c.epoch for c in listed]
+
+    # the latest downloads, verifies and loads with stock diffusers; its manifest agrees with the ledger
+    latest = listed[-1]
+    out = tmp_path / "latest"
+    result = run_node("download", "digits", "--out", out, "--coordinator", server.address, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["epoch"] == latest.epoch and verify_manifest(manifest, public_key)
+    from diffusers import DDPMPipeline
+    images = DDPMPipeline.from_pretrained(out)(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 16, 16, 1)
+    before = [c for c in server.contributions() if c.epoch < latest.epoch]
+    assert manifest["total_samples"] == sum(c.samples for c in before) == latest.total_samples > 0
+    assert {c["node_id"] for c in manifest["contributors"]} == {c.node_id for c in before}
+    assert manifest["data_shards"] and (out / "preview.png").stat().st_size > 0
+    assert manifest["params_hash"] == params_hash(load_pretrained(out)[0]).hex()
+
+    # every volunteer left: a new one starts from the latest checkpoint, at its epoch (the run's never goes back)
+    run_epoch = client.get_run_status("digits").summary.epoch
+    newcomer = NodeProcess(server.address, tmp_path / "newcomer", "--max-epochs", 1)
+    assert newcomer.wait(timeout=240) == 0, newcomer.output()[-3000:]
+    said = " ".join(newcomer.output().split())  # rich wraps log lines
+    assert f"resumed from checkpoint epoch {latest.epoch}" in said, newcomer.output()[-3000:]
+    first = min((c for c in server.contributions() if c.node_id not in {b.node_id for b in before}),
+                key=lambda c: c.epoch)
+    assert first.epoch == max(latest.epoch, run_epoch)
+    assert first.params_hash.hex() == manifest["params_hash"]  # it trained from the checkpoint's weights
+    assert client.get_run_status("digits").summary.epoch >= first.epoch
+    kill_group(server.proc)
+
+
+@pytest.mark.timeout(420)
+def test_coordinator_killed_mid_checkpoint_keeps_the_previous_one(run_file, tmp_path, monkeypatch):
+    state = tmp_path / "coordinator"
+    monkeypatch.setenv("OMI_CHECKPOINT_STALL", "3:600")  # the checkpointer's hook: hang once weights are written
+    server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file)
+    monkeypatch.delenv("OMI_CHECKPOINT_STALL")
+    node = NodeProcess(server.address, tmp_path / "node", "--max-epochs", 8)
+    wait_until(lambda: "stalling the write of checkpoint" in server.log.read_text(), 300, "a stalled checkpoint write")
+    run_folder = state / "checkpoints" / "digits"
+    assert list(run_folder.glob(".tmp-*")), "the kill must land mid-write"
+    kill_group(server.proc)  # coordinator, checkpointer and its swarm peer: SIGKILL
+    kill_group(node.proc)
+    with sqlite3.connect(state / "coordinator.db") as db:
+        listed_before = [row[0] for row in db.execute("SELECT epoch FROM checkpoints ORDER BY epoch")]
+    assert listed_before and max(listed_before) < 3, listed_before
+
+    restarted = ServeProcess(state, tmp_path / "restarted.log", run_file=run_file)
+    wait_until(lambda: "removing unfinished" in restarted.log.read_text(), 120, "the checkpointer's repair")
+    assert not list(run_folder.glob(".tmp-*"))
+    client = CoordinatorClient(restarted.address, signing.generate_key(), attempts=3)
+    assert [c.epoch for c in client.list_checkpoints("digits")] == listed_before
+    key = client.get_run_spec("digits").coordinator_public_key
+    for epoch in listed_before:
+        assert verify_folder(run_folder / f"epoch-{epoch:08d}", key) is not None
+    result = run_node("download", "digits", "--out", tmp_path / "after", "--coordinator", restarted.address)
+    assert result.returncode == 0, result.stdout + result.stderr
+    kill_group(restarted.proc)
