@@ -55,7 +55,11 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
     nodes = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 4) for i in range(2)]
     for node in nodes:
         assert node.wait(timeout=300) == 0, node.output()[-3000:]
-    time.sleep(3)  # a pull that started before the last volunteer left finishes or gives up
+    # the checkpointer settles: it has the run's last epoch, or found no swarm left to pull it from
+    run_epoch = client.get_run_status("digits").summary.epoch
+    gave_up = server.log.read_text().count("no swarm state")
+    wait_until(lambda: f"checkpoint epoch {run_epoch} written" in server.log.read_text()
+               or server.log.read_text().count("no swarm state") > gave_up, 90, "the checkpointer to settle")
 
     # every checkpoint written while the swarm trained; retention kept exactly what the RunSpec says
     written = [int(e) for e in re.findall(r"checkpoint epoch (\d+) written", server.log.read_text())]
@@ -82,7 +86,6 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
     assert manifest["params_hash"] == params_hash(load_pretrained(out)[0]).hex()
 
     # every volunteer left: a new one starts from the latest checkpoint, at its epoch (the run's never goes back)
-    run_epoch = client.get_run_status("digits").summary.epoch
     newcomer = NodeProcess(server.address, tmp_path / "newcomer", "--max-epochs", 1)
     assert newcomer.wait(timeout=240) == 0, newcomer.output()[-3000:]
     said = " ".join(newcomer.output().split())  # rich wraps log lines
