@@ -19,8 +19,11 @@ logger = logging.getLogger(__name__)
 
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    level = logging.DEBUG if verbose else logging.INFO
+    if console.is_terminal:
+        logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    else:  # a log file or a pipe: one unwrapped, greppable line per record
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @app.command("train-local")
