@@ -56,6 +56,7 @@ import functools
 import logging
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 import time
 import typing
@@ -342,7 +343,11 @@ async def _publish_token_periodically(registry_key: str, period: float, dht: hiv
 
 async def _exit_with_parent(dht: hivemind.DHT, node) -> None:
     """Runs inside the DHT process: when the process that started it dies (even by SIGKILL), stop the libp2p
-    daemon and exit, rather than linger as an orphan that holds the peer identity and its port."""
+    daemon and exit, rather than linger as an orphan that holds the peer identity and its port.
+
+    The DHT process is forked from a process that may have its own SIGTERM handler (the coordinator's asyncio
+    loop, the node's graceful leave); inherited here it would swallow the SIGTERM of hivemind's hard shutdown."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
