@@ -54,11 +54,12 @@ logger = logging.getLogger(__name__)
 # The validator holds the node's very parameters (params_hash matches): only float reduction order differs
 # (threads, CPU vs CPU); models.verify's defaults sit ~100x above that and below every dishonest figure.
 EXACT_TOLERANCES = Tolerances()
-# The validator holds another peer's copy of the same epoch. Calibrated by bench/bench_verification.py on honest
-# recomputations with parameters 1e-2 apart (relative to how far training moved them, the spread measured between
-# honest swarm peers): 3x the largest honest difference seen. Coarser: catches no-work, scaled, stale, wrong-seed
-# and wrong-data gradients, not a one-sample swap (see docs/verification.md).
-DRIFT_TOLERANCES = Tolerances(loss=0.05, norm=0.1, sketch=0.3)
+# The validator holds another peer's copy of the same epoch (hivemind leaves honest peers ~1e-3..1e-2 apart,
+# relative to the distance trained). bench/bench_verification.py measured honest differences of at most 4.2e-4
+# (loss), 3.0e-4 (norm), 1.6e-3 (sketch) with a copy drifted by 1e-2 (random directions, per-parameter scale of the
+# distance trained); these values are ~5x that. Not yet re-measured for detection at these values: see
+# docs/verification.md (its drift column used the first, looser guess 0.05 / 0.1 / 0.3).
+DRIFT_TOLERANCES = Tolerances(loss=2e-3, norm=2e-3, sketch=1e-2)
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 
 
