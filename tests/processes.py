@@ -121,3 +121,14 @@ class NodeProcess:
 def run_node(*args, timeout: float = 60) -> subprocess.CompletedProcess:
     """`omi-node ARGS` to completion (bounded)."""
     return subprocess.run([str(BIN / "omi-node"), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
+    """Poll ``condition`` until it returns something true (returned), or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -4,7 +4,6 @@ swarm from the latest checkpoint, and a coordinator killed (SIGKILL) in the midd
 import json
 import re
 import sqlite3
-import time
 
 import pytest
 from omi.coordinator.checkpoints import verify_folder
@@ -12,21 +11,11 @@ from omi.models import load_pretrained, params_hash
 from omi.node.client import CoordinatorClient
 from omi.protos import signing
 from omi.protos.manifest import verify_manifest
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
 CHECKPOINTS = "[checkpoints]\nevery_epochs = 1\nkeep = 2\nmilestone_every = 3\npreview_samples = 4\n"
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def expected_retention(written: list[int], keep: int, milestone_every: int) -> list[int]:

@@ -11,14 +11,7 @@ from omi.models import DataSourceError, open_source
 from omi.protos import pb
 from PIL import Image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
 def png_bytes(value: int, size=(20, 12)) -> bytes:

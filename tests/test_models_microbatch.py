@@ -28,13 +28,7 @@ DIGITS = pb.DataSpec(source="builtin:digits", shard_size=64, resolution=16)
 MICRO_BATCH = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

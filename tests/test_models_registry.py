@@ -4,14 +4,7 @@ import pytest
 import torch
 from omi.models import KNOWN_MODELS, build_model, model_info
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.mark.parametrize("name", KNOWN_MODELS)

@@ -9,14 +9,7 @@ from omi.models.data import DigitsSource
 from omi.models.quality import _Judge
 from PIL import Image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
 def test_generate_is_deterministic_and_in_range():

@@ -3,7 +3,6 @@
 import json
 import re
 import signal
-import time
 from collections import Counter
 
 import pytest
@@ -12,7 +11,7 @@ from omi.models import build_model, load_pretrained
 from omi.node.client import CoordinatorClient
 from omi.protos import pb
 from omi.protos.signing import generate_key
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -26,16 +25,6 @@ def coordinator(tmp_path):
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
     yield server
     kill_group(server.proc)
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def flat_params(model) -> torch.Tensor:

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 from omi.models import build_model, generate, quality_score, train_local
 from omi.node.cli import app
 from omi.protos.runspec import load_runspec
@@ -12,13 +11,7 @@ from typer.testing import CliRunner
 DIGITS_TOML = "examples/runs/digits.toml"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
 def test_train_local_lowers_loss_and_improves_quality():
