@@ -52,13 +52,17 @@ def _serve(state_dir: str, port: int, ready) -> None:
     from omi.coordinator.work import uniform_layout
 
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6)  # every volunteer registers from 127.0.0.1
+    # the API alone: no swarm peer, validator or checkpointer (they would share the 2 cores with the load)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{port}", http_address=None,
-                          coordinator=CoordinatorConfig(registry=limits))
+                          swarm_host=None, coordinator=CoordinatorConfig(registry=limits))
     coordinator = Coordinator.open(config.state_dir, None, config.coordinator,
                                    layout=lambda data: uniform_layout(10_000_000, data.shard_size))
     coordinator.runs.create(BENCH_RUN, start=True)
-    server = CoordinatorServer(config, coordinator)
+    serve_until_signalled(CoordinatorServer(config, coordinator), ready)
 
+
+def serve_until_signalled(server, ready) -> None:
+    """Run ``server`` (a CoordinatorServer) in this process until SIGTERM or SIGINT; set ``ready`` once it listens."""
     async def main():
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

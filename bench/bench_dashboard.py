@@ -23,7 +23,6 @@ import multiprocessing
 import os
 import random
 import re
-import signal
 import socket
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.bench_coordinator import serve_until_signalled
 from bench.report import write_section
 
 RUN_ID = "bench"
@@ -84,18 +84,7 @@ def _serve(state_dir: str, grpc_port: int, http_port: int, ready) -> None:
     coordinator = Coordinator.open(config.state_dir, None, config.coordinator,
                                    layout=lambda data: uniform_layout(1_000_000, data.shard_size))
     coordinator.runs.create(BENCH_RUN, start=True)
-    server = CoordinatorServer(config, coordinator)
-
-    async def main():
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await server.start()
-        ready.set()
-        await stop.wait()
-        await server.stop(grace=1)
-
-    asyncio.run(main())
+    serve_until_signalled(CoordinatorServer(config, coordinator), ready)
 
 
 # ---------------------------------------------------------------- simulated volunteers (gRPC)
