@@ -84,7 +84,7 @@ def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     runs = json.load(urllib.request.urlopen(f"{server.http}/api/runs", timeout=10))
-    assert {r["run_id"]: r["total_samples"] for r in runs}["digits"] == str(status.summary.total_samples)
+    assert {r["run_id"]: int(r["total_samples"]) for r in runs}["digits"] == status.summary.total_samples
     assert json.load(urllib.request.urlopen(f"{server.http}/healthz", timeout=10)) == {"status": "ok"}
 
     server.proc.send_signal(signal.SIGTERM)
