@@ -261,6 +261,9 @@ class Validator:
         # a hivemind.Optimizer that never steps: it tracks the swarm's epoch and downloads the state from peers
         self.optimizer = make_optimizer(self.recomputer.model, spec, self.dht,
                                         batch_size_per_step=spec.training.micro_batch_size)
+        # it only follows the swarm: a joining volunteer must load state from trainers (or the latest checkpoint
+        # when none is left), never from a validator that may lag an epoch behind
+        self.optimizer.state_averager.allow_state_sharing = False
         logger.info("validating run %s as node %s", spec.run_id, self.client.node_id[:12])
         held = -1
         while not self._stop.is_set():
