@@ -49,7 +49,7 @@ class ServerConfig:
     run_file: Path | None = None                 # RunSpec TOML created (if new) and started at startup
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # larger requests get RESOURCE_EXHAUSTED
     swarm_host: str | None = "127.0.0.1"         # where runs' hivemind bootstrap peers listen; None = no swarm peer
-    validator: bool = True                       # start the built-in validator of each running run (needs swarm_host)
+    validator: bool = False                      # start the built-in validator of each running run (needs swarm_host)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
 

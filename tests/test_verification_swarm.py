@@ -60,7 +60,8 @@ audit_window_epochs = 3
 def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_path):
     run_file = tmp_path / "run.toml"
     run_file.write_text(CHEAT_RUN)
-    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file,
+                          extra=("--validator",))
     try:
         honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 6) for i in range(2)]
         cheater, cheater_log = _adversary(server.address, tmp_path / "cheater", "sign_flip")
