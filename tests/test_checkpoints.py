@@ -69,8 +69,11 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
     images = DDPMPipeline.from_pretrained(out)(batch_size=2, num_inference_steps=3, output_type="np").images
     assert images.shape == (2, 16, 16, 1)
     before = [c for c in server.contributions() if c.epoch < latest.epoch]
-    assert manifest["total_samples"] == sum(c.samples for c in before) == latest.total_samples > 0
-    assert {c["node_id"] for c in manifest["contributors"]} == {c.node_id for c in before}
+    # the manifest holds the ledger as it was when the checkpoint was written; a contribution of an earlier epoch
+    # may still arrive after that (a slow node reports late), so the ledger can only have grown since
+    assert 0 < manifest["total_samples"] == latest.total_samples <= sum(c.samples for c in before)
+    assert {c["node_id"] for c in manifest["contributors"]} <= {c.node_id for c in before}
+    assert manifest["contributors"]
     assert manifest["data_shards"] and (out / "preview.png").stat().st_size > 0
     assert manifest["params_hash"] == params_hash(load_pretrained(out)[0]).hex()
 
