@@ -68,8 +68,9 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN)
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
-    [NodeProcess(server.address, tmp_path / "alice", "--max-epochs", 2, name="alice"),
-             NodeProcess(server.address, tmp_path / "mallory", "--max-epochs", 2, name=XSS_NAME)]
+    # enough epochs that the swarm is still training when a slow browser has taken its first figures
+    [NodeProcess(server.address, tmp_path / "alice", "--max-epochs", 4, name="alice"),
+     NodeProcess(server.address, tmp_path / "mallory", "--max-epochs", 4, name=XSS_NAME)]
 
     browser.get(f"{server.http}/runs/digits")
     browser.execute_script("window.__loaded = 'once'")  # gone if the page ever reloads
