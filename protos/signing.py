@@ -76,19 +76,23 @@ def verify(message: Message, public_key: bytes, field: str = SIGNATURE_FIELD) ->
     return bool(signature) and verify_bytes(canonical_bytes(message, field), signature, public_key)
 
 
-def save_key(key: Ed25519PrivateKey, path: str | Path) -> None:
-    """Write ``key`` as PEM with file mode 0600, atomically (never a half-written key file)."""
+def write_private_file(path: str | Path, data: bytes) -> None:
+    """Write ``data`` with file mode 0600, atomically (never a half-written key or token file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_key(key, path: str | Path) -> None:
+    """Write a private key (Ed25519, or the RSA key of the swarm authorizer) as PEM, mode 0600, atomically."""
+    write_private_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
 
 
 def load_key(path: str | Path) -> Ed25519PrivateKey:

@@ -170,14 +170,7 @@ class TokenFile:
         self._cached: tuple[int, pb.AccessToken] | None = None
 
     def write(self, token: pb.AccessToken) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(token.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        signing.write_private_file(self.path, token.SerializeToString())
 
     def __call__(self) -> pb.AccessToken:
         mtime = self.path.stat().st_mtime_ns
@@ -201,14 +194,7 @@ def load_or_create_swarm_key(path: str | os.PathLike) -> RSAPrivateKey:
             raise ValueError(f"{path} does not hold an RSA private key")
     else:
         raw = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = raw.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                 serialization.NoEncryption())
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        signing.save_key(raw, path)
         logger.info("created a new swarm RSA key at %s", path)
     key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind's class only generates; its pickling sets this field
     key._private_key = raw
