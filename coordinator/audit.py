@@ -30,7 +30,7 @@ import torch
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from omi.coordinator.registry import Caller, Registry
 from omi.coordinator.runs import Runs, now_ms
-from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, WorkAssignment
+from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, Token, WorkAssignment
 from omi.models import MicroBatchRecord, merkle_proof, merkle_root
 from omi.protos import pb, signing
 from sqlalchemy import or_, select, update
@@ -189,11 +189,15 @@ class Auditor:
             assignment = pb.WorkAssignment.FromString(s.get(WorkAssignment, contribution.assignment_id).message)
             held = s.get(AuditRecords, audit.task_id)
             records = pb.AuditTask.FromString(held.records).records if held is not None else []
+            peer_id = s.scalars(select(Token.peer_id).where(Token.node_id == audit.node_id,
+                                                            Token.run_id == audit.run_id)
+                                .order_by(Token.issued_at_ms.desc()).limit(1)).first()
             return pb.AuditTask(task_id=audit.task_id, run_id=audit.run_id, contribution_id=audit.contribution_id,
                                 node_id=audit.node_id, epoch=audit.epoch, params_hash=contribution.params_hash,
                                 assignment=assignment, micro_batch_indices=json.loads(audit.micro_batch_indices),
                                 audit_seed=audit.audit_seed, has_task=True, records=records,
-                                commitment=contribution.commitment, micro_batches=contribution.micro_batches)
+                                commitment=contribution.commitment, micro_batches=contribution.micro_batches,
+                                peer_id=peer_id or "")
 
     def record_verdict(self, validator: Caller, verdict: pb.AuditVerdict) -> None:
         """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""

@@ -21,7 +21,11 @@ instead of the weighted mean Σᵢ wᵢxᵢ/Σᵢ wᵢ. v starts at the coordina
 reducer keeps no history across rounds, and the mean would start next to an outlier). When every part lies
 within τ of the start, one iteration gives exactly the weighted mean, so honest swarms lose nothing. τ bounds
 the norm of a *part* (hivemind splits the flat vector in parts of at most ``part_size_bytes``, 512 KiB by
-default), not of the whole gradient; the same reducer also averages the parameters in the state averager.
+default), not of the whole gradient. The state averager reduces the parameters by CenteredClip too, with a
+radius taken from the senders (twice their median distance to the median, :func:`centered_clip` with
+``tau=None``): a fixed τ that suits gradients is far wider than the gap between honest peers' parameters, and a
+peer whose parameters lag (seen: a x-1000 sign-flipper that once stepped alone poisoned its own AdamW statistics
+and stopped moving) would pull every peer back by its share in each round.
 """
 
 from __future__ import annotations
@@ -95,10 +99,17 @@ def start_dht(spec: pb.RunSpec, token_provider: TokenProvider, *, swarm_key: RSA
 # ---------------------------------------------------------------- CenteredClip
 
 
-def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float, iterations: int) -> torch.Tensor:
+ADAPTIVE_TAU_FACTOR = 2.0  # adaptive radius: this many times the senders' median distance to the median
+
+
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float | None,
+                  iterations: int) -> torch.Tensor:
     """CenteredClip of ``parts`` (one row per sender, any trailing shape) with per-sender ``weights``.
 
-    Senders with zero weight are left out (hivemind's peers that "tag along" with weight 0).
+    Senders with zero weight are left out (hivemind's peers that "tag along" with weight 0). ``tau=None`` picks
+    the radius from the senders: :data:`ADAPTIVE_TAU_FACTOR` times their median distance to the start (the state
+    averager's choice: honest peers' parameters lie far closer together than any fixed radius that suits
+    gradients, and a peer whose parameters lag behind would otherwise pull everyone back by its share).
 
     >>> honest = torch.ones(3, 4)
     >>> attacker = -1000 * torch.ones(1, 4)
@@ -106,12 +117,16 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float, ite
     tensor([0.8359, 0.8359, 0.8359, 0.8359])
     """
     assert parts.shape[0] == weights.shape[0], "one weight per sender"
-    assert tau > 0 and iterations >= 1, "tau must be positive and iterations at least 1"
+    assert (tau is None or tau > 0) and iterations >= 1, "tau must be positive (or None) and iterations at least 1"
     keep = weights > 0
     points, weights = parts[keep].flatten(1).to(torch.float64), weights[keep].to(torch.float64)
     if points.shape[0] == 0:
         return torch.full(parts.shape[1:], float("nan"), dtype=parts.dtype)
     center = points.median(dim=0).values
+    if tau is None:
+        tau = ADAPTIVE_TAU_FACTOR * float((points - center).norm(dim=1).median())
+        if tau == 0.0:  # most senders hold exactly the median
+            return center.to(parts.dtype).view(parts.shape[1:])
     for _ in range(iterations):
         diffs = points - center
         scales = torch.clamp(tau / diffs.norm(dim=1).clamp_min(1e-30), max=1.0)
@@ -130,7 +145,7 @@ class CenteredClipReducer(TensorPartReducer):
     :param iterations: CenteredClip iterations
     """
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, tau: float, iterations: int):
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, tau: float | None, iterations: int):
         self.tau, self.iterations = tau, iterations
         self._parts: list[torch.Tensor] = []
         self._weights: list[float] = []
@@ -181,7 +196,7 @@ class CenteredClipAllReduceRunner(AllReduceRunner):
     :param tau: clipping radius; :param iterations: CenteredClip iterations; other arguments: ``AllReduceRunner``'s
     """
 
-    def __init__(self, *, tau: float, iterations: int, **kwargs):
+    def __init__(self, *, tau: float | None, iterations: int, **kwargs):
         super().__init__(**kwargs)
         self.tensor_part_reducer = CenteredClipReducer(
             tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
@@ -196,7 +211,8 @@ class SwarmOptimizer(hivemind.Optimizer):
     ``grad_averager_factory``) and which can be told never to download state from peers.
 
     :param access: the run's :class:`PeerAccessGate`
-    :param allreduce_runner: all-reduce runner of both averagers (None: hivemind's weighted mean)
+    :param allreduce_runner: all-reduce runner of the state averager (None: hivemind's weighted mean); the
+        gradient averager's comes with ``grad_averager_factory``
     :param allow_load_state: if False, never load state from peers (``averaging.load_state_from_peers``)
     :param kwargs: ``hivemind.Optimizer``'s arguments
     """
@@ -261,8 +277,10 @@ def make_optimizer(model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, 
     if averaging.reducer == "centered_clip":
         runner = functools.partial(CenteredClipAllReduceRunner, tau=averaging.clip_tau,
                                    iterations=averaging.clip_iterations)
+        # parameters: a radius of their own, from the senders' spread (see centered_clip)
+        state_runner = functools.partial(CenteredClipAllReduceRunner, tau=None, iterations=averaging.clip_iterations)
     elif averaging.reducer in ("mean", ""):
-        runner = None
+        runner = state_runner = None
     else:
         raise ValueError(f"averaging.reducer must be mean or centered_clip, got {averaging.reducer!r}")
     access = PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
@@ -282,5 +300,5 @@ def make_optimizer(model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, 
         verbose=verbose,
     )
     kwargs.update(optimizer_kwargs)
-    return SwarmOptimizer(access=access, allreduce_runner=runner,
+    return SwarmOptimizer(access=access, allreduce_runner=state_runner,
                           allow_load_state=averaging.load_state_from_peers, **kwargs)

@@ -41,6 +41,7 @@ from omi.models import (
     params_hash,
     pick_device,
 )
+from omi.node.audit_params import ParamsServer, snapshot
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.protos import pb
@@ -168,6 +169,7 @@ class VolunteerNode:
         self.client: CoordinatorClient | None = None
         self.dht = None
         self.optimizer = None
+        self.params_server: ParamsServer | None = None
         self.records: dict[int, list[MicroBatchRecord]] = {}  # epoch -> records, for audits
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
@@ -241,6 +243,7 @@ class VolunteerNode:
                     [str(m) for m in self.dht.get_visible_maddrs()])
         self.optimizer = make_optimizer(self.model, spec, self.dht, batch_size_per_step=self.micro_batch_size,
                                         verbose=logger.isEnabledFor(logging.DEBUG))
+        self.params_server = ParamsServer.start(self.dht, spec, keep=spec.verification.audit_window_epochs + 1)
         # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
         from omi.node.download import resume_from_checkpoint
         resume_from_checkpoint(self.client, spec, self.model, self.optimizer, self.config.state_dir / "checkpoints")
@@ -340,7 +343,7 @@ class VolunteerNode:
             return
         self._set_state("training")
         self.status.epoch = epoch
-        started_hash = params_hash(self.model)
+        started_hash, started_params = params_hash(self.model), snapshot(self.model)
         loads_before = opt.state_loads
         records: list[MicroBatchRecord] = []
         compute_seconds, started = 0.0, time.perf_counter()
@@ -362,7 +365,7 @@ class VolunteerNode:
             logger.info("epoch %d: this node was behind and loaded the swarm's state; its %d micro-batches of "
                         "epoch %d were not used and are not reported", opt.local_epoch, len(records), epoch)
             return
-        self._report(epoch, assignment, started_hash, records, compute_seconds)
+        self._report(epoch, assignment, started_hash, records, compute_seconds, started_params)
 
     # ---------------------------------------------------------------- what is computed, sent and committed
     # One method per behaviour the auditor checks; tests/adversaries/ overrides exactly one of them per attack.
@@ -397,6 +400,10 @@ class VolunteerNode:
             logger.error("epoch %d: the coordinator says our records contradict our contribution: %s", epoch,
                          reply.reason)
 
+    def _hold_params(self, epoch: int, started_hash: bytes, started_params: dict[str, torch.Tensor]) -> None:
+        """The coordinator audits ``epoch``: keep the parameters it started from for validators to fetch."""
+        self.params_server.hold(started_hash, started_params)
+
     def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
         opt, status = self.optimizer, self.status
         samples = sum(record.samples for record in records)
@@ -415,7 +422,8 @@ class VolunteerNode:
         self.on_status(status)
 
     def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
-                records: list[MicroBatchRecord], compute_seconds: float) -> None:
+                records: list[MicroBatchRecord], compute_seconds: float,
+                started_params: dict[str, torch.Tensor]) -> None:
         records = self._commit(epoch, records)
         samples = sum(record.samples for record in records)
         contribution = pb.Contribution(
@@ -436,6 +444,7 @@ class VolunteerNode:
         if reply.accepted:
             self.status.contributions += 1
         if reply.audit_task_id:
+            self._hold_params(epoch, started_hash, started_params)
             self._hand_over(epoch, reply.audit_task_id)
         logger.info("epoch %d: reported %d samples in %d micro-batches, loss %.4f, %.1f s of compute "
                     "(averaged with %d peers)", epoch, samples, len(records), contribution.mean_loss, compute_seconds,
@@ -461,6 +470,9 @@ class VolunteerNode:
                 self._save(self.config.save_dir)
             self.optimizer.shutdown()
             self.optimizer = None
+        if self.params_server is not None:
+            self.params_server.shutdown()
+            self.params_server = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None

@@ -8,8 +8,11 @@ A validator is a token-holding swarm peer that never trains. It keeps the parame
 swarm's epoch moves on, keyed by :func:`omi.models.params_hash`. For an ``AuditTask`` it
 
 1. checks every handed-over record's Merkle proof against the contribution's commitment;
-2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else the
-   snapshot of the same epoch (another peer's copy: hivemind leaves peers' parameters slightly apart);
+2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else asks
+   the node itself for them over hivemind's P2P (:mod:`omi.node.audit_params`): they must hash to the signed
+   ``params_hash`` and lie within :data:`PARAMS_DISTANCE_TOLERANCE` of the validator's own copy of the epoch;
+   only when the node cannot be reached, the snapshot of the same epoch (another peer's copy: hivemind leaves
+   peers' parameters slightly apart), on which a failure is inconclusive;
 3. recomputes each chosen micro-batch with :func:`omi.models.verify.recompute` — the node's samples (its
    ``WorkAssignment``, micro-batch size from the record) and seed (``micro_batch_seed``) — and compares loss,
    gradient norm and sketch with :data:`EXACT_TOLERANCES` or, on another peer's copy, :data:`DRIFT_TOLERANCES`;
@@ -43,6 +46,7 @@ from omi.models import (
 )
 from omi.models.commitment import MerkleProof, verify_proof
 from omi.models.verify import Tolerances, compare, recompute
+from omi.node.audit_params import ParamsFetcher, ParamsRefused, ParamsUnavailable
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.node.trainer import assignment_indices
@@ -63,6 +67,11 @@ EXACT_TOLERANCES = Tolerances()
 # caught only when the validator holds the node's exact parameters (same params_hash). A failure on a drifted
 # copy is not a verdict at all (see Recomputer.check_task): it never strikes.
 DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
+# Relative L2 distance between the parameters a node served and the validator's own copy of the same epoch.
+# Honest copies differ by partial rounds and at most about an optimizer step (measured in real swarms:
+# docs/verification.md); a node that computed on parameters of its own choosing (an old epoch, another model)
+# is far outside.
+PARAMS_DISTANCE_TOLERANCE = 0.05
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 
 
@@ -89,6 +98,16 @@ class Snapshot:
     epoch: int
     params_hash: bytes
     state: dict[str, torch.Tensor]
+
+    def distance(self, other: Snapshot) -> float:
+        """||self - other|| / ||other|| over all parameters (inf if they do not have the same tensors)."""
+        if self.state.keys() != other.state.keys() or any(
+                self.state[k].shape != other.state[k].shape for k in self.state):
+            return math.inf
+        diff = math.sqrt(sum(float((self.state[k].double() - other.state[k].double()).pow(2).sum())
+                             for k in self.state))
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in other.state.values()))
+        return diff / max(norm, 1e-30)
 
 
 class ParameterHistory:
@@ -152,8 +171,23 @@ class Recomputer:
             for name, param in self.model.named_parameters():
                 param.copy_(snapshot.state[name])
 
-    def check_task(self, task: pb.AuditTask, history: ParameterHistory) -> pb.AuditVerdict | None:
-        """The (unsigned) verdict on ``task``; None when this validator holds no parameters of its epoch."""
+    def fetch_node_params(self, task: pb.AuditTask, fetcher: ParamsFetcher) -> Snapshot | None:
+        """The parameters the audited node serves for its ``params_hash``; None if they hash to something else."""
+        info = model_info(self.spec.model)
+        state = fetcher.fetch(task.peer_id, task.params_hash, max_bytes=info.bytes + (1 << 20))
+        own = dict(self.model.named_parameters())
+        if state.keys() != own.keys() or any(state[k].shape != own[k].shape or state[k].dtype != own[k].dtype
+                                             for k in own):
+            return None
+        served = Snapshot(task.epoch, b"", state)
+        self.load(served)
+        served.params_hash = params_hash(self.model)
+        return served if served.params_hash == task.params_hash else None
+
+    def check_task(self, task: pb.AuditTask, history: ParameterHistory,
+                   fetcher: ParamsFetcher | None = None) -> pb.AuditVerdict | None:
+        """The (unsigned) verdict on ``task``; None when it cannot be decided here (no parameters of its epoch,
+        or a failure on another peer's copy). With a ``fetcher``, the node's own parameters are asked for first."""
         started = time.perf_counter()
         if len(task.records) != len(task.micro_batch_indices):
             return pb.AuditVerdict(task_id=task.task_id, passed=False, reason="records of the task are missing")
@@ -166,6 +200,29 @@ class Recomputer:
                 return pb.AuditVerdict(task_id=task.task_id, passed=False,
                                        reason=f"record {record.index} is not under the commitment")
         snapshot, exact = history.find(task.params_hash, task.epoch)
+        from_node, distance, refused = False, -1.0, ""
+        if not exact and fetcher is not None and task.peer_id:
+            try:
+                served = self.fetch_node_params(task, fetcher)
+            except ParamsUnavailable as e:
+                logger.warning("task %s: could not fetch the node's parameters (%s)", task.task_id[:8], e)
+            except ParamsRefused as e:
+                logger.warning("task %s: the node did not hand its parameters over (%s)", task.task_id[:8], e)
+                refused = str(e)
+            else:
+                if served is None:
+                    return pb.AuditVerdict(task_id=task.task_id, passed=False,
+                                           reason="the parameters the node served do not hash to the params_hash "
+                                                  "of its contribution")
+                if snapshot is not None:
+                    distance = served.distance(snapshot)
+                    if not distance <= PARAMS_DISTANCE_TOLERANCE:
+                        return pb.AuditVerdict(
+                            task_id=task.task_id, passed=False, params_hash=served.params_hash, params_from_node=True,
+                            params_distance=distance,
+                            reason=f"the node started from parameters {distance:.3g} (relative) away from the "
+                                   f"swarm's epoch {task.epoch} (tolerance {PARAMS_DISTANCE_TOLERANCE})")
+                snapshot, exact, from_node = served, True, True
         if snapshot is None:
             logger.warning("task %s: no parameters of epoch %d here (held: %s)", task.task_id[:8], task.epoch,
                            history.epochs())
@@ -182,6 +239,14 @@ class Recomputer:
             checks.append(compare(claimed, recomputed, tolerances))
         passed = all(c.passed for c in checks)
         worst = max(checks, key=lambda c: c.sketch_diff if math.isfinite(c.sketch_diff) else math.inf)
+        if not passed and not exact and refused:
+            # the node was asked for its own parameters and answered without them: it had its chance of an
+            # exact comparison, so a gross difference on the swarm's copy is its failure
+            return pb.AuditVerdict(
+                task_id=task.task_id, passed=False, checks=[c.to_proto() for c in checks],
+                params_hash=snapshot.params_hash, recompute_seconds=time.perf_counter() - started,
+                reason=f"the node did not hand over its parameters ({refused}) and micro-batch {worst.index} "
+                       f"differs on the swarm's copy: sketch {worst.sketch_diff:.2e} (drift tolerances)")
         if not passed and not exact:
             # Another peer's copy can be an optimizer step away from what the node started from (seen in a real
             # swarm: honest differences of loss 0.3, sketch 1.2), as large as a cheat's. Striking on it would
@@ -195,7 +260,8 @@ class Recomputer:
                                     f"({'exact' if exact else 'drift'} tolerances)")
         return pb.AuditVerdict(task_id=task.task_id, passed=passed, checks=[c.to_proto() for c in checks],
                                reason=reason, params_hash=snapshot.params_hash, exact_params=exact,
-                               recompute_seconds=time.perf_counter() - started)
+                               recompute_seconds=time.perf_counter() - started, params_from_node=from_node,
+                               params_distance=distance)
 
 
 @dataclass
@@ -227,7 +293,7 @@ class Validator:
     def __init__(self, config: ValidatorConfig):
         self.config = config
         self.client: CoordinatorClient | None = None
-        self.dht = self.optimizer = None
+        self.dht = self.optimizer = self.fetcher = None
         self.verdicts = 0
         self._stop = threading.Event()
 
@@ -264,6 +330,7 @@ class Validator:
         # it only follows the swarm: a joining volunteer must load state from trainers (or the latest checkpoint
         # when none is left), never from a validator that may lag an epoch behind
         self.optimizer.state_averager.allow_state_sharing = False
+        self.fetcher = ParamsFetcher(self.dht, spec)
         logger.info("validating run %s as node %s", spec.run_id, self.client.node_id[:12])
         held = -1
         while not self._stop.is_set():
@@ -289,7 +356,7 @@ class Validator:
             return False
         if not task.has_task:
             return False
-        verdict = self.recomputer.check_task(task, self.history)
+        verdict = self.recomputer.check_task(task, self.history, self.fetcher)
         if verdict is None:
             return False  # the task goes to another validator once it times out
         try:
@@ -315,6 +382,9 @@ class Validator:
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.fetcher is not None:
+            self.fetcher.shutdown()
+            self.fetcher = None
         if self.optimizer is not None:
             self.optimizer.shutdown()
             self.optimizer = None

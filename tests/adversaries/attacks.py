@@ -170,6 +170,22 @@ class WithholdRecords(VolunteerNode):
         logger.info("epoch %d audited: not handing the records over", epoch)
 
 
+class WithholdParams(ScaledGradient):
+    """Flips its gradient's sign and, when audited, keeps the parameters it started from to itself (so no
+    validator can recompute on them exactly)."""
+
+    def _hold_params(self, epoch, started_hash, started_params):
+        logger.info("epoch %d audited: not serving the parameters", epoch)
+
+
+class ForgedParams(ScaledGradient):
+    """Flips its gradient's sign and, when audited, serves other parameters under its committed params_hash."""
+
+    def _hold_params(self, epoch, started_hash, started_params):
+        forged = {name: tensor * 1.01 for name, tensor in started_params.items()}
+        self.params_server.hold(started_hash, forged)
+
+
 HONEST = Honest
 # name -> class; the threat model of issue 7, one behaviour changed each
 ATTACKS: dict[str, type[VolunteerNode]] = {
@@ -188,5 +204,7 @@ ATTACKS: dict[str, type[VolunteerNode]] = {
     "replay": Replay,
     "swap_records": SwapRecords,
     "withhold_records": WithholdRecords,
+    "withhold_params": WithholdParams,
+    "forged_params": ForgedParams,
     "send_scaled": SendScaled,
 }

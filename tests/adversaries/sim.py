@@ -25,6 +25,7 @@ import grpc
 import torch
 from omi.models import GradientSketch, build_model, model_info, open_source
 from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_parameters
+from omi.node.audit_params import ParamsRefused, ParamsServer, ParamsUnavailable
 from omi.node.client import CoordinatorClient
 from omi.node.swarm import centered_clip
 from omi.node.trainer import NodeConfig, VolunteerNode
@@ -112,6 +113,24 @@ class SimResult:
     verify_seconds: float = 0.0  # validator compute (recomputations)
 
 
+class InProcessFetcher:
+    """The validator's ``ParamsFetcher`` of a lock-step swarm: reads the audited node's ``ParamsServer``."""
+
+    def __init__(self, swarm: LockstepSwarm):
+        self.swarm = swarm
+
+    def fetch(self, peer_id: str, digest: bytes, max_bytes: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        for node in self.swarm.nodes.values():
+            if node.peer_id == peer_id:
+                held = node.params_server._held.get(digest)
+                if held is None:
+                    raise ParamsRefused("parameters not held")
+                return load(held)
+        raise ParamsUnavailable("no such peer in the swarm")
+
+
 class LockstepSwarm:
     """Nodes of several classes training one model in lock-step against a real coordinator.
 
@@ -121,11 +140,14 @@ class LockstepSwarm:
     :param workdir: state dirs of the nodes
     :param micro_batches: micro-batches per node per epoch
     :param drift: relative parameter drift of the validator's copy (0: it holds the nodes' exact parameters)
+    :param fetch_params: the validator asks audited nodes for their parameters (their ``ParamsServer``, read in
+        process here instead of over hivemind's P2P)
     """
 
     def __init__(self, server, spec: pb.RunSpec, node_classes: dict[str, type[VolunteerNode]], workdir: Path, *,
-                 micro_batches: int = 2, drift: float = 0.0):
+                 micro_batches: int = 2, drift: float = 0.0, fetch_params: bool = True):
         self.server, self.spec, self.micro_batches, self.drift = server, spec, micro_batches, drift
+        self.fetcher = InProcessFetcher(self) if fetch_params else None
         training = spec.training
         self.model, self.scheduler = build_model(spec.model, prediction_type=training.prediction_type,
                                                  num_train_timesteps=training.num_train_timesteps, seed=training.seed)
@@ -147,6 +169,7 @@ class LockstepSwarm:
             node.sketch = GradientSketch(node.model, spec.verification.sketch_size, seed=training.seed)
             node.micro_batch_size = training.micro_batch_size
             node.optimizer = LockstepOptimizer(self, node)
+            node.params_server = ParamsServer(dht=None, access=None, keep=spec.verification.audit_window_epochs + 1)
             self.nodes[name] = node
             self.names[id(node)] = name
         self.validator = CoordinatorClient(server.address, generate_key(), attempts=1)
@@ -212,7 +235,7 @@ class LockstepSwarm:
             if not task.has_task:
                 return
             tick = time.perf_counter()
-            verdict = self.recomputer.check_task(task, self.history)
+            verdict = self.recomputer.check_task(task, self.history, self.fetcher)
             self.result.verify_seconds += time.perf_counter() - tick
             assert verdict is not None, f"no parameters of epoch {task.epoch} in the validator's history"
             self.validator.report_audit_verdict(verdict)

@@ -383,7 +383,7 @@ class GetAuditTaskRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
-    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches")
+    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +397,7 @@ class AuditTask(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     contribution_id: str
@@ -410,7 +411,8 @@ class AuditTask(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[AuditedRecord]
     commitment: bytes
     micro_batches: int
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    peer_id: str
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
 
 class MicroBatchCheck(_message.Message):
     __slots__ = ("index", "loss_diff", "norm_diff", "sketch_diff", "passed")
@@ -427,7 +429,7 @@ class MicroBatchCheck(_message.Message):
     def __init__(self, index: _Optional[int] = ..., loss_diff: _Optional[float] = ..., norm_diff: _Optional[float] = ..., sketch_diff: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class AuditVerdict(_message.Message):
-    __slots__ = ("task_id", "validator_node_id", "passed", "checks", "reason", "created_at_ms", "signature", "params_hash", "exact_params", "recompute_seconds")
+    __slots__ = ("task_id", "validator_node_id", "passed", "checks", "reason", "created_at_ms", "signature", "params_hash", "exact_params", "recompute_seconds", "params_from_node", "params_distance")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VALIDATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +440,8 @@ class AuditVerdict(_message.Message):
     PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
     EXACT_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RECOMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FROM_NODE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_DISTANCE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     validator_node_id: str
     passed: bool
@@ -448,7 +452,25 @@ class AuditVerdict(_message.Message):
     params_hash: bytes
     exact_params: bool
     recompute_seconds: float
-    def __init__(self, task_id: _Optional[str] = ..., validator_node_id: _Optional[str] = ..., passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[MicroBatchCheck, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ..., params_hash: _Optional[bytes] = ..., exact_params: _Optional[bool] = ..., recompute_seconds: _Optional[float] = ...) -> None: ...
+    params_from_node: bool
+    params_distance: float
+    def __init__(self, task_id: _Optional[str] = ..., validator_node_id: _Optional[str] = ..., passed: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[MicroBatchCheck, _Mapping]]] = ..., reason: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ..., params_hash: _Optional[bytes] = ..., exact_params: _Optional[bool] = ..., recompute_seconds: _Optional[float] = ..., params_from_node: _Optional[bool] = ..., params_distance: _Optional[float] = ...) -> None: ...
+
+class ParamsRequest(_message.Message):
+    __slots__ = ("params_hash",)
+    PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
+    params_hash: bytes
+    def __init__(self, params_hash: _Optional[bytes] = ...) -> None: ...
+
+class ParamsChunk(_message.Message):
+    __slots__ = ("data", "total_bytes", "error")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    total_bytes: int
+    error: str
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class MicroBatchRecord(_message.Message):
     __slots__ = ("index", "samples", "loss", "grad_norm", "sketch")

@@ -1,0 +1,58 @@
+"""An audited node's parameters, served peer to peer (real hivemind DHT peers and libp2p daemons on loopback)."""
+
+import asyncio
+
+import pytest
+import torch
+from hivemind.p2p import P2P
+from omi.node.audit_params import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace, snapshot
+from omi.protos import pb
+from test_swarm_access import coordinator_key, swarm_dht  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.mark.timeout(120)
+def test_a_node_serves_its_audited_parameters_by_hash_to_token_holders_only(swarm_dht):  # noqa: F811
+    spec, bootstrap, (node_dht, validator_dht) = swarm_dht
+    model = torch.nn.Sequential(torch.nn.Linear(300, 1000), torch.nn.Linear(1000, 4))  # ~1.2 MiB: two chunks
+    state = snapshot(model)
+    server = ParamsServer.start(node_dht, spec)
+    fetcher = ParamsFetcher(validator_dht, spec, timeout=10)
+    node = node_dht.peer_id.to_base58()
+    try:
+        server.hold(b"h" * 32, state)
+        got = fetcher.fetch(node, b"h" * 32, max_bytes=10 << 20)
+        assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+        assert server.served == 1
+
+        with pytest.raises(ParamsRefused, match="not held"):
+            fetcher.fetch(node, b"x" * 32, max_bytes=10 << 20)
+        with pytest.raises(ParamsRefused, match="more than the model"):
+            fetcher.fetch(node, b"h" * 32, max_bytes=1000)
+        with pytest.raises(ParamsRefused, match="bad peer id"):
+            fetcher.fetch("not-a-peer-id", b"h" * 32, max_bytes=10 << 20)
+        # a peer that serves no parameters (the coordinator's bootstrap peer): unavailable, not a refusal
+        with pytest.raises(ParamsUnavailable):
+            fetcher.fetch(bootstrap.peer_id.to_base58(), b"h" * 32, max_bytes=10 << 20)
+
+        # only `keep` audited epochs are held, oldest dropped first
+        for i in range(server.keep + 1):
+            server.hold(bytes([i]) * 32, state)
+        assert b"h" * 32 not in server.held() and len(server.held()) == server.keep
+
+        # a stock libp2p peer without a token of the run gets an error, not the parameters
+        async def intruder():
+            p2p = await P2P.create(initial_peers=list(spec.initial_peers))
+            try:
+                stub = ParamsServer.get_stub(p2p, node_dht.peer_id, namespace=namespace(spec))
+                stream = await stub.rpc_get_params(pb.ParamsRequest(params_hash=bytes([1]) * 32))
+                return [chunk async for chunk in stream]
+            finally:
+                await p2p.shutdown()
+
+        chunks = asyncio.run(intruder())
+        assert [c.error for c in chunks] == ["no valid access token for this run"] and not chunks[0].data
+    finally:
+        fetcher.shutdown()
+        server.shutdown()
