@@ -323,6 +323,9 @@ class VolunteerNode:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "stopped" in (e.details() or ""):
                 raise RunStopped() from e
+            if e.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+                self.refused = e.details() or e.code().name  # e.g. banned after failed audits: exit 5
+                raise self._coordinator_error(e) from e
             raise
         if assignment.run_state == pb.RUN_STATE_STOPPED:
             raise RunStopped()
