@@ -43,6 +43,29 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _measure(model_name: str, server: ParamsServer, fetcher: ParamsFetcher, peer: str, tmp: Path,
+             repeats: int) -> tuple:
+    """(model, parameters, MiB, node seconds, fetch seconds, disk seconds) of one model."""
+    model, _ = build_model(model_name, seed=0)
+    info = model_info(model_name)
+    digest, limit = params_hash(model), info.bytes + (1 << 20)
+    node_seconds = _median_seconds(lambda: server.hold(digest, snapshot(model)), repeats)
+    fetcher.fetch(peer, digest, max_bytes=limit)  # warm-up: the connection
+    fetch = _median_seconds(lambda: fetcher.fetch(peer, digest, max_bytes=limit), repeats)
+    data = save(snapshot(model))
+    path = tmp / f"{model_name}.safetensors"
+
+    def disk():
+        path.write_bytes(data)
+        load(path.read_bytes())
+
+    baseline = _median_seconds(disk, repeats)
+    mib = len(data) / 2**20
+    print(f"{model_name}: {mib:.1f} MiB, node snapshot+serialise {node_seconds:.3f} s, P2P fetch {fetch:.3f} s "
+          f"({mib / fetch:.0f} MiB/s), disk write+read {baseline:.3f} s, ratio {fetch / baseline:.1f}x", flush=True)
+    return model_name, info.parameters, mib, node_seconds, fetch, baseline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="unet-digits-16,unet-64", help="comma-separated model names")
@@ -66,27 +89,8 @@ def main() -> None:
         try:
             time.sleep(3)  # both tokens published in the registry
             for model_name in args.models.split(","):
-                model, _ = build_model(model_name, seed=0)
-                info = model_info(model_name)
-                digest = params_hash(model)
-                node_seconds = _median_seconds(lambda: server.hold(digest, snapshot(model)), args.repeats)
-                peer = dhts[0].peer_id.to_base58()
-                fetcher.fetch(peer, digest, max_bytes=info.bytes + (1 << 20))  # warm-up: connection
-                fetch = _median_seconds(lambda: fetcher.fetch(peer, digest, max_bytes=info.bytes + (1 << 20)),
-                                        args.repeats)
-                data = save(snapshot(model))
-                path = Path(tmp) / f"{model_name}.safetensors"
-
-                def disk():
-                    path.write_bytes(data)
-                    load(path.read_bytes())
-
-                baseline = _median_seconds(disk, args.repeats)
-                mib = len(data) / 2**20
-                rows.append((model_name, info.parameters, mib, node_seconds, fetch, baseline))
-                print(f"{model_name}: {mib:.1f} MiB, node snapshot+serialise {node_seconds:.3f} s, "
-                      f"P2P fetch {fetch:.3f} s ({mib / fetch:.0f} MiB/s), disk write+read {baseline:.3f} s, "
-                      f"ratio {fetch / baseline:.1f}x", flush=True)
+                rows.append(_measure(model_name, server, fetcher, dhts[0].peer_id.to_base58(), Path(tmp),
+                                     args.repeats))
         finally:
             fetcher.shutdown()
             server.shutdown()

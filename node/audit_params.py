@@ -62,8 +62,22 @@ class EventLoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (e.g. a P2P replica's connection tasks), then stop and close it."""
+
+        async def cancel_all():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            self.run(cancel_all(), timeout=5)
+        except Exception as e:  # the loop is going away anyway
+            logger.debug("cancelling the loop's tasks: %r", e)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class ParamsServer(ServicerBase):
@@ -79,6 +93,7 @@ class ParamsServer(ServicerBase):
         self._held: OrderedDict[bytes, bytes] = OrderedDict()  # params_hash -> safetensors bytes
         self._lock = threading.Lock()
         self._loop: EventLoopThread | None = None
+        self._p2p = None
         self.served = 0
 
     @classmethod
@@ -88,8 +103,8 @@ class ParamsServer(ServicerBase):
         server._loop = EventLoopThread("omi-audit-params")
 
         async def register():
-            p2p = await dht.replicate_p2p()
-            await server.add_p2p_handlers(p2p, namespace=namespace(spec))
+            server._p2p = await dht.replicate_p2p()
+            await server.add_p2p_handlers(server._p2p, namespace=namespace(spec))
 
         server._loop.run(register(), timeout=60)
         return server
@@ -126,6 +141,11 @@ class ParamsServer(ServicerBase):
 
     def shutdown(self) -> None:
         if self._loop is not None:
+            if self._p2p is not None:
+                try:
+                    self._loop.run(self._p2p.shutdown(), timeout=5)
+                except Exception as e:
+                    logger.debug("closing the P2P replica: %r", e)
             self._loop.stop()
             self._loop = None
 
@@ -149,6 +169,7 @@ class ParamsFetcher:
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, timeout: float = FETCH_TIMEOUT):
         self.dht, self.namespace, self.timeout = dht, namespace(spec), timeout
         self._loop = EventLoopThread("omi-params-fetch")
+        self._p2p = None
 
     def fetch(self, peer_id: str, digest: bytes, max_bytes: int) -> dict[str, torch.Tensor]:
         """The node's parameters with ``digest``; raises :class:`ParamsUnavailable` or :class:`ParamsRefused`.
@@ -171,7 +192,9 @@ class ParamsFetcher:
             raise ParamsRefused(f"malformed parameters: {e}") from e
 
     async def _fetch(self, peer: PeerID, digest: bytes, max_bytes: int) -> bytes:
-        p2p = await self.dht.replicate_p2p()
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        p2p = self._p2p
         stub = ParamsServer.get_stub(p2p, peer, namespace=self.namespace)
         stream = await stub.rpc_get_params(pb.ParamsRequest(params_hash=digest))
         parts, total = [], None
@@ -190,4 +213,9 @@ class ParamsFetcher:
         return data
 
     def shutdown(self) -> None:
+        if self._p2p is not None:
+            try:
+                self._loop.run(self._p2p.shutdown(), timeout=5)
+            except Exception as e:
+                logger.debug("closing the P2P replica: %r", e)
         self._loop.stop()
