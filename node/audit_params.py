@@ -61,10 +61,15 @@ class EventLoopThread:
     def run(self, coroutine: Coroutine[Any, Any, Any], timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
-    def stop(self) -> None:
-        """Cancel what still runs on the loop (e.g. a P2P replica's connection tasks), then stop and close it."""
+    def stop(self, p2p=None) -> None:
+        """Shut ``p2p`` (a replica made on this loop) down, cancel what still runs, then stop and close the loop."""
 
         async def cancel_all():
+            if p2p is not None:
+                try:
+                    await p2p.shutdown()
+                except Exception as e:  # the daemon may be gone already
+                    logger.debug("closing the P2P replica: %r", e)
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in tasks:
                 task.cancel()
@@ -141,12 +146,7 @@ class ParamsServer(ServicerBase):
 
     def shutdown(self) -> None:
         if self._loop is not None:
-            if self._p2p is not None:
-                try:
-                    self._loop.run(self._p2p.shutdown(), timeout=5)
-                except Exception as e:
-                    logger.debug("closing the P2P replica: %r", e)
-            self._loop.stop()
+            self._loop.stop(self._p2p)
             self._loop = None
 
 
@@ -213,9 +213,4 @@ class ParamsFetcher:
         return data
 
     def shutdown(self) -> None:
-        if self._p2p is not None:
-            try:
-                self._loop.run(self._p2p.shutdown(), timeout=5)
-            except Exception as e:
-                logger.debug("closing the P2P replica: %r", e)
-        self._loop.stop()
+        self._loop.stop(self._p2p)
