@@ -10,7 +10,7 @@ swarm's epoch moves on, keyed by :func:`omi.models.params_hash`. For an ``AuditT
 1. checks every handed-over record's Merkle proof against the contribution's commitment;
 2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else asks
    the node itself for them over hivemind's P2P (:mod:`omi.node.audit_params`): they must hash to the signed
-   ``params_hash`` and lie within :data:`PARAMS_DISTANCE_TOLERANCE` of the validator's own copy of the epoch;
+   ``params_hash`` and lie within :data:`PARAMS_DISTANCE_STEPS` optimizer steps of the validator's own copy;
    only when the node cannot be reached, the snapshot of the same epoch (another peer's copy: hivemind leaves
    peers' parameters slightly apart), on which a failure is inconclusive;
 3. recomputes each chosen micro-batch with :func:`omi.models.verify.recompute` — the node's samples (its
@@ -67,11 +67,12 @@ EXACT_TOLERANCES = Tolerances()
 # caught only when the validator holds the node's exact parameters (same params_hash). A failure on a drifted
 # copy is not a verdict at all (see Recomputer.check_task): it never strikes.
 DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
-# Relative L2 distance between the parameters a node served and the validator's own copy of the same epoch.
-# Honest copies differ by partial rounds and at most about an optimizer step (measured in real swarms:
-# docs/verification.md); a node that computed on parameters of its own choosing (an old epoch, another model)
-# is far outside.
-PARAMS_DISTANCE_TOLERANCE = 0.05
+# How far the parameters a node served may lie from the validator's own copy of the same epoch, in optimizer
+# steps: ||node's - copy|| / (learning_rate * sqrt(parameters)), the most one AdamW step can move them. Honest
+# copies differ by partial rounds and a step or two (a real swarm: 1.7 and 1.8 steps, which a first, relative
+# tolerance of 5 % of the parameters' norm failed — one step of that run moves them by up to 3.6 % of it); a node
+# that computed on parameters of its own choosing (another model, a long-gone epoch) is far further away.
+PARAMS_DISTANCE_STEPS = 8.0
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 
 
@@ -100,14 +101,12 @@ class Snapshot:
     state: dict[str, torch.Tensor]
 
     def distance(self, other: Snapshot) -> float:
-        """||self - other|| / ||other|| over all parameters (inf if they do not have the same tensors)."""
+        """||self - other|| over all parameters (inf if they do not have the same tensors)."""
         if self.state.keys() != other.state.keys() or any(
                 self.state[k].shape != other.state[k].shape for k in self.state):
             return math.inf
-        diff = math.sqrt(sum(float((self.state[k].double() - other.state[k].double()).pow(2).sum())
+        return math.sqrt(sum(float((self.state[k].double() - other.state[k].double()).pow(2).sum())
                              for k in self.state))
-        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in other.state.values()))
-        return diff / max(norm, 1e-30)
 
 
 class ParameterHistory:
@@ -171,6 +170,11 @@ class Recomputer:
             for name, param in self.model.named_parameters():
                 param.copy_(snapshot.state[name])
 
+    def step_length(self) -> float:
+        """The most one AdamW step moves the parameters (L2): learning_rate * sqrt(number of parameters)."""
+        count = sum(p.numel() for p in self.model.parameters())
+        return max(self.spec.training.learning_rate, 1e-12) * math.sqrt(count)
+
     def fetch_node_params(self, task: pb.AuditTask, fetcher: ParamsFetcher) -> Snapshot | None:
         """The parameters the audited node serves for its ``params_hash``; None if they hash to something else."""
         info = model_info(self.spec.model)
@@ -215,13 +219,13 @@ class Recomputer:
                                            reason="the parameters the node served do not hash to the params_hash "
                                                   "of its contribution")
                 if snapshot is not None:
-                    distance = served.distance(snapshot)
-                    if not distance <= PARAMS_DISTANCE_TOLERANCE:
+                    distance = served.distance(snapshot) / self.step_length()
+                    if not distance <= PARAMS_DISTANCE_STEPS:
                         return pb.AuditVerdict(
                             task_id=task.task_id, passed=False, params_hash=served.params_hash, params_from_node=True,
                             params_distance=distance,
-                            reason=f"the node started from parameters {distance:.3g} (relative) away from the "
-                                   f"swarm's epoch {task.epoch} (tolerance {PARAMS_DISTANCE_TOLERANCE})")
+                            reason=f"the node started from parameters {distance:.3g} optimizer steps away from the "
+                                   f"swarm's epoch {task.epoch} (tolerance {PARAMS_DISTANCE_STEPS:g})")
                 snapshot, exact, from_node = served, True, True
         if snapshot is None:
             logger.warning("task %s: no parameters of epoch %d here (held: %s)", task.task_id[:8], task.epoch,

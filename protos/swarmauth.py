@@ -575,6 +575,7 @@ class AccessControlledAveragerMixin:
         runner = self.allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        failed_reducers = _record_failed_reducers(runner)
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
@@ -584,8 +585,31 @@ class AccessControlledAveragerMixin:
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
-        # senders whose parts this peer actually reduced: a group whose members all refused us counts as 1
-        self._last_group_size.value = len(runner.sender_peer_ids) - len(runner.banned_senders)
+        # the peers this one really exchanged tensors with, itself included: senders whose parts it received, and
+        # reducers that returned its parts averaged (a peer may reduce nothing yet get every part averaged). A
+        # group whose members all refused it counts 1. (The group's senders minus those hivemind banned also
+        # counted members that had refused and sent nothing when the round ended before their timeout: an
+        # intruder then "saw" a group of 3 whose honest members had refused it.)
+        received = runner.tensor_part_reducer.num_parts_received
+        senders = {runner.sender_peer_ids[i] for i, parts in enumerate(received) if parts > 0}
+        by_peer = runner.tensor_part_container.num_parts_by_peer
+        reducers = {peer for i, peer in enumerate(runner.ordered_peer_ids)
+                    if by_peer[i] > 0 and i not in failed_reducers}
+        self._last_group_size.value = len(senders | reducers | {self.peer_id})
+
+
+def _record_failed_reducers(runner: AllReduceRunner) -> set[int]:
+    """The indices (in the group's order) of the peers that failed to reduce ``runner``'s parts, filled as it runs."""
+    failed: set[int] = set()
+    container = runner.tensor_part_container
+    register = container.register_failed_reducer
+
+    def register_failed_reducer(peer_index: int):
+        failed.add(peer_index)
+        register(peer_index)
+
+    container.register_failed_reducer = register_failed_reducer
+    return failed
 
 
 class AllReduceRefused(AllreduceException):

@@ -28,7 +28,7 @@ from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_
 from omi.node.audit_params import ParamsRefused, ParamsServer, ParamsUnavailable
 from omi.node.client import CoordinatorClient
 from omi.node.swarm import centered_clip
-from omi.node.trainer import NodeConfig, VolunteerNode
+from omi.node.trainer import NodeConfig, NodeError, VolunteerNode
 from omi.node.validate import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.signing import generate_key
@@ -251,8 +251,9 @@ class LockstepSwarm:
                 tick = time.perf_counter()
                 try:
                     node._train_one_epoch()
-                except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.PERMISSION_DENIED:
+                except (grpc.RpcError, NodeError) as e:  # GetWork of a banned node: NodeError, exit code 5
+                    if node.refused is None and (not isinstance(e, grpc.RpcError)
+                                                 or e.code() != grpc.StatusCode.PERMISSION_DENIED):
                         raise
                     result.banned[name] = result.contributions.get(name, 0)
                     del self.nodes[name]  # banned: no work, no token renewal, out of the swarm
