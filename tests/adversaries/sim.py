@@ -231,15 +231,26 @@ class LockstepSwarm:
     def validate_all(self) -> None:
         """The validator drains the coordinator's queue (real gRPC, real recomputation, signed verdicts)."""
         while True:
-            task = self.validator.get_audit_task()
+            task = self._paced(self.validator.get_audit_task)
             if not task.has_task:
                 return
             tick = time.perf_counter()
             verdict = self.recomputer.check_task(task, self.history, self.fetcher)
             self.result.verify_seconds += time.perf_counter() - tick
             assert verdict is not None, f"no parameters of epoch {task.epoch} in the validator's history"
-            self.validator.report_audit_verdict(verdict)
+            self._paced(lambda: self.validator.report_audit_verdict(verdict))  # noqa: B023 (called at once)
             self.result.verdicts.append(verdict)
+
+    @staticmethod
+    def _paced(call, attempts: int = 30):
+        """``call()``, waiting a second whenever the coordinator's per-node rate limit says slow down."""
+        for attempt in range(attempts):
+            try:
+                return call()
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or attempt == attempts - 1:
+                    raise
+                time.sleep(1.0)
 
     def run(self, epochs: int) -> SimResult:
         result = self.result
