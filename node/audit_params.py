@@ -127,12 +127,16 @@ class ParamsServer(ServicerBase):
         with self._lock:
             return list(self._held)
 
+    def get(self, digest: bytes) -> bytes | None:
+        """The safetensors bytes of the parameters with ``digest``, if held."""
+        with self._lock:
+            return self._held.get(digest)
+
     async def rpc_get_params(self, request: pb.ParamsRequest, context: P2PContext) -> AsyncIterator[pb.ParamsChunk]:
         if not await self.access.is_allowed(self.dht, context.remote_id):
             yield pb.ParamsChunk(error="no valid access token for this run")
             return
-        with self._lock:
-            data = self._held.get(request.params_hash)
+        data = self.get(request.params_hash)
         if data is None:
             logger.warning("peer %s asked for parameters %s, which this node does not hold", context.remote_id,
                            request.params_hash.hex()[:12])

@@ -253,7 +253,9 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
         return None
     latest = checkpoints[-1]
     swarm_epoch = max(optimizer.local_epoch, optimizer.tracker.global_epoch)
-    if swarm_epoch >= latest.epoch and getattr(optimizer, "allow_load_state", True):
+    if swarm_epoch >= latest.epoch:
+        if not getattr(optimizer, "allow_load_state", True):
+            return None
         # The progress records say some peer is that far; they outlive peers that just left (seen: a newcomer
         # dialling two departed peers, then training alone from scratch). Load the state now: only a peer that
         # really serves it counts.
@@ -263,8 +265,6 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
             return None
         logger.warning("the swarm's progress records say epoch %d, but no peer served state past epoch %d",
                        swarm_epoch, optimizer.local_epoch)
-    elif swarm_epoch >= latest.epoch:
-        return None
     try:
         result = download_checkpoint(latest.url, spec.run_id, Path(cache_dir) / f"{spec.run_id}-epoch-{latest.epoch}",
                                      spec.coordinator_public_key, epoch=latest.epoch, progress=False)

@@ -124,7 +124,7 @@ class InProcessFetcher:
 
         for node in self.swarm.nodes.values():
             if node.peer_id == peer_id:
-                held = node.params_server._held.get(digest)
+                held = node.params_server.get(digest)
                 if held is None:
                     raise ParamsRefused("parameters not held")
                 return load(held)
