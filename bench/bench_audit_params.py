@@ -24,10 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from omi import swarm  # noqa: E402
 from omi.models import build_model, model_info, params_hash  # noqa: E402
-from omi.node import swarm  # noqa: E402
-from omi.node.audit_params import ParamsFetcher, ParamsServer, snapshot  # noqa: E402
-from omi.protos import signing, swarmauth  # noqa: E402
+from omi.protos import signing  # noqa: E402
+from omi.swarm.params_p2p import ParamsFetcher, ParamsServer, snapshot  # noqa: E402
 from safetensors.torch import load, save  # noqa: E402
 from swarm_helpers import make_peer_files, make_spec  # noqa: E402
 
@@ -74,15 +74,15 @@ def main() -> None:
     torch.set_num_threads(1)
     key = signing.generate_key()
     spec = make_spec(key)
-    bootstrap, maddrs = swarmauth.start_bootstrap_dht(key, spec)
+    bootstrap, maddrs = swarm.start_bootstrap_dht(key, spec)
     spec.initial_peers.extend(maddrs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dhts = []
         for name in ("node", "validator"):
             files = make_peer_files(Path(tmp) / name, key, spec)
-            dhts.append(swarm.start_dht(spec, swarmauth.TokenFile(files.token_path),
-                                        swarm_key=swarmauth.load_or_create_swarm_key(files.swarm_key_path),
+            dhts.append(swarm.start_dht(spec, swarm.TokenFile(files.token_path),
+                                        swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
                                         identity_path=files.identity_path))
         server = ParamsServer.start(dhts[0], spec)
         fetcher = ParamsFetcher(dhts[1], spec)

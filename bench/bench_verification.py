@@ -9,7 +9,7 @@ Three experiments, each driven by the real code (see docs/verification.md for wh
    ``tests/adversaries/sim.py`` (real nodes, real coordinator over gRPC, real validator recomputation), every
    contribution audited, no bans; once with the validator holding the nodes' exact parameters, once with a copy
    drifted by 1e-2 of the distance trained (the spread measured between honest hivemind peers), on which the
-   validator asks the audited node for its own parameters (``omi.node.audit_params``; read in process here).
+   validator asks the audited node for its own parameters (``omi.swarm.params_p2p``; read in process here).
 2. **Contributions until ban**: many runs of one always-cheating identity through the real ``Ledger``/``Auditor``/
    ``Registry`` at the RunSpec's audit rate; each audit's outcome is drawn with the detection rate measured in 1.
 3. **Loss vs clean and compute share**: lock-step runs with 30 % attackers (sign flip x-1, x-1000 and a node that

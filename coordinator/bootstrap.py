@@ -12,7 +12,7 @@ from pathlib import Path
 import hivemind
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import pb
-from omi.protos.swarmauth import start_bootstrap_dht
+from omi.swarm.dht import start_bootstrap_dht
 
 logger = logging.getLogger(__name__)
 

@@ -154,7 +154,7 @@ class Checkpointer:
 
     def _start_swarm_peer(self) -> None:
         from omi.models import build_model
-        from omi.protos.swarmauth import (
+        from omi.swarm import (
             AccessControlledTrainingStateAverager,
             MintingTokenProvider,
             PeerAccessGate,

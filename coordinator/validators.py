@@ -18,13 +18,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import pb, signing
-from omi.protos.swarmauth import (
-    TokenFile,
-    load_or_create_peer_identity,
-    load_or_create_swarm_key,
-    mint_access_token,
-    swarm_public_key,
-)
+from omi.protos.tokens import TokenFile, mint_access_token
+from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 
 logger = logging.getLogger(__name__)
 

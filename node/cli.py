@@ -226,7 +226,7 @@ def status(
 
     import grpc
     from omi.protos import pb, rpc, signing
-    from omi.protos.swarmauth import TokenFile
+    from omi.protos.tokens import TokenFile
     from rich.table import Table
 
     key_path = identity or state_dir / "node_key.pem"

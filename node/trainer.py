@@ -41,16 +41,12 @@ from omi.models import (
     params_hash,
     pick_device,
 )
-from omi.node.audit_params import ParamsServer, snapshot
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.protos import pb
-from omi.protos.swarmauth import (
-    TokenFile,
-    load_or_create_peer_identity,
-    load_or_create_swarm_key,
-    swarm_public_key,
-)
+from omi.protos.tokens import TokenFile
+from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.swarm.params_p2p import ParamsServer, snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -221,7 +217,7 @@ class VolunteerNode:
 
     def _build(self, spec: pb.RunSpec) -> None:
         """Model, data, sketch, then the swarm peer and the optimizer (in this, the main thread)."""
-        from omi.node.swarm import make_optimizer, start_dht
+        from omi.swarm import make_optimizer, start_dht
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)

@@ -9,7 +9,7 @@ swarm's epoch moves on, keyed by :func:`omi.models.params_hash`. For an ``AuditT
 
 1. checks every handed-over record's Merkle proof against the contribution's commitment;
 2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else asks
-   the node itself for them over hivemind's P2P (:mod:`omi.node.audit_params`): they must hash to the signed
+   the node itself for them over hivemind's P2P (:mod:`omi.swarm.params_p2p`): they must hash to the signed
    ``params_hash`` and lie within :data:`PARAMS_DISTANCE_STEPS` optimizer steps of the validator's own copy;
    only when the node cannot be reached, the snapshot of the same epoch (another peer's copy: hivemind leaves
    peers' parameters slightly apart), on which a failure is inconclusive;
@@ -46,12 +46,13 @@ from omi.models import (
 )
 from omi.models.commitment import MerkleProof, verify_proof
 from omi.models.verify import Tolerances, compare, recompute
-from omi.node.audit_params import ParamsFetcher, ParamsRefused, ParamsUnavailable
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.node.trainer import assignment_indices
 from omi.protos import pb
-from omi.protos.swarmauth import TokenFile, load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.protos.tokens import TokenFile
+from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ class Validator:
 
     def run(self) -> int:
         """Audit until stopped (or ``max_tasks`` verdicts); returns the number of verdicts reported."""
-        from omi.node.swarm import make_optimizer, start_dht
+        from omi.swarm import make_optimizer, start_dht
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omi.protos import pb, signing, swarmauth
+from omi import swarm
+from omi.protos import pb, signing
 
 logger = logging.getLogger(__name__)
 
@@ -61,15 +62,15 @@ def make_peer_files(directory: Path, coordinator_key, spec: pb.RunSpec, *, ttl: 
     """
     directory.mkdir(parents=True, exist_ok=True)
     identity_path, key_path = str(directory / "p2p.id"), str(directory / "swarm_rsa.pem")
-    peer_id = swarmauth.load_or_create_peer_identity(identity_path)
-    swarm_key = swarmauth.load_or_create_swarm_key(key_path)
+    peer_id = swarm.load_or_create_peer_identity(identity_path)
+    swarm_key = swarm.load_or_create_swarm_key(key_path)
     now = time.time() - (ttl + 60 if expired else 0)
-    token = swarmauth.mint_access_token(
+    token = swarm.mint_access_token(
         coordinator_key, run_id=spec.run_id, peer_id=token_peer_id or peer_id,
-        swarm_public_key=swarmauth.swarm_public_key(swarm_key),
+        swarm_public_key=swarm.swarm_public_key(swarm_key),
         node_public_key=signing.public_bytes(signing.generate_key()), ttl=ttl, now=now)
     token_path = str(directory / "token.bin")
-    swarmauth.TokenFile(token_path).write(token)
+    swarm.TokenFile(token_path).write(token)
     return PeerFiles(identity_path, key_path, token_path, peer_id)
 
 
@@ -134,7 +135,7 @@ def run_bootstrap(config: dict) -> None:
     """A coordinator's bootstrap DHT peer; writes its multiaddrs, serves until stdin closes."""
     coordinator_key = signing.load_key(config["coordinator_key_path"])
     spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
-    dht, maddrs = swarmauth.start_bootstrap_dht(coordinator_key, spec, identity_path=config.get("identity_path"))
+    dht, maddrs = swarm.start_bootstrap_dht(coordinator_key, spec, identity_path=config.get("identity_path"))
     _write_json(config["ready_path"], dict(maddrs=maddrs, peer_id=dht.peer_id.to_base58()))
     try:
         sys.stdin.read()
@@ -164,13 +165,12 @@ def run_trainer(config: dict) -> None:
     ``gradient_scale`` != 1 makes an attacker: it multiplies its gradient before handing it to hivemind.
     """
     import torch
-    from omi.node import swarm
 
     torch.set_num_threads(1)
     spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
     spec.initial_peers[:] = config["initial_peers"]
-    dht = swarm.start_dht(spec, swarmauth.TokenFile(config["token_path"]),
-                          swarm_key=swarmauth.load_or_create_swarm_key(config["swarm_key_path"]),
+    dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
+                          swarm_key=swarm.load_or_create_swarm_key(config["swarm_key_path"]),
                           identity_path=config["identity_path"])
     model = tiny_model()
     batch_size = config.get("batch_size", 8)
@@ -183,7 +183,7 @@ def run_trainer(config: dict) -> None:
 
     # wait until the other trainers published their tokens (they are up), so the first epochs are less often
     # stepped alone; the progress tracker sees a peer only after that peer reported samples
-    registry_key, expected = swarmauth.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
+    registry_key, expected = swarm.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
     deadline = t0 + config.get("wait_peers_timeout", 30.0)
     while time.monotonic() < deadline:
         found = dht.get(registry_key, latest=True)

@@ -5,8 +5,8 @@ import asyncio
 import pytest
 import torch
 from hivemind.p2p import P2P
-from omi.node.audit_params import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace, snapshot
 from omi.protos import pb
+from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace, snapshot
 from test_swarm_access import coordinator_key, swarm_dht  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow]

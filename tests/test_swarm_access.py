@@ -8,8 +8,8 @@ import pytest
 from hivemind.proto import dht_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
-from omi.node import swarm
-from omi.protos import pb, signing, swarmauth
+from omi import swarm
+from omi.protos import pb, signing
 from swarm_helpers import make_peer_files, make_spec
 
 
@@ -20,37 +20,37 @@ def coordinator_key():
 
 def _token(coordinator_key, *, run_id="swarmtest", peer_id="QmPeer", rsa_key=None, ttl=600.0, now=None):
     rsa_key = rsa_key or RSAPrivateKey()
-    return swarmauth.mint_access_token(coordinator_key, run_id=run_id, peer_id=peer_id, ttl=ttl, now=now,
-                                       swarm_public_key=swarmauth.swarm_public_key(rsa_key),
+    return swarm.mint_access_token(coordinator_key, run_id=run_id, peer_id=peer_id, ttl=ttl, now=now,
+                                       swarm_public_key=swarm.swarm_public_key(rsa_key),
                                        node_public_key=signing.public_bytes(signing.generate_key()))
 
 
 def test_is_valid_access_token_refuses_forged_expired_foreign_and_rebound(coordinator_key):
     public, now = signing.public_bytes(coordinator_key), time.time()
     token = _token(coordinator_key, peer_id="QmA")
-    assert swarmauth.is_valid_access_token(token, public, "swarmtest", now, peer_id="QmA")
-    assert not swarmauth.is_valid_access_token(token, public, "swarmtest", now, peer_id="QmB")  # someone else's
-    assert not swarmauth.is_valid_access_token(token, public, "otherrun", now)
-    assert not swarmauth.is_valid_access_token(token, public, "swarmtest", now + 601)  # expired
-    assert not swarmauth.is_valid_access_token(token, signing.public_bytes(signing.generate_key()), "swarmtest", now)
+    assert swarm.is_valid_access_token(token, public, "swarmtest", now, peer_id="QmA")
+    assert not swarm.is_valid_access_token(token, public, "swarmtest", now, peer_id="QmB")  # someone else's
+    assert not swarm.is_valid_access_token(token, public, "otherrun", now)
+    assert not swarm.is_valid_access_token(token, public, "swarmtest", now + 601)  # expired
+    assert not swarm.is_valid_access_token(token, signing.public_bytes(signing.generate_key()), "swarmtest", now)
     tampered = pb.AccessToken()
     tampered.CopyFrom(token)
     tampered.expires_at_ms += 3_600_000  # a node extending its own token
-    assert not swarmauth.is_valid_access_token(tampered, public, "swarmtest", now)
+    assert not swarm.is_valid_access_token(tampered, public, "swarmtest", now)
     future = _token(coordinator_key, now=now + 3600)
-    assert not swarmauth.is_valid_access_token(future, public, "swarmtest", now)
+    assert not swarm.is_valid_access_token(future, public, "swarmtest", now)
 
 
 def test_hivemind_token_mapping_round_trips_and_refuses_edited_copies(coordinator_key):
     token = _token(coordinator_key)
-    carried = swarmauth.to_hivemind_token(token)
-    assert swarmauth.from_hivemind_token(carried) == token
+    carried = swarm.to_hivemind_token(token)
+    assert swarm.from_hivemind_token(carried) == token
     carried.username = "someone-else"
-    assert swarmauth.from_hivemind_token(carried) is None
+    assert swarm.from_hivemind_token(carried) is None
 
 
 def _authorizer(coordinator_key, token, rsa_key):
-    return swarmauth.CoordinatorTokenAuthorizer(lambda: token, signing.public_bytes(coordinator_key), "swarmtest",
+    return swarm.CoordinatorTokenAuthorizer(lambda: token, signing.public_bytes(coordinator_key), "swarmtest",
                                                 rsa_key)
 
 
@@ -74,7 +74,7 @@ def test_authorizer_accepts_signed_requests_and_refuses_stolen_or_expired_tokens
 
         # an expired token: the holder cannot refresh it ...
         expired = _token(coordinator_key, rsa_key=client_key, ttl=5, now=time.time() - 60)
-        with pytest.raises(swarmauth.AccessDenied):
+        with pytest.raises(swarm.AccessDenied):
             await _authorizer(coordinator_key, expired, client_key).sign_request(dht_pb2.PingRequest(), None)
         # ... and a peer that sends it anyway is refused
         late = dht_pb2.PingRequest()
@@ -97,7 +97,7 @@ class PresentAnyTokenAuthorizer(hivemind.utils.auth.TokenAuthorizerBase):
 
     def __init__(self, token: pb.AccessToken, rsa_key: RSAPrivateKey):
         super().__init__(rsa_key)
-        self._token = swarmauth.to_hivemind_token(token)
+        self._token = swarm.to_hivemind_token(token)
 
     async def get_token(self):
         return self._token
@@ -115,8 +115,8 @@ def test_token_registry_validator_accepts_only_valid_tokens_of_the_subkey_peer(c
     from hivemind.utils.serializer import MSGPackSerializer as S
 
     spec = make_spec(coordinator_key)
-    validator = swarmauth.TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
-    key = DHTID.generate(source=swarmauth.token_registry_key(spec.dht_prefix)).to_bytes()
+    validator = swarm.TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
+    key = DHTID.generate(source=swarm.token_registry_key(spec.dht_prefix)).to_bytes()
     token = _token(coordinator_key, peer_id="QmA")
     expiry = token.expires_at_ms / 1000
 
@@ -137,14 +137,14 @@ def test_token_registry_validator_accepts_only_valid_tokens_of_the_subkey_peer(c
 def swarm_dht(coordinator_key, tmp_path):
     """A bootstrap peer (the coordinator's) and two token-holding peers, all in DHT processes of this process."""
     spec = make_spec(coordinator_key)
-    bootstrap, maddrs = swarmauth.start_bootstrap_dht(coordinator_key, spec)
+    bootstrap, maddrs = swarm.start_bootstrap_dht(coordinator_key, spec)
     spec.initial_peers.extend(maddrs)
     peers = []
     try:
         for name in ("a", "b"):
             files = make_peer_files(tmp_path / name, coordinator_key, spec)
-            peers.append(swarm.start_dht(spec, swarmauth.TokenFile(files.token_path),
-                                         swarm_key=swarmauth.load_or_create_swarm_key(files.swarm_key_path),
+            peers.append(swarm.start_dht(spec, swarm.TokenFile(files.token_path),
+                                         swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
                                          identity_path=files.identity_path))
         yield spec, bootstrap, peers
     finally:
@@ -165,7 +165,7 @@ def test_token_holders_share_keys_and_a_stock_dht_can_neither_read_nor_write(swa
     deadline = time.monotonic() + 15
     registry = None
     while time.monotonic() < deadline:
-        registry = b.get(swarmauth.token_registry_key(spec.dht_prefix), latest=True)
+        registry = b.get(swarm.token_registry_key(spec.dht_prefix), latest=True)
         if registry is not None and {a.peer_id.to_base58(), b.peer_id.to_base58()} <= set(registry.value):
             break
         time.sleep(0.5)
@@ -177,7 +177,7 @@ def test_token_holders_share_keys_and_a_stock_dht_can_neither_read_nor_write(swa
     stock = hivemind.DHT(initial_peers=list(spec.initial_peers), start=True, ensure_bootstrap_success=False)
     try:
         assert stock.get(key, latest=True) is None
-        assert stock.get(swarmauth.token_registry_key(spec.dht_prefix), latest=True) is None
+        assert stock.get(swarm.token_registry_key(spec.dht_prefix), latest=True) is None
         # a store "succeeds" only into the intruder's own local storage: no member accepts it
         stock.store(key, "from-intruder", get_dht_time() + 120)
         stock.store(f"{spec.dht_prefix}_other", "x", get_dht_time() + 120)
@@ -197,9 +197,9 @@ def test_peer_with_expired_token_is_refused(swarm_dht, coordinator_key, tmp_path
 
     # a node whose token expired (banned: not renewed) and that presents it anyway
     files = make_peer_files(tmp_path / "late", coordinator_key, spec, expired=True)
-    expired = swarmauth.TokenFile(files.token_path)()
+    expired = swarm.TokenFile(files.token_path)()
     late = hivemind.DHT(initial_peers=list(spec.initial_peers), start=True, ensure_bootstrap_success=False,
-                        authorizer=PresentAnyTokenAuthorizer(expired, swarmauth.load_or_create_swarm_key(
+                        authorizer=PresentAnyTokenAuthorizer(expired, swarm.load_or_create_swarm_key(
                             files.swarm_key_path)))
     try:
         assert late.get(key, latest=True) is None
@@ -209,7 +209,7 @@ def test_peer_with_expired_token_is_refused(swarm_dht, coordinator_key, tmp_path
     assert b.get(key, latest=True).value == "from-a" and a.get(key, latest=True).value == "from-a"
 
     # the honest node code with an expired token does not start: it cannot present a valid token
-    with pytest.raises(swarmauth.AccessDenied):
-        swarm.start_dht(spec, swarmauth.TokenFile(files.token_path),
-                        swarm_key=swarmauth.load_or_create_swarm_key(files.swarm_key_path),
+    with pytest.raises(swarm.AccessDenied):
+        swarm.start_dht(spec, swarm.TokenFile(files.token_path),
+                        swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
                         identity_path=files.identity_path).shutdown()

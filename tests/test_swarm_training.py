@@ -10,9 +10,9 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter
 from hivemind.utils.timed_storage import get_dht_time
-from omi.node import swarm
-from omi.node.swarm import CenteredClipReducer, centered_clip
-from omi.protos import signing, swarmauth
+from omi import swarm
+from omi.protos import signing
+from omi.swarm import CenteredClipReducer, centered_clip
 from swarm_helpers import PeerProcess, make_peer_files, make_spec
 
 # ---------------------------------------------------------------- CenteredClip on tensors
@@ -119,8 +119,8 @@ async def _probe_averaging_rpcs(maddrs: list[str], target: str, prefix: str, p2p
         p2p = await P2P.create(initial_peers=maddrs)
     try:
         peer = PeerID.from_base58(target)
-        grad = swarmauth.AccessControlledGradientAverager.get_stub(p2p, peer, namespace=f"{prefix}_grad_averager")
-        state = swarmauth.AccessControlledTrainingStateAverager.get_stub(p2p, peer,
+        grad = swarm.AccessControlledGradientAverager.get_stub(p2p, peer, namespace=f"{prefix}_grad_averager")
+        state = swarm.AccessControlledTrainingStateAverager.get_stub(p2p, peer,
                                                                           namespace=f"{prefix}_state_averager")
         join_code = None
         if join:
@@ -166,8 +166,8 @@ def test_peer_without_a_token_for_its_peer_id_cannot_average_nor_download_state(
         spec.initial_peers[:] = procs[0].wait_ready()["maddrs"]
         refused = asyncio.run(_probe_averaging_rpcs(honest_maddrs, files[0].peer_id, spec.dht_prefix))
         member_files = make_peer_files(tmp_path / "member", coordinator_key, spec)
-        member = swarm.start_dht(spec, swarmauth.TokenFile(member_files.token_path),
-                                 swarm_key=swarmauth.load_or_create_swarm_key(member_files.swarm_key_path),
+        member = swarm.start_dht(spec, swarm.TokenFile(member_files.token_path),
+                                 swarm_key=swarm.load_or_create_swarm_key(member_files.swarm_key_path),
                                  identity_path=member_files.identity_path)
         time.sleep(1.0)  # let the member's token reach the registry
 

@@ -6,7 +6,7 @@ micro-batches through ``compute_micro_batch``, ``_report`` with the Merkle commi
 hand-over when audited — and the validator (``omi.node.validate.Recomputer``) takes ``AuditTask``s over gRPC and
 reports signed verdicts. What is simulated: hivemind. :class:`LockstepOptimizer` stands in for
 ``hivemind.Optimizer``: each node steps ``micro_batches`` times per epoch, then :class:`LockstepSwarm` reduces what
-the nodes sent (``mean`` or :func:`omi.node.swarm.centered_clip`, weighted by samples as hivemind does) and applies
+the nodes sent (``mean`` or :func:`omi.swarm.centered_clip`, weighted by samples as hivemind does) and applies
 AdamW to one shared copy of the parameters, which every node then holds bitwise (the ideal swarm). A banned node
 gets PERMISSION_DENIED from the coordinator and leaves the swarm (peers refuse it once its token expires; that
 refusal is tested with real peers in test_swarm_access.py / test_verification_swarm.py).
@@ -25,13 +25,13 @@ import grpc
 import torch
 from omi.models import GradientSketch, build_model, model_info, open_source
 from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_parameters
-from omi.node.audit_params import ParamsRefused, ParamsServer, ParamsUnavailable
 from omi.node.client import CoordinatorClient
-from omi.node.swarm import centered_clip
 from omi.node.trainer import NodeConfig, NodeError, VolunteerNode
 from omi.node.validate import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.signing import generate_key
+from omi.swarm import centered_clip
+from omi.swarm.params_p2p import ParamsRefused, ParamsServer, ParamsUnavailable
 
 logger = logging.getLogger(__name__)
 

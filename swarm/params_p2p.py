@@ -30,7 +30,7 @@ import torch
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.utils.asyncio import aiter_with_timeout
 from omi.protos import pb
-from omi.protos.swarmauth import PeerAccessGate
+from omi.swarm.access import PeerAccessGate
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 

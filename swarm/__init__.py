@@ -1,0 +1,40 @@
+"""Everything that touches hivemind: tokens on the DHT, the access gate, averagers, CenteredClip, the optimizer,
+followers and the peer-to-peer parameter hand-over. One import place for node and coordinator::
+
+    from omi import swarm
+    dht = swarm.start_dht(spec, swarm.TokenFile(path), swarm_key=swarm.load_or_create_swarm_key(key_path))
+
+Create DHTs, averagers and optimizers in the main thread of a process: hivemind forks them from there.
+"""
+
+from omi.protos.tokens import TokenFile, TokenProvider, is_valid_access_token, mint_access_token
+from omi.swarm.access import PeerAccessGate, TokenRegistryValidator, start_token_publisher, token_registry_key
+from omi.swarm.averagers import (
+    AccessControlledAveragerMixin,
+    AccessControlledGradientAverager,
+    AccessControlledTrainingStateAverager,
+    AllReduceRefused,
+)
+from omi.swarm.dht import exit_with_parent, make_dht, start_bootstrap_dht, start_dht
+from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.swarm.optimizer import COMPRESSIONS, SwarmOptimizer, make_optimizer
+from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, snapshot
+from omi.swarm.reduce import CenteredClipAllReduceRunner, CenteredClipReducer, centered_clip
+from omi.swarm.tokens import (
+    AccessDenied,
+    CoordinatorTokenAuthorizer,
+    MintingTokenProvider,
+    from_hivemind_token,
+    to_hivemind_token,
+)
+
+__all__ = [
+    "COMPRESSIONS", "AccessControlledAveragerMixin", "AccessControlledGradientAverager",
+    "AccessControlledTrainingStateAverager", "AccessDenied", "AllReduceRefused", "CenteredClipAllReduceRunner",
+    "CenteredClipReducer", "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused",
+    "ParamsServer", "ParamsUnavailable", "PeerAccessGate", "SwarmOptimizer", "TokenFile", "TokenProvider",
+    "TokenRegistryValidator", "centered_clip", "exit_with_parent", "from_hivemind_token", "is_valid_access_token",
+    "load_or_create_peer_identity", "load_or_create_swarm_key", "make_dht", "make_optimizer", "mint_access_token",
+    "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key", "to_hivemind_token",
+    "token_registry_key",
+]

@@ -1,0 +1,160 @@
+"""Who may take part in a run's swarm: the token registry in the DHT and the gate every averager asks.
+
+hivemind applies authorizers to DHT RPCs only (:mod:`omi.swarm.tokens`); the averagers' RPCs
+(``rpc_join_group``, ``rpc_aggregate_part``, ``rpc_download_state``) are open to any libp2p peer. libp2p
+authenticates the peer id of every stream (``context.remote_id``) and our token binds ``peer_id``, so every node
+publishes its token in the (token-gated) DHT under :func:`token_registry_key` with subkey = its peer id
+(:func:`start_token_publisher`), and a :class:`PeerAccessGate` refuses a remote peer id that has no valid
+published token (cached until the token expires). :class:`TokenRegistryValidator` makes the DHT accept under
+that key only a valid token for the very peer id in the subkey, so one member cannot overwrite another's entry.
+The averagers that ask the gate are in :mod:`omi.swarm.averagers`.
+
+Limits: a node that holds a valid token can do anything a node may do until its token expires (the
+coordinator bans by not renewing; a ban takes effect within the token TTL). Tokens are bearer-free only as
+far as keys stay private: DHT access needs the RSA key, averaging needs the libp2p key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+
+import hivemind
+from google.protobuf.message import DecodeError
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
+from hivemind.utils.serializer import MSGPackSerializer
+from omi.protos import pb
+from omi.protos.tokens import is_valid_access_token
+from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer
+
+logger = logging.getLogger(__name__)
+
+PUBLISH_PERIOD = 15.0  # seconds between re-publications of a node's token in the DHT registry
+
+
+def token_registry_key(dht_prefix: str) -> str:
+    """DHT key under which every peer of the run publishes its token (subkey: its base58 peer id)."""
+    return f"{dht_prefix}_access_tokens"
+
+
+class TokenRegistryValidator(RecordValidatorBase):
+    """DHT record validator: under the token registry key, accept only a valid token for the subkey's peer id.
+
+    The record may not outlive the token. Records under other keys pass untouched.
+    """
+
+    def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str):
+        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
+        self._key_id = DHTID.generate(source=token_registry_key(dht_prefix)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        try:
+            peer_id = MSGPackSerializer.loads(record.subkey)
+            token = pb.AccessToken.FromString(MSGPackSerializer.loads(record.value))
+        except Exception:  # any undecodable record under our key is refused
+            return False
+        return (isinstance(peer_id, str)
+                and record.expiration_time <= token.expires_at_ms / 1000
+                and is_valid_access_token(token, self.coordinator_public_key, self.run_id, peer_id=peer_id))
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+
+async def _publish_token_periodically(registry_key: str, period: float, dht: hivemind.DHT, node) -> None:
+    """Runs inside the DHT process: store the token the authorizer holds under the registry, again and again."""
+    authorizer: CoordinatorTokenAuthorizer = node.protocol.authorizer
+    peer_id = node.peer_id.to_base58()
+    published = None
+    while True:
+        try:
+            await authorizer.refresh_token_if_needed()
+            token = authorizer.access_token
+            # re-storing an unchanged token reaches peers that joined since; they answer False where they hold it
+            stored = await node.store(registry_key, subkey=peer_id, value=token.SerializeToString(),
+                                      expiration_time=token.expires_at_ms / 1000)
+            if stored:
+                published = token
+            elif token != published:
+                logger.warning("could not publish this node's access token in the DHT (will retry)")
+        except AccessDenied as e:
+            logger.warning("%s", e)
+        except Exception:
+            logger.exception("publishing the access token failed")
+        await asyncio.sleep(period)
+
+
+
+def start_token_publisher(dht: hivemind.DHT, dht_prefix: str, period: float = PUBLISH_PERIOD) -> None:
+    """Publish (and keep re-publishing, picking up renewals) this node's token in the run's token registry."""
+    dht.run_coroutine(functools.partial(_publish_token_periodically, token_registry_key(dht_prefix), period),
+                      return_future=True)
+
+
+
+class PeerAccessGate:
+    """Decides, inside an averager's process, whether a remote libp2p peer holds a valid token of the run.
+
+    Looks the peer up in the DHT token registry and caches a verified token until it expires. Lookups for
+    unknown peers are rate-limited to one registry read per ``min_refresh_interval`` seconds.
+
+    :param coordinator_public_key: raw Ed25519 key of the coordinator
+    :param run_id: the run tokens must be issued for
+    :param dht_prefix: the run's DHT prefix (where the registry lives)
+    :param min_refresh_interval: seconds between two registry reads triggered by unknown peers
+    """
+
+    def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str, *,
+                 min_refresh_interval: float = 1.0):
+        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
+        self.registry_key = token_registry_key(dht_prefix)
+        self.min_refresh_interval = min_refresh_interval
+        self._valid_until: dict[str, float] = {}  # base58 peer id -> token expiry (seconds)
+        self._last_refresh = -float("inf")
+        self._lock: asyncio.Lock | None = None
+
+    def _is_cached(self, peer_id: str, now: float) -> bool:
+        return self._valid_until.get(peer_id, 0.0) > now
+
+    async def _refresh(self, dht: hivemind.DHT) -> None:
+        self._last_refresh = time.monotonic()
+        found = await dht.get(self.registry_key, latest=True, return_future=True)
+        if found is None or not isinstance(found.value, dict):
+            return
+        now = time.time()
+        for peer_id, item in found.value.items():
+            try:
+                token = pb.AccessToken.FromString(item.value)
+            except (DecodeError, TypeError):
+                continue
+            if isinstance(peer_id, str) and is_valid_access_token(token, self.coordinator_public_key, self.run_id,
+                                                                  now, peer_id=peer_id):
+                self._valid_until[peer_id] = max(self._valid_until.get(peer_id, 0.0), token.expires_at_ms / 1000)
+
+    async def is_allowed(self, dht: hivemind.DHT, peer_id: PeerID) -> bool:
+        """True if ``peer_id`` has a valid token of the run published in the DHT registry."""
+        peer = peer_id.to_base58()
+        if self._is_cached(peer, time.time()):
+            return True
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._is_cached(peer, time.time()):
+                return True
+            if time.monotonic() - self._last_refresh >= self.min_refresh_interval:
+                try:
+                    await self._refresh(dht)
+                except Exception as e:  # our own DHT access failing (e.g. our token expired) refuses everyone
+                    logger.warning("could not read the token registry: %r", e)
+            allowed = self._is_cached(peer, time.time())
+        if not allowed:
+            logger.warning("refused averaging peer %s: no valid access token for run %r", peer, self.run_id)
+        return allowed
+

@@ -1,0 +1,152 @@
+"""hivemind averagers that average only with token holders and count whom they really averaged with."""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import typing
+from collections.abc import Callable
+
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.optim.grad_averager import GradientAverager
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.p2p import P2PContext, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import as_aiter, azip
+from hivemind.utils.timed_storage import get_dht_time
+from omi.swarm.access import PeerAccessGate
+
+AllReduceRunnerFactory = Callable[..., AllReduceRunner]
+
+
+class AccessControlledAveragerMixin:
+    """Adds token checks to a hivemind ``DecentralizedAverager`` subclass (put it first in the bases).
+
+    - ``rpc_join_group``: a leader answers a peer without a valid token with ``PROTOCOL_VIOLATION``;
+    - ``rpc_aggregate_part``: a sender without a valid token gets ``PROTOCOL_VIOLATION`` and its part is dropped;
+    - ``rpc_download_state``: a peer without a valid token gets nothing (hivemind's "not sharing" answer);
+    - before an all-reduce, every member of the assembled group must hold a valid token, else the round fails
+      before any tensor leaves this peer.
+
+    It also records how many senders' parts it reduced in its last all-reduce (``last_group_size``, 0 = none
+    yet; senders that never sent are not counted), counts rounds with more than itself, and lets
+    the all-reduce runner be replaced (``allreduce_runner``, e.g. a robust reducer).
+
+    :param access: the :class:`PeerAccessGate` of the run
+    :param allreduce_runner: a callable with ``AllReduceRunner``'s keyword arguments; default: hivemind's
+    """
+
+    # hivemind caches the RPC table per class and inherits it; each subclass must build its own
+    _rpc_handlers = None
+    _stub_type = None
+
+    def __init__(self, *args, access: PeerAccessGate, allreduce_runner: AllReduceRunnerFactory | None = None,
+                 **kwargs):
+        # set before super().__init__: hivemind may fork the averager process from inside it (start=True)
+        self.access = access
+        self.allreduce_runner = allreduce_runner or AllReduceRunner
+        self._last_group_size = mp.Value(ctypes.c_int, 0)
+        self._rounds_averaged = mp.Value(ctypes.c_int, 0)
+        super().__init__(*args, **kwargs)
+
+    async def _is_member(self, peer_id: PeerID) -> bool:
+        return peer_id == self.peer_id or await self.access.is_allowed(self.dht, peer_id)
+
+    @property
+    def last_group_size(self) -> int:
+        """Senders whose parts this peer reduced in its last all-reduce, itself included (0 if none yet)."""
+        return self._last_group_size.value
+
+    @property
+    def rounds_averaged(self) -> int:
+        """All-reduce rounds of this averager in which it reduced parts of at least one other peer."""
+        return self._rounds_averaged.value
+
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest, context: P2PContext
+                             ) -> typing.AsyncIterator[averaging_pb2.MessageFromLeader]:
+        if not await self._is_member(context.remote_id):
+            yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_join_group(request, context):
+            yield message
+
+    async def rpc_aggregate_part(self, stream: typing.AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+                                 ) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
+        if not await self._is_member(context.remote_id):
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+        async for message in super().rpc_aggregate_part(stream, context):
+            yield message
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest, context: P2PContext
+                                 ) -> typing.AsyncIterator[averaging_pb2.DownloadData]:
+        if not await self._is_member(context.remote_id):
+            return
+        async for message in super().rpc_download_state(request, context):
+            yield message
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        for peer_id in group_info.peer_ids:
+            if not await self._is_member(peer_id):
+                raise AllReduceRefused(f"group member {peer_id} has no valid access token")
+        result = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        if self._last_group_size.value > 1:
+            with self._rounds_averaged.get_lock():
+                self._rounds_averaged.value += 1
+        return result
+
+    async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
+                                      **kwargs):
+        # hivemind's method with AllReduceRunner replaced by self.allreduce_runner
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = self.allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
+        failed_reducers = _record_failed_reducers(runner)
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, update in azip(as_aiter(*tensors), runner):
+                tensor.add_(update, alpha=self._averaging_alpha)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+        # the peers this one really exchanged tensors with, itself included: senders whose parts it received, and
+        # reducers that returned its parts averaged (a peer may reduce nothing yet get every part averaged). A
+        # group whose members all refused it counts 1. (The group's senders minus those hivemind banned also
+        # counted members that had refused and sent nothing when the round ended before their timeout: an
+        # intruder then "saw" a group of 3 whose honest members had refused it.)
+        received = runner.tensor_part_reducer.num_parts_received
+        senders = {runner.sender_peer_ids[i] for i, parts in enumerate(received) if parts > 0}
+        by_peer = runner.tensor_part_container.num_parts_by_peer
+        reducers = {peer for i, peer in enumerate(runner.ordered_peer_ids)
+                    if by_peer[i] > 0 and i not in failed_reducers}
+        self._last_group_size.value = len(senders | reducers | {self.peer_id})
+
+
+def _record_failed_reducers(runner: AllReduceRunner) -> set[int]:
+    """The indices (in the group's order) of the peers that failed to reduce ``runner``'s parts, filled as it runs."""
+    failed: set[int] = set()
+    container = runner.tensor_part_container
+    register = container.register_failed_reducer
+
+    def register_failed_reducer(peer_index: int):
+        failed.add(peer_index)
+        register(peer_index)
+
+    container.register_failed_reducer = register_failed_reducer
+    return failed
+
+
+class AllReduceRefused(AllreduceException):
+    """The assembled group contains a peer without a valid access token."""
+
+
+class AccessControlledGradientAverager(AccessControlledAveragerMixin, GradientAverager):
+    """hivemind ``GradientAverager`` that averages only with token holders (:class:`AccessControlledAveragerMixin`)."""
+
+
+class AccessControlledTrainingStateAverager(AccessControlledAveragerMixin, TrainingStateAverager):
+    """hivemind ``TrainingStateAverager`` that averages with and serves state only to token holders."""

@@ -1,0 +1,131 @@
+"""CenteredClip, a robust replacement for the mean in hivemind's butterfly all-reduce.
+
+**CenteredClip** (Karimireddy, He, Jaggi 2021, "Learning from History for Byzantine Robust Optimization";
+as in BTARD, Gorbunov et al. 2022): with ``averaging.reducer = "centered_clip"`` every tensor part of
+hivemind's butterfly all-reduce is reduced by its owner as
+
+    v ← v + Σᵢ wᵢ·min(1, τ/‖xᵢ − v‖)·(xᵢ − v) / Σᵢ wᵢ    (``clip_iterations`` times, τ = ``clip_tau``)
+
+instead of the weighted mean Σᵢ wᵢxᵢ/Σᵢ wᵢ. v starts at the coordinate-wise median of the senders' parts (a
+reducer keeps no history across rounds, and the mean would start next to an outlier). When every part lies
+within τ of the start, one iteration gives exactly the weighted mean, so honest swarms lose nothing. τ bounds
+the norm of a *part* (hivemind splits the flat vector in parts of at most ``part_size_bytes``, 512 KiB by
+default), not of the whole gradient. The state averager reduces the parameters by CenteredClip too, with a
+radius taken from the senders (twice their median distance to the median, :func:`centered_clip` with
+``tau=None``): a fixed τ that suits gradients is far wider than the gap between honest peers' parameters, and a
+peer whose parameters lag (seen: a x-1000 sign-flipper that once stepped alone poisoned its own AdamW statistics
+and stopped moving) would pull every peer back by its share in each round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+
+ADAPTIVE_TAU_FACTOR = 2.0  # adaptive radius: this many times the senders' median distance to the median
+
+
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float | None,
+                  iterations: int) -> torch.Tensor:
+    """CenteredClip of ``parts`` (one row per sender, any trailing shape) with per-sender ``weights``.
+
+    Senders with zero weight are left out (hivemind's peers that "tag along" with weight 0). ``tau=None`` picks
+    the radius from the senders: :data:`ADAPTIVE_TAU_FACTOR` times their median distance to the start (the state
+    averager's choice: honest peers' parameters lie far closer together than any fixed radius that suits
+    gradients, and a peer whose parameters lag behind would otherwise pull everyone back by its share).
+
+    >>> honest = torch.ones(3, 4)
+    >>> attacker = -1000 * torch.ones(1, 4)
+    >>> centered_clip(torch.cat([honest, attacker]), torch.ones(4), tau=1.0, iterations=3)
+    tensor([0.8359, 0.8359, 0.8359, 0.8359])
+    """
+    assert parts.shape[0] == weights.shape[0], "one weight per sender"
+    assert (tau is None or tau > 0) and iterations >= 1, "tau must be positive (or None) and iterations at least 1"
+    keep = weights > 0
+    points, weights = parts[keep].flatten(1).to(torch.float64), weights[keep].to(torch.float64)
+    if points.shape[0] == 0:
+        return torch.full(parts.shape[1:], float("nan"), dtype=parts.dtype)
+    center = points.median(dim=0).values
+    if tau is None:
+        tau = ADAPTIVE_TAU_FACTOR * float((points - center).norm(dim=1).median())
+        if tau == 0.0:  # most senders hold exactly the median
+            return center.to(parts.dtype).view(parts.shape[1:])
+    for _ in range(iterations):
+        diffs = points - center
+        scales = torch.clamp(tau / diffs.norm(dim=1).clamp_min(1e-30), max=1.0)
+        center = center + (weights * scales) @ diffs / weights.sum()
+    return center.to(parts.dtype).view(parts.shape[1:])
+
+
+class CenteredClipReducer(TensorPartReducer):
+    """hivemind's ``TensorPartReducer`` reducing each part by :func:`centered_clip` instead of the weighted mean.
+
+    It keeps every sender's copy of the current part (one part per sender in memory) until all arrived.
+
+    :param part_shapes: shapes of the parts this peer reduces
+    :param num_senders: peers in the group that send parts
+    :param tau: clipping radius
+    :param iterations: CenteredClip iterations
+    """
+
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, tau: float | None, iterations: int):
+        self.tau, self.iterations = tau, iterations
+        self._parts: list[torch.Tensor] = []
+        self._weights: list[float] = []
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self._parts, self._weights = [], []
+        super().reset_accumulators()
+
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        # hivemind's accumulate_part, storing the part instead of adding it to a running sum
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._parts.append(tensor_part)
+            self._weights.append(weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            shape = self.part_shapes[self.current_part_index]
+            if self._parts:
+                result = centered_clip(torch.stack(self._parts), torch.tensor(self._weights), tau=self.tau,
+                                       iterations=self.iterations)
+            else:
+                result = torch.full(shape, float("nan"))
+            self.current_part_future.set_result(result)
+            self.reset_accumulators()
+
+
+class CenteredClipAllReduceRunner(AllReduceRunner):
+    """hivemind's butterfly ``AllReduceRunner`` whose local reducer is a :class:`CenteredClipReducer`.
+
+    :param tau: clipping radius; :param iterations: CenteredClip iterations; other arguments: ``AllReduceRunner``'s
+    """
+
+    def __init__(self, *, tau: float | None, iterations: int, **kwargs):
+        super().__init__(**kwargs)
+        self.tensor_part_reducer = CenteredClipReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
+            tau=tau, iterations=iterations)
+
