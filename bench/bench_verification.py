@@ -35,11 +35,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 from adversaries import ATTACKS, HONEST  # noqa: E402
 from adversaries.sim import LockstepSwarm, sim_run_toml  # noqa: E402
 from coordinator_helpers import ServerThread  # noqa: E402
-from omi.coordinator.audit import sent_sketch  # noqa: E402
 from omi.coordinator.core import Coordinator  # noqa: E402
 from omi.coordinator.registry import Caller  # noqa: E402
 from omi.coordinator.store import Audit, Node, Store  # noqa: E402
-from omi.models import MicroBatchRecord, merkle_root  # noqa: E402
+from omi.models import MicroBatchRecord, merkle_root, record_to_proto, sent_sketch  # noqa: E402
 from omi.protos import pb, signing  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -127,9 +126,7 @@ audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
             coordinator.runs.observe_epoch("mc", epoch)
             if task_id:
                 coordinator.auditor.submit_records(caller, pb.SubmitAuditRecordsRequest(
-                    task_id=task_id, records=[pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss,
-                                                                  grad_norm=r.grad_norm, sketch=r.sketch.tolist())
-                                              for r in records]))
+                    task_id=task_id, records=[record_to_proto(r) for r in records]))
                 task = coordinator.auditor.next_task(validator)
                 verdict = signing.sign(pb.AuditVerdict(task_id=task.task_id, validator_node_id=validator.node_id,
                                                        passed=rng.random() >= detect), validator_key)

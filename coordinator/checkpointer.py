@@ -7,9 +7,8 @@
 
 It runs in its own process because hivemind's ``load_state_from_peers`` blocks (and hivemind must be created in
 a main thread), while the coordinator's main thread runs the gRPC API's event loop. The process joins the run's
-swarm with a token the coordinator mints for it (it holds the coordinator's key), builds the run's model and an
-access-controlled ``TrainingStateAverager`` with the same prefix, parameters and optimizer as the volunteers'
-``hivemind.Optimizer`` (so their ``rpc_download_state`` answers it) that never averages and never shares state.
+swarm with a token the coordinator mints for it (it holds the coordinator's key), builds the run's model and
+follows the swarm's state with a :class:`omi.swarm.SwarmFollower` (as validators do).
 It follows the run's epoch in the database; every ``checkpoints.every_epochs`` epochs it downloads the swarm's
 state and writes a checkpoint folder atomically (:func:`write_checkpoint`), then lists it in the same database
 (:meth:`omi.coordinator.checkpoints.Checkpoints.publish`; SQLite in WAL mode takes the two writers).
@@ -22,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -147,24 +144,23 @@ class Checkpointer:
         self.spec = self.runs.spec_for_nodes(run_id)
         self.spec.initial_peers.extend(initial_peers)
         self._stop = threading.Event()
-        self.dht = self.averager = None
+        self.dht = self.follower = None
 
     def stop(self) -> None:
         self._stop.set()
 
     def _start_swarm_peer(self) -> None:
-        from omi.models import build_model
+        from omi.models import build_for_spec
         from omi.swarm import (
-            AccessControlledTrainingStateAverager,
             MintingTokenProvider,
-            PeerAccessGate,
+            SwarmFollower,
             load_or_create_peer_identity,
             load_or_create_swarm_key,
             make_dht,
             swarm_public_key,
         )
 
-        spec, training = self.spec, self.spec.training
+        spec = self.spec
         folder = self.state_dir / "swarm" / self.run_id / "checkpointer"
         folder.mkdir(parents=True, exist_ok=True)
         swarm_key = load_or_create_swarm_key(folder / "swarm_rsa.pem")
@@ -173,16 +169,8 @@ class Checkpointer:
                                       swarm_public_key=swarm_public_key(swarm_key), ttl=spec.liveness.token_ttl)
         self.dht = make_dht(spec, tokens, swarm_key, initial_peers=list(spec.initial_peers),
                             identity_path=str(folder / "p2p.id"), host=self.host)
-        self.model, self.scheduler = build_model(spec.model, prediction_type=training.prediction_type,
-                                                 num_train_timesteps=training.num_train_timesteps, seed=training.seed)
-        # the volunteers' hivemind.Optimizer state averager: same prefix, parameters and optimizer (the state they
-        # send is parameters + AdamW statistics); this one never averages and never offers its state
-        self.averager = AccessControlledTrainingStateAverager(
-            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), dht=self.dht,
-            prefix=f"{spec.dht_prefix}_state_averager", params=list(self.model.parameters()),
-            optimizer=functools.partial(torch.optim.AdamW, lr=training.learning_rate,
-                                        weight_decay=training.weight_decay),
-            allow_state_sharing=False, next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
+        self.model, self.scheduler = build_for_spec(spec)
+        self.follower = SwarmFollower(self.dht, spec, self.model)
         logger.info("run %s: checkpointer peer %s joined the swarm", self.run_id, peer_id)
 
     def _run_row(self) -> tuple[int, int]:
@@ -200,12 +188,11 @@ class Checkpointer:
         retry_at = 0.0
         while not self._stop.wait(POLL_INTERVAL):
             state, run_epoch = self._run_row()
-            due = (max(last_epoch, self.averager.local_epoch) // every + 1) * every
+            due = (max(last_epoch, self.follower.epoch) // every + 1) * every
             if state != pb.RUN_STATE_RUNNING or run_epoch < due or time.monotonic() < retry_at:
                 continue
             started = time.perf_counter()
-            self.averager.load_state_from_peers(timeout=LOAD_TIMEOUT)
-            epoch = self.averager.local_epoch
+            epoch = self.follower.pull(timeout=LOAD_TIMEOUT)
             if epoch < due:
                 logger.info("run %s: no swarm state at epoch >= %d yet (have %d); retrying", self.run_id, due, epoch)
                 retry_at = time.monotonic() + RETRY_INTERVAL
@@ -222,8 +209,8 @@ class Checkpointer:
                         manifest["total_samples"], manifest["loss"])
 
     def shutdown(self) -> None:
-        if self.averager is not None:
-            self.averager.shutdown()
+        if self.follower is not None:
+            self.follower.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
         self.store.close()
@@ -254,17 +241,9 @@ def main(argv: list[str] | None = None) -> None:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     checkpointer = Checkpointer(args.state_dir, args.db, args.run, args.initial_peer, host=args.host,
                                 public_url=args.public_url)
-    main_pid = os.getpid()
+    from omi.swarm.signals import install_stop_signals
 
-    def on_signal(signum, frame):
-        if os.getpid() != main_pid:  # hivemind's forked children inherit this handler: keep the default there
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        checkpointer.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    install_stop_signals(checkpointer.stop)
     try:
         checkpointer.run()
     finally:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from omi.protos import pb
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,13 @@ def build_model(
         num_train_timesteps=num_train_timesteps, beta_schedule="linear", prediction_type=prediction_type
     )
     return model, scheduler
+
+
+def build_for_spec(spec: pb.RunSpec) -> tuple[UNet2DModel, DDPMScheduler]:
+    """The model and scheduler of a run, as every peer of it builds them (same parameters from the same seed)."""
+    training = spec.training
+    return build_model(spec.model, prediction_type=training.prediction_type,
+                       num_train_timesteps=training.num_train_timesteps, seed=training.seed)
 
 
 @cache

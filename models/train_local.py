@@ -22,8 +22,9 @@ import torch
 from omi.models.data import DataSource, open_source
 from omi.models.device import pick_device
 from omi.models.microbatch import GradientSketch, compute_micro_batch, micro_batch_seed, trainable_parameters
+from omi.models.optimizer import optimizer_for
 from omi.models.quality import QualityScore, quality_score
-from omi.models.registry import build_model, model_info
+from omi.models.registry import build_for_spec, model_info
 from omi.models.sampling import generate, save_grid, save_pretrained
 from omi.protos import pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -118,17 +119,16 @@ def train_local(
                          f"({info.sample_size}x{info.sample_size})")
 
     # 1. the model, built from config with the run's seed, and the data source
-    model, scheduler = build_model(spec.model, prediction_type=training.prediction_type,
-                                   num_train_timesteps=training.num_train_timesteps, seed=training.seed)
+    model, scheduler = build_for_spec(spec)
     model.to(device).train()
     source = open_source(spec.data, channels=info.channels)
     sketch = GradientSketch(model, spec.verification.sketch_size, seed=training.seed)
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    optimizer = optimizer_for(training)(params)  # clips the step's gradient to max_grad_norm, as swarm nodes do
     logger.info("train-local %s: %s (%d parameters) on %s, %s, %d samples, %d per step", spec.run_id, spec.model,
                 info.parameters, device, source, samples, step_batch)
 
-    # 2. the loop: micro-batches accumulate into .grad until a step's worth of samples, then clip and step
+    # 2. the loop: micro-batches accumulate into .grad until a step's worth of samples, then step
     losses: list[float] = []
     trained, in_step, parts, steps = 0, 0, 0, 0
     started = time.perf_counter()
@@ -148,8 +148,6 @@ def train_local(
                 for param in params:
                     if param.grad is not None:
                         param.grad.div_(parts)
-                if training.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, training.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 in_step, parts, steps = 0, 0, steps + 1

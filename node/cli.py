@@ -5,7 +5,6 @@
 """
 
 import logging
-import os
 from pathlib import Path
 
 import typer
@@ -104,8 +103,10 @@ def join(
     log_json: bool = typer.Option(False, "--log-json", help="Log one JSON object per line (implies --quiet)."),
 ) -> None:
     """Join a training run as a volunteer: train in the swarm and report contributions until Ctrl-C."""
-    from omi.node.trainer import NodeConfig, NodeError, VolunteerNode, install_stop_signals
+    from omi.node.session import NodeError
     from omi.node.view import JsonFormatter, LiveView
+    from omi.node.volunteer import NodeConfig, VolunteerNode
+    from omi.swarm.signals import install_stop_signals
 
     if log_json:
         handler = logging.StreamHandler()
@@ -117,7 +118,7 @@ def join(
                         save_dir=save, connect_attempts=connect_attempts)
     view = None if (quiet or log_json or not console.is_terminal) else LiveView(console)
     node = VolunteerNode(config, on_status=view.update if view else None)
-    install_stop_signals(node)
+    node.reinstall_signals = install_stop_signals(node.stop)
     try:
         if view is not None:
             with view:
@@ -284,25 +285,18 @@ def validate(
     max_tasks: int = typer.Option(0, "--max-tasks", min=0, help="Stop after this many verdicts (0: never)."),
 ) -> None:
     """Follow a run's swarm, recompute audited micro-batches and report signed verdicts until Ctrl-C."""
-    import signal
-
+    from omi.node.session import NodeError
     from omi.node.validate import Validator, ValidatorConfig
+    from omi.swarm.signals import install_stop_signals
 
     validator = Validator(ValidatorConfig(coordinator=coordinator, run_id=run, state_dir=state_dir,
                                           token_file=token_file, host=host, threads=threads, max_tasks=max_tasks))
-    main_pid = os.getpid()
-
-    def stop(signum, frame):
-        if os.getpid() == main_pid:  # hivemind's forked children keep the default action
-            validator.stop()
-        else:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    install_stop_signals(validator.stop)
     try:
         verdicts = validator.run()
+    except NodeError as e:
+        logger.error("%s", e)
+        raise typer.Exit(e.exit_code) from None
     finally:
         validator.shutdown()
     logger.info("done: %d verdicts reported", verdicts)

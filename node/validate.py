@@ -4,8 +4,9 @@
     omi-node validate --coordinator coord.example.org:50051 --state-dir ~/.omi/validator
 
 A validator is a token-holding swarm peer that never trains. It keeps the parameters of the last W epochs
-(``verification.audit_window_epochs`` + 1), downloaded from peers through hivemind's state averager as the
-swarm's epoch moves on, keyed by :func:`omi.models.params_hash`. For an ``AuditTask`` it
+(``verification.audit_window_epochs`` + 1), downloaded from peers as the swarm's epoch moves on
+(:class:`omi.swarm.SwarmFollower`, as the coordinator's checkpointer follows it), keyed by
+:func:`omi.models.params_hash`. For an ``AuditTask`` it
 
 1. checks every handed-over record's Merkle proof against the contribution's commitment;
 2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else asks
@@ -37,21 +38,19 @@ import grpc
 import torch
 from omi.models import (
     GradientSketch,
-    MicroBatchRecord,
-    build_model,
+    build_for_spec,
+    micro_batch_samples,
     micro_batch_seed,
     model_info,
     open_source,
     params_hash,
+    proof_of,
+    record_from_proto,
 )
-from omi.models.commitment import MerkleProof, verify_proof
+from omi.models.commitment import verify_proof
 from omi.models.verify import Tolerances, compare, recompute
-from omi.node.client import CoordinatorClient
-from omi.node.identity import NodeIdentity
-from omi.node.trainer import assignment_indices
+from omi.node.session import NodeSession
 from omi.protos import pb
-from omi.protos.tokens import TokenFile
-from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
 
 logger = logging.getLogger(__name__)
@@ -75,22 +74,7 @@ DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
 # that computed on parameters of its own choosing (another model, a long-gone epoch) is far further away.
 PARAMS_DISTANCE_STEPS = 8.0
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
-
-
-def record_from_proto(record: pb.MicroBatchRecord) -> MicroBatchRecord:
-    return MicroBatchRecord(index=record.index, samples=record.samples, loss=record.loss, grad_norm=record.grad_norm,
-                            sketch=torch.tensor(list(record.sketch), dtype=torch.float32))
-
-
-def micro_batch_samples(assignment: pb.WorkAssignment, index: int, size: int) -> list[int]:
-    """Sample indices of micro-batch ``index`` of ``size`` samples, as ``omi.node.trainer.micro_batches`` walks."""
-    order = assignment_indices(assignment)
-    return [order[(index * size + k) % len(order)] for k in range(size)]
-
-
-def proof_of(audited: pb.AuditedRecord) -> MerkleProof:
-    return MerkleProof(index=audited.record.index, size=audited.leaves,
-                       siblings=tuple(zip(audited.proof_sides, audited.proof_hashes, strict=False)))
+STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging timeouts (hivemind.Optimizer's default)
 
 
 @dataclass
@@ -158,13 +142,11 @@ class Recomputer:
 
     @classmethod
     def for_spec(cls, spec: pb.RunSpec, device: str = "cpu") -> Recomputer:
-        training = spec.training
-        model, scheduler = build_model(spec.model, prediction_type=training.prediction_type,
-                                       num_train_timesteps=training.num_train_timesteps, seed=training.seed)
+        model, scheduler = build_for_spec(spec)
         model.to(device).train()
         source = open_source(spec.data, channels=model_info(spec.model).channels)
         return cls(spec, model, scheduler, source, GradientSketch(model, spec.verification.sketch_size,
-                                                                  seed=training.seed))
+                                                                  seed=spec.training.seed))
 
     def load(self, snapshot: Snapshot) -> None:
         with torch.no_grad():
@@ -297,57 +279,42 @@ class Validator:
 
     def __init__(self, config: ValidatorConfig):
         self.config = config
-        self.client: CoordinatorClient | None = None
-        self.dht = self.optimizer = self.fetcher = None
+        self.session = NodeSession(config.coordinator, config.state_dir, token_file=config.token_file)
+        self.dht = self.follower = self.fetcher = None
         self.verdicts = 0
         self._stop = threading.Event()
 
-    def _connect(self) -> pb.RunSpec:
-        config = self.config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
-        identity = NodeIdentity.load_or_create(config.state_dir / "node_key.pem")
-        self.client = CoordinatorClient(config.coordinator, identity.key)
-        self.swarm_key = load_or_create_swarm_key(config.state_dir / "swarm_rsa.pem")
-        self.tokens = TokenFile(config.token_file or config.state_dir / "token.bin")
-        if config.token_file is not None:
-            self.client.token = self.tokens()
-            return self.client.get_run_spec(self.client.token.run_id)
-        run_id = config.run_id or next(r.run_id for r in self.client.list_runs() if r.state == pb.RUN_STATE_RUNNING)
-        peer_id = load_or_create_peer_identity(config.state_dir / "p2p.id")
-        response = self.client.register(run_id, peer_id, "validator", swarm_public_key(self.swarm_key))
-        self.tokens.write(response.token)
-        return response.run_spec
-
     def run(self) -> int:
         """Audit until stopped (or ``max_tasks`` verdicts); returns the number of verdicts reported."""
-        from omi.swarm import make_optimizer, start_dht
+        from omi.swarm import SwarmFollower, start_dht
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        spec = self._connect()
+        spec = self.session.open(self.config.run_id, display_name="validator")
+        self.client = self.session.client
         self.recomputer = Recomputer.for_spec(spec)
         self.history = ParameterHistory(spec.verification.audit_window_epochs + 1)
-        self.dht = start_dht(spec, self.tokens, swarm_key=self.swarm_key,
+        self.dht = start_dht(spec, self.session.tokens, swarm_key=self.session.swarm_key,
                              identity_path=self.config.state_dir / "p2p.id", host=self.config.host)
-        # a hivemind.Optimizer that never steps: it tracks the swarm's epoch and downloads the state from peers
-        self.optimizer = make_optimizer(self.recomputer.model, spec, self.dht,
-                                        batch_size_per_step=spec.training.micro_batch_size)
-        # it only follows the swarm: a joining volunteer must load state from trainers (or the latest checkpoint
-        # when none is left), never from a validator that may lag an epoch behind
-        self.optimizer.state_averager.allow_state_sharing = False
+        self.follower = SwarmFollower(self.dht, spec, self.recomputer.model)
         self.fetcher = ParamsFetcher(self.dht, spec)
-        logger.info("validating run %s as node %s", spec.run_id, self.client.node_id[:12])
+        logger.info("validating run %s as node %s", spec.run_id, self.session.node_id[:12])
         held = -1
         while not self._stop.is_set():
             if self.config.max_tasks and self.verdicts >= self.config.max_tasks:
                 break
-            swarm_epoch = self.optimizer.tracker.global_epoch
+            swarm_epoch = self.follower.swarm_epoch()
             if swarm_epoch > held:
-                self.optimizer.load_state_from_peers()
-                held = max(held, self.optimizer.local_epoch)
-                digest = self.history.add(self.optimizer.local_epoch, self.recomputer.model)
-                logger.info("holding epoch %d parameters (%s)", self.optimizer.local_epoch, digest.hex()[:12])
-            self._renew_token_if_needed(spec)
+                epoch = self.follower.pull(timeout=STATE_TIMEOUT_FACTOR * spec.averaging.averaging_timeout)
+                if swarm_epoch - 1 <= epoch < swarm_epoch:
+                    # hivemind.Optimizer's catch-up: the serving peer has not stepped yet, its parameters are the
+                    # new epoch's
+                    epoch = swarm_epoch
+                held = max(held, epoch)
+                digest = self.history.add(epoch, self.recomputer.model)
+                logger.info("holding epoch %d parameters (%s)", epoch, digest.hex()[:12])
+            if not self.session.renew_token_if_needed():
+                break
             if not self._audit_one():
                 self._stop.wait(POLL_INTERVAL)
         return self.verdicts
@@ -374,14 +341,6 @@ class Validator:
                     "passed" if verdict.passed else "FAILED", "" if verdict.passed else f" ({verdict.reason})")
         return True
 
-    def _renew_token_if_needed(self, spec: pb.RunSpec) -> None:
-        token = self.client.token
-        if self.config.token_file is not None:
-            self.client.token = self.tokens()  # the coordinator re-mints the built-in validator's token
-            return
-        if token.expires_at_ms / 1000 - time.time() < (token.expires_at_ms - token.issued_at_ms) / 2000:
-            self.tokens.write(self.client.renew_token())
-
     def stop(self) -> None:
         self._stop.set()
 
@@ -390,12 +349,10 @@ class Validator:
         if self.fetcher is not None:
             self.fetcher.shutdown()
             self.fetcher = None
-        if self.optimizer is not None:
-            self.optimizer.shutdown()
-            self.optimizer = None
+        if self.follower is not None:
+            self.follower.shutdown()
+            self.follower = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
-        if self.client is not None:
-            self.client.close()
-
+        self.session.close()

@@ -1,103 +1,208 @@
-"""RunSpec TOML <-> the RunSpec message: defaults, validation that names the bad key, and back to TOML.
+"""RunSpec TOML <-> the RunSpec message: defaults, validation that names the bad key, and back to plain data.
+
+The TOML schema is one pydantic model per section; ``RunSpecFile`` is the whole file.
 
 >>> spec = parse_runspec('[run]\\nid = "demo"\\nmodel = "unet-digits-16"\\n')
 >>> spec.training.micro_batch_size, spec.averaging.reducer
 (32, 'mean')
->>> parse_runspec('[run]\\nid = "demo"\\nmodel = "m"\\n[training]\\nlr = 1\\n')
-Traceback (most recent call last):
-...
-omi.protos.runspec.RunSpecError: unknown key 'training.lr' (known: ...)
+>>> try:
+...     parse_runspec('[run]\\nid = "demo"\\nmodel = "m"\\n[training]\\nlr = 1\\n')
+... except RunSpecError as e:
+...     print(e)  # doctest: +ELLIPSIS
+unknown key 'training.lr' (known: micro_batch_size, target_batch_size, ...)
 """
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import tomllib
 from google.protobuf import json_format
 from omi.protos import pb
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-# section -> key -> (default, check, what the check wants). Every key of the RunSpec TOML is here.
-_POSITIVE = (lambda v: v > 0, "> 0")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-_FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
-_ANY = (lambda v: True, "")
+# Strict: a value of the wrong TOML type is a mistake to refuse (micro_batch_size = '32' is not 32), except an
+# integer for a float key, which pydantic's strict mode accepts as TOML writers expect.
+_SECTION = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+# The message's integer fields are uint32 (seed: uint64): a larger value is refused here, naming its key, rather
+# than failing inside protobuf.
+PositiveInt = Annotated[int, Field(gt=0, le=2**32 - 1)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]
 
 
-def _one_of(*options):
-    return (lambda v: v in options, "one of " + ", ".join(options))
+class RunSection(BaseModel):
+    """``[run]``: what the run is; ``id`` and ``model`` have no default."""
+
+    model_config = _SECTION
+
+    id: str  # names the run in URLs, the admin CLI and the DHT prefix (omi-ID)
+    name: str = ""  # shown on the dashboard; empty = the id
+    description: str = ""  # free text for the dashboard
+    model: str = Field(min_length=1)  # a name in omi.models' registry, e.g. unet-digits-16
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_slug(cls, value: str) -> str:
+        if re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", value) is None:
+            raise ValueError("Input should be lowercase letters, digits, '-' or '_', at most 63 characters")
+        return value
 
 
-SCHEMA: dict[str, dict[str, tuple[Any, tuple]]] = {
-    "run": {
-        "id": (None, (lambda v: re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", v) is not None,
-                      "lowercase letters, digits, '-' or '_', at most 63 characters")),
-        "name": ("", _ANY),
-        "description": ("", _ANY),
-        "model": (None, (lambda v: bool(v), "a model name")),
-    },
-    "data": {
-        "source": ("builtin:digits", (lambda v: v.split(":", 1)[0] in ("builtin", "imagefolder", "webdataset")
-                                      and ":" in v, "builtin:NAME, imagefolder:PATH or webdataset:PATTERN")),
-        "shard_size": (64, _POSITIVE),
-        "resolution": (16, _POSITIVE),
-    },
-    "training": {
-        "micro_batch_size": (32, _POSITIVE),
-        "target_batch_size": (256, _POSITIVE),
-        "learning_rate": (1e-3, _POSITIVE),
-        "weight_decay": (0.0, _NON_NEGATIVE),
-        "prediction_type": ("epsilon", _one_of("epsilon", "v_prediction")),
-        "num_train_timesteps": (1000, _POSITIVE),
-        "max_epochs": (0, _NON_NEGATIVE),
-        "shards_per_assignment": (4, _POSITIVE),
-        "seed": (0, _NON_NEGATIVE),
-        "max_grad_norm": (1.0, _NON_NEGATIVE),
-    },
-    "averaging": {
-        "matchmaking_time": (3.0, _POSITIVE),
-        "averaging_timeout": (30.0, _POSITIVE),
-        "compression": ("none", _one_of("none", "float16", "scaled_float16", "uniform8bit")),
-        "reducer": ("mean", _one_of("mean", "centered_clip")),
-        "clip_tau": (1.0, _POSITIVE),
-        "clip_iterations": (3, _POSITIVE),
-        "load_state_from_peers": (True, _ANY),
-    },
-    "verification": {
-        "audit_rate": (0.2, _FRACTION),
-        "micro_batches_per_audit": (2, _POSITIVE),
-        "max_strikes": (2, _POSITIVE),
-        "audit_window_epochs": (5, _POSITIVE),
-        "sketch_size": (1024, _POSITIVE),
-    },
-    "checkpoints": {
-        "every_epochs": (5, _POSITIVE),
-        "keep": (3, _POSITIVE),
-        "milestone_every": (50, _NON_NEGATIVE),
-        "preview_samples": (16, _POSITIVE),
-    },
-    "liveness": {
-        "heartbeat_interval": (5.0, _POSITIVE),
-        "heartbeat_timeout": (30.0, _POSITIVE),
-        "token_ttl": (3600.0, _POSITIVE),
-    },
-}
+class DataSection(BaseModel):
+    """``[data]``: where the samples come from and how they are cut into shards."""
 
-# TOML section -> RunSpec field holding it ("run" keys sit on the RunSpec itself)
-_RUN_FIELDS = {"id": "run_id", "name": "name", "description": "description", "model": "model"}
+    model_config = _SECTION
+
+    source: str = "builtin:digits"  # builtin:NAME | imagefolder:PATH | webdataset:PATTERN
+    shard_size: PositiveInt = 64  # samples per numbered shard
+    resolution: PositiveInt = 16  # side of the square images fed to the model
+
+    @field_validator("source")
+    @classmethod
+    def _source_has_a_known_kind(cls, value: str) -> str:
+        if ":" not in value or value.split(":", 1)[0] not in ("builtin", "imagefolder", "webdataset"):
+            raise ValueError("Input should be builtin:NAME, imagefolder:PATH or webdataset:PATTERN")
+        return value
+
+
+class TrainingSection(BaseModel):
+    """``[training]``: the optimizer and the work handed to each node."""
+
+    model_config = _SECTION
+
+    micro_batch_size: PositiveInt = 32  # samples in one forward/backward pass on a node
+    target_batch_size: PositiveInt = 256  # samples the swarm accumulates before one optimizer step
+    learning_rate: PositiveFloat = 1e-3  # AdamW learning rate
+    weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
+    num_train_timesteps: PositiveInt = 1000  # T of the DDPM noise schedule
+    max_epochs: NonNegativeInt = 0  # 0 = no limit
+    shards_per_assignment: PositiveInt = 4  # shards handed to one node per epoch
+    seed: Seed = 0  # base of every micro-batch seed, so validators can recompute a micro-batch
+    max_grad_norm: NonNegativeFloat = 1.0  # gradient clipping; 0 = no clipping
+
+
+class AveragingSection(BaseModel):
+    """``[averaging]``: how hivemind averages the nodes' gradients."""
+
+    model_config = _SECTION
+
+    matchmaking_time: PositiveFloat = 3.0  # seconds spent forming an averaging group
+    averaging_timeout: PositiveFloat = 30.0  # seconds before an all-reduce is abandoned
+    compression: Literal["none", "float16", "scaled_float16", "uniform8bit"] = "none"  # of tensors on the wire
+    reducer: Literal["mean", "centered_clip"] = "mean"  # centered_clip bounds what one bad peer can move
+    clip_tau: PositiveFloat = 1.0  # clipping radius of centered_clip
+    clip_iterations: PositiveInt = 3  # fixed-point iterations of centered_clip
+    load_state_from_peers: bool = True  # a joining node downloads the current state from peers
+
+
+class VerificationSection(BaseModel):
+    """``[verification]``: how often contributions are audited and what a failed audit costs."""
+
+    model_config = _SECTION
+
+    audit_rate: Annotated[float, Field(ge=0, le=1)] = 0.2  # fraction of contributions a validator recomputes
+    micro_batches_per_audit: PositiveInt = 2  # micro-batches recomputed per audited contribution
+    max_strikes: PositiveInt = 2  # failed audits before a node is banned
+    audit_window_epochs: PositiveInt = 5  # epochs within which a contribution may still be audited
+    sketch_size: PositiveInt = 1024  # floats in each micro-batch's gradient sketch
+
+
+class CheckpointSection(BaseModel):
+    """``[checkpoints]``: how often the model is saved and how many saves are kept."""
+
+    model_config = _SECTION
+
+    every_epochs: PositiveInt = 5  # epochs between checkpoints
+    keep: PositiveInt = 3  # latest checkpoints kept
+    milestone_every: NonNegativeInt = 50  # epochs between checkpoints kept forever; 0 = none
+    preview_samples: PositiveInt = 16  # images drawn for each checkpoint's preview
+
+
+class LivenessSection(BaseModel):
+    """``[liveness]``: heartbeats and access tokens."""
+
+    model_config = _SECTION
+
+    heartbeat_interval: PositiveFloat = 5.0  # seconds between a node's heartbeats
+    heartbeat_timeout: PositiveFloat = 30.0  # seconds without a heartbeat before a node counts as offline
+    token_ttl: PositiveFloat = 3600.0  # seconds an access token is valid
+
+
+class RunSpecFile(BaseModel):
+    """A whole RunSpec TOML file; every section but ``[run]`` may be left out."""
+
+    # An absent section is validated as an empty table, so a missing [run] is reported as 'run.id'.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+    run: RunSection = Field(default_factory=dict)
+    data: DataSection = Field(default_factory=dict)
+    training: TrainingSection = Field(default_factory=dict)
+    averaging: AveragingSection = Field(default_factory=dict)
+    verification: VerificationSection = Field(default_factory=dict)
+    checkpoints: CheckpointSection = Field(default_factory=dict)
+    liveness: LivenessSection = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _target_holds_a_micro_batch(self) -> "RunSpecFile":
+        # Runs only once every key is valid, so it is the last check; its message names the key itself.
+        if self.training.target_batch_size < self.training.micro_batch_size:
+            raise ValueError("bad value for 'training.target_batch_size': smaller than training.micro_batch_size")
+        return self
 
 
 class RunSpecError(ValueError):
     """A RunSpec TOML that cannot be used; the message names the key."""
 
 
-def _check_type(key: str, value: Any, default: Any) -> Any:
-    expected = type(default) if default is not None else str
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-        raise RunSpecError(f"'{key}' must be {expected.__name__}, got {type(value).__name__} {value!r}")
-    return value
+_TYPE_NAMES = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool"}
+
+
+def _first_error(e: ValidationError, doc: dict[str, Any]) -> RunSpecError:
+    """The first failed check as a RunSpecError naming its key.
+
+    "First" is reading order: the document's sections top to bottom, then section by section its unknown keys
+    before its known ones (pydantic lists a model's extra keys after its fields, and top-level ones last).
+    """
+    sections = list(RunSpecFile.model_fields)
+
+    def reading_order(error) -> tuple[int, int, bool]:
+        loc = error["loc"]
+        if not loc:  # the cross-key check, which pydantic only reaches when nothing else failed
+            return (2, 0, False)
+        if len(loc) == 1:  # an unknown section, or a section that is not a table
+            return (0, list(doc).index(loc[0]), False)
+        return (1, sections.index(loc[0]), error["type"] != "extra_forbidden")
+
+    error = min(e.errors(), key=reading_order)
+    loc, kind, value = error["loc"], error["type"], error["input"]
+    name = ".".join(map(str, loc))
+    reason = str(error["ctx"]["error"]) if kind == "value_error" else error["msg"]
+    if not loc:
+        return RunSpecError(reason)
+    if kind == "extra_forbidden" and len(loc) == 1:
+        return RunSpecError(f"unknown section '{name}' (known: {', '.join(sections)})")
+    if kind == "extra_forbidden":
+        known = RunSpecFile.model_fields[loc[0]].annotation.model_fields
+        return RunSpecError(f"unknown key '{name}' (known: {', '.join(known)})")
+    if kind == "model_type":
+        return RunSpecError(f"'{name}' must be a table")
+    if kind == "missing":
+        return RunSpecError(f"missing required key '{name}'")
+    if kind in _TYPE_NAMES:
+        return RunSpecError(f"'{name}' must be {_TYPE_NAMES[kind]}, got {type(value).__name__} {value!r}")
+    return RunSpecError(f"bad value for '{name}': {value!r} ({reason})")
 
 
 def parse_runspec(text: str) -> pb.RunSpec:
@@ -106,37 +211,19 @@ def parse_runspec(text: str) -> pb.RunSpec:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RunSpecError(f"not valid TOML: {e}") from e
-    spec = pb.RunSpec()
-    for section, value in doc.items():
-        if section not in SCHEMA:
-            raise RunSpecError(f"unknown section '{section}' (known: {', '.join(SCHEMA)})")
-        if not isinstance(value, dict):
-            raise RunSpecError(f"'{section}' must be a table")
-    for section, keys in SCHEMA.items():
-        given = doc.get(section, {})
-        for key in given:
-            if key not in keys:
-                raise RunSpecError(f"unknown key '{section}.{key}' (known: {', '.join(keys)})")
-        for key, (default, (check, wants)) in keys.items():
-            name = f"{section}.{key}"
-            if key not in given:
-                if default is None:
-                    raise RunSpecError(f"missing required key '{name}'")
-                value = default
-            else:
-                value = _check_type(name, given[key], default)
-                if not check(value):
-                    raise RunSpecError(f"bad value for '{name}': {value!r} (must be {wants})")
-            if section == "run":
-                setattr(spec, _RUN_FIELDS[key], value)
-            else:
-                setattr(getattr(spec, section), key, value)
-    if spec.training.target_batch_size < spec.training.micro_batch_size:
-        raise RunSpecError("bad value for 'training.target_batch_size': smaller than training.micro_batch_size")
-    if not spec.name:
-        spec.name = spec.run_id
-    spec.dht_prefix = f"omi-{spec.run_id}"
-    return spec
+    try:
+        file = RunSpecFile.model_validate(doc)
+    except ValidationError as e:
+        raise _first_error(e, doc) from None
+    run = file.run
+    return pb.RunSpec(
+        run_id=run.id,
+        name=run.name or run.id,
+        description=run.description,
+        model=run.model,
+        dht_prefix=f"omi-{run.id}",
+        **file.model_dump(exclude={"run"}),
+    )
 
 
 def load_runspec(path: str | Path) -> pb.RunSpec:

@@ -16,10 +16,12 @@ from omi.swarm.averagers import (
     AllReduceRefused,
 )
 from omi.swarm.dht import exit_with_parent, make_dht, start_bootstrap_dht, start_dht
+from omi.swarm.follower import SwarmFollower
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 from omi.swarm.optimizer import COMPRESSIONS, SwarmOptimizer, make_optimizer
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, snapshot
 from omi.swarm.reduce import CenteredClipAllReduceRunner, CenteredClipReducer, centered_clip
+from omi.swarm.signals import install_stop_signals
 from omi.swarm.tokens import (
     AccessDenied,
     CoordinatorTokenAuthorizer,
@@ -29,12 +31,12 @@ from omi.swarm.tokens import (
 )
 
 __all__ = [
-    "COMPRESSIONS", "AccessControlledAveragerMixin", "AccessControlledGradientAverager",
-    "AccessControlledTrainingStateAverager", "AccessDenied", "AllReduceRefused", "CenteredClipAllReduceRunner",
-    "CenteredClipReducer", "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused",
-    "ParamsServer", "ParamsUnavailable", "PeerAccessGate", "SwarmOptimizer", "TokenFile", "TokenProvider",
-    "TokenRegistryValidator", "centered_clip", "exit_with_parent", "from_hivemind_token", "is_valid_access_token",
-    "load_or_create_peer_identity", "load_or_create_swarm_key", "make_dht", "make_optimizer", "mint_access_token",
-    "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key", "to_hivemind_token",
-    "token_registry_key",
+    "AccessControlledAveragerMixin", "AccessControlledGradientAverager", "AccessControlledTrainingStateAverager",
+    "AccessDenied", "AllReduceRefused", "COMPRESSIONS", "CenteredClipAllReduceRunner", "CenteredClipReducer",
+    "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused", "ParamsServer",
+    "ParamsUnavailable", "PeerAccessGate", "SwarmFollower", "SwarmOptimizer", "TokenFile", "TokenProvider",
+    "TokenRegistryValidator", "centered_clip", "exit_with_parent", "from_hivemind_token", "install_stop_signals",
+    "is_valid_access_token", "load_or_create_peer_identity", "load_or_create_swarm_key", "make_dht", "make_optimizer",
+    "mint_access_token", "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key",
+    "to_hivemind_token", "token_registry_key",
 ]

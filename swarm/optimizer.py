@@ -12,6 +12,7 @@ from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
 from hivemind.compression.quantization import Uniform8BitQuantization
 from hivemind.optim.grad_averager import GradientAverager
+from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledGradientAverager, AccessControlledTrainingStateAverager
@@ -81,8 +82,9 @@ def make_optimizer(model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, 
                    **optimizer_kwargs) -> SwarmOptimizer:
     """A ``hivemind.Optimizer`` for ``model`` configured from ``spec``, averaging only with token holders.
 
-    - ``run_id`` = ``spec.dht_prefix``; ``target_batch_size``, ``learning_rate``, ``weight_decay`` (AdamW) from
-      ``spec.training``; ``matchmaking_time``, ``averaging_timeout``, ``compression`` (of gradients; state is
+    - ``run_id`` = ``spec.dht_prefix``; ``target_batch_size`` and the optimizer (AdamW with ``learning_rate`` and
+      ``weight_decay``, clipping the averaged gradient to ``max_grad_norm``: :func:`omi.models.optimizer.optimizer_for`)
+      from ``spec.training``; ``matchmaking_time``, ``averaging_timeout``, ``compression`` (of gradients; state is
       averaged and downloaded uncompressed so parameters stay exact), ``load_state_from_peers`` and the reducer
       (``mean`` or ``centered_clip`` with ``clip_tau``, ``clip_iterations``) from ``spec.averaging``.
 
@@ -113,8 +115,7 @@ def make_optimizer(model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, 
     kwargs = dict(
         dht=dht, run_id=spec.dht_prefix, target_batch_size=spec.training.target_batch_size,
         batch_size_per_step=batch_size_per_step, params=list(model.parameters()),
-        optimizer=functools.partial(torch.optim.AdamW, lr=spec.training.learning_rate,
-                                    weight_decay=spec.training.weight_decay),
+        optimizer=optimizer_for(spec.training),
         matchmaking_time=averaging.matchmaking_time, averaging_timeout=averaging.averaging_timeout,
         # hivemind waits only matchmaking_time for a peer's next chunk, then averages without it; on busy CPUs that
         # drops parts of honest peers and their parameters drift apart. A vanished peer costs this much wait.

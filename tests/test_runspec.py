@@ -1,7 +1,7 @@
 """RunSpec TOML parsing: defaults, and every refusal names the key."""
 
 import pytest
-from omi.protos.runspec import RunSpecError, load_runspec, parse_runspec
+from omi.protos.runspec import RunSpecError, load_runspec, parse_runspec, runspec_to_dict
 
 BASE = '[run]\nid = "demo"\nmodel = "unet-digits-16"\n'
 
@@ -46,3 +46,89 @@ def test_not_toml_and_missing_file(tmp_path):
 
 def test_int_accepted_for_float():
     assert parse_runspec(BASE + "[training]\nlearning_rate = 1\n").training.learning_rate == 1.0
+
+
+def test_defaults_fill_every_section():
+    spec = parse_runspec(BASE)
+    assert (spec.name, spec.description, spec.dht_prefix) == ("demo", "", "omi-demo")
+    assert runspec_to_dict(spec) == {
+        "run_id": "demo", "name": "demo", "description": "", "model": "unet-digits-16",
+        "data": {"source": "builtin:digits", "shard_size": 64, "resolution": 16},
+        "training": {"micro_batch_size": 32, "target_batch_size": 256, "learning_rate": 1e-3, "weight_decay": 0.0,
+                     "prediction_type": "epsilon", "num_train_timesteps": 1000, "max_epochs": 0,
+                     "shards_per_assignment": 4, "seed": "0", "max_grad_norm": 1.0},
+        "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "compression": "none", "reducer": "mean",
+                      "clip_tau": 1.0, "clip_iterations": 3, "load_state_from_peers": True},
+        "verification": {"audit_rate": 0.2, "micro_batches_per_audit": 2, "max_strikes": 2,
+                         "audit_window_epochs": 5, "sketch_size": 1024},
+        "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
+        "liveness": {"heartbeat_interval": 5.0, "heartbeat_timeout": 30.0, "token_ttl": 3600.0},
+        "coordinator_public_key": "", "initial_peers": [], "dht_prefix": "omi-demo",
+    }
+
+
+@pytest.mark.parametrize(
+    "extra, key",
+    [
+        ("[training]\nlearning_rate = 'fast'\n", "training.learning_rate"),
+        ("[training]\nlearning_rate = true\n", "training.learning_rate"),
+        ("[training]\nlearning_rate = nan\n", "training.learning_rate"),
+        ("[training]\nmicro_batch_size = 1.0\n", "training.micro_batch_size"),
+        ("[training]\nseed = true\n", "training.seed"),
+        ("[training]\nprediction_type = 1\n", "training.prediction_type"),
+        ("[averaging]\nload_state_from_peers = 1\n", "averaging.load_state_from_peers"),
+        ("[data]\nsource = 'imagefolder'\n", "data.source"),
+        ("[training.schedule]\nwarmup = 10\n", "training.schedule"),
+    ],
+)
+def test_wrong_type_or_value_is_named_and_never_coerced(extra, key):
+    with pytest.raises(RunSpecError, match=key.replace(".", r"\.")):
+        parse_runspec(BASE + extra)
+
+
+def test_bad_run_keys_are_named():
+    with pytest.raises(RunSpecError, match=r"'run\.name' must be str"):
+        parse_runspec(BASE + "name = 3\n")
+    with pytest.raises(RunSpecError, match=r"'run\.model'"):
+        parse_runspec('[run]\nid = "demo"\nmodel = ""\n')
+
+
+def test_boundaries_are_accepted():
+    spec = parse_runspec(BASE + "[training]\ntarget_batch_size = 32\nmax_epochs = 0\n[verification]\naudit_rate = 1\n")
+    assert spec.training.target_batch_size == spec.training.micro_batch_size and spec.verification.audit_rate == 1.0
+    assert parse_runspec(BASE + "[verification]\naudit_rate = 0\n").verification.audit_rate == 0.0
+
+
+def test_missing_run_table_and_non_table_section():
+    with pytest.raises(RunSpecError, match=r"missing required key 'run\.id'"):
+        parse_runspec("[training]\nseed = 1\n")
+    with pytest.raises(RunSpecError, match=r"missing required key 'run\.id'"):
+        parse_runspec('[run]\nmodel = "m"\n')
+    with pytest.raises(RunSpecError, match="'training' must be a table"):
+        parse_runspec("training = 3\n" + BASE)
+    with pytest.raises(RunSpecError, match="'training' must be a table"):
+        parse_runspec(BASE + "[[training]]\nseed = 1\n")
+
+
+def test_first_bad_key_in_reading_order():
+    # sections are checked before keys, and a section's unknown keys before its bad values
+    with pytest.raises(RunSpecError, match="unknown section 'trainng'"):
+        parse_runspec(BASE + "[training]\nseed = -1\n[trainng]\nseed = 1\n")
+    with pytest.raises(RunSpecError, match=r"unknown key 'training\.foo'"):
+        parse_runspec(BASE + "[training]\nseed = -1\nfoo = 1\n")
+    with pytest.raises(RunSpecError, match=r"'data\.shard_size'"):
+        parse_runspec(BASE + "[training]\nseed = -1\n[data]\nshard_size = 0\n")
+    # the batch-size check runs once every key is valid
+    with pytest.raises(RunSpecError, match=r"'averaging\.reducer'"):
+        parse_runspec(BASE + "[training]\ntarget_batch_size = 8\n[averaging]\nreducer = 'median'\n")
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("[training]\nmicro_batch_size = 5000000000\n", "training.micro_batch_size"),
+    ("[training]\nseed = -1\n", "training.seed"),
+    ("[training]\nlearning_rate = inf\n", "training.learning_rate"),
+    ("[liveness]\ntoken_ttl = inf\n", "liveness.token_ttl"),
+])
+def test_values_the_message_cannot_hold_are_refused_with_the_key(extra, key):
+    with pytest.raises(RunSpecError, match=key.replace(".", r"\.")):
+        parse_runspec(BASE + extra)

@@ -14,19 +14,24 @@ from adversaries import ATTACKS, HONEST
 from adversaries.sim import LockstepSwarm, sim_run_toml
 from coordinator_helpers import ServerThread, contribution_for, run_toml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from omi.coordinator.audit import check_records, sent_sketch
+from omi.coordinator.audit import check_records
 from omi.coordinator.registry import RegistryConfig
-from omi.models import MicroBatchRecord, build_model, merkle_root, micro_batch_seed, open_source
+from omi.models import (
+    MicroBatchRecord,
+    build_model,
+    merkle_root,
+    micro_batch_samples,
+    micro_batch_seed,
+    open_source,
+    proof_of,
+    record_from_proto,
+    record_to_proto,
+    sent_sketch,
+)
 from omi.models.commitment import verify_proof
 from omi.models.microbatch import GradientSketch
 from omi.models.verify import compare, recompute
-from omi.node.validate import (
-    EXACT_TOLERANCES,
-    PARAMS_DISTANCE_STEPS,
-    micro_batch_samples,
-    proof_of,
-    record_from_proto,
-)
+from omi.node.validate import EXACT_TOLERANCES, PARAMS_DISTANCE_STEPS
 from omi.protos import pb, signing
 
 
@@ -50,8 +55,7 @@ def committed(work: pb.WorkAssignment, records: list[MicroBatchRecord]) -> pb.Co
 
 
 def as_protos(records):
-    return [pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss, grad_norm=r.grad_norm,
-                                sketch=r.sketch.tolist()) for r in records]
+    return [record_to_proto(r) for r in records]
 
 
 # ---------------------------------------------------------------- the coordinator's checks

@@ -1,4 +1,4 @@
-"""One ``VolunteerNode`` subclass per threat of issue 7, each overriding a single hook of the real node."""
+"""One ``Trainer`` subclass per threat of issue 7, each overriding a single hook of the real node's trainer."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import logging
 import torch
 from omi.models import MicroBatchRecord, micro_batch_seed
 from omi.models.microbatch import gradient_segments, trainable_parameters
-from omi.node.trainer import VolunteerNode
+from omi.node.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-def _grads(node: VolunteerNode) -> list[torch.Tensor]:
+def _grads(node: Trainer) -> list[torch.Tensor]:
     return [p.grad if p.grad is not None else torch.zeros_like(p) for p in trainable_parameters(node.model)]
 
 
-def _set_grads(node: VolunteerNode, grads: list[torch.Tensor]) -> None:
+def _set_grads(node: Trainer, grads: list[torch.Tensor]) -> None:
     for param, grad in zip(trainable_parameters(node.model), grads, strict=True):
         param.grad = grad.clone()
 
 
-def _record_of(node: VolunteerNode, index: int, samples: int, loss: float, grads: list[torch.Tensor]):
+def _record_of(node: Trainer, index: int, samples: int, loss: float, grads: list[torch.Tensor]):
     """The record an honest node would write for this gradient (norm and sketch of ``grads``)."""
     params = trainable_parameters(node.model)
     segments = gradient_segments(list(grads), params)
@@ -30,11 +30,11 @@ def _record_of(node: VolunteerNode, index: int, samples: int, loss: float, grads
                             sketch=node.sketch.of_segments(segments))
 
 
-class Honest(VolunteerNode):
+class Honest(Trainer):
     """The real node, unchanged (the control)."""
 
 
-class ZeroGradient(VolunteerNode):
+class ZeroGradient(Trainer):
     """Sends no work: a zero gradient, with a plausible loss in its record."""
 
     def _micro_batch(self, epoch, index, indices, seed):
@@ -43,7 +43,7 @@ class ZeroGradient(VolunteerNode):
         return _record_of(self, index, len(indices), 0.1, grads)
 
 
-class RandomGradient(VolunteerNode):
+class RandomGradient(Trainer):
     """Sends noise of a gradient's size instead of a gradient."""
 
     def _micro_batch(self, epoch, index, indices, seed):
@@ -53,7 +53,7 @@ class RandomGradient(VolunteerNode):
         return _record_of(self, index, len(indices), 0.1, grads)
 
 
-class CopiedGradient(VolunteerNode):
+class CopiedGradient(Trainer):
     """Sends a peer's gradient: the same micro-batch index computed with another node's samples and seed."""
 
     def _micro_batch(self, epoch, index, indices, seed):
@@ -62,7 +62,7 @@ class CopiedGradient(VolunteerNode):
         return super()._micro_batch(epoch, index, peer_samples, peer_seed)
 
 
-class StaleGradient(VolunteerNode):
+class StaleGradient(Trainer):
     """Sends last round's gradient (and record) again instead of computing this epoch's."""
 
     def _micro_batch(self, epoch, index, indices, seed):
@@ -78,7 +78,7 @@ class StaleGradient(VolunteerNode):
         return record
 
 
-class ScaledGradient(VolunteerNode):
+class ScaledGradient(Trainer):
     """Scales its gradient (and, consistently, its record) by ``scale``: a sign flip at -1."""
 
     scale = -1.0
@@ -97,7 +97,7 @@ def scaled(name: str, scale: float) -> type[ScaledGradient]:
     return type(name, (ScaledGradient,), {"scale": scale, "__doc__": f"ScaledGradient with scale {scale:g}."})
 
 
-class SendScaled(VolunteerNode):
+class SendScaled(Trainer):
     """Commits to honest records but sends its gradient x(-1000) into the averaging (commitment != averaged)."""
 
     scale = -1000.0
@@ -109,21 +109,21 @@ class SendScaled(VolunteerNode):
                     param.grad.mul_(self.scale)
 
 
-class WrongData(VolunteerNode):
+class WrongData(Trainer):
     """Trains on other samples than assigned (always the run's first ones)."""
 
     def _micro_batch(self, epoch, index, indices, seed):
         return super()._micro_batch(epoch, index, list(range(len(indices))), seed)
 
 
-class WrongSeed(VolunteerNode):
+class WrongSeed(Trainer):
     """Draws noise and timesteps from another seed than the assigned one."""
 
     def _micro_batch(self, epoch, index, indices, seed):
         return super()._micro_batch(epoch, index, indices, seed + 1)
 
 
-class Partial(VolunteerNode):
+class Partial(Trainer):
     """Computes only every other micro-batch; the others repeat the last computed gradient and record."""
 
     def _micro_batch(self, epoch, index, indices, seed):
@@ -136,14 +136,14 @@ class Partial(VolunteerNode):
         return MicroBatchRecord(index, record.samples, record.loss, record.grad_norm, record.sketch)
 
 
-class InflatedSamples(VolunteerNode):
+class InflatedSamples(Trainer):
     """Claims twice the samples it computed (its records say so, consistently)."""
 
     def _commit(self, epoch, records):
         return [MicroBatchRecord(r.index, 2 * r.samples, r.loss, r.grad_norm, r.sketch) for r in records]
 
 
-class Replay(VolunteerNode):
+class Replay(Trainer):
     """Commits to the previous epoch's records again (a replayed contribution) while sending fresh gradients."""
 
     def _commit(self, epoch, records):
@@ -151,7 +151,7 @@ class Replay(VolunteerNode):
         return previous if previous is not None and len(previous) == len(records) else records
 
 
-class SwapRecords(VolunteerNode):
+class SwapRecords(Trainer):
     """Hands over other records than it committed to (the first record's loss changed) when audited."""
 
     def _hand_over(self, epoch, task_id):
@@ -163,7 +163,7 @@ class SwapRecords(VolunteerNode):
         super()._hand_over(epoch, task_id)
 
 
-class WithholdRecords(VolunteerNode):
+class WithholdRecords(Trainer):
     """Never hands its records over when audited."""
 
     def _hand_over(self, epoch, task_id):
@@ -188,7 +188,7 @@ class ForgedParams(ScaledGradient):
 
 HONEST = Honest
 # name -> class; the threat model of issue 7, one behaviour changed each
-ATTACKS: dict[str, type[VolunteerNode]] = {
+ATTACKS: dict[str, type[Trainer]] = {
     "zero": ZeroGradient,
     "random": RandomGradient,
     "copied": CopiedGradient,

@@ -1,7 +1,7 @@
 """A lock-step swarm in one process: real nodes (and adversaries), real coordinator, real validator code.
 
-What is real: every node is an ``omi.node.trainer.VolunteerNode`` (or an adversary subclass) registered over gRPC
-with a real coordinator (``ServerThread``); it gets its ``WorkAssignment``, runs its own ``_train_one_epoch`` —
+What is real: every node is an ``omi.node.trainer.Trainer`` (or an adversary subclass) registered over gRPC
+with a real coordinator (``ServerThread``); it gets its ``WorkAssignment``, runs its own ``train_epoch`` —
 micro-batches through ``compute_micro_batch``, ``_report`` with the Merkle commitment and sketch, the records
 hand-over when audited — and the validator (``omi.node.validate.Recomputer``) takes ``AuditTask``s over gRPC and
 reports signed verdicts. What is simulated: hivemind. :class:`LockstepOptimizer` stands in for
@@ -23,10 +23,12 @@ from types import SimpleNamespace
 
 import grpc
 import torch
-from omi.models import GradientSketch, build_model, model_info, open_source
+from omi.models import GradientSketch, build_for_spec, model_info, open_source
 from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_parameters
+from omi.models.optimizer import optimizer_for
 from omi.node.client import CoordinatorClient
-from omi.node.trainer import NodeConfig, NodeError, VolunteerNode
+from omi.node.session import NodeError, NodeSession
+from omi.node.trainer import Trainer
 from omi.node.validate import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.signing import generate_key
@@ -72,8 +74,8 @@ class LockstepOptimizer:
     sends the sum divided by their number; after ``micro_batches`` steps the node's epoch moves on.
     """
 
-    def __init__(self, swarm: LockstepSwarm, node: VolunteerNode):
-        self.swarm, self.node = swarm, node
+    def __init__(self, swarm: LockstepSwarm, model: torch.nn.Module):
+        self.swarm, self.model = swarm, model
         self.local_epoch = swarm.epoch
         self.state_loads = 0
         self.grad_group_size = 0
@@ -82,10 +84,10 @@ class LockstepOptimizer:
         self._steps, self._anchor, self._samples = 0, 0, 0
 
     def zero_grad(self) -> None:
-        self.node.model.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
 
     def step(self, batch_size: int) -> None:
-        params = trainable_parameters(self.node.model)
+        params = trainable_parameters(self.model)
         flat = flatten_grads([p.grad for p in params], params)
         if self._steps == 0:
             self._anchor, self._sum = batch_size, torch.zeros_like(flat)
@@ -93,7 +95,7 @@ class LockstepOptimizer:
         self._steps += 1
         self._samples += batch_size
         if self._steps == self.swarm.micro_batches:
-            self.swarm.submit(self.node, self._sum / self._steps, self._samples)
+            self.swarm.submit(self._sum / self._steps, self._samples)
             self._sum, self._steps, self._samples = None, 0, 0
             self.local_epoch += 1
             self.grad_group_size = len(self.swarm.nodes)
@@ -123,7 +125,7 @@ class InProcessFetcher:
         from safetensors.torch import load
 
         for node in self.swarm.nodes.values():
-            if node.peer_id == peer_id:
+            if node.session.peer_id == peer_id:
                 held = node.params_server.get(digest)
                 if held is None:
                     raise ParamsRefused("parameters not held")
@@ -136,7 +138,7 @@ class LockstepSwarm:
 
     :param server: a started ``ServerThread`` whose run is ``spec_toml``'s
     :param spec: the run's RunSpec (as nodes receive it)
-    :param node_classes: name -> VolunteerNode subclass, one node each
+    :param node_classes: name -> Trainer subclass, one node each
     :param workdir: state dirs of the nodes
     :param micro_batches: micro-batches per node per epoch
     :param drift: relative parameter drift of the validator's copy (0: it holds the nodes' exact parameters)
@@ -144,32 +146,27 @@ class LockstepSwarm:
         process here instead of over hivemind's P2P)
     """
 
-    def __init__(self, server, spec: pb.RunSpec, node_classes: dict[str, type[VolunteerNode]], workdir: Path, *,
+    def __init__(self, server, spec: pb.RunSpec, node_classes: dict[str, type[Trainer]], workdir: Path, *,
                  micro_batches: int = 2, drift: float = 0.0, fetch_params: bool = True):
         self.server, self.spec, self.micro_batches, self.drift = server, spec, micro_batches, drift
         self.fetcher = InProcessFetcher(self) if fetch_params else None
         training = spec.training
-        self.model, self.scheduler = build_model(spec.model, prediction_type=training.prediction_type,
-                                                 num_train_timesteps=training.num_train_timesteps, seed=training.seed)
+        self.model, self.scheduler = build_for_spec(spec)
         self.init = [p.detach().clone() for p in self.model.parameters()]
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=training.learning_rate,
-                                     weight_decay=training.weight_decay)
+        self.opt = optimizer_for(training)(self.model.parameters())  # the swarm's step, as hivemind.Optimizer's
         self.source = open_source(spec.data, channels=model_info(spec.model).channels)
         self.epoch = 0
-        self.nodes: dict[str, VolunteerNode] = {}
+        self.nodes: dict[str, Trainer] = {}
         self.names: dict[int, str] = {}
         self._sent: list[tuple[torch.Tensor, int]] = []
         for name, cls in node_classes.items():
-            node = cls(NodeConfig(coordinator=server.address, state_dir=workdir / name, display_name=name,
-                                  connect_attempts=1))
-            response = node._connect()
-            node.spec, node.device, node.run_state = response.run_spec, torch.device("cpu"), pb.RUN_STATE_RUNNING
-            node.model, node.scheduler = copy.deepcopy(self.model), self.scheduler
-            node.source = self.source
-            node.sketch = GradientSketch(node.model, spec.verification.sketch_size, seed=training.seed)
-            node.micro_batch_size = training.micro_batch_size
-            node.optimizer = LockstepOptimizer(self, node)
-            node.params_server = ParamsServer(dht=None, access=None, keep=spec.verification.audit_window_epochs + 1)
+            session = NodeSession(server.address, workdir / name, connect_attempts=1)
+            node_spec = session.open(display_name=name)
+            model = copy.deepcopy(self.model)
+            node = cls(session, node_spec, model=model, scheduler=self.scheduler, source=self.source,
+                       optimizer=LockstepOptimizer(self, model), micro_batch_size=training.micro_batch_size,
+                       params_server=ParamsServer(dht=None, access=None,
+                                                  keep=spec.verification.audit_window_epochs + 1))
             self.nodes[name] = node
             self.names[id(node)] = name
         self.validator = CoordinatorClient(server.address, generate_key(), attempts=1)
@@ -180,7 +177,7 @@ class LockstepSwarm:
         self.eval_batches = [(self.source.get(list(range(i, 1797, 29))[:32]), 1000 + i) for i in range(4)]
         self.result = SimResult(epochs=0, losses=[])
 
-    def submit(self, node: VolunteerNode, sent: torch.Tensor, samples: int) -> None:
+    def submit(self, sent: torch.Tensor, samples: int) -> None:
         self._sent.append((sent, samples))
 
     def _snapshot(self) -> None:
@@ -261,9 +258,9 @@ class LockstepSwarm:
                 before = node.status.contributions
                 tick = time.perf_counter()
                 try:
-                    node._train_one_epoch()
+                    node.train_epoch()
                 except (grpc.RpcError, NodeError) as e:  # GetWork of a banned node: NodeError, exit code 5
-                    if node.refused is None and (not isinstance(e, grpc.RpcError)
+                    if node.session.refused is None and (not isinstance(e, grpc.RpcError)
                                                  or e.code() != grpc.StatusCode.PERMISSION_DENIED):
                         raise
                     result.banned[name] = result.contributions.get(name, 0)
@@ -280,5 +277,5 @@ class LockstepSwarm:
 
     def close(self) -> None:
         for node in self.nodes.values():
-            node.client.close()
+            node.session.close()
         self.validator.close()

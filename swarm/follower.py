@@ -1,0 +1,80 @@
+"""How a peer that does not train — the coordinator's checkpointer, a validator — follows the swarm's state.
+
+A :class:`SwarmFollower` holds a copy of the run's model and the volunteers' state averager with the same
+prefix, parameters and optimizer as their ``hivemind.Optimizer`` (the state they send is parameters + optimizer
+statistics), so their ``rpc_download_state`` answers it. It never averages, never offers its state (a joining
+volunteer must load state from trainers, or the latest checkpoint when none is left, never from a follower that
+may lag an epoch behind) and reports no training progress (it is not counted as a training peer). It reads the
+swarm's epoch from the progress records hivemind's trackers publish in the DHT and pulls the state when asked::
+
+    follower = SwarmFollower(dht, spec, model)
+    if follower.swarm_epoch() > follower.epoch:
+        follower.pull(timeout=600)          # model now holds the newest state a volunteer serves
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hivemind
+import torch
+from hivemind.optim.progress_tracker import LocalTrainingProgress
+from omi.models.optimizer import optimizer_for
+from omi.protos import pb
+from omi.swarm.access import PeerAccessGate
+from omi.swarm.averagers import AccessControlledTrainingStateAverager
+
+logger = logging.getLogger(__name__)
+
+
+def state_averager_prefix(spec: pb.RunSpec) -> str:
+    """The prefix ``hivemind.Optimizer(run_id=spec.dht_prefix)`` gives its state averager."""
+    return f"{spec.dht_prefix}_state_averager"
+
+
+def progress_key(spec: pb.RunSpec) -> str:
+    """The DHT key under which ``hivemind.Optimizer``'s progress tracker publishes each peer's epoch."""
+    return f"{spec.dht_prefix}_progress"
+
+
+class SwarmFollower:
+    """A non-training peer's view of the swarm state; create it in the main thread of its process.
+
+    :param dht: the peer's DHT of the run
+    :param spec: the run
+    :param model: receives the swarm's parameters on :meth:`pull` (built with ``omi.models.build_for_spec``)
+    """
+
+    def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module):
+        self.dht, self.spec, self.model = dht, spec, model
+        self.averager = AccessControlledTrainingStateAverager(
+            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), dht=dht,
+            prefix=state_averager_prefix(spec), params=list(model.parameters()),
+            optimizer=optimizer_for(spec.training), allow_state_sharing=False,
+            next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the state this follower holds (0 before the first pull)."""
+        return self.averager.local_epoch
+
+    def swarm_epoch(self) -> int:
+        """The newest epoch a training peer reports in the DHT (0 when none reports)."""
+        found = self.dht.get(progress_key(self.spec), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return 0
+        epochs = []
+        for entry in found.value.values():
+            try:
+                epochs.append(LocalTrainingProgress.parse_obj(entry.value).epoch)
+            except Exception:  # a malformed record says nothing about the swarm
+                continue
+        return max(epochs, default=0)
+
+    def pull(self, timeout: float) -> int:
+        """Download the newest state a training peer serves (if any answers within ``timeout``); returns its epoch."""
+        self.averager.load_state_from_peers(timeout=timeout)
+        return self.averager.local_epoch
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
