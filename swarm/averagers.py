@@ -17,7 +17,27 @@ from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 from omi.swarm.access import PeerAccessGate
 
-AllReduceRunnerFactory = Callable[..., AllReduceRunner]
+
+class TrackedAllReduceRunner(AllReduceRunner):
+    """hivemind's ``AllReduceRunner`` that also notes which peers failed to reduce this peer's parts.
+
+    ``failed_reducers`` holds their indices in the group's order, filled as the all-reduce runs.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.failed_reducers: set[int] = set()
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        # hivemind's method registers a failed reducer with the part container and raises; we note its index too
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except BaseException:
+            self.failed_reducers.add(self.ordered_peer_ids.index(peer_id))
+            raise
+
+
+AllReduceRunnerFactory = Callable[..., TrackedAllReduceRunner]
 
 
 class AccessControlledAveragerMixin:
@@ -34,7 +54,8 @@ class AccessControlledAveragerMixin:
     the all-reduce runner be replaced (``allreduce_runner``, e.g. a robust reducer).
 
     :param access: the :class:`PeerAccessGate` of the run
-    :param allreduce_runner: a callable with ``AllReduceRunner``'s keyword arguments; default: hivemind's
+    :param allreduce_runner: a callable with ``AllReduceRunner``'s keyword arguments that returns a
+        :class:`TrackedAllReduceRunner`; default: hivemind's runner, tracked
     """
 
     # hivemind caches the RPC table per class and inherits it; each subclass must build its own
@@ -45,7 +66,7 @@ class AccessControlledAveragerMixin:
                  **kwargs):
         # set before super().__init__: hivemind may fork the averager process from inside it (start=True)
         self.access = access
-        self.allreduce_runner = allreduce_runner or AllReduceRunner
+        self.allreduce_runner = allreduce_runner or TrackedAllReduceRunner
         self._last_group_size = mp.Value(ctypes.c_int, 0)
         self._rounds_averaged = mp.Value(ctypes.c_int, 0)
         super().__init__(*args, **kwargs)
@@ -98,12 +119,12 @@ class AccessControlledAveragerMixin:
 
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
                                       **kwargs):
-        # hivemind's method with AllReduceRunner replaced by self.allreduce_runner
+        # hivemind's DecentralizedAverager._run_allreduce_inplace_ with AllReduceRunner replaced by
+        # self.allreduce_runner, and the group size counted at the end
         group_id = group_info.group_id if group_id is None else group_id
         runner = self.allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        failed_reducers = _record_failed_reducers(runner)
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             async for tensor, update in azip(as_aiter(*tensors), runner):
@@ -122,22 +143,8 @@ class AccessControlledAveragerMixin:
         senders = {runner.sender_peer_ids[i] for i, parts in enumerate(received) if parts > 0}
         by_peer = runner.tensor_part_container.num_parts_by_peer
         reducers = {peer for i, peer in enumerate(runner.ordered_peer_ids)
-                    if by_peer[i] > 0 and i not in failed_reducers}
+                    if by_peer[i] > 0 and i not in runner.failed_reducers}
         self._last_group_size.value = len(senders | reducers | {self.peer_id})
-
-
-def _record_failed_reducers(runner: AllReduceRunner) -> set[int]:
-    """The indices (in the group's order) of the peers that failed to reduce ``runner``'s parts, filled as it runs."""
-    failed: set[int] = set()
-    container = runner.tensor_part_container
-    register = container.register_failed_reducer
-
-    def register_failed_reducer(peer_index: int):
-        failed.add(peer_index)
-        register(peer_index)
-
-    container.register_failed_reducer = register_failed_reducer
-    return failed
 
 
 class AllReduceRefused(AllreduceException):

@@ -8,14 +8,17 @@ from collections.abc import Callable
 
 import hivemind
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
 from hivemind.compression.quantization import Uniform8BitQuantization
 from hivemind.optim.grad_averager import GradientAverager
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
-from omi.swarm.averagers import AccessControlledGradientAverager, AccessControlledTrainingStateAverager
+from omi.swarm.averagers import (
+    AccessControlledGradientAverager,
+    AccessControlledTrainingStateAverager,
+    AllReduceRunnerFactory,
+)
 from omi.swarm.reduce import CenteredClipAllReduceRunner
 
 logger = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     :param kwargs: ``hivemind.Optimizer``'s arguments
     """
 
-    def __init__(self, *, access: PeerAccessGate, allreduce_runner: Callable[..., AllReduceRunner] | None = None,
+    def __init__(self, *, access: PeerAccessGate, allreduce_runner: AllReduceRunnerFactory | None = None,
                  allow_load_state: bool = True, **kwargs):
         self._access, self._allreduce_runner, self.allow_load_state = access, allreduce_runner, allow_load_state
         self.state_loads = 0  # times this peer replaced its state with the swarm's (it was behind)

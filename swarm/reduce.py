@@ -23,8 +23,8 @@ import asyncio
 from collections.abc import Sequence
 
 import torch
-from hivemind.averaging.allreduce import AllReduceRunner
 from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from omi.swarm.averagers import TrackedAllReduceRunner
 
 ADAPTIVE_TAU_FACTOR = 2.0  # adaptive radius: this many times the senders' median distance to the median
 
@@ -84,7 +84,7 @@ class CenteredClipReducer(TensorPartReducer):
 
     async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
                               weight: float = 1.0) -> torch.Tensor:
-        # hivemind's accumulate_part, storing the part instead of adding it to a running sum
+        # hivemind's TensorPartReducer.accumulate_part, storing the part instead of adding it to a running sum
         assert 0 <= sender_index < self.num_senders, "invalid sender index"
         assert 0 <= part_index < self.num_parts, "invalid part index"
         self.num_parts_received[sender_index] += 1
@@ -117,7 +117,7 @@ class CenteredClipReducer(TensorPartReducer):
             self.reset_accumulators()
 
 
-class CenteredClipAllReduceRunner(AllReduceRunner):
+class CenteredClipAllReduceRunner(TrackedAllReduceRunner):
     """hivemind's butterfly ``AllReduceRunner`` whose local reducer is a :class:`CenteredClipReducer`.
 
     :param tau: clipping radius; :param iterations: CenteredClip iterations; other arguments: ``AllReduceRunner``'s
