@@ -30,12 +30,13 @@ import time
 from pathlib import Path
 
 import torch
-from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name, sha256_file
+from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name
 from omi.coordinator.core import KEY_FILENAME
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
 from omi.coordinator.store import Run, Store, sqlite_url
 from omi.protos import pb, signing
-from omi.protos.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, manifest_to_bytes, sign_manifest
+from omi.protos.clock import now_ms
+from omi.protos.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, manifest_to_bytes, sha256_file, sign_manifest
 from sqlalchemy import select
 
 logger = logging.getLogger(__name__)

@@ -14,14 +14,11 @@ from typing import TypeVar
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import pb, rpc, signing
+from omi.protos.clock import now_ms
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def with_retries(call: Callable[[], T], *, attempts: int = 5, backoff: float = 1.0, max_backoff: float = 30.0) -> T:

@@ -181,21 +181,6 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
     return DownloadResult(out, epoch, manifest, fetched, total, time.perf_counter() - started)
 
 
-def verify_folder(folder: Path, public_key: bytes) -> dict:
-    """The manifest of a downloaded folder, if its signature and every listed file check out (else DownloadError)."""
-    try:
-        manifest = json.loads((Path(folder) / MANIFEST_FILENAME).read_bytes())
-    except (OSError, ValueError):
-        raise DownloadError(f"{folder} has no readable {MANIFEST_FILENAME}: not a complete checkpoint") from None
-    if not verify_manifest(manifest, public_key):
-        raise DownloadError(f"refused: the manifest in {folder} is not signed by the coordinator")
-    for entry in manifest["files"]:
-        path = Path(folder) / entry["path"]
-        if not path.is_file() or _sha256_of(path).hexdigest() != entry["sha256"]:
-            raise DownloadError(f"refused: {path} does not match the signed manifest")
-    return manifest
-
-
 # ---------------------------------------------------------------- resume an empty swarm
 
 

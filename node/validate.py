@@ -271,7 +271,7 @@ class Validator:
     :param config: its settings
 
     >>> validator = Validator(ValidatorConfig(coordinator="127.0.0.1:50051"))  # doctest: +SKIP
-    >>> try:
+    >>> try:  # doctest: +SKIP
     ...     validator.run()
     ... finally:
     ...     validator.shutdown()

@@ -59,7 +59,7 @@ class VolunteerNode:
     :param trainer_class: the trainer to run (tests/adversaries swap in one with a dishonest hook)
 
     >>> node = VolunteerNode(NodeConfig(coordinator="127.0.0.1:50051"))  # doctest: +SKIP
-    >>> try:
+    >>> try:  # doctest: +SKIP
     ...     node.run()
     ... finally:
     ...     node.shutdown()

@@ -14,8 +14,10 @@ True
 False
 """
 
+import hashlib
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FILENAME = "manifest.json"
 MANIFEST_FORMAT = "omi-checkpoint-v1"
 SIGNATURE_KEY = "signature"
+HASH_CHUNK = 1 << 20  # bytes read at a time when hashing a file
 
 
 def canonical_manifest_bytes(manifest: dict[str, Any]) -> bytes:
@@ -55,3 +58,28 @@ def verify_manifest(manifest: dict[str, Any], public_key: bytes) -> bool:
 def manifest_to_bytes(manifest: dict[str, Any]) -> bytes:
     """How ``manifest.json`` is written: indented for people, the signature does not depend on it."""
     return (json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_folder(folder: Path, public_key: bytes) -> dict | None:
+    """The checkpoint folder's manifest if it is signed by ``public_key`` and every file it lists is there with its
+    size and sha256; else None."""
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST_FILENAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not verify_manifest(manifest, public_key):
+        return None
+    for entry in manifest.get("files", []):
+        path = Path(folder) / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
+            return None
+    return manifest

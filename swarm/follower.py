@@ -18,13 +18,17 @@ import logging
 
 import hivemind
 import torch
-from hivemind.optim.progress_tracker import LocalTrainingProgress
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledTrainingStateAverager
 
 logger = logging.getLogger(__name__)
+
+READ_TIMEOUT = 30.0  # seconds one read of the progress records may take
 
 
 def state_averager_prefix(spec: pb.RunSpec) -> str:
@@ -47,6 +51,10 @@ class SwarmFollower:
 
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module):
         self.dht, self.spec, self.model = dht, spec, model
+        # the validators hivemind's ProgressTracker adds: its records are signed, and without these this DHT
+        # cannot decode them
+        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
+        self._swarm_epoch = 0
         self.averager = AccessControlledTrainingStateAverager(
             access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), dht=dht,
             prefix=state_averager_prefix(spec), params=list(model.parameters()),
@@ -59,17 +67,23 @@ class SwarmFollower:
         return self.averager.local_epoch
 
     def swarm_epoch(self) -> int:
-        """The newest epoch a training peer reports in the DHT (0 when none reports)."""
-        found = self.dht.get(progress_key(self.spec), latest=True)
+        """The newest epoch a training peer reports in the DHT (0 when none ever did; the last one read when the
+        DHT does not answer)."""
+        try:
+            found = self.dht.get(progress_key(self.spec), latest=True, return_future=True).result(READ_TIMEOUT)
+        except Exception as e:  # a DHT that does not answer now may answer at the next call
+            logger.warning("could not read the swarm's progress: %r", e)
+            return self._swarm_epoch
         if found is None or not isinstance(found.value, dict):
-            return 0
+            return self._swarm_epoch
         epochs = []
         for entry in found.value.values():
             try:
                 epochs.append(LocalTrainingProgress.parse_obj(entry.value).epoch)
             except Exception:  # a malformed record says nothing about the swarm
                 continue
-        return max(epochs, default=0)
+        self._swarm_epoch = max([self._swarm_epoch, *epochs])
+        return self._swarm_epoch
 
     def pull(self, timeout: float) -> int:
         """Download the newest state a training peer serves (if any answers within ``timeout``); returns its epoch."""

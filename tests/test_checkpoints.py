@@ -6,11 +6,10 @@ import re
 import sqlite3
 
 import pytest
-from omi.coordinator.checkpoints import verify_folder
 from omi.models import load_pretrained, params_hash
 from omi.node.client import CoordinatorClient
 from omi.protos import signing
-from omi.protos.manifest import verify_manifest
+from omi.protos.manifest import verify_folder, verify_manifest
 from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
