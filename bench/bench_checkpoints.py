@@ -58,8 +58,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="bench-checkpoints-"))
     state = work / "state"
-    coordinator = Coordinator.open(state)
-    coordinator.checkpoints.state_dir = state
+    coordinator = Coordinator.open(state)  # checkpoint folders under state/checkpoints
     coordinator.runs.create(RUN, start=True)
     spec = coordinator.runs.spec_for_nodes("bench")
     model, scheduler = build_model(MODEL)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 from omi.protos import pb, rpc, signing
+from omi.protos.clock import now_ms
 from omi.protos.signing import generate_key
 
 from bench.report import write_section
@@ -46,19 +47,17 @@ audit_rate = 0.2
 
 def _serve(state_dir: str, port: int, ready) -> None:
     """The coordinator process: a run whose data has 10 M samples, rate limits far above the load."""
-    from omi.coordinator.core import Coordinator, CoordinatorConfig
-    from omi.coordinator.registry import RegistryConfig
-    from omi.coordinator.server import CoordinatorServer, ServerConfig
+    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+    from omi.coordinator.server import CoordinatorServer
     from omi.coordinator.work import uniform_layout
 
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6)  # every volunteer registers from 127.0.0.1
     # the API alone: no swarm peer, validator or checkpointer (they would share the 2 cores with the load)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{port}", http_address=None,
                           swarm_host=None, coordinator=CoordinatorConfig(registry=limits))
-    coordinator = Coordinator.open(config.state_dir, None, config.coordinator,
-                                   layout=lambda data: uniform_layout(10_000_000, data.shard_size))
-    coordinator.runs.create(BENCH_RUN, start=True)
-    serve_until_signalled(CoordinatorServer(config, coordinator), ready)
+    server = CoordinatorServer(config, layout=lambda data: uniform_layout(10_000_000, data.shard_size))
+    server.coordinator.runs.create(BENCH_RUN, start=True)
+    serve_until_signalled(server, ready)
 
 
 def serve_until_signalled(server, ready) -> None:
@@ -73,10 +72,6 @@ def serve_until_signalled(server, ready) -> None:
         await server.stop(grace=1)
 
     asyncio.run(main())
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Volunteer:

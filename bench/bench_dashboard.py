@@ -71,20 +71,20 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- the coordinator's process
 
 def _serve(state_dir: str, grpc_port: int, http_port: int, ready) -> None:
-    from omi.coordinator.core import Coordinator, CoordinatorConfig
-    from omi.coordinator.registry import RegistryConfig
-    from omi.coordinator.server import CoordinatorServer, ServerConfig
+    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+    from omi.coordinator.server import CoordinatorServer
     from omi.coordinator.work import uniform_layout
+    from omi.dashboard.app import create_app
 
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6, node_rate=1e6, node_burst=10**6)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{grpc_port}",
                           http_address=f"127.0.0.1:{http_port}", swarm_host=None,
                           coordinator=CoordinatorConfig(registry=limits, metrics_interval=1.0))
     # a synthetic 1 M-sample layout, so that every simulated volunteer gets shards (the data is never read)
-    coordinator = Coordinator.open(config.state_dir, None, config.coordinator,
-                                   layout=lambda data: uniform_layout(1_000_000, data.shard_size))
-    coordinator.runs.create(BENCH_RUN, start=True)
-    serve_until_signalled(CoordinatorServer(config, coordinator), ready)
+    server = CoordinatorServer(config, http_app=create_app,
+                               layout=lambda data: uniform_layout(1_000_000, data.shard_size))
+    server.coordinator.runs.create(BENCH_RUN, start=True)
+    serve_until_signalled(server, ready)
 
 
 # ---------------------------------------------------------------- simulated volunteers (gRPC)

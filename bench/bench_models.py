@@ -252,7 +252,7 @@ UNets' ratios here (batch 8 and 2) are upper bounds.
 
 ### Tolerance calibration (unet-digits-16, micro-batch of 32, after 30 training steps)
 
-Relative differences (as `omi.models.verify.compare` computes them) of a recomputation against the honest float32
+Relative differences (as `omi.models.replay.compare` computes them) of a recomputation against the honest float32
 record: honest ones must pass, careless or dishonest ones must fail.
 
 {calibration}

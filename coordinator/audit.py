@@ -13,7 +13,7 @@ An audit goes through these states (``Audit.state``):
    sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
    proofs) are kept and the audit becomes ``pending``.
 3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator recomputes the chosen micro-batches
-   (``omi.node.validate``) and returns a signed verdict.
+   (``omi.node.validator``) and returns a signed verdict.
 
 A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node,
 which also voids its provisional (not yet verified) contributions. Records not handed over before the audit
@@ -29,32 +29,19 @@ import uuid
 import torch
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from omi.coordinator.registry import Caller, Registry
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
+from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
 from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, Token, WorkAssignment
-from omi.models import MicroBatchRecord, merkle_proof, merkle_root
+from omi.models import MicroBatchRecord, audited_record, merkle_root, record_from_proto, sent_sketch
 from omi.protos import pb, signing
+from omi.protos.clock import now_ms
 from sqlalchemy import or_, select, update
 
 logger = logging.getLogger(__name__)
 
-AWAITING = "awaiting_records"
-OPEN_STATES = (AWAITING, "pending", "assigned")
 COORDINATOR = "coordinator"  # validator_node_id of verdicts the coordinator reaches itself (records check)
 STRUCK_AUDIT_RATE = 1.0  # a node with a strike is audited on every contribution until banned
 SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
-
-
-def record_from_proto(record: pb.MicroBatchRecord) -> MicroBatchRecord:
-    return MicroBatchRecord(index=record.index, samples=record.samples, loss=record.loss, grad_norm=record.grad_norm,
-                            sketch=torch.tensor(list(record.sketch), dtype=torch.float32))
-
-
-def sent_sketch(records: list[MicroBatchRecord]) -> torch.Tensor:
-    """What hivemind's GradientAverager sends is ``sum(samples_i / samples_0 * grad_i) / n`` (see
-    ``omi.node.trainer.sent_sketch``); the sketch is linear, so this is its sketch."""
-    anchor = records[0].samples
-    total = sum(record.sketch * (record.samples / anchor) for record in records)
-    return total / len(records)
 
 
 def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord], sketch_size: int) -> str:
@@ -98,16 +85,7 @@ def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord]
 
 def audited_records(records: list[MicroBatchRecord], indices: list[int]) -> list[pb.AuditedRecord]:
     """The chosen records with their Merkle proofs, as a validator receives them."""
-    chosen = []
-    for i in indices:
-        proof = merkle_proof(records, i)
-        r = records[i]
-        chosen.append(pb.AuditedRecord(
-            record=pb.MicroBatchRecord(index=r.index, samples=r.samples, loss=r.loss, grad_norm=r.grad_norm,
-                                       sketch=r.sketch.tolist()),
-            proof_hashes=[h for _, h in proof.siblings], proof_sides="".join(side for side, _ in proof.siblings),
-            leaves=proof.size))
-    return chosen
+    return [audited_record(records, i) for i in indices]
 
 
 class Auditor:
@@ -134,8 +112,8 @@ class Auditor:
         indices = sorted(secrets.SystemRandom().sample(range(micro_batches), count))
         audit = Audit(task_id=uuid.uuid4().hex, contribution_id=contribution.contribution_id,
                       run_id=contribution.run_id, node_id=contribution.node_id, epoch=contribution.epoch,
-                      micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63), state=AWAITING,
-                      created_at_ms=now_ms())
+                      micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63),
+                      state=AuditState.AWAITING_RECORDS, created_at_ms=now_ms())
         session.add(audit)
         return audit
 
@@ -151,7 +129,7 @@ class Auditor:
                 raise NotFound(f"no audit task {request.task_id!r}")
             if audit.node_id != caller.node_id:
                 raise PermissionDenied("this audit is of another node's work")
-            if audit.state != AWAITING:
+            if audit.state != AuditState.AWAITING_RECORDS:
                 raise AlreadyExists(f"audit task {request.task_id} already has the records")
             contribution = s.get(Contribution, audit.contribution_id)
             message = pb.Contribution.FromString(contribution.message)
@@ -163,7 +141,7 @@ class Auditor:
                 indices = json.loads(audit.micro_batch_indices)
                 s.add(AuditRecords(task_id=audit.task_id, records=pb.AuditTask(
                     records=audited_records(records, indices)).SerializeToString(deterministic=True)))
-                audit.state = "pending"
+                audit.state = AuditState.PENDING
         self._committed(audit.run_id, failure)
         if problem:
             return pb.SubmitAuditRecordsResponse(accepted=False, reason=problem)
@@ -178,13 +156,13 @@ class Auditor:
         with self.store.transaction() as s:
             audit = s.scalars(select(Audit).where(
                 Audit.run_id == validator.run_id, Audit.node_id != validator.node_id,
-                or_(Audit.state == "pending",
-                    (Audit.state == "assigned") & ((Audit.validator_node_id == validator.node_id)
+                or_(Audit.state == AuditState.PENDING,
+                    (Audit.state == AuditState.ASSIGNED) & ((Audit.validator_node_id == validator.node_id)
                                                    | (Audit.assigned_at_ms < stale))))
                 .order_by((Audit.validator_node_id == validator.node_id).desc(), Audit.created_at_ms).limit(1)).first()
             if audit is None:
                 return pb.AuditTask(has_task=False)
-            audit.state, audit.validator_node_id, audit.assigned_at_ms = "assigned", validator.node_id, now
+            audit.state, audit.validator_node_id, audit.assigned_at_ms = AuditState.ASSIGNED, validator.node_id, now
             contribution = pb.Contribution.FromString(s.get(Contribution, audit.contribution_id).message)
             assignment = pb.WorkAssignment.FromString(s.get(WorkAssignment, contribution.assignment_id).message)
             held = s.get(AuditRecords, audit.task_id)
@@ -210,17 +188,17 @@ class Auditor:
             audit = s.get(Audit, verdict.task_id)
             if audit is None:
                 raise NotFound(f"no audit task {verdict.task_id!r}")
-            if audit.state in ("passed", "failed"):
+            if audit.state in (AuditState.PASSED, AuditState.FAILED):
                 raise AlreadyExists(f"audit task {verdict.task_id} already has a verdict")
-            if audit.validator_node_id != validator.node_id or audit.state != "assigned":
+            if audit.validator_node_id != validator.node_id or audit.state != AuditState.ASSIGNED:
                 raise FailedPrecondition(f"audit task {verdict.task_id} is not assigned to this validator")
             audit.verdict = verdict.SerializeToString(deterministic=True)
             audit.decided_at_ms = now_ms()
             contribution = s.get(Contribution, audit.contribution_id)
             if verdict.passed:
-                audit.state = "passed"
-                if contribution.status == "accepted":
-                    contribution.status = "verified"
+                audit.state = AuditState.PASSED
+                if contribution.status == ContributionStatus.ACCEPTED:
+                    contribution.status = ContributionStatus.VERIFIED
             else:
                 failure = self._fail(s, audit, contribution, verdict.reason, verdict=audit.verdict)
         self._committed(audit.run_id, failure)
@@ -241,20 +219,21 @@ class Auditor:
             return 0
         with self.store.session() as s:
             overdue = list(s.scalars(select(Audit.task_id).where(
-                Audit.run_id == run_id, Audit.state == AWAITING, Audit.epoch <= closed_before)))
+                Audit.run_id == run_id, Audit.state == AuditState.AWAITING_RECORDS, Audit.epoch <= closed_before)))
         for task_id in overdue:
             failure = None
             with self.store.transaction() as s:
                 audit = s.get(Audit, task_id)
-                if audit.state == AWAITING:
+                if audit.state == AuditState.AWAITING_RECORDS:
                     contribution = s.get(Contribution, audit.contribution_id)
                     failure = self._fail(s, audit, contribution, "records not handed over within the audit window")
             self._committed(run_id, failure)
         with self.store.transaction() as s:
-            still_open = select(Audit.contribution_id).where(Audit.run_id == run_id, Audit.state.in_(OPEN_STATES))
+            still_open = select(Audit.contribution_id).where(Audit.run_id == run_id, Audit.state.in_(OPEN_AUDIT_STATES))
             result = s.execute(update(Contribution).where(
-                Contribution.run_id == run_id, Contribution.status == "accepted", Contribution.epoch <= closed_before,
-                Contribution.contribution_id.not_in(still_open)).values(status="verified"))
+                Contribution.run_id == run_id, Contribution.status == ContributionStatus.ACCEPTED,
+                Contribution.epoch <= closed_before, Contribution.contribution_id.not_in(still_open),
+            ).values(status=ContributionStatus.VERIFIED))
             return result.rowcount or 0
 
     # ---------------------------------------------------------------- failures
@@ -265,7 +244,7 @@ class Auditor:
 
         :returns: (the node id if this strike bans it, samples voided) for :meth:`_committed`
         """
-        audit.state = "failed"
+        audit.state = AuditState.FAILED
         audit.decided_at_ms = now_ms()
         if verdict is None:  # the coordinator's own finding (records check or window)
             audit.validator_node_id = audit.validator_node_id or COORDINATOR
@@ -280,16 +259,16 @@ class Auditor:
                        reason or "no reason", node.strikes, max_strikes)
         if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits"):
             for provisional in session.scalars(select(Contribution).where(
-                    Contribution.node_id == node.node_id, Contribution.status == "accepted")):
+                    Contribution.node_id == node.node_id, Contribution.status == ContributionStatus.ACCEPTED)):
                 voided += self._void(session, provisional)
             return node.node_id, voided
         return None, voided
 
     def _void(self, session, contribution: Contribution) -> int:
         """Void a contribution inside the transaction; returns the samples taken off the run's total."""
-        if contribution.status == "voided":
+        if contribution.status == ContributionStatus.VOIDED:
             return 0
-        contribution.status = "voided"
+        contribution.status = ContributionStatus.VOIDED
         self.runs.add_samples(session, contribution.run_id, -contribution.samples)
         return contribution.samples
 

@@ -1,49 +1,148 @@
 """The coordinator's hivemind bootstrap peers: one token-gated DHT peer per run, whose addresses go into the RunSpec.
 
 Volunteers join a run's swarm through the ``initial_peers`` of the RunSpec they receive at registration; the
-coordinator is such a peer itself (it never trains and is never on the gradient path). hivemind forks the DHT
-from the thread that creates it and must be created in the main thread: the grpc.aio handlers that ask for
-the peers run in the server's event loop, which ``serve()`` runs in the main thread.
+coordinator runs such a peer per run (it never trains and is never on the gradient path). Each peer is a process
+of its own (:func:`main`), which :class:`SwarmBootstrap` starts when the run starts:
+
+    python -c "from omi.coordinator.bootstrap import main; main()" --state-dir state --spec <RunSpec, hex>
+
+hivemind forks its DHT process from the process that creates it, and a fork of the coordinator's process, whose
+threads serve gRPC (grpc.aio does not support fork), can crash in the child: the DHT then never comes up and its
+creator waits for it forever (seen under load). In a process of its own the DHT is created in a main thread with
+no gRPC around, and the coordinator only reads the addresses the process prints, from any thread.
 """
 
+import argparse
+import json
 import logging
+import os
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from pathlib import Path
 
-import hivemind
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from omi.protos import pb
-from omi.swarm.dht import start_bootstrap_dht
+from omi.coordinator.errors import Unavailable
+from omi.protos import pb, signing
 
 logger = logging.getLogger(__name__)
 
+STARTUP_TIMEOUT = 120.0  # seconds the server waits at start for the running runs' peers
+
+
+@dataclass
+class _Peer:
+    process: subprocess.Popen
+    maddrs: Future  # the multiaddrs the process prints once its DHT listens
+
 
 class SwarmBootstrap:
-    """Starts a run's bootstrap peer on first need and keeps it until shutdown.
+    """Starts a run's bootstrap peer process and keeps it until shutdown (restarting it if it died).
 
-    :param key: the coordinator's Ed25519 key (the peer mints its own access token with it)
-    :param state_dir: the peer's libp2p identity and RSA key live in ``state_dir/swarm/<run id>/``, so its
-      peer id (and so the RunSpec's initial peers, up to the port) stays the same across restarts
+    :param key: the coordinator's Ed25519 key (its public half goes into the spec the peer checks tokens against;
+      the peer process loads the private key from ``state_dir`` to mint its own access token)
+    :param state_dir: the coordinator's state dir; a peer's libp2p identity and RSA key live in
+      ``state_dir/swarm/<run id>/``, so its peer id (and so the RunSpec's initial peers, up to the port) stays the
+      same across restarts
     :param host: address the peers listen on (volunteers must be able to reach it)
     """
 
     def __init__(self, key: Ed25519PrivateKey, state_dir: str | Path, host: str = "127.0.0.1"):
-        self.key, self.state_dir, self.host = key, Path(state_dir), host
-        self._peers: dict[str, tuple[hivemind.DHT, list[str]]] = {}
+        self.public_key, self.state_dir, self.host = signing.public_bytes(key), Path(state_dir), host
+        self._peers: dict[str, _Peer] = {}
+        self._lock = threading.Lock()
 
-    def initial_peers(self, spec: pb.RunSpec) -> list[str]:
-        """Multiaddrs of the run's bootstrap peer, starting it if it is not running yet."""
-        if spec.run_id not in self._peers:
-            folder = self.state_dir / "swarm" / spec.run_id
-            folder.mkdir(parents=True, exist_ok=True)
-            dht, maddrs = start_bootstrap_dht(self.key, spec, host=self.host, identity_path=str(folder / "p2p.id"),
-                                              swarm_key_path=str(folder / "swarm_rsa.pem"),
-                                              token_ttl=spec.liveness.token_ttl)
-            self._peers[spec.run_id] = (dht, maddrs)
-            logger.info("run %s: swarm bootstrap peer on %s", spec.run_id, ", ".join(maddrs))
-        return list(self._peers[spec.run_id][1])
+    def start(self, spec: pb.RunSpec) -> None:
+        """Start the run's peer process unless it is running; returns at once (any thread)."""
+        with self._lock:
+            peer = self._peers.get(spec.run_id)
+            if peer is not None and peer.process.poll() is None:
+                return
+            message = pb.RunSpec()
+            message.CopyFrom(spec)
+            message.coordinator_public_key = self.public_key
+            del message.initial_peers[:]
+            command = [sys.executable, "-c", "from omi.coordinator.bootstrap import main; main()",
+                       "--state-dir", str(self.state_dir), "--host", self.host, "--parent-pid", str(os.getpid()),
+                       "--spec", message.SerializeToString(deterministic=True).hex()]
+            process = subprocess.Popen(command, stdout=subprocess.PIPE)  # its log goes to the coordinator's stderr
+            peer = self._peers[spec.run_id] = _Peer(process, Future())
+        threading.Thread(target=self._read_maddrs, args=(spec.run_id, peer), name=f"bootstrap-{spec.run_id}",
+                         daemon=True).start()
 
-    def shutdown(self) -> None:
-        for run_id, (dht, _) in self._peers.items():
-            dht.shutdown()
+    def _read_maddrs(self, run_id: str, peer: _Peer) -> None:
+        line = peer.process.stdout.readline()  # "" if the process ended first
+        try:
+            maddrs = json.loads(line)
+        except ValueError:
+            peer.maddrs.set_exception(Unavailable(f"the swarm peer of run '{run_id}' exited before it listened "
+                                                  f"(exit code {peer.process.wait()}); try again"))
+            return
+        logger.info("run %s: swarm bootstrap peer (pid %d) on %s", run_id, peer.process.pid, ", ".join(maddrs))
+        peer.maddrs.set_result(maddrs)
+
+    def initial_peers(self, spec: pb.RunSpec, *, timeout: float = 0.0) -> list[str]:
+        """Multiaddrs of the run's bootstrap peer, starting it if need be (any thread).
+
+        :param timeout: seconds to wait for a starting peer; then it is Unavailable (a node's client retries), so a
+          request never holds up the coordinator's worker thread for a peer's start-up
+        """
+        self.start(spec)
+        try:
+            return list(self._peers[spec.run_id].maddrs.result(timeout=timeout))
+        except FutureTimeout:
+            raise Unavailable(f"the swarm peer of run '{spec.run_id}' is starting; try again shortly") from None
+
+    def shutdown(self, timeout: float = 15.0) -> None:
+        with self._lock:
+            peers, self._peers = self._peers, {}
+        for peer in peers.values():
+            peer.process.terminate()
+        for run_id, peer in peers.items():
+            try:
+                peer.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                peer.process.kill()
+                peer.process.wait()
             logger.info("run %s: swarm bootstrap peer stopped", run_id)
-        self._peers.clear()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """One run's bootstrap peer: start the DHT, print its multiaddrs as a JSON line, serve until told to stop."""
+    parser = argparse.ArgumentParser(description="The coordinator's swarm bootstrap peer of one run (started by "
+                                                 "omi-coordinator serve).")
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--spec", required=True, help="the run's RunSpec, serialized, in hex")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    # stdout carries the addresses to the coordinator and nothing else: what this process and the ones it starts
+    # print goes to stderr, the coordinator's log
+    addresses = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from omi.coordinator.credentials import KEY_FILENAME
+    from omi.swarm.dht import start_bootstrap_dht
+    from omi.swarm.signals import install_stop_signals
+
+    spec = pb.RunSpec.FromString(bytes.fromhex(args.spec))
+    folder = args.state_dir / "swarm" / spec.run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    install_stop_signals(stop.set)
+    dht, maddrs = start_bootstrap_dht(signing.load_key(args.state_dir / KEY_FILENAME), spec, host=args.host,
+                                      identity_path=str(folder / "p2p.id"),
+                                      swarm_key_path=str(folder / "swarm_rsa.pem"), token_ttl=spec.liveness.token_ttl)
+    try:
+        print(json.dumps(maddrs), file=addresses, flush=True)
+        # the coordinator may die without stopping us (SIGKILL): an orphaned peer would hold the identity and port
+        while not stop.wait(1.0):
+            if args.parent_pid and os.getppid() != args.parent_pid:
+                logger.warning("the coordinator process is gone; the bootstrap peer exits")
+                break
+    finally:
+        dht.shutdown()

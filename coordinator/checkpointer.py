@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name
-from omi.coordinator.core import KEY_FILENAME
+from omi.coordinator.credentials import KEY_FILENAME
+from omi.coordinator.errors import Unavailable
 from omi.coordinator.runs import Runs
 from omi.coordinator.store import Run, Store, sqlite_url
 from omi.protos import pb, signing
@@ -293,7 +294,12 @@ class CheckpointerSupervisor:
                 del self.processes[run_id]
                 process = None
             if running and process is None:
-                self.processes[run_id] = subprocess.Popen(self._command(run_id))
+                try:
+                    command = self._command(run_id)
+                except Unavailable as e:  # the run's swarm peer is still starting: the next check starts ours
+                    logger.info("run %s: checkpointer waits (%s)", run_id, e)
+                    continue
+                self.processes[run_id] = subprocess.Popen(command)
                 logger.info("run %s: checkpointer started (pid %d)", run_id, self.processes[run_id].pid)
             elif not running and process is not None and run_id not in self._stopping:
                 process.terminate()  # reaped by a later check; waiting here would block the event loop

@@ -18,16 +18,17 @@ is the first at or after a multiple of ``checkpoints.milestone_every`` (0: no mi
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
+from omi.coordinator.states import ContributionStatus
 from omi.coordinator.store import AssignedShard, Checkpoint, Contribution, Node, Store
 from omi.protos import pb
-from omi.protos.manifest import MANIFEST_FILENAME, verify_manifest
+from omi.protos.clock import now_ms
+from omi.protos.manifest import MANIFEST_FILENAME, verify_folder
 from sqlalchemy import delete, func, select
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS_DIR = "checkpoints"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
-HASH_CHUNK = 1 << 20
 
 
 def folder_name(epoch: int) -> str:
@@ -66,29 +66,6 @@ def retained(epochs_and_milestones: list[tuple[int, bool]], keep: int) -> set[in
     """
     epochs = sorted(e for e, _ in epochs_and_milestones)
     return set(epochs[-keep:] if keep > 0 else []) | {e for e, milestone in epochs_and_milestones if milestone}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_folder(folder: Path, public_key: bytes) -> dict | None:
-    """The folder's manifest if it is signed by ``public_key`` and every file it lists matches; else None."""
-    try:
-        manifest = json.loads((folder / MANIFEST_FILENAME).read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(manifest, dict) or not verify_manifest(manifest, public_key):
-        return None
-    for entry in manifest.get("files", []):
-        path = folder / entry["path"]
-        if not path.is_file() or path.stat().st_size != entry["size"] or sha256_file(path) != entry["sha256"]:
-            return None
-    return manifest
 
 
 @dataclass
@@ -166,7 +143,8 @@ class Checkpoints:
 
     def ledger_summary(self, run_id: str, epoch: int) -> LedgerSummary:
         """Samples, loss, contributors and shards of the contributions to epochs before ``epoch`` (not voided)."""
-        counted = (Contribution.run_id == run_id, Contribution.epoch < epoch, Contribution.status != "voided")
+        counted = (Contribution.run_id == run_id, Contribution.epoch < epoch,
+                   Contribution.status != ContributionStatus.VOIDED)
         with self.store.session() as s:
             total = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(*counted))
             last = s.scalar(select(func.max(Contribution.epoch)).where(*counted))
@@ -176,7 +154,7 @@ class Checkpoints:
                                                      func.sum(Contribution.samples))
                                               .where(*counted, Contribution.epoch == last)).one()
                 loss = float(weighted) / float(samples) if samples else None
-            verified = func.sum(Contribution.samples).filter(Contribution.status == "verified")
+            verified = func.sum(Contribution.samples).filter(Contribution.status == ContributionStatus.VERIFIED)
             rows = s.execute(select(Contribution.node_id, Node.display_name, func.sum(Contribution.samples),
                                     func.coalesce(verified, 0))
                              .join(Node, Node.node_id == Contribution.node_id).where(*counted)

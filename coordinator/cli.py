@@ -4,6 +4,9 @@
     omi-coordinator run create examples/runs/digits.toml --start
     omi-coordinator run list
     omi-coordinator node ban <node id> --reason "failed audits"
+
+The admin commands need only grpc and ``omi.protos``; ``serve`` imports the server (torch, hivemind) and the
+dashboard when it runs, and composes them.
 """
 
 import asyncio
@@ -13,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import typer
+from omi.coordinator.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from omi.coordinator.credentials import ADMIN_TOKEN_FILENAME
 from omi.coordinator.errors import CoordinatorError
-from omi.coordinator.runs import STATE_NAMES
-from omi.coordinator.server import ADMIN_TOKEN_FILENAME, DEFAULT_MAX_MESSAGE_BYTES, ServerConfig, serve
+from omi.coordinator.states import RUN_STATE_NAMES
 from omi.protos import pb, rpc
 from rich.console import Console
 from rich.table import Table
@@ -51,12 +55,15 @@ def serve_command(
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""
+    from omi.coordinator.server import serve
+    from omi.dashboard.app import create_app
+
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(state_dir=state_dir, db_url=db, grpc_address=grpc_address, http_address=http_address or None,
                           run_file=run, max_message_bytes=max_message_bytes, swarm_host=swarm_host or None,
                           validator=validator)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, http_app=create_app))
     except (CoordinatorError, OSError) as e:
         err_console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1) from None
@@ -109,8 +116,8 @@ def _admin(coordinator: str, state_dir: Path, token_file: Path | None, method: s
 def _print_runs(runs: list[pb.RunSummary]) -> None:
     table = Table("run", "name", "model", "state", "epoch", "samples", "online")
     for r in runs:
-        table.add_row(r.run_id, r.name, r.model, STATE_NAMES.get(r.state, "?"), str(r.epoch), f"{r.total_samples:,}",
-                      str(r.volunteers_online))
+        table.add_row(r.run_id, r.name, r.model, RUN_STATE_NAMES.get(r.state, "?"), str(r.epoch),
+                      f"{r.total_samples:,}", str(r.volunteers_online))
     console.print(table)
 
 
@@ -171,3 +178,7 @@ def node_unban(node_id: str = typer.Argument(..., help="Node id (64 hex characte
     """Lift a node's ban."""
     reply = _admin(coordinator, state_dir, admin_token_file, "UnbanNode", pb.BanNodeRequest(node_id=node_id))
     console.print(f"node {node_id[:12]} unbanned" if reply.changed else f"node {node_id[:12]} was not banned")
+
+
+if __name__ == "__main__":
+    app()

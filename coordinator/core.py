@@ -1,33 +1,32 @@
 """The coordinator's domain objects wired together over one store and one key; what the servicer calls."""
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.audit import Auditor
 from omi.coordinator.checkpoints import Checkpoints
+from omi.coordinator.config import CoordinatorConfig
+from omi.coordinator.credentials import (
+    load_or_create_coordinator_key,
+)
 from omi.coordinator.ledger import Ledger
 from omi.coordinator.liveness import Beat, Liveness
-from omi.coordinator.registry import Caller, Registry, RegistryConfig
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.registry import Caller, Registry
+from omi.coordinator.runs import Runs
 from omi.coordinator.store import RunMetric, Store, sqlite_url
 from omi.coordinator.work import ShardLayout, WorkPlanner, data_layout
 from omi.protos import pb, signing
+from omi.protos.clock import now_ms
 
 logger = logging.getLogger(__name__)
 
-KEY_FILENAME = "coordinator_key.pem"
-
-
-@dataclass
-class CoordinatorConfig:
-    registry: RegistryConfig = field(default_factory=RegistryConfig)  # TTLs and rate limits
-    flush_interval: float = 2.0     # seconds between heartbeat flushes to the store
-    metrics_interval: float = 10.0  # seconds between points of the run history
-    audit_task_timeout: float = 600.0  # seconds a validator may hold an audit task
+T = TypeVar("T")
 
 
 class Coordinator:
@@ -37,6 +36,10 @@ class Coordinator:
     :param key: the coordinator's Ed25519 key (signs tokens and assignments; its public half is in every RunSpec)
     :param config: limits and intervals
     :param layout: DataSpec -> ShardLayout, how a run's data splits into shards
+    :param swarm_peers: RunSpec -> multiaddrs of the run's hivemind bootstrap peer, put into the RunSpec nodes
+      receive (None: no swarm peer)
+    :param state_dir: checkpoint folders live in ``state_dir/checkpoints`` (None: none on disk; listing still works)
+    :param public_url: base URL of the coordinator's HTTP port (``http://host:port``) for ``Checkpoint.url``
 
     >>> from omi.protos.signing import generate_key
     >>> coordinator = Coordinator(Store("sqlite://"), generate_key())
@@ -45,26 +48,39 @@ class Coordinator:
     """
 
     def __init__(self, store: Store, key: Ed25519PrivateKey, config: CoordinatorConfig | None = None, *,
-                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout,
+                 swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None, state_dir: str | Path | None = None,
+                 public_url: str = ""):
         self.store, self.key = store, key
         self.config = config or CoordinatorConfig()
         self.public_key = signing.public_bytes(key)
-        self.runs = Runs(store, self.public_key)
+        self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers)
         self.liveness = Liveness(store)
         self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
         self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout)
         self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout)
         self.ledger = Ledger(store, self.runs, self.auditor)
-        self.checkpoints = Checkpoints(store, self.runs)
+        self.checkpoints = Checkpoints(store, self.runs, state_dir, public_url)
+        # The servers run every domain call in this one thread (see :meth:`call`): off the event loop, which stays
+        # free for I/O, and one at a time, as the domain objects expect.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator")
 
     @classmethod
     def open(cls, state_dir: str | Path, db_url: str | None = None, config: CoordinatorConfig | None = None,
              **kwargs) -> "Coordinator":
-        """The coordinator of a state dir: its key (created at first start, mode 0600) and its database."""
+        """The coordinator of a state dir: its key (created at first start, mode 0600), its database (SQLite in
+        the state dir unless ``db_url``) and its checkpoint folders; ``kwargs`` go to the constructor."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        key = signing.load_or_create_key(state_dir / KEY_FILENAME)
-        return cls(Store(db_url or sqlite_url(state_dir)), key, config, **kwargs)
+        return cls(Store(db_url or sqlite_url(state_dir)), load_or_create_coordinator_key(state_dir), config,
+                   state_dir=state_dir, **kwargs)
+
+    async def call(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
+        """``fn(*args, **kwargs)`` run in the coordinator's worker thread, awaited without blocking the event loop.
+
+        Domain calls block (database round trips, opening a run's data source), and the loop also serves the
+        dashboard; they run one at a time, in the order they were called, as they did on the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(fn, *args, **kwargs))
 
     # ---------------------------------------------------------------- node requests
 
@@ -118,21 +134,33 @@ class Coordinator:
             with self.store.transaction() as s:
                 s.add_all(points)
 
+    def sync_with_store(self) -> None:
+        """Write the heartbeats held in memory; re-read runs and bans, which another process may have changed."""
+        self.liveness.flush()
+        self.runs.refresh()
+        self.registry.refresh_bans()
+
+    def record_history(self) -> None:
+        """Take other processes' heartbeats (a full read of the table, so less often), then record run history."""
+        self.liveness.refresh()
+        self.record_metrics()
+
     async def maintain(self) -> None:
-        """Flush heartbeats and record run history until cancelled."""
+        """Sync with the store every flush interval and record run history every metrics interval, until cancelled."""
         last_metrics = 0.0
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.config.flush_interval)
             try:
-                self.liveness.flush()
+                await self.call(self.sync_with_store)
                 if loop.time() - last_metrics >= self.config.metrics_interval:
                     last_metrics = loop.time()
-                    self.record_metrics()
+                    await self.call(self.record_history)
             except Exception:
                 logger.exception("background flush failed; retrying at the next interval")
 
     def close(self) -> None:
-        """Flush what is in memory and close the database."""
+        """Finish the calls under way in the worker thread, flush what is in memory and close the database."""
+        self._worker.shutdown(wait=True)
         self.liveness.flush()
         self.store.close()

@@ -37,3 +37,9 @@ class FailedPrecondition(CoordinatorError):
 
 class ResourceExhausted(CoordinatorError):
     code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(CoordinatorError):
+    """Not ready yet; the caller retries (the node's client retries UNAVAILABLE with backoff)."""
+
+    code = "UNAVAILABLE"

@@ -2,8 +2,8 @@
 
 Credit is verified samples. A contribution is ``accepted`` (provisional) when it arrives, ``verified`` when its
 audit passed or its audit window (``verification.audit_window_epochs``) closed without a failed audit, and
-``voided`` when an audit failed or its node was banned while it was still provisional. Only verified samples
-count as a volunteer's credit.
+``voided`` when an audit failed or its node was banned while it was still provisional
+(:class:`omi.coordinator.states.ContributionStatus`). Only verified samples count as a volunteer's credit.
 """
 
 import logging
@@ -21,9 +21,11 @@ from omi.coordinator.errors import (
     PermissionDenied,
 )
 from omi.coordinator.registry import Caller
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
+from omi.coordinator.states import ContributionStatus
 from omi.coordinator.store import Contribution, Store, WorkAssignment
 from omi.protos import pb, signing
+from omi.protos.clock import now_ms
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -40,7 +42,8 @@ class Ledger:
 
     def __init__(self, store: Store, runs: Runs, auditor: Auditor):
         self.store, self.runs, self.auditor = store, runs, auditor
-        # (run id, status code name) -> contributions refused since this process started (for /metrics)
+        # (run id, status code name) -> contributions this process refused since it started: a Prometheus counter
+        # of this process (two coordinator processes each count their own), never in the store
         self.refused: Counter[tuple[str, str]] = Counter()
 
     def report(self, caller: Caller, contribution: pb.Contribution) -> tuple[str, str]:
@@ -74,7 +77,7 @@ class Ledger:
         row = Contribution(contribution_id=uuid.uuid4().hex, run_id=caller.run_id, node_id=caller.node_id,
                            epoch=contribution.epoch, assignment_id=contribution.assignment_id,
                            samples=contribution.samples, mean_loss=contribution.mean_loss,
-                           compute_seconds=contribution.compute_seconds, status="accepted",
+                           compute_seconds=contribution.compute_seconds, status=ContributionStatus.ACCEPTED,
                            message=contribution.SerializeToString(deterministic=True), received_at_ms=now_ms())
         try:
             with self.store.transaction() as s:
@@ -109,13 +112,13 @@ class Ledger:
         """(contributions not voided, verified samples) of a run."""
         with self.store.session() as s:
             count = s.scalar(select(func.count()).select_from(Contribution).where(
-                Contribution.run_id == run_id, Contribution.status != "voided"))
+                Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED))
             verified = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
-                Contribution.run_id == run_id, Contribution.status == "verified"))
+                Contribution.run_id == run_id, Contribution.status == ContributionStatus.VERIFIED))
         return count, verified
 
     def provisional_samples(self, run_id: str) -> int:
         """Samples reported in a run that are neither verified nor voided yet."""
         with self.store.session() as s:
             return s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
-                Contribution.run_id == run_id, Contribution.status == "accepted"))
+                Contribution.run_id == run_id, Contribution.status == ContributionStatus.ACCEPTED))

@@ -34,12 +34,25 @@ class Liveness:
 
     def __init__(self, store: Store):
         self.store = store
+        # The latest beat per node: this process's beats at once, other processes' (sharing the database) from
+        # the store at every :meth:`refresh` (each metrics interval); a newer beat replaces an older one, whichever
+        # process received it.
         self._beats: dict[str, dict[str, Beat]] = {}  # run_id -> node_id -> Beat
         self._dirty: set[tuple[str, str]] = set()
-        with store.session() as s:
-            for row in s.scalars(select(Heartbeat)):
-                self._beats.setdefault(row.run_id, {})[row.node_id] = Beat(
-                    row.epoch, row.samples_per_second, row.swarm_peers, row.loss, row.at_ms)
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Take the beats in the store that are newer than the ones held here; returns how many were."""
+        newer = 0
+        with self.store.session() as s:
+            rows = s.execute(select(Heartbeat.run_id, Heartbeat.node_id, Heartbeat.epoch, Heartbeat.samples_per_second,
+                                    Heartbeat.swarm_peers, Heartbeat.loss, Heartbeat.at_ms)).all()
+        for run_id, node_id, epoch, samples_per_second, swarm_peers, loss, at_ms in rows:
+            held = self._beats.get(run_id, {}).get(node_id)
+            if (held is None or at_ms > held.at_ms) and (run_id, node_id) not in self._dirty:
+                self._beats.setdefault(run_id, {})[node_id] = Beat(epoch, samples_per_second, swarm_peers, loss, at_ms)
+                newer += 1
+        return newer
 
     def beat(self, run_id: str, node_id: str, beat: Beat) -> None:
         self._beats.setdefault(run_id, {})[node_id] = beat

@@ -10,6 +10,7 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from omi.coordinator.config import RegistryConfig
 from omi.coordinator.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -19,9 +20,10 @@ from omi.coordinator.errors import (
 )
 from omi.coordinator.liveness import Beat, Liveness
 from omi.coordinator.ratelimit import RateLimiter
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
 from omi.coordinator.store import Ban, Node, Store, Token
 from omi.protos import pb, signing
+from omi.protos.clock import now_ms
 from sqlalchemy import select
 
 logger = logging.getLogger(__name__)
@@ -43,16 +45,6 @@ class Caller:
     token: pb.AccessToken
 
 
-@dataclass
-class RegistryConfig:
-    challenge_ttl: float = 60.0    # seconds a challenge nonce may be answered
-    max_clock_skew: float = 60.0   # seconds a signed request's timestamp may differ from the coordinator's clock
-    node_rate: float = 5.0         # requests per second per node after the burst
-    node_burst: int = 50           # requests a node may send back to back
-    register_rate: float = 5.0     # challenges + registrations per second per source address after the burst
-    register_burst: int = 60
-
-
 class Registry:
     """Registration and authentication of nodes.
 
@@ -68,12 +60,22 @@ class Registry:
         self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
         self.config = config or RegistryConfig()
         self.public_key = signing.public_bytes(key)
+        # Per process, never in the store: a challenge must be answered to the process that gave it (two
+        # coordinator processes behind one address need sticky connections); rate limits count per process.
         self._challenges: dict[bytes, int] = {}  # nonce -> expires_at_ms
-        self._verified_tokens: set[bytes] = set()  # serialized tokens whose coordinator signature checked out
         self._node_limiter = RateLimiter(self.config.node_rate, self.config.node_burst)
         self._register_limiter = RateLimiter(self.config.register_rate, self.config.register_burst)
-        with store.session() as s:
-            self._banned: set[str] = set(s.scalars(select(Ban.node_id)))
+        # Serialized tokens whose coordinator signature checked out: a fact about the bytes, true in any process.
+        self._verified_tokens: set[bytes] = set()
+        # The bans table: this process's bans at once, other processes' at the next refresh_bans (every flush
+        # interval), so a ban made by another coordinator process on the same database holds here within it.
+        self._banned: set[str] = set()
+        self.refresh_bans()
+
+    def refresh_bans(self) -> None:
+        """Re-read the ban list from the store."""
+        with self.store.session() as s:
+            self._banned = set(s.scalars(select(Ban.node_id)))
 
     # ---------------------------------------------------------------- registration
 
@@ -114,6 +116,7 @@ class Registry:
         run = self.runs.get(request.run_id)
         if run.state == pb.RUN_STATE_STOPPED:
             raise FailedPrecondition(f"run '{request.run_id}' is stopped")
+        spec = self.runs.spec_for_nodes(request.run_id)  # before anything is stored: its swarm peer may be starting
         now = now_ms()
         with self.store.transaction() as s:
             node = s.get(Node, node_id)
@@ -126,7 +129,7 @@ class Registry:
                                 request.swarm_public_key, now)
         self.liveness.beat(request.run_id, node_id, Beat(run.epoch, 0.0, 0, 0.0, now))
         logger.info("registered node %s (%s) for run %s", node_id[:12], request.display_name or "-", request.run_id)
-        return pb.RegisterResponse(node_id=node_id, token=token, run_spec=self.runs.spec_for_nodes(request.run_id))
+        return pb.RegisterResponse(node_id=node_id, token=token, run_spec=spec)
 
     def renew(self, request: pb.RenewTokenRequest) -> pb.AccessToken:
         """A new token for the same node, peer and run; refused to banned nodes and for stopped runs."""

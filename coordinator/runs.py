@@ -1,25 +1,25 @@
 """Runs: created from a RunSpec TOML, lifecycle created -> running <-> paused -> stopped, and the spec handed out.
 
 The parsed RunSpec is stored once; what nodes receive is that spec plus the coordinator's public key
-and the swarm's initial peers, which belong to the running server (``Runs.swarm_peers``).
+and the swarm's initial peers, which belong to the running server (the ``swarm_peers`` argument).
 """
 
 import logging
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from omi.coordinator.states import RUN_STATE_NAMES
 from omi.coordinator.store import Run, Store
 from omi.protos import pb
+from omi.protos.clock import now_ms
 from omi.protos.runspec import RunSpecError, parse_runspec
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 logger = logging.getLogger(__name__)
 
 S = pb.RunState
-STATE_NAMES = {S.RUN_STATE_CREATED: "created", S.RUN_STATE_RUNNING: "running", S.RUN_STATE_PAUSED: "paused",
-               S.RUN_STATE_STOPPED: "stopped"}
 
 # action -> (states it may start from, state it leads to)
 TRANSITIONS = {
@@ -27,10 +27,6 @@ TRANSITIONS = {
     "resume": ({S.RUN_STATE_PAUSED, S.RUN_STATE_CREATED}, S.RUN_STATE_RUNNING),  # resuming a created run starts it
     "stop": ({S.RUN_STATE_CREATED, S.RUN_STATE_RUNNING, S.RUN_STATE_PAUSED}, S.RUN_STATE_STOPPED),
 }
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass
@@ -44,25 +40,37 @@ class RunInfo:
     created_at_ms: int
 
 
-@dataclass
 class Runs:
     """All runs of this coordinator.
 
     :param store: the database
     :param coordinator_public_key: raw Ed25519 key put into every RunSpec handed out
+    :param swarm_peers: RunSpec -> multiaddrs of the run's hivemind bootstrap peer (None: no swarm peer)
     """
 
-    store: Store
-    coordinator_public_key: bytes
-    # RunSpec -> multiaddrs of the run's hivemind bootstrap peer; serve() sets it (None: no swarm peer)
-    swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None
-    _runs: dict[str, RunInfo] = field(default_factory=dict)
+    def __init__(self, store: Store, coordinator_public_key: bytes, *,
+                 swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None):
+        self.store, self.coordinator_public_key, self.swarm_peers = store, coordinator_public_key, swarm_peers
+        # A cache of the runs table: a spec never changes once stored; state, epoch and samples follow this
+        # process's own writes as they commit, and :meth:`refresh` (every flush interval) re-reads them and picks
+        # up runs created elsewhere, so a change by another coordinator process on the same database shows here
+        # within that interval.
+        self._runs: dict[str, RunInfo] = {}
+        self.refresh()
 
-    def __post_init__(self):
+    def refresh(self) -> None:
+        """Re-read every run's state, epoch and sample count from the store, and load runs created elsewhere."""
         with self.store.session() as s:
-            for row in s.scalars(select(Run)):
-                self._runs[row.run_id] = RunInfo(pb.RunSpec.FromString(row.spec), row.state, row.epoch,
+            rows = s.execute(select(Run.run_id, Run.state, Run.epoch, Run.total_samples, Run.created_at_ms)).all()
+            new = [row.run_id for row in rows if row.run_id not in self._runs]
+            specs = dict(s.execute(select(Run.run_id, Run.spec).where(Run.run_id.in_(new))).all()) if new else {}
+        for row in rows:
+            info = self._runs.get(row.run_id)
+            if info is None:
+                self._runs[row.run_id] = RunInfo(pb.RunSpec.FromString(specs[row.run_id]), row.state, row.epoch,
                                                  row.total_samples, row.created_at_ms)
+            else:  # the epoch only grows: a concurrent observe_epoch may have moved it past what was read
+                info.state, info.epoch, info.total_samples = row.state, max(info.epoch, row.epoch), row.total_samples
 
     def create(self, spec_toml: str, *, start: bool = False) -> pb.RunSummary:
         """Parse and store a new run; a bad TOML key or value is InvalidArgument naming the key."""
@@ -74,25 +82,29 @@ class Runs:
             raise AlreadyExists(f"run '{spec.run_id}' already exists")
         state = S.RUN_STATE_RUNNING if start else S.RUN_STATE_CREATED
         now = now_ms()
-        with self.store.transaction() as s:
-            s.add(Run(run_id=spec.run_id, name=spec.name, model=spec.model, state=state,
-                      spec=spec.SerializeToString(deterministic=True), spec_toml=spec_toml, epoch=0, total_samples=0,
-                      created_at_ms=now, updated_at_ms=now))
+        try:
+            with self.store.transaction() as s:
+                s.add(Run(run_id=spec.run_id, name=spec.name, model=spec.model, state=state,
+                          spec=spec.SerializeToString(deterministic=True), spec_toml=spec_toml, epoch=0,
+                          total_samples=0, created_at_ms=now, updated_at_ms=now))
+        except IntegrityError as e:  # another coordinator process created it first
+            raise AlreadyExists(f"run '{spec.run_id}' already exists") from e
         self._runs[spec.run_id] = RunInfo(spec, state, 0, 0, now)
-        logger.info("created run %s (%s), state %s", spec.run_id, spec.model, STATE_NAMES[state])
+        logger.info("created run %s (%s), state %s", spec.run_id, spec.model, RUN_STATE_NAMES[state])
         return self.summary(spec.run_id)
 
     def transition(self, run_id: str, action: str) -> pb.RunSummary:
         """Apply ``pause``, ``resume`` or ``stop``; a transition the lifecycle forbids is FailedPrecondition."""
         info = self.get(run_id)
         allowed_from, target = TRANSITIONS[action]
-        if info.state not in allowed_from:
-            raise FailedPrecondition(f"cannot {action} run '{run_id}': it is {STATE_NAMES[info.state]}")
         with self.store.transaction() as s:
-            row = s.get(Run, run_id)
+            row = s.get(Run, run_id, with_for_update=True)  # the stored state: another process may have moved it
+            info.state = row.state
+            if row.state not in allowed_from:
+                raise FailedPrecondition(f"cannot {action} run '{run_id}': it is {RUN_STATE_NAMES[row.state]}")
             row.state, row.updated_at_ms = target, now_ms()
         info.state = target
-        logger.info("run %s is now %s", run_id, STATE_NAMES[target])
+        logger.info("run %s is now %s", run_id, RUN_STATE_NAMES[target])
         return self.summary(run_id)
 
     def get(self, run_id: str) -> RunInfo:
@@ -127,7 +139,8 @@ class Runs:
 
     def add_samples(self, session, run_id: str, samples: int) -> None:
         """Add to the run's sample count inside the caller's transaction; ``samples_committed`` once it is."""
-        session.get(Run, run_id).total_samples += samples
+        # an increment in SQL, so two coordinator processes adding at once both count
+        session.execute(update(Run).where(Run.run_id == run_id).values(total_samples=Run.total_samples + samples))
 
     def samples_committed(self, run_id: str, samples: int) -> None:
         self.get(run_id).total_samples += samples

@@ -124,7 +124,7 @@ class Contribution(Base):
     samples: Mapped[int] = mapped_column(BigInteger)
     mean_loss: Mapped[float] = mapped_column(Float)
     compute_seconds: Mapped[float] = mapped_column(Float)
-    status: Mapped[str] = mapped_column(String(16))  # accepted | verified | voided
+    status: Mapped[str] = mapped_column(String(16))  # a ContributionStatus (omi.coordinator.states)
     message: Mapped[bytes] = mapped_column(LargeBinary)  # the node-signed Contribution as received
     received_at_ms: Mapped[int] = mapped_column(BigInteger)
     __table_args__ = (UniqueConstraint("node_id", "run_id", "epoch", name="uq_contribution_node_run_epoch"),)
@@ -139,7 +139,7 @@ class Audit(Base):
     epoch: Mapped[int] = mapped_column(Integer)
     micro_batch_indices: Mapped[str] = mapped_column(Text)  # JSON list
     audit_seed: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16))  # awaiting_records | pending | assigned | passed | failed
+    state: Mapped[str] = mapped_column(String(16))  # an AuditState (omi.coordinator.states)
     validator_node_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     assigned_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     verdict: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # the validator-signed AuditVerdict

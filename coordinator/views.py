@@ -19,19 +19,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omi.coordinator.core import Coordinator
-from omi.coordinator.runs import STATE_NAMES, now_ms
+from omi.coordinator.states import OPEN_AUDIT_STATES, RUN_STATE_NAMES, AuditState, ContributionStatus
 from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token
+from omi.protos.clock import now_ms
 from sqlalchemy import case, func, select
 
 logger = logging.getLogger(__name__)
 
 SHORT_ID = 12  # characters of a node id shown to people
-AUDIT_STATES = ("awaiting_records", "pending", "assigned", "passed", "failed")
-CONTRIBUTION_STATUSES = ("accepted", "verified", "voided")
 
 
 @dataclass
 class AuditCounts:
+    """Audits of a run by state; one field per :class:`~omi.coordinator.states.AuditState`."""
+
     awaiting_records: int = 0  # sampled; the node has not handed over its records yet
     pending: int = 0   # records check passed, not yet handed to a validator
     assigned: int = 0  # a validator is recomputing it
@@ -117,7 +118,7 @@ class ContributorView:
 
 
 def state_name(state: int) -> str:
-    return STATE_NAMES.get(state, "unknown")
+    return RUN_STATE_NAMES.get(state, "unknown")
 
 
 def finite_or_none(value: float | None) -> float | None:
@@ -141,8 +142,8 @@ def run_status(coordinator: Coordinator, run_id: str) -> RunStatusView:
         samples_per_second=status.samples_per_second, loss=finite_or_none(status.last_loss or None),
         contributions=status.contributions, verified_samples=status.verified_samples,
         created_at_ms=summary.created_at_ms, contributions_refused=refused(coordinator, run_id),
-        contributions_by_status={k: by_status.get(k, 0) for k in CONTRIBUTION_STATUSES},
-        audits=AuditCounts(**{k: by_state.get(k, 0) for k in AUDIT_STATES}),
+        contributions_by_status={k.value: by_status.get(k, 0) for k in ContributionStatus},
+        audits=AuditCounts(**{k.value: by_state.get(k, 0) for k in AuditState}),
         latest_checkpoint=checkpoints[-1] if checkpoints else None, server_time_ms=now_ms())
 
 
@@ -176,15 +177,15 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
     coordinator.runs.get(run_id)
     now = now_ms()
     online_cutoff = now - int(coordinator.runs.get(run_id).spec.liveness.heartbeat_timeout * 1000)
-    live = Contribution.status != "voided"
+    live = Contribution.status != ContributionStatus.VOIDED
+    verified = Contribution.status == ContributionStatus.VERIFIED
     with coordinator.store.session() as s:
         registered = dict(s.execute(select(Token.node_id, func.max(Token.issued_at_ms)).where(
             Token.run_id == run_id).group_by(Token.node_id)).all())
         work = {row.node_id: row for row in s.execute(select(
             Contribution.node_id,
             func.coalesce(func.sum(case((live, Contribution.samples), else_=0)), 0).label("samples"),
-            func.coalesce(func.sum(case((Contribution.status == "verified", Contribution.samples), else_=0)),
-                          0).label("verified"),
+            func.coalesce(func.sum(case((verified, Contribution.samples), else_=0)), 0).label("verified"),
             func.coalesce(func.sum(case((live, 1), else_=0)), 0).label("count"),
             func.max(Contribution.received_at_ms).label("last")).where(
             Contribution.run_id == run_id).group_by(Contribution.node_id))}
@@ -202,9 +203,9 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
         views.append(ContributorView(
             node_id=node_id, short_id=node_id[:SHORT_ID], display_name=names.get(node_id, ""),
             samples=int(w.samples) if w else 0, verified_samples=int(w.verified) if w else 0,
-            contributions=int(w.count) if w else 0, audits_passed=a.get("passed", 0),
-            audits_failed=a.get("failed", 0),
-            audits_pending=sum(a.get(k, 0) for k in ("awaiting_records", "pending", "assigned")),
+            contributions=int(w.count) if w else 0, audits_passed=a.get(AuditState.PASSED, 0),
+            audits_failed=a.get(AuditState.FAILED, 0),
+            audits_pending=sum(a.get(k, 0) for k in OPEN_AUDIT_STATES),
             last_seen_ms=max(beat, w.last if w else 0, registered.get(node_id) or 0),
             online=beat >= online_cutoff, banned=node_id in banned))
     views.sort(key=lambda v: (-v.samples, v.node_id))
@@ -220,7 +221,7 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
     coordinator.runs.get(run_id)
     with coordinator.store.session() as s:
         rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.epoch)).all()
-    has_folders = getattr(coordinator.checkpoints, "state_dir", None) is not None
+    has_folders = coordinator.checkpoints.state_dir is not None
     views = []
     for r in rows:
         base = f"/runs/{run_id}/checkpoints/{r.epoch}"
@@ -234,7 +235,8 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
     return views
 
 
-_MANIFESTS: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = {}  # (folder, manifest sha256) -> files
+# (folder, manifest sha256) -> files: keyed by the manifest's hash, so an entry is never stale, in any process
+_MANIFESTS: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = {}
 
 
 def manifest_files(folder: str, manifest_sha256: str) -> tuple[tuple[str, str, int], ...]:

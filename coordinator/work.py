@@ -11,6 +11,7 @@ assignment impossible. When free shards run short, the shards of nodes that miss
 import hashlib
 import logging
 import random
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,9 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.errors import FailedPrecondition, InvalidArgument
 from omi.coordinator.liveness import Liveness
 from omi.coordinator.registry import Caller
-from omi.coordinator.runs import Runs, now_ms
+from omi.coordinator.runs import Runs
 from omi.coordinator.store import AssignedShard, Contribution, Store, WorkAssignment
 from omi.protos import pb, signing
+from omi.protos.clock import now_ms
 from sqlalchemy import delete, exists, select
 
 logger = logging.getLogger(__name__)
@@ -77,16 +79,23 @@ class WorkPlanner:
                  layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
         self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
         self._layout = layout
+        # Run id -> its layout, opened once: a run's DataSpec never changes, so an entry never goes stale, in this
+        # process or another. The lock lets :meth:`layout` be called from any thread (the server opens a run's
+        # data in a thread of its own when the run starts); a second caller waits for the first one's result.
         self._layouts: dict[str, ShardLayout] = {}
+        self._layouts_lock = threading.Lock()
 
     def layout(self, run_id: str) -> ShardLayout:
-        if run_id not in self._layouts:
-            data = self.runs.get(run_id).spec.data
-            try:
-                self._layouts[run_id] = self._layout(data)
-            except (ValueError, OSError) as e:
-                raise FailedPrecondition(f"cannot open the data source {data.source!r} of run '{run_id}': {e}") from e
-        return self._layouts[run_id]
+        """The run's shard layout, opening its data source (which may decode every image) on first use."""
+        with self._layouts_lock:
+            if run_id not in self._layouts:
+                data = self.runs.get(run_id).spec.data
+                try:
+                    self._layouts[run_id] = self._layout(data)
+                except (ValueError, OSError) as e:
+                    raise FailedPrecondition(f"cannot open the data source {data.source!r} of run '{run_id}': "
+                                             f"{e}") from e
+            return self._layouts[run_id]
 
     def get_work(self, caller: Caller, epoch: int) -> pb.WorkAssignment:
         """The caller's assignment for ``epoch``: the stored one if it has it, else a new one."""

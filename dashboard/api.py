@@ -1,8 +1,9 @@
 """The dashboard's read-only JSON API (``/api/...``), documented by FastAPI's OpenAPI schema.
 
 Each answer is computed from ``omi.coordinator.views`` at most once per ``ttl`` seconds and served as
-cached bytes in between: a crowd of viewers polling the same run costs the coordinator's event loop (which
-also serves the volunteers' gRPC calls) one query per second, not one per viewer.
+cached bytes in between: a crowd of viewers polling the same run costs the coordinator one query per second,
+not one per viewer. Answers are computed in the coordinator's worker thread (``Coordinator.call``), where its
+state lives, so the event loop that also carries the volunteers' gRPC calls never waits on the database.
 """
 
 import json
@@ -54,12 +55,19 @@ class Snapshots:
         self.ttl, self.clock = ttl, clock
         self._entries: dict[tuple, tuple[float, Any, bytes]] = {}
 
+    def fresh(self, key: tuple) -> tuple[Any, bytes] | None:
+        """(view, its JSON) for ``key`` if the cache has it younger than ``ttl``, else None; never computes."""
+        entry = self._entries.get(key)
+        if entry is not None and self.clock() - entry[0] < self.ttl:
+            return entry[1], entry[2]
+        return None
+
     def get(self, key: tuple, compute: Callable[[], Any]) -> tuple[Any, bytes]:
         """(view, its JSON) for ``key``, from the cache if younger than ``ttl``."""
+        cached = self.fresh(key)
+        if cached is not None:
+            return cached
         now = self.clock()
-        entry = self._entries.get(key)
-        if entry is not None and now - entry[0] < self.ttl:
-            return entry[1], entry[2]
         view = compute()
         if len(self._entries) >= MAX_ENTRIES:
             self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self.ttl}
@@ -85,18 +93,22 @@ def create_router(coordinator: Coordinator, snapshots: Snapshots) -> APIRouter:
             raise HTTPException(status_code=404, detail=f"no run '{run}'")
         return run
 
-    # async handlers: they read the coordinator's objects from the event loop that owns them
+    async def answer(key: tuple, compute: Callable[[], Any]) -> Response:
+        # a fresh answer is served from the loop; computing one (and storing it) happens in the worker thread
+        cached = snapshots.fresh(key) or await coordinator.call(snapshots.get, key, compute)
+        return json_response(cached[1])
+
     @router.get("/runs", response_model=list[views.RunStatusView], summary="All runs with their headline")
     async def list_runs() -> Response:
         def compute():
             return [views.run_status(coordinator, run) for run in coordinator.runs.run_ids()]
-        return json_response(snapshots.get(("runs",), compute)[1])
+        return await answer(("runs",), compute)
 
     @router.get("/runs/{run}/status", response_model=views.RunStatusView, responses=NOT_FOUND,
                 summary="Headline of a run: state, epoch, samples, volunteers online, throughput, loss, audits")
     async def run_status(run: str) -> Response:
         known(run)
-        return json_response(snapshots.get(("status", run), lambda: views.run_status(coordinator, run))[1])
+        return await answer(("status", run), lambda: views.run_status(coordinator, run))
 
     @router.get("/runs/{run}/history", response_model=views.HistoryView, responses=NOT_FOUND,
                 summary="Points of the run's history (loss, throughput, volunteers online) recorded after `since`")
@@ -106,19 +118,18 @@ def create_router(coordinator: Coordinator, snapshots: Snapshots) -> APIRouter:
                           ) -> Response:
         known(run)
         key = ("history", run, since, limit)
-        return json_response(snapshots.get(key, lambda: views.history(coordinator, run, since, limit))[1])
+        return await answer(key, lambda: views.history(coordinator, run, since, limit))
 
     @router.get("/runs/{run}/contributors", response_model=list[views.ContributorView], responses=NOT_FOUND,
                 summary="Volunteers of the run: samples, verified samples, audits passed/failed, last seen")
     async def run_contributors(run: str) -> Response:
         known(run)
-        return json_response(snapshots.get(("contributors", run), lambda: views.contributors(coordinator, run))[1])
+        return await answer(("contributors", run), lambda: views.contributors(coordinator, run))
 
     @router.get("/runs/{run}/checkpoints", response_model=list[views.CheckpointView], responses=NOT_FOUND,
                 summary="Published checkpoints, oldest first, with download URLs, sha256 and preview grid")
     async def run_checkpoints(run: str) -> Response:
         known(run)
-        return json_response(snapshots.get(("checkpoints", run),
-                                           lambda: views.checkpoint_views(coordinator, run))[1])
+        return await answer(("checkpoints", run), lambda: views.checkpoint_views(coordinator, run))
 
     return router

@@ -41,7 +41,8 @@ def create_app(coordinator: Coordinator) -> FastAPI:
     @app.get("/metrics", summary="Prometheus metrics of every run", response_class=Response,
              responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # collected in the coordinator's worker thread, like the API's answers (they share the snapshots)
+        return Response(await coordinator.call(generate_latest, registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)
     async def all_runs_page() -> FileResponse:

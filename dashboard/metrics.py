@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 from omi.coordinator import views
 from omi.coordinator.core import Coordinator
+from omi.coordinator.states import AuditState
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,8 +63,8 @@ class RunCollector(Collector):
                 refused.add_metric([run, code], n)
             for status, n in s.contributions_by_status.items():
                 contributions.add_metric([run, status], n)
-            for audit_state in views.AUDIT_STATES:
-                audits.add_metric([run, audit_state], getattr(s.audits, audit_state))
+            for audit_state in AuditState:
+                audits.add_metric([run, audit_state.value], getattr(s.audits, audit_state.value))
             if s.latest_checkpoint is not None:
                 age.add_metric([run], max(0.0, (s.server_time_ms - s.latest_checkpoint.created_at_ms) / 1000))
                 checkpoint_epoch.add_metric([run], s.latest_checkpoint.epoch)

@@ -19,9 +19,9 @@ from omi.models.microbatch import (
 from omi.models.quality import QualityScore, quality_score
 from omi.models.records import audited_record, proof_of, record_from_proto, record_to_proto, sent_sketch
 from omi.models.registry import KNOWN_MODELS, ModelInfo, build_for_spec, build_model, model_info
+from omi.models.replay import Check, Tolerances, compare, recompute
 from omi.models.sampling import generate, load_pretrained, make_grid, save_grid, save_pretrained
 from omi.models.train_local import TrainResult, train_local
-from omi.models.verify import Check, Tolerances, compare, recompute
 
 __all__ = [
     "Check", "DataSource", "DataSourceError", "GradientSketch", "KNOWN_MODELS", "MerkleProof", "MicroBatchRecord",

@@ -12,7 +12,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
     On CUDA, TF32 matmuls and convolutions are switched off: with TF32 a float32 gradient differs from the CPU's
     by about 1e-3 relative, which a validator recomputing on a CPU could not tell from a wrong sample
-    (see ``omi.models.verify.Tolerances``); plain float32 differs by about 1e-6.
+    (see ``omi.models.replay.Tolerances``); plain float32 differs by about 1e-6.
 
     >>> pick_device("cpu")
     device(type='cpu')

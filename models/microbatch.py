@@ -4,7 +4,7 @@ The node trainer, the validator and the checkpointer all call :func:`compute_mic
 project draws diffusion noise or timesteps for training. Noise and timesteps come from a CPU ``torch.Generator``
 seeded with :func:`micro_batch_seed` (run, epoch, node, micro-batch index), so anyone holding the same parameters
 and the same samples recomputes the same gradient: bitwise on the same CPU with the same torch thread count,
-within :class:`omi.models.verify.Tolerances` elsewhere.
+within :class:`omi.models.replay.Tolerances` elsewhere.
 
 >>> import torch
 >>> from omi.models.registry import build_model

@@ -286,7 +286,7 @@ def validate(
 ) -> None:
     """Follow a run's swarm, recompute audited micro-batches and report signed verdicts until Ctrl-C."""
     from omi.node.session import NodeError
-    from omi.node.validate import Validator, ValidatorConfig
+    from omi.node.validator import Validator, ValidatorConfig
     from omi.swarm.signals import install_stop_signals
 
     validator = Validator(ValidatorConfig(coordinator=coordinator, run_id=run, state_dir=state_dir,

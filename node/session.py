@@ -1,7 +1,7 @@
 """A node's standing with the coordinator: identity, registration, token renewal, heartbeats, leaving.
 
 Both roles a node can take use it — the volunteer (:mod:`omi.node.volunteer`) and the validator
-(:mod:`omi.node.validate`)::
+(:mod:`omi.node.validator`)::
 
     session = NodeSession("127.0.0.1:50051", Path("~/.omi").expanduser())
     spec = session.open(display_name="alice")   # registers; the token is written to state_dir/token.bin

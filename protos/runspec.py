@@ -13,10 +13,10 @@ unknown key 'training.lr' (known: micro_batch_size, target_batch_size, ...)
 """
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 from google.protobuf import json_format
 from omi.protos import pb
 from pydantic import (

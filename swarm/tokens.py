@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
@@ -45,7 +45,7 @@ class AccessDenied(RuntimeError):
 
 def to_hivemind_token(token: pb.AccessToken) -> HivemindAccessToken:
     """Carry our token inside hivemind's ``AccessToken`` (see the table in the module docstring)."""
-    expiry = datetime.fromtimestamp(token.expires_at_ms / 1000, tz=timezone.utc).isoformat()
+    expiry = datetime.fromtimestamp(token.expires_at_ms / 1000, tz=UTC).isoformat()
     return HivemindAccessToken(username=token.node_id, public_key=token.swarm_public_key,
                                expiration_time=expiry, signature=token.SerializeToString())
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: subprocesses a test started die with their process groups; one torch thread for tiny models."""
+"""Shared fixtures: subprocesses a test started die with their process groups; one torch thread for tiny models;
+a test coordinator's key and DHT peers holding its tokens."""
 
 import pytest
 import torch
@@ -11,6 +12,15 @@ def _reap_processes():
     reap_all()
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test may set torch's thread count (determinism across thread counts); the next test gets it back."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on 2 shared cores: one torch thread is fastest, two wait on each other when other jobs run."""
@@ -18,3 +28,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def coordinator_key():
+    """The signing key of a test coordinator (one per test module)."""
+    from omi.protos import signing
+
+    return signing.generate_key()
+
+
+@pytest.fixture
+def swarm_dht(coordinator_key, tmp_path):
+    """``(spec, bootstrap, [peer, peer])``: the coordinator's bootstrap DHT peer and two token holders, in-process."""
+    from swarm_helpers import dht_peers  # hivemind: imported only by tests that use a swarm
+
+    with dht_peers(coordinator_key, tmp_path) as peers:
+        yield peers

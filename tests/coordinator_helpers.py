@@ -7,9 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-from omi.coordinator.core import CoordinatorConfig
-from omi.coordinator.registry import RegistryConfig
-from omi.coordinator.server import CoordinatorServer, ServerConfig
+from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+from omi.coordinator.server import CoordinatorServer
+from omi.dashboard.app import create_app
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, rpc
 from omi.protos.signing import generate_key
@@ -51,14 +51,17 @@ class ServerThread:
     :param state_dir: state dir (key, admin token, SQLite file)
     :param run: RunSpec TOML created and started before serving (None: no run)
     :param registry: TTLs and rate limits
+    :param http: also serve the dashboard, at ``self.http`` (any free port)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
-                 max_message_bytes: int = 4 * 1024 * 1024):
-        config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=None,
+                 max_message_bytes: int = 4 * 1024 * 1024, http: bool = False):
+        http_address = f"127.0.0.1:{free_port()}" if http else None
+        self.http = f"http://{http_address}" if http else None
+        config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=http_address,
                               max_message_bytes=max_message_bytes, swarm_host=None,
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig()))
-        self.server = CoordinatorServer(config)
+        self.server = CoordinatorServer(config, http_app=create_app if http else None)
         self.coordinator = self.server.coordinator
         self.store = self.coordinator.store
         self.admin_token = self.server.admin_token

@@ -44,9 +44,9 @@ token_ttl = 600.0
 """
 
 
-def _popen(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+def _popen(args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
-        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
                                    start_new_session=True, env={**os.environ, **PROCESS_ENV, **(env or {})})
     _STARTED.append(process)
     return process
@@ -98,14 +98,19 @@ class ServeProcess:
 
 
 class NodeProcess:
-    """`omi-node join` in a subprocess with its own state dir."""
+    """`omi-node join` in a subprocess with its own state dir.
 
-    def __init__(self, coordinator: str, state_dir: Path, *args, name: str = ""):
+    :param attack: run this adversary of ``tests/adversaries`` instead (``python -m tests.adversaries ATTACK``,
+      which parses the same options as ``omi-node join``)
+    """
+
+    def __init__(self, coordinator: str, state_dir: Path, *args, name: str = "", attack: str | None = None):
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.log = state_dir.parent / f"{state_dir.name}.log"
-        self.proc = _popen([BIN / "omi-node", "join", "--coordinator", coordinator, "--state-dir", state_dir,
-                            "--quiet", "--name", name or state_dir.name, *args], self.log)
+        command = [sys.executable, "-m", "tests.adversaries", attack] if attack else [BIN / "omi-node", "join"]
+        self.proc = _popen([*command, "--coordinator", coordinator, "--state-dir", state_dir,
+                            "--quiet", "--name", name or state_dir.name, *args], self.log, cwd=ROOT if attack else None)
 
     def wait(self, timeout: float) -> int:
         try:

@@ -1,7 +1,7 @@
-"""Swarm test helpers: a test coordinator's tokens, peer files, and peer processes (run as ``python swarm_helpers.py``).
+"""Swarm test helpers: a test run's tokens and peer files, in-process DHT peers, peer processes and swarms of them.
 
-Every peer is its own process (hivemind forks its DHT and averagers from the main thread); the test process
-talks to peers through files: a peer writes ``ready.json`` once its DHT is up and ``result.json`` when done,
+A peer process is a whole peer (hivemind forks its DHT and averagers from the main thread); the test process
+talks to it through files: a peer writes ``ready.json`` once its DHT is up and ``result.json`` when done,
 and stops when its stdin is closed.
 
     python tests/swarm_helpers.py bootstrap CONFIG.json
@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,54 @@ class PeerProcess:
         self.log.close()
 
 
+def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec,
+                trainers: list[dict]) -> tuple[list[PeerProcess], list[PeerFiles]]:
+    """A bootstrap peer and one trainer process per dict in ``trainers``; returns [bootstrap, *trainers] and files.
+
+    Each dict is the trainer's extra config (see ``run_trainer``), plus ``token_peer_id`` (its token names another
+    peer) and ``intruder`` (the honest trainers do not wait for it to show up).
+    """
+    signing.save_key(coordinator_key, directory / "coordinator.pem")
+    (directory / "spec.bin").write_bytes(spec.SerializeToString())
+    procs = [PeerProcess("bootstrap", directory / "bootstrap", coordinator_key_path=str(directory / "coordinator.pem"),
+                         spec_path=str(directory / "spec.bin"))]
+    files = []
+    maddrs = procs[0].wait_ready()["maddrs"]
+    for i, extra in enumerate(trainers):
+        files.append(make_peer_files(directory / f"peer{i}", coordinator_key, spec,
+                                     token_peer_id=extra.pop("token_peer_id", None)))
+    honest_ids = [f.peer_id for f, extra in zip(files, trainers, strict=True) if not extra.get("intruder")]
+    for i, (f, extra) in enumerate(zip(files, trainers, strict=True)):
+        extra.pop("intruder", None)
+        procs.append(PeerProcess("trainer", directory / f"peer{i}", spec_path=str(directory / "spec.bin"),
+                                 token_path=f.token_path, identity_path=f.identity_path,
+                                 swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
+                                 expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
+    return procs, files
+
+
+@contextmanager
+def dht_peers(coordinator_key, directory: Path, count: int = 2):
+    """A bootstrap DHT peer (the coordinator's) and ``count`` token-holding peers, in DHT processes of this process.
+
+    Yields ``(spec, bootstrap, peers)``; every peer is shut down on exit.
+    """
+    spec = make_spec(coordinator_key)
+    bootstrap, maddrs = swarm.start_bootstrap_dht(coordinator_key, spec)
+    spec.initial_peers.extend(maddrs)
+    peers = []
+    try:
+        for i in range(count):
+            files = make_peer_files(directory / f"peer{i}", coordinator_key, spec)
+            peers.append(swarm.start_dht(spec, swarm.TokenFile(files.token_path),
+                                         swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
+                                         identity_path=files.identity_path))
+        yield spec, bootstrap, peers
+    finally:
+        for dht in peers + [bootstrap]:
+            dht.shutdown()
+
+
 def _write_json(path: str, data: dict) -> None:
     tmp = path + ".tmp"
     Path(tmp).write_text(json.dumps(data))
@@ -166,7 +215,7 @@ def run_trainer(config: dict) -> None:
     """
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # this peer's own process (several peers share 2 cores)
     spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
     spec.initial_peers[:] = config["initial_peers"]
     dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
@@ -212,6 +261,8 @@ def run_trainer(config: dict) -> None:
                 first_group_at = time.monotonic() - t0
             with torch.no_grad():
                 losses.append(torch.nn.functional.mse_loss(model(eval_x), eval_y).item())
+        # stands in for a real model's compute time: the tiny MLP would reach the target batch in milliseconds,
+        # long before the others finish matchmaking (seconds)
         time.sleep(config.get("step_sleep", 0.2))
 
     with torch.no_grad():

@@ -7,13 +7,12 @@ import torch
 from hivemind.p2p import P2P
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace, snapshot
-from test_swarm_access import coordinator_key, swarm_dht  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.mark.timeout(120)
-def test_a_node_serves_its_audited_parameters_by_hash_to_token_holders_only(swarm_dht):  # noqa: F811
+def test_a_node_serves_its_audited_parameters_by_hash_to_token_holders_only(swarm_dht):
     spec, bootstrap, (node_dht, validator_dht) = swarm_dht
     model = torch.nn.Sequential(torch.nn.Linear(300, 1000), torch.nn.Linear(1000, 4))  # ~1.2 MiB: two chunks
     state = snapshot(model)

@@ -114,3 +114,18 @@ def test_admin_cli(serve, tmp_path):
     assert cli("run", "stop", "digits", "-c", server.address, "--state-dir", state).returncode == 0
     listed = cli("run", "list", "-c", server.address)
     assert listed.returncode == 0 and "stopped" in listed.stdout
+
+
+def test_a_run_the_admin_starts_gets_its_own_swarm_peer(serve, tmp_path):
+    server = serve()
+    extra = tmp_path / "extra.toml"
+    extra.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "extra"'))
+    assert cli("run", "create", extra, "--start", "-c", server.address, "--state-dir", tmp_path / "state") \
+        .returncode == 0
+    digits = CoordinatorClient(server.address, generate_key(), attempts=1).register("digits", peer_id="a").run_spec
+    # the run's peer (a process of its own) may still be starting: the node is told UNAVAILABLE and retries
+    node = CoordinatorClient(server.address, generate_key(), attempts=8)
+    spec = node.register("extra", peer_id="b").run_spec
+    assert len(spec.initial_peers) == len(digits.initial_peers) == 1
+    assert spec.initial_peers[0] != digits.initial_peers[0]  # one bootstrap peer per run
+    assert node.get_work(0).shards  # its data source opened too

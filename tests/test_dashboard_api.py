@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 import torch
-from coordinator_helpers import ServerThread, contribution_for, free_port, run_toml
+from coordinator_helpers import ServerThread, contribution_for, run_toml
 from omi.coordinator.store import Checkpoint
 from omi.coordinator.views import AuditCounts
 from omi.dashboard.api import Snapshots
@@ -64,10 +64,7 @@ def swarm(tmp_path_factory):
     """A coordinator with dashboard; two volunteers' contributions, all audited: alice's records match her
     commitment and a validator passes them, mallory hands over one record fewer than she claimed (failed)."""
     state = tmp_path_factory.mktemp("coordinator")
-    server = ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3))
-    server.server.config.http_address = f"127.0.0.1:{free_port()}"
-    with server:
-        server.http = f"http://{server.server.config.http_address}"
+    with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True) as server:
         alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
         validator = server.node("t", "validator")
         for node, loss in ((alice, 0.4), (mallory, 0.6)):

@@ -19,7 +19,7 @@ from omi.coordinator.core import Coordinator
 from omi.models import build_model
 from omi.protos import signing
 from omi.protos.manifest import verify_manifest
-from processes import FAST_RUN, ServeProcess, kill_group, run_node
+from processes import FAST_RUN, ServeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -162,7 +162,7 @@ class ThrottlingProxy:
             while data := source.recv(16384):
                 sink.sendall(data)
                 if rate:
-                    time.sleep(len(data) / rate)
+                    time.sleep(len(data) / rate)  # the throttle itself: the transfer must last long enough to cut
         except OSError:
             pass
         finally:
@@ -184,10 +184,9 @@ def test_interrupted_download_resumes(served, tmp_path):
                                  "--http", f"http://127.0.0.1:{proxy.port}", "--coordinator-key", key.hex()],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     part = out / (WEIGHTS + ".part")
-    deadline = time.monotonic() + 60
-    while not (part.exists() and part.stat().st_size > 1_000_000):
-        assert time.monotonic() < deadline and download.poll() is None, download.stdout.read()
-        time.sleep(0.05)
+    wait_until(lambda: download.poll() is not None or (part.exists() and part.stat().st_size > 1_000_000), 60,
+               "1 MB of the weights downloaded", 0.05)
+    assert download.poll() is None, download.stdout.read()
     kill_group(server.proc)  # the coordinator goes away mid-transfer
     proxy.cut()
     output, _ = download.communicate(timeout=60)

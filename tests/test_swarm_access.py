@@ -10,12 +10,8 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from omi import swarm
 from omi.protos import pb, signing
+from processes import wait_until
 from swarm_helpers import make_peer_files, make_spec
-
-
-@pytest.fixture(scope="module")
-def coordinator_key():
-    return signing.generate_key()
 
 
 def _token(coordinator_key, *, run_id="swarmtest", peer_id="QmPeer", rsa_key=None, ttl=600.0, now=None):
@@ -133,28 +129,9 @@ def test_token_registry_validator_accepts_only_valid_tokens_of_the_subkey_peer(c
 # ---------------------------------------------------------------- real DHT peers
 
 
-@pytest.fixture
-def swarm_dht(coordinator_key, tmp_path):
-    """A bootstrap peer (the coordinator's) and two token-holding peers, all in DHT processes of this process."""
-    spec = make_spec(coordinator_key)
-    bootstrap, maddrs = swarm.start_bootstrap_dht(coordinator_key, spec)
-    spec.initial_peers.extend(maddrs)
-    peers = []
-    try:
-        for name in ("a", "b"):
-            files = make_peer_files(tmp_path / name, coordinator_key, spec)
-            peers.append(swarm.start_dht(spec, swarm.TokenFile(files.token_path),
-                                         swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
-                                         identity_path=files.identity_path))
-        yield spec, bootstrap, peers
-    finally:
-        for dht in peers + [bootstrap]:
-            dht.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_token_holders_share_keys_and_a_stock_dht_can_neither_read_nor_write(swarm_dht, coordinator_key, tmp_path):
+def test_token_holders_share_keys_and_a_stock_dht_can_neither_read_nor_write(swarm_dht):
     spec, bootstrap, (a, b) = swarm_dht
     key = f"{spec.dht_prefix}_probe"
     assert a.store(key, "from-a", get_dht_time() + 60)
@@ -162,14 +139,11 @@ def test_token_holders_share_keys_and_a_stock_dht_can_neither_read_nor_write(swa
     assert found is not None and found.value == "from-a"
 
     # both peers' tokens were published in the registry and are readable by members
-    deadline = time.monotonic() + 15
-    registry = None
-    while time.monotonic() < deadline:
+    def registry_holds_both():
         registry = b.get(swarm.token_registry_key(spec.dht_prefix), latest=True)
-        if registry is not None and {a.peer_id.to_base58(), b.peer_id.to_base58()} <= set(registry.value):
-            break
-        time.sleep(0.5)
-    assert registry is not None and a.peer_id.to_base58() in registry.value
+        return registry is not None and {a.peer_id.to_base58(), b.peer_id.to_base58()} <= set(registry.value)
+
+    wait_until(registry_holds_both, 15, "both peers' tokens in the registry")
 
     # a stock hivemind DHT pointed at the swarm: every peer refuses its requests, so it cannot even join
     with pytest.raises(RuntimeError, match="bootstrap failed"):

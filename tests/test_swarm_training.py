@@ -1,8 +1,6 @@
 """Token-holding peers train and average through make_optimizer; peers without a token for their peer id cannot."""
 
 import asyncio
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +11,8 @@ from hivemind.utils.timed_storage import get_dht_time
 from omi import swarm
 from omi.protos import signing
 from omi.swarm import CenteredClipReducer, centered_clip
-from swarm_helpers import PeerProcess, make_peer_files, make_spec
+from processes import wait_until
+from swarm_helpers import make_peer_files, make_spec, start_swarm
 
 # ---------------------------------------------------------------- CenteredClip on tensors
 
@@ -63,33 +62,12 @@ def test_centered_clip_reducer_reduces_parts_streamed_by_senders():
 # ---------------------------------------------------------------- swarms of real peers
 
 
-def _start_swarm(tmp_path: Path, coordinator_key, spec, trainers: list[dict]) -> tuple[list[PeerProcess], list]:
-    """A bootstrap peer and one trainer process per dict in ``trainers`` (extra config, and ``token_peer_id``)."""
-    signing.save_key(coordinator_key, tmp_path / "coordinator.pem")
-    (tmp_path / "spec.bin").write_bytes(spec.SerializeToString())
-    procs = [PeerProcess("bootstrap", tmp_path / "bootstrap", coordinator_key_path=str(tmp_path / "coordinator.pem"),
-                         spec_path=str(tmp_path / "spec.bin"))]
-    files = []
-    maddrs = procs[0].wait_ready()["maddrs"]
-    for i, extra in enumerate(trainers):
-        files.append(make_peer_files(tmp_path / f"peer{i}", coordinator_key, spec,
-                                     token_peer_id=extra.pop("token_peer_id", None)))
-    honest_ids = [f.peer_id for f, extra in zip(files, trainers, strict=True) if not extra.get("intruder")]
-    for i, (f, extra) in enumerate(zip(files, trainers, strict=True)):
-        extra.pop("intruder", None)
-        procs.append(PeerProcess("trainer", tmp_path / f"peer{i}", spec_path=str(tmp_path / "spec.bin"),
-                                 token_path=f.token_path, identity_path=f.identity_path,
-                                 swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
-                                 expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
-    return procs, files
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_three_token_holders_average_gradients_and_agree(tmp_path):
     coordinator_key = signing.generate_key()
     spec = make_spec(coordinator_key, compression="float16", target_batch_size=192)
-    procs, _ = _start_swarm(tmp_path, coordinator_key, spec, [dict(epochs=3) for _ in range(3)])
+    procs, _ = start_swarm(tmp_path, coordinator_key, spec, [dict(epochs=3) for _ in range(3)])
     try:
         results = [p.wait_result(150) for p in procs[1:]]
     finally:
@@ -156,7 +134,7 @@ def test_peer_without_a_token_for_its_peer_id_cannot_average_nor_download_state(
     # finds the averaging groups, yet libp2p proves its peer id, for which no token exists
     trainers = [dict(epochs=3), dict(epochs=3),
                 dict(epochs=3, intruder=True, token_peer_id="QmNotTheIntrudersPeerId", train_timeout=40)]
-    procs, files = _start_swarm(tmp_path, coordinator_key, spec, trainers)
+    procs, files = start_swarm(tmp_path, coordinator_key, spec, trainers)
     member = None
     try:
         honest_maddrs = procs[1].wait_ready()["maddrs"]
@@ -169,7 +147,9 @@ def test_peer_without_a_token_for_its_peer_id_cannot_average_nor_download_state(
         member = swarm.start_dht(spec, swarm.TokenFile(member_files.token_path),
                                  swarm_key=swarm.load_or_create_swarm_key(member_files.swarm_key_path),
                                  identity_path=member_files.identity_path)
-        time.sleep(1.0)  # let the member's token reach the registry
+        registry_key, member_id = swarm.token_registry_key(spec.dht_prefix), member.peer_id.to_base58()
+        wait_until(lambda: (found := member.get(registry_key, latest=True)) is not None and member_id in found.value,
+                   30, "the member's token in the registry")
 
         async def as_member():
             return await _probe_averaging_rpcs(honest_maddrs, files[0].peer_id, spec.dht_prefix,

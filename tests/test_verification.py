@@ -30,8 +30,8 @@ from omi.models import (
 )
 from omi.models.commitment import verify_proof
 from omi.models.microbatch import GradientSketch
-from omi.models.verify import compare, recompute
-from omi.node.validate import EXACT_TOLERANCES, PARAMS_DISTANCE_STEPS
+from omi.models.replay import compare, recompute
+from omi.node.validator import EXACT_TOLERANCES, PARAMS_DISTANCE_STEPS
 from omi.protos import pb, signing
 
 

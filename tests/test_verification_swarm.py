@@ -6,10 +6,8 @@ import statistics
 
 import pytest
 from omi.protos import signing
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group
-from swarm_helpers import make_spec
-from test_node import wait_until
-from test_swarm_training import _start_swarm
+from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, wait_until
+from swarm_helpers import make_spec, start_swarm
 
 pytestmark = [pytest.mark.slow]
 
@@ -27,7 +25,7 @@ def _swarm_loss(tmp_path, reducer: str, flipper: bool, epochs: int = 8) -> float
                 for _ in range(4)]
     if flipper:
         trainers[3]["gradient_scale"] = -1000.0
-    procs, _ = _start_swarm(tmp_path, coordinator_key, spec, trainers)
+    procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers)
     try:
         results = [p.wait_result(300) for p in procs[1:]]
     finally:
@@ -70,11 +68,11 @@ def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_pa
                           extra=("--validator",))
     try:
         honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 6) for i in range(2)]
-        cheater, cheater_log = _adversary(server.address, tmp_path / "cheater", "sign_flip")
+        cheater = NodeProcess(server.address, tmp_path / "cheater", name="cheater", attack="sign_flip")
         # banned: its next GetWork or token renewal is refused, and it leaves with exit code 5
-        wait_until(lambda: cheater.poll() is not None, 420, "the cheater to be refused and leave", 2)
-        said = cheater_log.read_text()
-        assert cheater.returncode == 5, said[-2000:]
+        wait_until(lambda: cheater.proc.poll() is not None, 420, "the cheater to be refused and leave", 2)
+        said = cheater.output()
+        assert cheater.proc.returncode == 5, said[-2000:]
         assert "is banned" in said and ("refused this node" in said or "refused to renew" in said), said[-2000:]
         for node in honest:
             assert node.wait(timeout=300) == 0, node.output()[-2000:]
@@ -89,26 +87,8 @@ def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_pa
         assert not [s for name, s in states if name != "cheater" and s == "failed"], states
         assert "passed" in [s for name, s in states if name != "cheater"], states
         # the validator asked the audited nodes for their own parameters (a real swarm's copies are not exact)
-        assert "serving the parameters" in cheater_log.read_text() or any(
+        assert "serving the parameters" in cheater.output() or any(
             "serving the parameters" in node.output() for node in honest), validator_log[-2000:]
     finally:
         kill_group(server.proc)
 
-
-def _adversary(address, state_dir, name):
-    """``python -m tests.adversaries NAME`` with the options ``omi-node join`` gets in NodeProcess."""
-    import os
-    import subprocess
-    import sys
-
-    from processes import _STARTED, PROCESS_ENV, ROOT
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    log = state_dir.parent / f"{state_dir.name}.log"
-    with open(log, "ab") as out:
-        process = subprocess.Popen([sys.executable, "-m", "tests.adversaries", name, "--coordinator", address,
-                                    "--state-dir", str(state_dir), "--quiet", "--name", "cheater"],
-                                   cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                   env={**os.environ, **PROCESS_ENV})
-    _STARTED.append(process)
-    return process, log

@@ -3,7 +3,7 @@
 What is real: every node is an ``omi.node.trainer.Trainer`` (or an adversary subclass) registered over gRPC
 with a real coordinator (``ServerThread``); it gets its ``WorkAssignment``, runs its own ``train_epoch`` —
 micro-batches through ``compute_micro_batch``, ``_report`` with the Merkle commitment and sketch, the records
-hand-over when audited — and the validator (``omi.node.validate.Recomputer``) takes ``AuditTask``s over gRPC and
+hand-over when audited — and the validator (``omi.node.validator.Recomputer``) takes ``AuditTask``s over gRPC and
 reports signed verdicts. What is simulated: hivemind. :class:`LockstepOptimizer` stands in for
 ``hivemind.Optimizer``: each node steps ``micro_batches`` times per epoch, then :class:`LockstepSwarm` reduces what
 the nodes sent (``mean`` or :func:`omi.swarm.centered_clip`, weighted by samples as hivemind does) and applies
@@ -29,7 +29,7 @@ from omi.models.optimizer import optimizer_for
 from omi.node.client import CoordinatorClient
 from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import Trainer
-from omi.node.validate import ParameterHistory, Recomputer
+from omi.node.validator import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.signing import generate_key
 from omi.swarm import centered_clip

@@ -14,7 +14,7 @@ A validator is a token-holding swarm peer that never trains. It keeps the parame
    ``params_hash`` and lie within :data:`PARAMS_DISTANCE_STEPS` optimizer steps of the validator's own copy;
    only when the node cannot be reached, the snapshot of the same epoch (another peer's copy: hivemind leaves
    peers' parameters slightly apart), on which a failure is inconclusive;
-3. recomputes each chosen micro-batch with :func:`omi.models.verify.recompute` — the node's samples (its
+3. recomputes each chosen micro-batch with :func:`omi.models.replay.recompute` — the node's samples (its
    ``WorkAssignment``, micro-batch size from the record) and seed (``micro_batch_seed``) — and compares loss,
    gradient norm and sketch with :data:`EXACT_TOLERANCES` or, on another peer's copy, :data:`DRIFT_TOLERANCES`;
 4. signs an ``AuditVerdict`` with the measured differences.
@@ -48,7 +48,7 @@ from omi.models import (
     record_from_proto,
 )
 from omi.models.commitment import verify_proof
-from omi.models.verify import Tolerances, compare, recompute
+from omi.models.replay import Tolerances, compare, recompute
 from omi.node.session import NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
@@ -56,7 +56,7 @@ from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
 logger = logging.getLogger(__name__)
 
 # The validator holds the node's very parameters (params_hash matches): only float reduction order differs
-# (threads, CPU vs CPU); models.verify's defaults sit ~100x above that and below every dishonest figure.
+# (threads, CPU vs CPU); models.replay's defaults sit ~100x above that and below every dishonest figure.
 EXACT_TOLERANCES = Tolerances()
 # The validator holds another peer's copy of the same epoch, not the audited node's own parameters. In a real
 # swarm on a busy machine honest peers were seen up to one optimizer step apart (partial all-reduce rounds; a

@@ -1,4 +1,4 @@
-"""The recompute-and-compare check every validator uses on an audited micro-batch.
+"""Replay: the recompute-and-compare check every validator uses on an audited micro-batch.
 
 A validator holding the parameters the node started from recomputes the micro-batch with
 :func:`omi.models.microbatch.compute_micro_batch` (same samples, same seed) and compares loss, gradient norm and

@@ -1,0 +1,39 @@
+"""The states the coordinator stores as strings and shows: audits, contributions, and names of run states.
+
+Values are what the ``audits.state`` and ``contributions.status`` columns hold; a ``StrEnum`` equals its value,
+so rows written before these enums existed read the same.
+
+>>> AuditState.PENDING == "pending", AuditState.PENDING in OPEN_AUDIT_STATES
+(True, True)
+>>> RUN_STATE_NAMES[pb.RUN_STATE_RUNNING]
+'running'
+"""
+
+import enum
+
+from omi.protos import pb
+
+
+class AuditState(enum.StrEnum):
+    """Where an audit stands (``Audit.state``); see :mod:`omi.coordinator.audit` for the whole life."""
+
+    AWAITING_RECORDS = "awaiting_records"  # sampled; the node has not handed over its records yet
+    PENDING = "pending"    # records check passed, not yet handed to a validator
+    ASSIGNED = "assigned"  # a validator is recomputing it
+    PASSED = "passed"
+    FAILED = "failed"
+
+
+OPEN_AUDIT_STATES = (AuditState.AWAITING_RECORDS, AuditState.PENDING, AuditState.ASSIGNED)  # no verdict yet
+
+
+class ContributionStatus(enum.StrEnum):
+    """Where a contribution stands (``Contribution.status``); only verified samples are credit."""
+
+    ACCEPTED = "accepted"  # provisional: stored, its audit (if any) and audit window still open
+    VERIFIED = "verified"  # its audit passed, or its audit window closed without a failed audit
+    VOIDED = "voided"      # its audit failed, or its node was banned while it was provisional
+
+
+RUN_STATE_NAMES = {pb.RUN_STATE_CREATED: "created", pb.RUN_STATE_RUNNING: "running", pb.RUN_STATE_PAUSED: "paused",
+                   pb.RUN_STATE_STOPPED: "stopped"}  # pb.RunState -> the word the CLI, logs and dashboard show
