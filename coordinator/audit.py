@@ -17,7 +17,7 @@ An audit goes through these states (``Audit.state``):
 
 A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node,
 which also voids its provisional (not yet verified) contributions. Records not handed over before the audit
-window closes count as a failed audit.
+window closes (and at least ``records_grace`` seconds after the report) count as a failed audit.
 """
 
 import json
@@ -95,11 +95,14 @@ class Auditor:
     :param runs: run specs (audit rate, micro-batches per audit, max strikes, audit window, sketch size)
     :param registry: bans nodes that reach max strikes
     :param task_timeout: seconds a validator has for a task before it is handed to another
+    :param records_grace: seconds a node has from its report to hand its records over, even when the audit window
+        of its epoch closes sooner (the swarm's epoch can move past the window while the report is on its way)
     """
 
-    def __init__(self, store: Store, runs: Runs, registry: Registry, *, task_timeout: float = 600.0):
+    def __init__(self, store: Store, runs: Runs, registry: Registry, *, task_timeout: float = 600.0,
+                 records_grace: float = 60.0):
         self.store, self.runs, self.registry = store, runs, registry
-        self.task_timeout = task_timeout
+        self.task_timeout, self.records_grace = task_timeout, records_grace
 
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
         """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records."""
@@ -210,16 +213,19 @@ class Auditor:
     def close_windows(self, run_id: str) -> int:
         """Apply the audit window of ``run_id`` at its current epoch; returns contributions newly verified.
 
-        Audits still waiting for records when the window closes fail (the node did not hand them over);
+        Audits still waiting for records when the window closes, and ``records_grace`` after the report, fail (the
+        node did not hand them over: a node is never struck for a deadline it could not meet);
         contributions that were not audited, or whose audit passed, become verified (their samples are credit).
         """
         info = self.runs.get(run_id)
         closed_before = info.epoch - info.spec.verification.audit_window_epochs  # epochs <= this are closed
         if closed_before < 0:
             return 0
+        reported_before = now_ms() - int(self.records_grace * 1000)
         with self.store.session() as s:
             overdue = list(s.scalars(select(Audit.task_id).where(
-                Audit.run_id == run_id, Audit.state == AuditState.AWAITING_RECORDS, Audit.epoch <= closed_before)))
+                Audit.run_id == run_id, Audit.state == AuditState.AWAITING_RECORDS, Audit.epoch <= closed_before,
+                Audit.created_at_ms <= reported_before)))
         for task_id in overdue:
             failure = None
             with self.store.transaction() as s:

@@ -26,6 +26,7 @@ class CoordinatorConfig:
     flush_interval: float = 2.0     # seconds between heartbeat flushes to (and refreshes from) the store
     metrics_interval: float = 10.0  # seconds between points of the run history
     audit_task_timeout: float = 600.0  # seconds a validator may hold an audit task
+    records_grace: float = 60.0  # seconds a node has from its report to hand its records over, window or not
 
 
 @dataclass

@@ -58,7 +58,8 @@ class Coordinator:
         self.liveness = Liveness(store)
         self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
         self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout)
-        self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout)
+        self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout,
+                               records_grace=self.config.records_grace)
         self.ledger = Ledger(store, self.runs, self.auditor)
         self.checkpoints = Checkpoints(store, self.runs, state_dir, public_url)
         # The servers run every domain call in this one thread (see :meth:`call`): off the event loop, which stays

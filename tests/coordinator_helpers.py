@@ -52,15 +52,18 @@ class ServerThread:
     :param run: RunSpec TOML created and started before serving (None: no run)
     :param registry: TTLs and rate limits
     :param http: also serve the dashboard, at ``self.http`` (any free port)
+    :param records_grace: seconds a node has to hand over audited records (0: the audit window alone decides;
+        the lock-step tests move many epochs in a few seconds of wall time)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
-                 max_message_bytes: int = 4 * 1024 * 1024, http: bool = False):
+                 max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0):
         http_address = f"127.0.0.1:{free_port()}" if http else None
         self.http = f"http://{http_address}" if http else None
         config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=http_address,
                               max_message_bytes=max_message_bytes, swarm_host=None,
-                              coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig()))
+                              coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig(),
+                                                  records_grace=records_grace))
         self.server = CoordinatorServer(config, http_app=create_app if http else None)
         self.coordinator = self.server.coordinator
         self.store = self.coordinator.store

@@ -152,6 +152,21 @@ def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_recor
             assert audit.state == "failed" and s.get(Node, other.node_id).strikes == 1
 
 
+def test_a_node_is_not_struck_when_the_window_closes_while_its_report_is_on_its_way(tmp_path):
+    # seen in a real swarm on a busy machine: the run's epoch moved past the window of an honest node's epoch
+    # between its report and its hand-over of the records, and the node was struck for records "not handed over"
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0), records_grace=60.0) as server:
+        node, records = server.node(name="n"), fake_records(3)
+        reply = node.report_contribution(committed(node.get_work(0), records))
+        for epoch in range(1, 7):  # the window of epoch 0 closes at epoch 5
+            server.coordinator.runs.observe_epoch("t", epoch)
+        server.coordinator.auditor.close_windows("t")
+        assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
+        with server.store.session() as s:
+            from omi.coordinator.store import Audit, Node
+            assert s.get(Audit, reply.audit_task_id).state == "pending" and s.get(Node, node.node_id).strikes == 0
+
+
 def test_replayed_contributions_are_refused(tmp_path):
     with ServerThread(tmp_path / "state", run_toml()) as server:
         worker = server.node(name="w")
