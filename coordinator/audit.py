@@ -105,8 +105,16 @@ class Auditor:
         self.task_timeout, self.records_grace = task_timeout, records_grace
 
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
-        """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records."""
-        spec = self.runs.get(contribution.run_id).spec.verification
+        """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records.
+
+        Contributions of rounds (``[rounds] inner_steps > 0``) are not audited yet: a validator recomputes
+        micro-batches at the parameters the node started from, and within a round they move every inner step
+        (segment audits, issue 11, are the next step). The dashboard and ``run show`` say so for such runs.
+        """
+        run_spec = self.runs.get(contribution.run_id).spec
+        if run_spec.rounds.inner_steps > 0:
+            return None
+        spec = run_spec.verification
         node = session.get(Node, contribution.node_id)
         rate = STRUCK_AUDIT_RATE if node is not None and node.strikes > 0 else spec.audit_rate
         if secrets.randbelow(1_000_000) >= int(rate * 1_000_000):

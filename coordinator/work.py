@@ -52,6 +52,24 @@ def data_layout(data: pb.DataSpec) -> ShardLayout:
     return ShardLayout(source.num_shards, source.shard_range)
 
 
+def samples_per_assignment(spec: pb.RunSpec) -> int:
+    """Samples one assignment should hold.
+
+    Per-step mode: a node alone must be able to fill a whole swarm step (``target_batch_size``) from one assignment;
+    hivemind ends the epoch once the swarm has that many, so no node ever needs more. Rounds: twice a node's
+    share of a round (``inner_steps × micro_batch_size``), so a node faster than the others can keep computing
+    until the round closes.
+
+    >>> spec = pb.RunSpec(training=pb.TrainingSpec(target_batch_size=256, micro_batch_size=32))
+    >>> samples_per_assignment(spec), samples_per_assignment(pb.RunSpec(training=spec.training,
+    ...                                                                  rounds=pb.RoundsSpec(inner_steps=20)))
+    (256, 1280)
+    """
+    if spec.rounds.inner_steps > 0:
+        return 2 * spec.rounds.inner_steps * spec.training.micro_batch_size
+    return spec.training.target_batch_size
+
+
 def derive_seed(*parts) -> int:
     """A 63-bit seed from the parts (63 bits so it fits a signed 64-bit column)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -123,13 +141,12 @@ class WorkPlanner:
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         training = run.spec.training
         with self.store.transaction() as s:
-            # A node alone must be able to fill a whole swarm step (target_batch_size samples) from one assignment:
-            # hivemind ends the epoch once the swarm has that many, so no node ever needs more.
-            wanted = max(training.shards_per_assignment, -(-training.target_batch_size // run.spec.data.shard_size))
+            needed = samples_per_assignment(run.spec)
+            wanted = max(training.shards_per_assignment, -(-needed // run.spec.data.shard_size))
             chosen = self._pick_free(s, caller, epoch, wanted)
             if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
                 chosen = self._pick_free(s, caller, epoch, wanted)
-            while chosen and self._samples(layout, chosen) < training.target_batch_size:
+            while chosen and self._samples(layout, chosen) < needed:
                 more = self._pick_free(s, caller, epoch, 1, exclude=frozenset(chosen))
                 if not more:
                     break  # the epoch's data is nearly all taken: the node trains on less

@@ -25,8 +25,10 @@ def assignment_indices(assignment: pb.WorkAssignment) -> list[int]:
 
 
 def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
-    """Consecutive micro-batches of ``size`` samples, wrapping around the assignment if the epoch lasts longer."""
-    assert indices, "an assignment has samples"
+    """Consecutive micro-batches of ``size`` samples, wrapping around the assignment if the epoch lasts longer
+    (none for an empty assignment)."""
+    if not indices:
+        return
     position = 0
     while True:
         yield [indices[(position + k) % len(indices)] for k in range(size)]

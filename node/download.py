@@ -198,6 +198,12 @@ def load_into_optimizer(optimizer, model, loaded_model, epoch: int) -> None:
     loaded = dict(loaded_model.named_parameters())
     if sorted(names) != sorted(loaded):
         raise DownloadError("the checkpoint's model has other parameters than the run's model", 2)
+    from omi.swarm import RoundOptimizer
+
+    if isinstance(optimizer, RoundOptimizer):  # θ of the round; the outer momentum starts afresh
+        optimizer.set_state(epoch, [loaded[name].detach().float() for name, param in model.named_parameters()
+                                    if param.requires_grad])
+        return
     state = optimizer.state_averager
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -237,6 +243,9 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
     if not checkpoints or not checkpoints[-1].url:
         return None
     latest = checkpoints[-1]
+    from omi.swarm import RoundOptimizer
+
+    rounds = isinstance(optimizer, RoundOptimizer)
     swarm_epoch = max(optimizer.local_epoch, optimizer.tracker.global_epoch)
     if swarm_epoch >= latest.epoch:
         if not getattr(optimizer, "allow_load_state", True):
@@ -244,7 +253,10 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
         # The progress records say some peer is that far; they outlive peers that just left (seen: a newcomer
         # dialling two departed peers, then training alone from scratch). Load the state now: only a peer that
         # really serves it counts.
-        optimizer.state_averager.load_state_from_peers(timeout=optimizer.load_state_timeout)
+        if rounds:
+            optimizer.load_state_from_peers(min_round=latest.epoch)
+        else:
+            optimizer.state_averager.load_state_from_peers(timeout=optimizer.load_state_timeout)
         if optimizer.local_epoch >= latest.epoch:
             optimizer.tracker.report_local_progress(local_epoch=optimizer.local_epoch, samples_accumulated=0)
             return None

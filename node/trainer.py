@@ -14,6 +14,7 @@ the tests builds them in process).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import threading
@@ -39,6 +40,7 @@ from omi.models.data import DataSource
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsServer, snapshot
+from omi.swarm.rounds import RoundOptimizer, RoundResult
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class NodeStatus:
     samples: int = 0  # samples this node trained on since it joined
     contributions: int = 0  # contributions the coordinator accepted
     last_group_size: int = 0  # peers in the last gradient all-reduce
+    utilization: float = 0.0  # rounds: compute seconds / wall seconds of the last round
     credited_samples: int = 0
 
 
@@ -132,6 +135,61 @@ class Trainer:
         self.on_status(self.status)
 
     def train_epoch(self) -> None:
+        """One epoch (per-step mode) or one round (``[rounds] inner_steps > 0``), reported to the coordinator."""
+        if isinstance(self.optimizer, RoundOptimizer):
+            self.train_round()
+        else:
+            self.train_step_epoch()
+
+    def train_round(self) -> None:
+        """Inner steps on this round's micro-batches until the swarm closes the round; average; report.
+
+        The round starts from θ_r, which every honest peer holds bitwise; each micro-batch is one inner AdamW step,
+        so its record (loss, gradient sketch) is computed at the parameters of that step. The contribution commits
+        to the records, to θ_r (``params_hash``), to the parameters after the last inner step (``end_params_hash``)
+        and to the sketch of the pseudo-gradient sent (``delta_sketch``).
+        """
+        opt, training = self.optimizer, self.spec.training
+        round_number = opt.begin_round()
+        assignment = self._get_work(round_number)
+        if self.stop.is_set():
+            return
+        self.set_state("training")
+        self.status.epoch = round_number
+        started_hash, started_params = params_hash(self.model), snapshot(self.model)
+        records: list[MicroBatchRecord] = []
+        compute_seconds, started = 0.0, time.perf_counter()
+        order = assignment_indices(assignment)  # empty when every shard of the round is taken
+        whole = itertools.islice(micro_batches(order, self.micro_batch_size), len(order) // self.micro_batch_size)
+        for index, indices in enumerate(whole):  # the assignment once, never wrapped around
+            if self.stop.is_set():
+                return  # Ctrl-C mid-round: the round's partial work is not reported
+            if opt.round_closed():
+                break
+            seed = micro_batch_seed(training.seed, self.spec.run_id, round_number, self.status.node_id, index)
+            tick = time.perf_counter()
+            opt.zero_grad()
+            record = self._micro_batch(round_number, index, indices, seed)
+            self._before_averaging(round_number, index)
+            opt.inner_step(len(indices))
+            compute_seconds += time.perf_counter() - tick
+            records.append(record)
+            self._update_status(records, compute_seconds, started)
+        else:
+            opt.wait_for_round_end(self.stop)
+        if self.stop.is_set():
+            return
+        end_hash = params_hash(self.model)
+        result = opt.end_round()
+        self.status.last_group_size = result.group_size
+        self.status.utilization = compute_seconds / max(time.perf_counter() - started, 1e-9)
+        if not records:
+            logger.info("round %d closed before this node computed a micro-batch", round_number)
+            return
+        self._report(round_number, assignment, started_hash, records, compute_seconds, started_params,
+                     round_result=result, end_hash=end_hash)
+
+    def train_step_epoch(self) -> None:
         """Micro-batches of this epoch until the swarm steps; then report the contribution."""
         opt, training = self.optimizer, self.spec.training
         epoch = opt.local_epoch
@@ -217,8 +275,11 @@ class Trainer:
 
     def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
                 records: list[MicroBatchRecord], compute_seconds: float,
-                started_params: dict[str, torch.Tensor]) -> None:
+                started_params: dict[str, torch.Tensor], round_result: RoundResult | None = None,
+                end_hash: bytes = b"") -> None:
         records = self._commit(epoch, records)
+        if not records:  # no data this epoch (every shard was taken): nothing to report
+            return
         samples = sum(record.samples for record in records)
         contribution = pb.Contribution(
             epoch=epoch, assignment_id=assignment.assignment_id, samples=samples,
@@ -226,6 +287,10 @@ class Trainer:
             compute_seconds=compute_seconds, params_hash=started_hash, commitment=merkle_root(records),
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
         )
+        if round_result is not None:
+            contribution.end_params_hash = end_hash
+            contribution.bytes_sent = round_result.bytes_sent
+            contribution.delta_sketch.extend(self.sketch.of_grads(round_result.delta, round_result.delta).tolist())
         self.records[epoch] = records
         kept = max(RECORDS_KEPT_EPOCHS, self.spec.verification.audit_window_epochs + 1)
         for old in [e for e in self.records if e <= epoch - kept]:
@@ -240,6 +305,12 @@ class Trainer:
         if reply.audit_task_id:
             self._hold_params(epoch, started_hash, started_params)
             self._hand_over(epoch, reply.audit_task_id)
+        if round_result is not None:
+            logger.info("round %d: reported %d samples in %d inner steps, loss %.4f, %.1f s of compute, %.1f s of "
+                        "sync, %d bytes sent (averaged with %d peers)", epoch, samples, len(records),
+                        contribution.mean_loss, compute_seconds, round_result.sync_seconds, round_result.bytes_sent,
+                        round_result.group_size)
+            return
         logger.info("epoch %d: reported %d samples in %d micro-batches, loss %.4f, %.1f s of compute "
                     "(averaged with %d peers)", epoch, samples, len(records), contribution.mean_loss, compute_seconds,
                     self.optimizer.grad_group_size)

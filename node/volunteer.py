@@ -86,7 +86,7 @@ class VolunteerNode:
         """Model and data, then the swarm peer and the optimizer (in this, the main thread), then the trainer."""
         import torch
         from omi.node.download import resume_from_checkpoint
-        from omi.swarm import ParamsServer, make_optimizer, start_dht
+        from omi.swarm import ParamsServer, RoundOptimizer, make_optimizer, start_dht
 
         config = self.config
         if config.threads:
@@ -102,8 +102,15 @@ class VolunteerNode:
                              client_mode=config.client_mode, announce_host=config.announce)
         logger.info("joined the swarm as %s, listening on %s", self.session.peer_id,
                     [str(m) for m in self.dht.get_visible_maddrs()])
-        self.optimizer = make_optimizer(model, spec, self.dht, batch_size_per_step=micro_batch_size,
-                                        verbose=logger.isEnabledFor(logging.DEBUG))
+        if spec.rounds.inner_steps > 0:
+            self.optimizer = RoundOptimizer(model, spec, self.dht, client_mode=config.client_mode)
+            logger.info("rounds of %d inner steps per node, outer Nesterov SGD lr %g momentum %g, %s "
+                        "pseudo-gradients%s",
+                        spec.rounds.inner_steps, spec.rounds.outer_learning_rate, spec.rounds.outer_momentum,
+                        spec.rounds.compression, ", overlapped with the next round" if spec.rounds.overlap else "")
+        else:
+            self.optimizer = make_optimizer(model, spec, self.dht, batch_size_per_step=micro_batch_size,
+                                            verbose=logger.isEnabledFor(logging.DEBUG))
         self.params_server = ParamsServer.start(self.dht, spec, keep=spec.verification.audit_window_epochs + 1)
         # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
         resume_from_checkpoint(self.session.client, spec, model, self.optimizer, config.state_dir / "checkpoints")

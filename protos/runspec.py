@@ -107,6 +107,26 @@ class AveragingSection(BaseModel):
     load_state_from_peers: bool = True  # a joining node downloads the current state from peers
 
 
+class RoundsSection(BaseModel):
+    """``[rounds]``: DiLoCo rounds — H local inner steps per node, then one averaged outer step.
+
+    Each node takes its inner steps (AdamW of ``[training]``, one per micro-batch) from the round's parameters
+    θ_r; the round closes when the swarm has trained ``inner_steps × micro_batch_size`` samples per training
+    peer; the peers average their pseudo-gradients θ_r − θ_local (weighted by samples, compressed as
+    ``compression``, reduced as ``[averaging] reducer``) and all apply the same outer Nesterov SGD step.
+    ``inner_steps = 0`` is per-step mode: every ``target_batch_size`` samples one all-reduce of the gradient.
+    """
+
+    model_config = _SECTION
+
+    inner_steps: NonNegativeInt = 0  # H: inner steps per node per round; 0 = per-step mode (gradients averaged)
+    outer_learning_rate: PositiveFloat = 0.7  # outer SGD learning rate (DiLoCo: 0.7)
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # outer SGD momentum (DiLoCo: 0.9)
+    outer_nesterov: bool = True  # Nesterov momentum (DiLoCo's outer optimizer)
+    overlap: bool = False  # average round r while round r+1 computes; its outer step lands one round late
+    compression: Literal["none", "float16", "scaled_float16", "uniform8bit"] = "uniform8bit"  # of the pseudo-gradient
+
+
 class VerificationSection(BaseModel):
     """``[verification]``: how often contributions are audited and what a failed audit costs."""
 
@@ -150,6 +170,7 @@ class RunSpecFile(BaseModel):
     data: DataSection = Field(default_factory=dict)
     training: TrainingSection = Field(default_factory=dict)
     averaging: AveragingSection = Field(default_factory=dict)
+    rounds: RoundsSection = Field(default_factory=dict)
     verification: VerificationSection = Field(default_factory=dict)
     checkpoints: CheckpointSection = Field(default_factory=dict)
     liveness: LivenessSection = Field(default_factory=dict)

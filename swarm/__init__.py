@@ -15,12 +15,14 @@ from omi.swarm.averagers import (
     AccessControlledTrainingStateAverager,
     AllReduceRefused,
 )
+from omi.swarm.compression import COMPRESSIONS
 from omi.swarm.dht import exit_with_parent, make_dht, start_bootstrap_dht, start_dht
 from omi.swarm.follower import SwarmFollower
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
-from omi.swarm.optimizer import COMPRESSIONS, SwarmOptimizer, make_optimizer
+from omi.swarm.optimizer import SwarmOptimizer, make_optimizer
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, snapshot
 from omi.swarm.reduce import CenteredClipAllReduceRunner, CenteredClipReducer, centered_clip
+from omi.swarm.rounds import RoundOptimizer, RoundResult
 from omi.swarm.signals import install_stop_signals
 from omi.swarm.tokens import (
     AccessDenied,
@@ -34,6 +36,7 @@ __all__ = [
     "AccessControlledAveragerMixin", "AccessControlledGradientAverager", "AccessControlledTrainingStateAverager",
     "AccessDenied", "AllReduceRefused", "COMPRESSIONS", "CenteredClipAllReduceRunner", "CenteredClipReducer",
     "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused", "ParamsServer",
+    "RoundOptimizer", "RoundResult",
     "ParamsUnavailable", "PeerAccessGate", "SwarmFollower", "SwarmOptimizer", "TokenFile", "TokenProvider",
     "TokenRegistryValidator", "centered_clip", "exit_with_parent", "from_hivemind_token", "install_stop_signals",
     "is_valid_access_token", "load_or_create_peer_identity", "load_or_create_swarm_key", "make_dht", "make_optimizer",

@@ -16,17 +16,36 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import as_aiter, azip
 from hivemind.utils.timed_storage import get_dht_time
 from omi.swarm.access import PeerAccessGate
+from omi.swarm.lifetime import end_with_parent
 
 
 class TrackedAllReduceRunner(AllReduceRunner):
     """hivemind's ``AllReduceRunner`` that also notes which peers failed to reduce this peer's parts.
 
-    ``failed_reducers`` holds their indices in the group's order, filled as the all-reduce runs.
+    ``failed_reducers`` holds their indices in the group's order, filled as the all-reduce runs. It also counts
+    the serialized bytes this peer hands to libp2p (its parts to their reducers, the averages it returns to their
+    senders) into ``byte_counter`` (a shared ``mp.Value`` the averager sets; libp2p's framing is not counted).
     """
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.failed_reducers: set[int] = set()
+        self.byte_counter = None
+
+    def _count(self, message: averaging_pb2.AveragingData) -> None:
+        if self.byte_counter is not None:
+            with self.byte_counter.get_lock():
+                self.byte_counter.value += message.ByteSize()
+
+    async def _generate_input_for_peer(self, peer_index: int) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count(message)
+            yield message
+
+    async def rpc_aggregate_part(self, stream, context) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super().rpc_aggregate_part(stream, context):
+            self._count(message)
+            yield message
 
     async def _communicate_with_peer(self, peer_id: PeerID):
         # hivemind's method registers a failed reducer with the part container and raises; we note its index too
@@ -69,7 +88,14 @@ class AccessControlledAveragerMixin:
         self.allreduce_runner = allreduce_runner or TrackedAllReduceRunner
         self._last_group_size = mp.Value(ctypes.c_int, 0)
         self._rounds_averaged = mp.Value(ctypes.c_int, 0)
+        self._bytes_sent = mp.Value(ctypes.c_ulonglong, 0)
         super().__init__(*args, **kwargs)
+
+    def run(self):
+        # hivemind's DecentralizedAverager.run, in the forked averager process, which ends with its parent: a node
+        # killed by SIGKILL would otherwise leave it running, re-parented to init, holding the model's memory
+        end_with_parent(mp.parent_process().pid)
+        super().run()
 
     async def _is_member(self, peer_id: PeerID) -> bool:
         return peer_id == self.peer_id or await self.access.is_allowed(self.dht, peer_id)
@@ -78,6 +104,11 @@ class AccessControlledAveragerMixin:
     def last_group_size(self) -> int:
         """Senders whose parts this peer reduced in its last all-reduce, itself included (0 if none yet)."""
         return self._last_group_size.value
+
+    @property
+    def bytes_sent(self) -> int:
+        """Serialized tensor bytes this peer sent in all its all-reduces so far (:class:`TrackedAllReduceRunner`)."""
+        return self._bytes_sent.value
 
     @property
     def rounds_averaged(self) -> int:
@@ -120,15 +151,21 @@ class AccessControlledAveragerMixin:
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
                                       **kwargs):
         # hivemind's DecentralizedAverager._run_allreduce_inplace_ with AllReduceRunner replaced by
-        # self.allreduce_runner, and the group size counted at the end
+        # self.allreduce_runner, results copied when the runner returns averages, and the group size counted
         group_id = group_info.group_id if group_id is None else group_id
         runner = self.allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
                                        group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+        runner.byte_counter = self._bytes_sent
         assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            # a runner that returns the averages themselves (omi.swarm.rounds) is copied, hivemind's deltas added
+            exact = getattr(runner, "returns_averages", False)
             async for tensor, update in azip(as_aiter(*tensors), runner):
-                tensor.add_(update, alpha=self._averaging_alpha)
+                if exact:
+                    tensor.copy_(update)
+                else:
+                    tensor.add_(update, alpha=self._averaging_alpha)
                 self.last_updated = get_dht_time()
                 self._state_updated.set()
         else:

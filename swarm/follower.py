@@ -25,6 +25,7 @@ from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledTrainingStateAverager
+from omi.swarm.rounds import RoundAverager, rounds_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -55,16 +56,24 @@ class SwarmFollower:
         # cannot decode them
         dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
         self._swarm_epoch = 0
+        access = PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
+        self.rounds = spec.rounds.inner_steps > 0
+        if self.rounds:  # the volunteers' RoundOptimizer serves (round, θ_r, outer momentum)
+            self._round = 0
+            self.averager = RoundAverager(
+                [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad],
+                access=access, dht=dht, prefix=rounds_prefix(spec), allow_state_sharing=False,
+                next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
+            return
         self.averager = AccessControlledTrainingStateAverager(
-            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), dht=dht,
-            prefix=state_averager_prefix(spec), params=list(model.parameters()),
+            access=access, dht=dht, prefix=state_averager_prefix(spec), params=list(model.parameters()),
             optimizer=optimizer_for(spec.training), allow_state_sharing=False,
             next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
 
     @property
     def epoch(self) -> int:
-        """The epoch of the state this follower holds (0 before the first pull)."""
-        return self.averager.local_epoch
+        """The epoch (round) of the state this follower holds (0 before the first pull)."""
+        return self._round if self.rounds else self.averager.local_epoch
 
     def swarm_epoch(self) -> int:
         """The newest epoch a training peer reports in the DHT (0 when none ever did; the last one read when the
@@ -87,8 +96,23 @@ class SwarmFollower:
 
     def pull(self, timeout: float) -> int:
         """Download the newest state a training peer serves (if any answers within ``timeout``); returns its epoch."""
-        self.averager.load_state_from_peers(timeout=timeout)
-        return self.averager.local_epoch
+        if not self.rounds:
+            self.averager.load_state_from_peers(timeout=timeout)
+            return self.averager.local_epoch
+        loaded = self.averager.load_state_from_peers(timeout=timeout)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if loaded is None:
+            return self._round
+        metadata, tensors = loaded
+        if not isinstance(metadata, dict) or len(tensors) < len(params) or any(
+                t.shape != p.shape for t, p in zip(tensors, params, strict=False)):
+            logger.warning("a peer served a round state of the wrong shape; ignored")
+            return self._round
+        with torch.no_grad():
+            for p, t in zip(params, tensors, strict=False):  # θ_r; the outer momentum after it is not needed
+                p.copy_(t.to(p.device, p.dtype))
+        self._round = int(metadata.get("round", 0))
+        return self._round
 
     def shutdown(self) -> None:
         self.averager.shutdown()

@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 import hivemind
 import torch
-from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
-from hivemind.compression.quantization import Uniform8BitQuantization
 from hivemind.optim.grad_averager import GradientAverager
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
@@ -19,20 +17,10 @@ from omi.swarm.averagers import (
     AccessControlledTrainingStateAverager,
     AllReduceRunnerFactory,
 )
+from omi.swarm.compression import COMPRESSIONS
 from omi.swarm.reduce import CenteredClipAllReduceRunner
 
 logger = logging.getLogger(__name__)
-
-COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
-    "none": NoCompression,
-    "float16": Float16Compression,
-    "scaled_float16": ScaledFloat16Compression,
-    "uniform8bit": Uniform8BitQuantization,
-}
-
-
-
-
 
 class SwarmOptimizer(hivemind.Optimizer):
     """``hivemind.Optimizer`` whose state averager is access-controlled (the gradient averager comes through

@@ -32,9 +32,12 @@ RUN_ID = "swarmtest"
 def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", compression: str = "none",
               target_batch_size: int = 64, matchmaking_time: float = 2.0, averaging_timeout: float = 8.0,
               learning_rate: float = 0.01, clip_tau: float = 1.0, clip_iterations: int = 5,
-              load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = ()) -> pb.RunSpec:
-    """A RunSpec of a tiny test run (the settings the swarm layer reads)."""
+              load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = (), inner_steps: int = 0,
+              overlap: bool = False, round_compression: str = "none") -> pb.RunSpec:
+    """A RunSpec of a tiny test run (the settings the swarm layer reads); ``inner_steps`` > 0: rounds."""
     return pb.RunSpec(
+        rounds=pb.RoundsSpec(inner_steps=inner_steps, outer_learning_rate=0.7, outer_momentum=0.9,
+                             outer_nesterov=True, overlap=overlap, compression=round_compression),
         run_id=run_id, dht_prefix=f"{run_id}_v1", model="tiny-mlp",
         coordinator_public_key=signing.public_bytes(coordinator_key), initial_peers=list(initial_peers),
         training=pb.TrainingSpec(target_batch_size=target_batch_size, learning_rate=learning_rate, micro_batch_size=8),
@@ -123,8 +126,8 @@ class PeerProcess:
         self.log.close()
 
 
-def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec,
-                trainers: list[dict]) -> tuple[list[PeerProcess], list[PeerFiles]]:
+def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: list[dict],
+                role: str = "trainer") -> tuple[list[PeerProcess], list[PeerFiles]]:
     """A bootstrap peer and one trainer process per dict in ``trainers``; returns [bootstrap, *trainers] and files.
 
     Each dict is the trainer's extra config (see ``run_trainer``), plus ``token_peer_id`` (its token names another
@@ -142,7 +145,7 @@ def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec,
     honest_ids = [f.peer_id for f, extra in zip(files, trainers, strict=True) if not extra.get("intruder")]
     for i, (f, extra) in enumerate(zip(files, trainers, strict=True)):
         extra.pop("intruder", None)
-        procs.append(PeerProcess("trainer", directory / f"peer{i}", spec_path=str(directory / "spec.bin"),
+        procs.append(PeerProcess(role, directory / f"peer{i}", spec_path=str(directory / "spec.bin"),
                                  token_path=f.token_path, identity_path=f.identity_path,
                                  swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
                                  expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
@@ -208,6 +211,18 @@ def regression_batch(generator, batch_size: int):
     return x, (x @ w).unsqueeze(1)
 
 
+def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
+    """Wait until the other trainers published their tokens (they are up), so the first epochs are less often
+    stepped alone; the progress tracker sees a peer only after that peer reported samples."""
+    registry_key, expected = swarm.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
+    deadline = time.monotonic() + config.get("wait_peers_timeout", 30.0)
+    while time.monotonic() < deadline:
+        found = dht.get(registry_key, latest=True)
+        if found is not None and len(set(found.value) & set(config.get("trainer_peer_ids", []))) >= expected:
+            return
+        time.sleep(0.2)
+
+
 def run_trainer(config: dict) -> None:
     """Train ``tiny_model`` with make_optimizer for ``epochs`` swarm epochs; report group sizes and parameters.
 
@@ -230,15 +245,7 @@ def run_trainer(config: dict) -> None:
     eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
     t0 = time.monotonic()
 
-    # wait until the other trainers published their tokens (they are up), so the first epochs are less often
-    # stepped alone; the progress tracker sees a peer only after that peer reported samples
-    registry_key, expected = swarm.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
-    deadline = t0 + config.get("wait_peers_timeout", 30.0)
-    while time.monotonic() < deadline:
-        found = dht.get(registry_key, latest=True)
-        if found is not None and len(set(found.value) & set(config.get("trainer_peer_ids", []))) >= expected:
-            break
-        time.sleep(0.2)
+    _wait_for_trainers(dht, spec, config)
     peers_seen_after = time.monotonic() - t0
 
     epochs, rounds_at_epoch, group_sizes, first_group_at = config["epochs"], [], [], None
@@ -279,7 +286,61 @@ def run_trainer(config: dict) -> None:
         dht.shutdown()
 
 
+def run_round_trainer(config: dict) -> None:
+    """Train ``tiny_model`` with RoundOptimizer until round ``rounds``; report each round's θ hash and group size.
+
+    ``start_delay`` seconds before joining makes a late joiner (it loads the state from the others).
+    """
+    import hashlib
+
+    import torch
+    from omi.swarm.rounds import RoundOptimizer
+
+    torch.set_num_threads(1)
+    time.sleep(config.get("start_delay", 0.0))
+    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
+    spec.initial_peers[:] = config["initial_peers"]
+    dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
+                          swarm_key=swarm.load_or_create_swarm_key(config["swarm_key_path"]),
+                          identity_path=config["identity_path"])
+    model = tiny_model()
+    opt = RoundOptimizer(model, spec, dht)
+    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58()))
+    if not config.get("start_delay"):
+        _wait_for_trainers(dht, spec, config)
+    generator = torch.Generator().manual_seed(config.get("seed", 0))
+    eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
+    batch_size, rounds, log = spec.training.micro_batch_size, [], []
+    deadline = time.monotonic() + config.get("train_timeout", 90.0)
+
+    def theta_hash() -> str:
+        return hashlib.sha256(b"".join(p.numpy().tobytes() for p in opt.global_params)).hexdigest()
+
+    while opt.round < config["rounds"] and time.monotonic() < deadline:
+        started = opt.begin_round()
+        log.append(dict(round=started, start_hash=theta_hash()))
+        while not opt.round_closed() and time.monotonic() < deadline:
+            x, y = regression_batch(generator, batch_size)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.inner_step(batch_size)
+            opt.zero_grad()
+            time.sleep(config.get("step_sleep", 0.3))  # stands in for a real model's compute
+        result = opt.end_round()
+        with torch.no_grad():
+            loss = torch.nn.functional.mse_loss(model(eval_x), eval_y).item()
+        rounds.append(dict(round=result.round, group_size=result.group_size, applied=result.applied,
+                           inner_steps=result.inner_steps, bytes_sent=result.bytes_sent, end_hash=theta_hash(),
+                           loss=loss))
+    _write_json(config["result_path"], dict(rounds=rounds, starts=log, state_loads=opt.state_loads,
+                                            bytes_sent=opt.averager.bytes_sent))
+    try:
+        sys.stdin.read()  # serve the state to late joiners until the test is done
+    finally:
+        opt.shutdown()
+        dht.shutdown()
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     role, config_path = sys.argv[1], sys.argv[2]
-    {"bootstrap": run_bootstrap, "trainer": run_trainer}[role](json.loads(Path(config_path).read_text()))
+    {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer}[role](json.loads(Path(config_path).read_text()))

@@ -59,6 +59,8 @@ def test_defaults_fill_every_section():
                      "shards_per_assignment": 4, "seed": "0", "max_grad_norm": 1.0},
         "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "compression": "none", "reducer": "mean",
                       "clip_tau": 1.0, "clip_iterations": 3, "load_state_from_peers": True},
+        "rounds": {"inner_steps": 0, "outer_learning_rate": 0.7, "outer_momentum": 0.9, "outer_nesterov": True,
+                   "overlap": False, "compression": "uniform8bit"},
         "verification": {"audit_rate": 0.2, "micro_batches_per_audit": 2, "max_strikes": 2,
                          "audit_window_epochs": 5, "sketch_size": 1024},
         "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
@@ -79,6 +81,11 @@ def test_defaults_fill_every_section():
         ("[averaging]\nload_state_from_peers = 1\n", "averaging.load_state_from_peers"),
         ("[data]\nsource = 'imagefolder'\n", "data.source"),
         ("[training.schedule]\nwarmup = 10\n", "training.schedule"),
+        ("[rounds]\ninner_steps = -1\n", "rounds.inner_steps"),
+        ("[rounds]\nouter_momentum = 1.0\n", "rounds.outer_momentum"),
+        ("[rounds]\nouter_learning_rate = 0\n", "rounds.outer_learning_rate"),
+        ("[rounds]\ncompression = 'topk'\n", "rounds.compression"),
+        ("[rounds]\noverlap = 'yes'\n", "rounds.overlap"),
     ],
 )
 def test_wrong_type_or_value_is_named_and_never_coerced(extra, key):

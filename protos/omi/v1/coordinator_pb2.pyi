@@ -72,6 +72,22 @@ class AveragingSpec(_message.Message):
     load_state_from_peers: bool
     def __init__(self, matchmaking_time: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., compression: _Optional[str] = ..., reducer: _Optional[str] = ..., clip_tau: _Optional[float] = ..., clip_iterations: _Optional[int] = ..., load_state_from_peers: _Optional[bool] = ...) -> None: ...
 
+class RoundsSpec(_message.Message):
+    __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression")
+    INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    OUTER_NESTEROV_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    inner_steps: int
+    outer_learning_rate: float
+    outer_momentum: float
+    outer_nesterov: bool
+    overlap: bool
+    compression: str
+    def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ...) -> None: ...
+
 class VerificationSpec(_message.Message):
     __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size")
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -109,7 +125,7 @@ class LivenessSpec(_message.Message):
     def __init__(self, heartbeat_interval: _Optional[float] = ..., heartbeat_timeout: _Optional[float] = ..., token_ttl: _Optional[float] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "name", "description", "model", "data", "training", "averaging", "verification", "checkpoints", "liveness", "coordinator_public_key", "initial_peers", "dht_prefix")
+    __slots__ = ("run_id", "name", "description", "model", "data", "training", "averaging", "verification", "checkpoints", "liveness", "coordinator_public_key", "initial_peers", "dht_prefix", "rounds")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +139,7 @@ class RunSpec(_message.Message):
     COORDINATOR_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     description: str
@@ -136,7 +153,8 @@ class RunSpec(_message.Message):
     coordinator_public_key: bytes
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     dht_prefix: str
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., averaging: _Optional[_Union[AveragingSpec, _Mapping]] = ..., verification: _Optional[_Union[VerificationSpec, _Mapping]] = ..., checkpoints: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., liveness: _Optional[_Union[LivenessSpec, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ...) -> None: ...
+    rounds: RoundsSpec
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., averaging: _Optional[_Union[AveragingSpec, _Mapping]] = ..., verification: _Optional[_Union[VerificationSpec, _Mapping]] = ..., checkpoints: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., liveness: _Optional[_Union[LivenessSpec, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., rounds: _Optional[_Union[RoundsSpec, _Mapping]] = ...) -> None: ...
 
 class RunSummary(_message.Message):
     __slots__ = ("run_id", "name", "model", "state", "epoch", "total_samples", "volunteers_online", "created_at_ms")
@@ -307,7 +325,7 @@ class WorkAssignment(_message.Message):
     def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Contribution(_message.Message):
-    __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "signature")
+    __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "signature")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -320,6 +338,9 @@ class Contribution(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_SKETCH_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SKETCH_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    END_PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
@@ -333,8 +354,11 @@ class Contribution(_message.Message):
     micro_batches: int
     gradient_sketch: _containers.RepeatedScalarFieldContainer[float]
     created_at_ms: int
+    delta_sketch: _containers.RepeatedScalarFieldContainer[float]
+    bytes_sent: int
+    end_params_hash: bytes
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionRequest(_message.Message):
     __slots__ = ("token", "timestamp_ms", "contribution", "signature")

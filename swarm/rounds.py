@@ -1,0 +1,463 @@
+"""DiLoCo rounds on hivemind: many local inner steps, then one averaged, compressed outer step.
+
+A **round** r of a run with ``[rounds] inner_steps = H > 0`` (DiLoCo, Douillard et al. 2023; OpenDiLoCo on
+hivemind, Jaghouar et al. 2024):
+
+1. every training peer starts from the same parameters θ_r (the *global* parameters, kept on the CPU in float32);
+2. it takes inner steps — the RunSpec's AdamW, one per micro-batch — on its own data and reports its samples to
+   hivemind's ``ProgressTracker``; the round closes when the swarm has trained ``H × micro_batch_size`` samples
+   per training peer, so a fast peer takes more inner steps than a slow one and neither waits for the other;
+3. the peers all-reduce their pseudo-gradients Δ = θ_r − θ_local with hivemind's butterfly all-reduce, weighted
+   by samples, compressed as ``[rounds] compression``, reduced by the run's reducer (mean or CenteredClip) and
+   only among token holders (:class:`~omi.swarm.averagers.AccessControlledAveragerMixin`);
+4. every peer applies the same outer optimizer (SGD with Nesterov momentum, DiLoCo's 0.7 / 0.9) to the same
+   averaged Δ and starts round r+1 from θ_{r+1} = OuterStep(θ_r, Δ̄).
+
+**Bitwise identical θ_{r+1}.** hivemind's runner sends each sender the *difference* between the average and the
+sender's own part, compressed; adding it back gives every peer a slightly different average (by the compression
+error of its own difference). :class:`ExactResultMixin` makes the reducer of each part send the average itself,
+compressed once, and use the decompressed copy for its own part too, so every member of the group receives the
+same bytes; the outer step runs on the CPU in float32 on the same inputs, so honest peers hold bitwise the same
+θ_{r+1} (tests/test_rounds.py checks the hashes).
+
+**Overlap** (``[rounds] overlap = true``; Streaming DiLoCo, Douillard et al. 2025, and the one-step-delayed outer
+update of INTELLECT-1): at the end of round r the all-reduce of Δ_r starts in the background and round r+1 begins
+at once from θ_{r+1} = OuterStep(θ_r, Δ̄_{r−1}), the average of the *previous* round, which finished while round r
+computed. Compute never waits for the network as long as an all-reduce takes less than a round; the price is an
+outer update one round stale (measured in docs/benchmarks.md).
+
+**Failures.** A round whose all-reduce fails (no group in time, a peer vanished mid-transfer) applies no outer
+step: θ_{r+1} = θ_r, so peers of a failed group stay identical. A peer that saw others in the round but could not
+average with them loads θ and the outer momentum from a peer at the next round start (``load_state_from_peers``,
+preferring the peer with the newest round), as does a peer that joins late or falls behind the swarm's round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.partition import AllreduceException, BannedException
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import amap_in_executor
+from omi.models.optimizer import optimizer_for
+from omi.protos import pb
+from omi.swarm.access import PeerAccessGate
+from omi.swarm.averagers import AccessControlledAveragerMixin, TrackedAllReduceRunner
+from omi.swarm.compression import COMPRESSIONS
+from omi.swarm.reduce import CenteredClipAllReduceRunner
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_REFRESH = 1.0  # at most this many seconds between two reads of the swarm's round progress
+
+
+class ExactResultMixin:
+    """Makes a :class:`TrackedAllReduceRunner` return the averages themselves, identical on every peer.
+
+    The reducer of a part sends each sender ``average`` (compressed like the sender's part) instead of hivemind's
+    ``average − sender's part``, and registers for its own part the same compressed-and-decompressed average.
+    The averager copies results instead of adding them (``returns_averages``). A part whose reducer failed comes
+    back as the peer's own part (hivemind's part container with ``return_deltas = False``): the averager then
+    reports the round failed (:class:`RoundAverager`), so no peer applies a partial average.
+    """
+
+    returns_averages = True
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tensor_part_container.return_deltas = False
+
+    def _as_received(self, averaged: torch.Tensor, peer_index: int, part_index: int) -> torch.Tensor:
+        """``averaged`` as a sender receives it: through the compression its part was sent with."""
+        container = self.tensor_part_container
+        info = container._input_parts_by_peer[peer_index][part_index][1]
+        return deserialize_torch_tensor(container.compression.compress(averaged, info))
+
+    async def _communicate_with_peer(self, peer_id):
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        # hivemind's AllReduceRunner._communicate_with_peer for the local part, registering the average as sent
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
+                                                                      weight=self.weight)
+            self.tensor_part_container.register_processed_part(
+                peer_index, part_index, self._as_received(averaged, peer_index, part_index))
+
+    async def run(self):
+        async for output in super().run():
+            yield output
+        if self.failed_reducers:  # their parts came back unaveraged: this peer's result is not the group's
+            raise AllreduceException(f"{len(self.failed_reducers)} reducer(s) failed; the partial average is unused")
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        # hivemind's AllReduceRunner._accumulate_parts_streaming, sending the average instead of the difference
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+            async for tensor_part, weight, part_compression in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+                stream, max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
+                                                                              weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break
+                serialized = await loop.run_in_executor(
+                    None, functools.partial(serialize_torch_tensor, averaged, part_compression))
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class RoundAllReduceRunner(ExactResultMixin, TrackedAllReduceRunner):
+    """The weighted mean, identical on every peer."""
+
+
+class RoundCenteredClipRunner(ExactResultMixin, CenteredClipAllReduceRunner):
+    """CenteredClip, identical on every peer."""
+
+
+class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
+    """The all-reduce of the pseudo-gradients, and the state (θ_r, outer momentum, round) served to late joiners.
+
+    :param deltas: the averaged tensors (pseudo-gradients; moved to shared memory by hivemind)
+    :param state: returns ``(metadata, tensors)`` of the current state, called in this (the host) process
+    :param kwargs: ``DecentralizedAverager``'s and the mixin's arguments
+    """
+
+    def __init__(self, deltas: list[torch.Tensor], *, state=None, **kwargs):
+        self._state = state
+        super().__init__(averaged_tensors=deltas, **kwargs)
+
+    def get_current_state(self):
+        if self._state is None:
+            return super().get_current_state()
+        metadata, tensors = self._state()
+        return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        # a failed all-reduce leaves the inputs as they were, so hivemind's retry (a new group) starts from them
+        inputs = [t.clone() for t in tensors]
+        try:
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
+        except BaseException:
+            for t, original in zip(tensors, inputs, strict=True):
+                t.copy_(original)
+            raise
+
+
+def rounds_prefix(spec: pb.RunSpec) -> str:
+    """The hivemind prefix of a run's round averager (its all-reduce and its state for late joiners)."""
+    return f"{spec.dht_prefix}_rounds"
+
+
+def make_runner(spec: pb.RunSpec):
+    """The round averager's all-reduce runner for the run's reducer."""
+    averaging = spec.averaging
+    if averaging.reducer == "centered_clip":
+        return functools.partial(RoundCenteredClipRunner, tau=averaging.clip_tau, iterations=averaging.clip_iterations)
+    return RoundAllReduceRunner
+
+
+@dataclass
+class _Average:
+    """An all-reduce of one round's pseudo-gradient, started or (alone) not."""
+
+    round: int
+    delta: list[torch.Tensor]
+    start_hash: str  # the θ_r the pseudo-gradient is relative to
+    control: object = None  # hivemind's StepControl; None: no other peer, nothing to average with
+
+
+@dataclass
+class RoundResult:
+    """What one round did on this peer."""
+
+    round: int  # the round that closed
+    samples: int  # samples this peer trained in it
+    inner_steps: int  # inner steps this peer took in it
+    group_size: int  # peers whose pseudo-gradients were averaged into the update applied now (1: alone)
+    applied: bool  # whether an outer step was applied at this round's end
+    bytes_sent: int  # serialized bytes this peer's all-reduces sent since the previous round ended
+    sync_seconds: float  # wall seconds this call spent outside compute (waiting for the all-reduce, outer step)
+    delta: list[torch.Tensor]  # the pseudo-gradient this peer sent (θ_r − θ_local), on the CPU
+
+
+class RoundOptimizer:
+    """A volunteer's DiLoCo optimizer: inner AdamW on the model, outer Nesterov SGD on the global parameters.
+
+    Create it in the main thread (hivemind forks the averager). The training loop::
+
+        opt = RoundOptimizer(model, spec, dht)
+        opt.begin_round()                        # catches up with the swarm if behind
+        while not opt.round_closed():
+            loss.backward(); opt.inner_step(batch_size); opt.zero_grad()
+        result = opt.end_round()                 # all-reduce Δ, outer step; model now holds θ_{r+1}
+
+    :param model: the module to train; its parameters are the local (inner) parameters
+    :param spec: the RunSpec (``[rounds]``, ``[training]`` for AdamW, ``[averaging]`` for matchmaking and reducer)
+    :param dht: this peer's DHT
+    :param client_mode: outgoing connections only (behind NAT)
+    :param load_state_timeout: give up loading state from peers after this long (default: 2 × averaging_timeout)
+    """
+
+    def __init__(self, model: torch.nn.Module, spec: pb.RunSpec, dht: hivemind.DHT, *, client_mode: bool = False,
+                 load_state_timeout: float | None = None):
+        rounds, averaging, training = spec.rounds, spec.averaging, spec.training
+        if rounds.inner_steps <= 0:
+            raise ValueError("RoundOptimizer needs [rounds] inner_steps > 0")
+        self.model, self.spec, self.dht = model, spec, dht
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.inner = optimizer_for(training)(self.params)
+        self.global_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        self.outer = torch.optim.SGD(self.global_params, lr=rounds.outer_learning_rate,
+                                     momentum=rounds.outer_momentum, nesterov=rounds.outer_nesterov)
+        for p in self.global_params:  # momentum buffers exist from the start, so the state shape never changes
+            self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.samples_per_peer = rounds.inner_steps * training.micro_batch_size
+        self.load_state_timeout = load_state_timeout or 2 * averaging.averaging_timeout
+        self.round = 0
+        self.samples = self.inner_steps = 0  # this peer's, in the current round
+        self.state_loads = 0  # times this peer replaced its state with a peer's (it was behind or out of sync)
+        self._lock = threading.Lock()  # guards the global parameters and momentum while a peer downloads them
+        self._pending: _Average | None = None  # the overlapped all-reduce of the previous round
+        self._needs_sync = False  # the last all-reduce failed while others were there: load state first
+        self._missing_update = False  # overlap: joined after the others' pending all-reduce (see load_state...)
+        self._group_size = 0
+        self._bytes_counted = 0  # the averager's byte count at the end of the last round
+        self._canonical = True  # this peer held the group's θ in its last all-reduce (it serves state first)
+        self._started = time.perf_counter()
+        self.averager = RoundAverager(
+            [torch.zeros_like(p) for p in self.global_params], state=self._current_state,
+            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix),
+            allreduce_runner=make_runner(spec), dht=dht, prefix=rounds_prefix(spec), start=True,
+            min_matchmaking_time=averaging.matchmaking_time, request_timeout=min(3.0, averaging.matchmaking_time / 2),
+            allreduce_timeout=averaging.averaging_timeout,
+            next_chunk_timeout=max(averaging.matchmaking_time, averaging.averaging_timeout / 2),
+            compression=COMPRESSIONS[rounds.compression or "none"](), client_mode=client_mode)
+        self.tracker = ProgressTracker(dht, spec.dht_prefix, self.samples_per_peer, client_mode=client_mode,
+                                       max_refresh_period=PROGRESS_REFRESH, default_refresh_period=PROGRESS_REFRESH,
+                                       start=True)
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def grad_group_size(self) -> int:
+        """Peers averaged in the last round's update (hivemind.Optimizer's name; 0: none yet or it failed)."""
+        return self._group_size
+
+    @property
+    def local_epoch(self) -> int:
+        """The round this peer trains (hivemind.Optimizer's name, which the rest of the node uses)."""
+        return self.round
+
+    def _current_state(self):
+        with self._lock:
+            momentum = [self.outer.state[p]["momentum_buffer"] for p in self.global_params]
+            return dict(round=self.round), [t.clone() for t in self.global_params + momentum]
+
+    def set_state(self, round: int, params: list[torch.Tensor], momentum: list[torch.Tensor] | None = None) -> None:
+        """Adopt θ (and the outer momentum; None: zeros) as round ``round``'s start; the model is reset to it."""
+        with self._lock:
+            for target, source in zip(self.global_params, params, strict=True):
+                target.copy_(source)
+            momentum = momentum or [torch.zeros_like(p) for p in self.global_params]
+            for p, m in zip(self.global_params, momentum, strict=True):
+                self.outer.state[p]["momentum_buffer"].copy_(m)
+            self.round = round
+        self._reset_model()
+        self.averager.state_sharing_priority = round
+        self.tracker.report_local_progress(round, 0)
+
+    def load_state_from_peers(self, min_round: int = 0) -> bool:
+        """Download θ_r, the outer momentum and the round r ≥ ``min_round`` from the peer with the newest round
+        (retrying while peers still serve older rounds, for at most ``load_state_timeout``); True if loaded."""
+        deadline = time.monotonic() + self.load_state_timeout
+        while True:
+            loaded = self.averager.load_state_from_peers(timeout=self.load_state_timeout)
+            if loaded is None:
+                return False
+            metadata, tensors = loaded
+            count = len(self.global_params)
+            if not isinstance(metadata, dict) or len(tensors) != 2 * count or any(
+                    t.shape != p.shape for t, p in zip(tensors, self.global_params * 2, strict=True)):
+                logger.warning("a peer served a state of the wrong shape; ignored")
+                return False
+            served = int(metadata.get("round", 0))
+            if served >= min_round:
+                break
+            if time.monotonic() > deadline:
+                logger.warning("peers serve round %d, this peer needs round %d; keeping its own", served, min_round)
+                return False
+            time.sleep(1.0)
+        self.set_state(served, tensors[:count], tensors[count:])
+        self.state_loads += 1
+        if self._pending is not None and self._pending.round != self.round - 1:
+            if self._pending.control is not None:
+                self._pending.control.cancel()
+            self._pending = None  # an all-reduce of an older round no longer applies
+        # with overlap, the peers apply the average of round r-1 at the end of round r; a peer that did not take
+        # part in it cannot, and loads the state once more after its first round (keeping that round's all-reduce)
+        self._missing_update = self.spec.rounds.overlap and self.round > 0 and self._pending is None
+        logger.info("loaded round %d's state from a peer", self.round)
+        return True
+
+    def _reset_model(self) -> None:
+        with torch.no_grad():
+            for p, g in zip(self.params, self.global_params, strict=True):
+                p.copy_(g.to(p.device, p.dtype))
+
+    # ---------------------------------------------------------------- a round
+
+    def begin_round(self) -> int:
+        """Catch up with the swarm if this peer is behind or fell out of sync; returns the round to train."""
+        swarm_round = self.tracker.global_epoch
+        if swarm_round > self.round or self._needs_sync:
+            if not self.load_state_from_peers(min_round=self.round) and swarm_round > self.round:
+                logger.warning("the swarm is at round %d, no peer served its state: continuing from round %d's "
+                               "parameters at round %d", swarm_round, self.round, swarm_round)
+                self.round = swarm_round
+                self.tracker.report_local_progress(self.round, 0)
+            self._needs_sync = False
+        self.samples = self.inner_steps = 0
+        return self.round
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def inner_step(self, batch_size: int) -> None:
+        """One inner AdamW step on the gradient in ``param.grad``; counts ``batch_size`` samples to the round."""
+        self.inner.step()
+        self.samples += batch_size
+        self.inner_steps += 1
+        self.tracker.report_local_progress(self.round, self.samples)
+
+    def round_closed(self) -> bool:
+        """Whether the swarm has trained this round's samples (or moved on to a later round)."""
+        progress = self.tracker.global_progress
+        if progress.epoch > self.round:
+            return True
+        return progress.samples_accumulated >= self.samples_per_peer * max(progress.num_peers, 1)
+
+    def wait_for_round_end(self, stop: threading.Event, stall_seconds: float = 3 * PROGRESS_REFRESH + 1) -> None:
+        """This peer has no more work this round: wait until the round closes, or until the swarm's samples stop
+        growing for ``stall_seconds`` (every peer ran out of work: the data is smaller than a round)."""
+        last, since = -1, time.monotonic()
+        while not stop.is_set() and not self.round_closed():
+            samples = self.tracker.global_progress.samples_accumulated
+            if samples != last:
+                last, since = samples, time.monotonic()
+            elif time.monotonic() - since > stall_seconds:
+                logger.info("round %d: no peer has work left (%d samples); closing it", self.round, samples)
+                return
+            stop.wait(0.2)
+
+    def end_round(self) -> RoundResult:
+        """Average the pseudo-gradients and take the outer step; the model then holds the next round's θ."""
+        started = time.perf_counter()
+        delta = [g - p.detach().to("cpu", torch.float32) for g, p in zip(self.global_params, self.params, strict=True)]
+        closed, samples, steps = self.round, self.samples, self.inner_steps
+        peers = self.tracker.global_progress.num_peers
+        if self.spec.rounds.overlap:
+            # the previous round's average is read out of the averager before this round's pseudo-gradient goes in
+            previous, self._pending = self._pending, None
+            averaged, group_size = self._finish_average(previous) if previous is not None else (None, 0)
+            if previous is None and self._missing_update:
+                self._needs_sync, self._missing_update = True, False
+            self._pending = self._start_average(delta, samples, peers)
+        else:
+            averaged, group_size = self._finish_average(self._start_average(delta, samples, peers))
+        self._group_size = group_size
+        if averaged is not None:
+            with self._lock:
+                for p, d in zip(self.global_params, averaged, strict=True):
+                    p.grad = d
+                self.outer.step()
+                for p in self.global_params:
+                    p.grad = None
+        self.round = closed + 1
+        self.averager.state_sharing_priority = self.round + (0.5 if self._canonical else 0.0)
+        self._reset_model()
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.round)
+        return RoundResult(round=closed, samples=samples, inner_steps=steps, group_size=group_size,
+                           applied=averaged is not None, bytes_sent=self._bytes_since_last_round(),
+                           sync_seconds=time.perf_counter() - started, delta=delta)
+
+    def state_hash(self) -> str:
+        """SHA-256 of the global parameters θ (hex): equal on two peers exactly when they hold the same θ."""
+        digest = hashlib.sha256()
+        with self._lock:
+            for p in self.global_params:
+                digest.update(p.numpy().tobytes())
+        return digest.hexdigest()
+
+    def _bytes_since_last_round(self) -> int:
+        total = self.averager.bytes_sent
+        sent, self._bytes_counted = total - self._bytes_counted, total
+        return sent
+
+    def _start_average(self, delta: list[torch.Tensor], samples: int, peers: int) -> _Average:
+        """Start the all-reduce of ``delta`` in the background (alone: nothing to start)."""
+        pending = _Average(round=self.round, delta=delta, start_hash=self.state_hash())
+        if peers <= 1:
+            return pending
+        with self.averager.get_tensors() as tensors:
+            for t, d in zip(tensors, delta, strict=True):
+                t.copy_(d)
+        averaging = self.spec.averaging
+        pending.control = self.averager.step(weight=float(max(samples, 1)), wait=False,
+                                             timeout=averaging.matchmaking_time + averaging.averaging_timeout,
+                                             gather=dict(round=self.round, theta=pending.start_hash))
+        return pending
+
+    def _finish_average(self, pending: _Average) -> tuple[list[torch.Tensor] | None, int]:
+        """Wait for an all-reduce; returns (the average, or None if it failed; the group size)."""
+        if pending.control is None:
+            return pending.delta, 1
+        try:
+            gathered = pending.control.result()
+        except Exception as e:  # hivemind raises what its matchmaking or all-reduce raised
+            gathered = None
+            if self.tracker.global_progress.num_peers <= 1:
+                logger.info("no other peer to average with: this peer's own pseudo-gradient is applied")
+                return pending.delta, 1
+            logger.warning("round %d: the all-reduce failed (%r); no outer step from it", pending.round, e)
+        if not gathered:
+            self._needs_sync = True
+            return None, 0
+        with self.averager.get_tensors() as tensors:
+            averaged = [t.clone() for t in tensors]
+        # Every member computes the same canonical θ_r from the same gathered data: the newest round, then the θ
+        # most members hold. A member whose θ_r differs (it averaged alone while others were there) loads the
+        # state at the next round start, from a canonical peer (they announce a higher priority).
+        starts = [(g.get("round", -1), g.get("theta", "")) for g in gathered.values() if isinstance(g, dict)]
+        canonical = max(starts, key=lambda start: (start[0], starts.count(start), start[1]), default=None)
+        self._canonical = canonical == (pending.round, pending.start_hash)
+        if not self._canonical:
+            logger.warning("round %d: this peer's θ differs from the group's; it loads the state next round",
+                           pending.round)
+            self._needs_sync = True
+        return averaged, len(gathered)
+
+    def shutdown(self) -> None:
+        if self._pending is not None and self._pending.control is not None:
+            self._pending.control.cancel()
+        self.tracker.shutdown()
+        self.averager.shutdown()

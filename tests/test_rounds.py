@@ -1,0 +1,68 @@
+"""DiLoCo rounds on real hivemind peers (omi.swarm.rounds): honest peers hold bitwise the same θ every round."""
+
+from __future__ import annotations
+
+import pytest
+from swarm_helpers import make_spec, start_swarm
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, coordinator_key, trainers: list[dict], **spec_kwargs) -> list[dict]:
+    spec = make_spec(coordinator_key, matchmaking_time=1.5, averaging_timeout=10.0, **spec_kwargs)
+    procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers, role="round_trainer")
+    try:
+        return [p.wait_result(timeout=150) for p in procs[1:]]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def _by_round(results: list[dict], key: str) -> dict[int, set]:
+    seen: dict[int, set] = {}
+    for result in results:
+        for entry in result["rounds"]:
+            seen.setdefault(entry["round"], set()).add(entry[key])
+    return seen
+
+
+def _agree(results: list[dict], peers: int) -> int:
+    """Assert that peers which started a round from the same θ and averaged all together end it with the same θ;
+    returns how many such rounds there were."""
+    agreed = 0
+    for round_number, ends in _by_round(results, "end_hash").items():
+        entries = [e for result in results for e in result["rounds"] if e["round"] == round_number]
+        starts = {s["start_hash"] for result in results for s in result["starts"] if s["round"] == round_number}
+        if len(entries) == peers and len(starts) == 1 and all(e["group_size"] == peers for e in entries):
+            assert len(ends) == 1, f"round {round_number}: peers hold different θ after averaging together"
+            agreed += 1
+    return agreed
+
+
+def test_honest_peers_hold_bitwise_identical_parameters_after_every_round(tmp_path, coordinator_key):
+    # 8-bit pseudo-gradients: with hivemind's own runner every peer would add back its own compression error
+    results = _run(tmp_path, coordinator_key, [dict(rounds=5) for _ in range(3)], inner_steps=5,
+                   round_compression="uniform8bit")
+    assert _agree(results, 3) >= 2, f"too few rounds averaged by all three from one θ: {results}"
+    assert len({result["rounds"][-1]["end_hash"] for result in results}) == 1, "peers end the run apart"
+    assert all(e["bytes_sent"] > 0 for result in results for e in result["rounds"] if e["group_size"] > 1)
+    losses = [result["rounds"][-1]["loss"] for result in results]
+    first = [result["rounds"][0]["loss"] for result in results]
+    assert max(losses) < min(first), f"no progress over the rounds: {first} -> {losses}"
+
+
+def test_overlapped_rounds_with_centered_clip_and_a_late_joiner(tmp_path, coordinator_key):
+    # peer 2 joins while the others are at round 2 or later: it loads θ and the outer momentum from them
+    # (intruder: the others do not wait for it to show up before they start)
+    trainers = [dict(rounds=9), dict(rounds=9), dict(rounds=9, start_delay=6.0, intruder=True)]
+    results = _run(tmp_path, coordinator_key, trainers, inner_steps=5, overlap=True, reducer="centered_clip",
+                   round_compression="float16")
+    late = results[2]
+    assert late["state_loads"] >= 1, "the late joiner did not load the swarm's state"
+    first_round = late["starts"][0]["round"]
+    assert first_round >= 1, f"the late joiner started at round {first_round}"
+    # it starts from exactly the θ the others started that round from
+    starts = {(s["round"], s["start_hash"]) for result in results[:2] for s in result["starts"]}
+    assert (first_round, late["starts"][0]["start_hash"]) in starts
+    # with overlap the update of round r lands at the end of round r+1: peers still agree bitwise
+    assert _agree(results, 3) >= 1, f"no round averaged by all three from one θ: {results}"

@@ -1,0 +1,168 @@
+"""The WAN harness of ``tests/wan.py``: hosts in namespaces reach each other and the root namespace, tbf caps a
+link, nothing is left behind; and a coordinator with three volunteers, each on a host of its own, training together."""
+
+import json
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import pytest
+from coordinator_helpers import free_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from omi.coordinator.states import ContributionStatus
+from processes import BIN, FAST_RUN, _popen, kill_group, wait_until
+from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
+
+UNAVAILABLE = unavailable()  # not root, or no iproute2
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "available")
+
+# receives one TCP connection on ADDRESS (port 0: any), says where it listens, then how much came and how fast
+SINK = """
+import json, socket, sys, time
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+connection, _ = server.accept()
+started, received = time.perf_counter(), 0
+while chunk := connection.recv(1 << 16):
+    received += len(chunk)
+print(json.dumps({"bytes": received, "seconds": time.perf_counter() - started}), flush=True)
+"""
+SOURCE = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as s:
+    s.sendall(bytes(int(sys.argv[3])))
+"""
+
+
+def inside(host: Host | None, *command) -> list[str]:
+    """``command`` in ``host`` (``None``: the root namespace)."""
+    return host.argv(*command) if host else [str(c) for c in command]
+
+
+def transfer(sender: Host | None, receiver: Host | None, address: str, size: int) -> float:
+    """Send ``size`` bytes over TCP from ``sender`` to a sink in ``receiver`` listening on ``address``; the rate the
+    sink measured, in bytes per second."""
+    sink = subprocess.Popen(inside(receiver, sys.executable, "-c", SINK, address), stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())
+        subprocess.run(inside(sender, sys.executable, "-c", SOURCE, address, port, size), check=True, timeout=60)
+        received = json.loads(sink.stdout.readline())
+    finally:
+        sink.kill()
+        sink.wait()
+    assert received["bytes"] == size
+    return size / received["seconds"]
+
+
+def test_hosts_reach_each_other_and_the_root_namespace():
+    with wan(2) as net:
+        a, b = net.hosts
+        for sender, receiver, address in [(a, b, b.ip), (b, a, a.ip), (a, None, net.gateway), (None, b, b.ip)]:
+            transfer(sender, receiver, address, 10_000)
+
+
+def test_tbf_caps_a_link():
+    cap_mbit, size = 20, 4 * 2**20
+    with wan(2, rate_mbit=None) as net:
+        a, b = net.hosts
+        unlimited = transfer(a, b, b.ip, size)
+        for host in net.hosts:
+            host.limit(cap_mbit)
+        limited = transfer(a, b, b.ip, size)
+    print(f"{size / 2**20:.0f} MiB from one namespace to another: unlimited {unlimited * 8 / 1e6:.0f} Mbit/s, "
+          f"capped at {cap_mbit} Mbit/s {limited * 8 / 1e6:.1f} Mbit/s")
+    assert limited * 8 / 1e6 < 1.5 * cap_mbit
+    assert unlimited > 5 * limited
+
+
+def test_clean_up_kills_what_runs_inside_even_when_the_body_raises():
+    with pytest.raises(RuntimeError, match="the body failed"):
+        with wan(2) as net:
+            sleeper = subprocess.Popen(net.hosts[1].argv("sleep", "600"))
+            wait_until(lambda: sleeper.pid in net.hosts[1].pids(), 10, "sleep running in the namespace")
+            assert len(leftovers(net.tag)) == 5  # bridge, 2 namespaces, 2 veths
+            raise RuntimeError("the body failed")
+    assert sleeper.wait(timeout=10) == -signal.SIGKILL
+    assert leftovers(net.tag) == []
+    assert net.tag not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert net.tag not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+
+
+def test_sweep_removes_only_what_dead_processes_left():
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below pid_max: never a live process
+    crashed = f"{PREFIX}{dead:x}x0"
+    subprocess.run(["ip", "link", "add", f"{crashed}br", "type", "bridge"], check=True)
+    subprocess.run(["ip", "netns", "add", f"{crashed}n0"], check=True)
+    with wan(1) as net:  # sweeps first
+        assert leftovers(crashed) == []
+        assert sweep() == [] and len(leftovers(net.tag)) == 3  # a live harness is not a leftover
+
+
+def coordinator_serving(address: str, process: subprocess.Popen, log: Path) -> bool:
+    assert process.poll() is None, f"serve exited: {log.read_text()}"
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
+        except grpc.RpcError:
+            return False
+
+
+def ledger(state_dir: Path) -> Counter:
+    """Contributions per node id the coordinator stored and did not void."""
+    with sqlite3.connect(state_dir / "coordinator.db") as db:
+        rows = db.execute("SELECT node_id FROM contributions WHERE run_id = 'digits' AND status != ?",
+                          (ContributionStatus.VOIDED.value,))
+        return Counter(row[0] for row in rows)
+
+
+def group_sizes(log: Path) -> list[int]:
+    """The size of the gradient all-reduce group of each epoch a node reported (its log says nothing richer)."""
+    return [int(n) for n in re.findall(r"\(averaged with (\d+) peers\)", log.read_text())]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_three_volunteers_train_together_across_namespaces(tmp_path):
+    epochs = 2
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(FAST_RUN)
+    state_dir, logs = tmp_path / "coordinator", [tmp_path / f"node-{i}.log" for i in range(3)]
+    with wan(3, rate_mbit=100) as net:  # on exit the harness kills the volunteers (graceful leave: test_node.py)
+        address = f"{net.gateway}:{free_port()}"
+        coordinator_log = tmp_path / "coordinator.log"
+        coordinator = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", address,
+                              "--http", "", "--swarm-host", net.gateway, "--run", run_file], coordinator_log)
+        try:
+            wait_until(lambda: coordinator_serving(address, coordinator, coordinator_log), 60,
+                       "the coordinator serving on the bridge")
+
+            def join(i: int) -> None:
+                host = net.hosts[i]  # its swarm peer listens on the host's own address: the one others can dial
+                _popen(host.argv(BIN / "omi-node", "join", "--coordinator", address, "--quiet", "--threads", 1,
+                                 "--state-dir", tmp_path / f"node-{i}", "--name", f"node-{i}", "--host", host.ip),
+                       logs[i])
+
+            # peers that start at the very same moment each take their first step alone; later ones load the state
+            join(0)
+            wait_until(lambda: "state: training" in logs[0].read_text(), 120, "the first volunteer training")
+            join(1)
+            join(2)
+
+            def together() -> bool:
+                counts = ledger(state_dir)
+                return (len(counts) == 3 and min(counts.values()) >= epochs
+                        and all(max(group_sizes(log), default=0) >= 2 for log in logs))
+
+            try:
+                wait_until(together, 150, f"every volunteer contributing {epochs} epochs, averaged with another")
+            except AssertionError as e:
+                raise AssertionError(f"{e}: ledger {dict(ledger(state_dir))}, "
+                                     f"group sizes {[group_sizes(log) for log in logs]}") from None
+        finally:
+            kill_group(coordinator)
+    print(f"ledger {sorted(ledger(state_dir).values())}, group sizes per node {[group_sizes(log) for log in logs]}")
