@@ -1,19 +1,26 @@
 """Benchmark the swarm against one process: quality at equal samples, compute utilization, bytes on the wire.
 
-    .venv/bin/python -m bench.bench_swarm                  # 2- and 3-node swarms, 12 epochs each (~10 minutes)
-    .venv/bin/python -m bench.bench_swarm --nodes 2 --epochs 6
+    .venv/bin/python -m bench.bench_swarm                  # 2 nodes: per-step, rounds, overlapped rounds (~15 min)
+    .venv/bin/python -m bench.bench_swarm --nodes 2,3 --modes per-step,rounds --epochs 6 --rounds 4
 
-For each swarm size it starts a real coordinator and N real `omi-node join` processes on 127.0.0.1 (the first
-one alone, the others once it trains, as a swarm forms), lets each contribute ``--epochs`` epochs, and then:
+Modes, side by side in one invocation: ``per-step`` (one hivemind.Optimizer step of the gradient per 256
+samples), ``rounds`` (DiLoCo, ``[rounds] inner_steps = 20``, 8-bit pseudo-gradients) and ``overlap`` (the same
+with the all-reduce overlapped with the next round).
+
+For each mode and swarm size it starts a real coordinator and N real `omi-node join` processes on 127.0.0.1 (the
+first one alone, the others once it trains, as a swarm forms), lets each contribute ``--epochs`` epochs (``--rounds``
+rounds), and then:
 
 - **quality at equal samples**: trains `train-local` in one process on as many samples as the swarm's ledger
   holds, with the same optimizer step size (the swarm's mean samples per epoch), and compares the final loss
-  (mean loss of the last epoch) and the quality score of a node's final model with the baseline's;
+  (mean loss of the last epoch) and the quality score of a node's final model with the baseline's (rounds: the
+  baseline steps every micro-batch, as the inner optimizer does);
 - **compute utilization**: per node, the share of wall time between its first and last contribution that it
   spent in forward/backward (the contributions' ``compute_seconds``) rather than waiting on the swarm;
 - **bytes on the wire**: per node, what its libp2p daemon sent over TCP (``ss -ti`` bytes_sent of its sockets,
-  polled every second), per epoch, against a full-precision (float32) butterfly all-reduce of every gradient,
-  2·(N−1)/N × 4 bytes × parameters per epoch.
+  polled every second), per trained sample, against a full-precision (float32) butterfly all-reduce of the
+  gradient every 256 samples (today's per-step mode), 2·(N−1)/N × 4 bytes × parameters / 256 per sample;
+- **swarm throughput**: the ledger's samples over the wall time between the first and the last contribution.
 
 Writes the "swarm" section of docs/benchmarks.md.
 """
@@ -56,6 +63,12 @@ averaging_timeout = 30.0
 heartbeat_interval = 2.0
 heartbeat_timeout = 20.0
 """
+MODES = {  # name -> the [rounds] section of its RunSpec
+    "per-step": "",
+    "rounds": '[rounds]\ninner_steps = 20\ncompression = "uniform8bit"\n',
+    "overlap": '[rounds]\ninner_steps = 20\ncompression = "uniform8bit"\noverlap = true\n',
+}
+STEP_SAMPLES = 256  # per-step mode's target_batch_size: the baseline all-reduce runs once per this many samples
 QUALITY_SAMPLES = 256
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -90,10 +103,10 @@ def p2pd_bytes_sent(state_dirs: dict[int, Path], seen: dict[tuple[int, str], int
             seen[key] = max(seen.get(key, 0), int(sent.group(1)))
 
 
-def run_swarm(nodes: int, epochs: int, workdir: Path) -> dict:
+def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "") -> dict:
     """A coordinator and ``nodes`` volunteers until each contributed ``epochs`` epochs; returns the figures."""
     run_file = workdir / "run.toml"
-    run_file.write_text(RUN)
+    run_file.write_text(RUN + rounds)
     grpc_address = f"127.0.0.1:{free_port()}"
     coordinator = start([BIN / "omi-coordinator", "serve", "--state-dir", workdir / "coordinator", "--grpc",
                          grpc_address, "--http", "", "--run", run_file], workdir / "coordinator.log")
@@ -142,6 +155,7 @@ def run_swarm(nodes: int, epochs: int, workdir: Path) -> dict:
     total = sum(c.samples for c, _ in contributions)
     final = [c for c, _ in contributions if c.epoch == last_epoch]
     node_bytes = [sum(v for (node, _), v in sent.items() if node == i) for i in range(nodes)]
+    wall = contributions[-1][1] - contributions[0][1]
     params = model_info("unet-digits-16").parameters
     model, scheduler = load_pretrained(workdir / "model-0")
     quality = quality_score(generate(model, scheduler, QUALITY_SAMPLES, 50, seed=0))
@@ -150,7 +164,9 @@ def run_swarm(nodes: int, epochs: int, workdir: Path) -> dict:
         "final_loss": sum(c.mean_loss * c.samples for c in final) / sum(c.samples for c in final),
         "quality": quality, "utilization": utilization, "seconds": time.monotonic() - started,
         "bytes_per_node_epoch": [b / epochs for b in node_bytes],
-        "allreduce_bytes_per_epoch": 2 * (nodes - 1) / nodes * 4 * params,
+        "bytes_per_sample": sum(node_bytes) / max(total, 1),  # all nodes' bytes over all samples trained
+        "allreduce_bytes_per_sample": 2 * (nodes - 1) / nodes * 4 * params / STEP_SAMPLES,
+        "samples_per_second": total / max(wall, 1e-9),
     }
 
 
@@ -166,44 +182,52 @@ def run_local(samples: int, batch_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", default="2,3", help="swarm sizes to run (comma-separated)")
-    parser.add_argument("--epochs", type=int, default=12, help="contributions per node")
+    parser.add_argument("--nodes", default="2", help="swarm sizes to run (comma-separated)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"modes to run (comma-separated: {', '.join(MODES)})")
+    parser.add_argument("--epochs", type=int, default=12, help="contributions per node in per-step mode")
+    parser.add_argument("--rounds", type=int, default=5, help="contributions (rounds) per node in the round modes")
     parser.add_argument("--keep", action="store_true", help="keep the working folders")
     args = parser.parse_args()
 
-    rows, notes = [], []
+    rows = []
     for nodes in [int(n) for n in args.nodes.split(",")]:
-        workdir = Path(tempfile.mkdtemp(prefix=f"omi-bench-swarm-{nodes}-"))
-        swarm = run_swarm(nodes, args.epochs, workdir)
-        local = run_local(swarm["samples"], round(swarm["samples_per_epoch"]))
-        print(json.dumps({"swarm": {**swarm, "quality": str(swarm["quality"])},
-                          "local": {**local, "quality": str(local["quality"])}}, indent=2, default=str))
-        loss_ratio = swarm["final_loss"] / local["final_loss"]
-        fid_ratio = swarm["quality"].fid / local["quality"].fid
-        util = swarm["utilization"]
-        sent = swarm["bytes_per_node_epoch"]
-        rows.append(
-            f"| {nodes} | {swarm['epochs']} | {swarm['samples']:,} | {swarm['final_loss']:.4f} / "
-            f"{local['final_loss']:.4f} ({loss_ratio:.2f}×) | {swarm['quality']} / {local['quality']} "
-            f"(FID {fid_ratio:.2f}×) | {min(util):.0%}–{max(util):.0%} | "
-            f"{sum(sent) / len(sent) / 1e6:.1f} MB vs {swarm['allreduce_bytes_per_epoch'] / 1e6:.1f} MB "
-            f"({sum(sent) / len(sent) / swarm['allreduce_bytes_per_epoch']:.1f}×) | {swarm['seconds']:.0f} s |")
-        notes.append(f"{nodes} nodes: working folder {workdir}")
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        for mode in args.modes.split(","):
+            workdir = Path(tempfile.mkdtemp(prefix=f"omi-bench-swarm-{mode}-{nodes}-"))
+            epochs = args.rounds if MODES[mode] else args.epochs
+            swarm = run_swarm(nodes, epochs, workdir, MODES[mode])
+            # the baseline steps as often as the swarm's optimizer does: per epoch, or per micro-batch (inner steps)
+            local = run_local(swarm["samples"], 32 if MODES[mode] else round(swarm["samples_per_epoch"]))
+            print(json.dumps({"mode": mode, "swarm": {**swarm, "quality": str(swarm["quality"])},
+                              "local": {**local, "quality": str(local["quality"])}}, indent=2, default=str))
+            loss_ratio = swarm["final_loss"] / local["final_loss"]
+            fid_ratio = swarm["quality"].fid / local["quality"].fid
+            util = swarm["utilization"]
+            ratio = swarm["allreduce_bytes_per_sample"] / max(swarm["bytes_per_sample"], 1e-9)
+            rows.append(
+                f"| {mode} | {nodes} | {swarm['epochs']} | {swarm['samples']:,} | {swarm['samples_per_second']:.0f} | "
+                f"{swarm['final_loss']:.4f} / {local['final_loss']:.4f} ({loss_ratio:.2f}×) | {swarm['quality']} / "
+                f"{local['quality']} (FID {fid_ratio:.2f}×) | {min(util):.0%}–{max(util):.0%} | "
+                f"{swarm['bytes_per_sample'] / 1e3:.1f} kB vs {swarm['allreduce_bytes_per_sample'] / 1e3:.1f} kB "
+                f"({ratio:.1f}× less) | {swarm['seconds']:.0f} s |")
+            if not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
 
-    body = f"""Command: `python -m bench.bench_swarm --nodes {args.nodes} --epochs {args.epochs}`. Each swarm is a real
-coordinator and real `omi-node join` processes on 127.0.0.1, one torch thread each, all on this 2-core machine;
-the first node starts alone and the others join once it trains. The baseline is `train-local` on the same number
-of samples with the same step size (the swarm's mean samples per epoch). Loss: mean of the last epoch (swarm) or
-of the last step's micro-batches (local); quality: 256 DDIM-50 samples of node 0's final model (swarm).
-Utilization: compute seconds / wall seconds between a node's first and last contribution (goal ≥ 90 %).
-Bytes: TCP bytes its libp2p daemon sent per epoch (gradients, parameter averaging, DHT), measured with `ss -ti`,
-against a float32 butterfly all-reduce of the gradient alone.
+    body = f"""Command: `python -m bench.bench_swarm --nodes {args.nodes} --modes {args.modes} --epochs {args.epochs} \
+--rounds {args.rounds}`. Each swarm is a real coordinator and real `omi-node join` processes on 127.0.0.1, one torch
+thread each, all on this 2-core machine; the first node starts alone and the others join once it trains. Modes:
+per-step (one all-reduce of the gradient per 256 samples), rounds (DiLoCo, 20 inner steps per node, 8-bit
+pseudo-gradients, outer Nesterov 0.7 / 0.9), overlap (rounds, all-reduce during the next round). The baseline is
+`train-local` on the same number of samples, stepping as often as the swarm's optimizer (per 256 samples, or per
+32-sample micro-batch in the round modes). Loss: mean of the last epoch (swarm) or of the last step's micro-batches
+(local); quality: 256 DDIM-50 samples of node 0's final model (swarm). Throughput: the ledger's samples over the
+wall time between the first and last contribution. Utilization: compute seconds / wall seconds between a node's
+first and last contribution (goal ≥ 95 %). Bytes: TCP bytes the nodes' libp2p daemons sent (gradients or
+pseudo-gradients, state downloads, DHT), measured with `ss -ti`, per trained sample, against a float32 butterfly
+all-reduce of the gradient every 256 samples.
 
-| nodes | epochs | samples | final loss swarm / local | quality swarm / local | utilization \
-| bytes sent per node per epoch vs all-reduce | wall |
-|---|---|---|---|---|---|---|---|
+| mode | nodes | epochs | samples | samples/s | final loss swarm / local | quality swarm / local | utilization \
+| bytes per sample vs per-step float32 all-reduce | wall |
+|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Goal: swarm within 5 % of local at equal samples (loss and quality). On 2 shared cores the nodes compete with

@@ -112,7 +112,7 @@ class Coordinator:
         losses = [b.loss for b in online if b.loss > 0]
         contributions, verified = self.ledger.totals(run_id)
         return pb.RunStatus(summary=self.runs.summary(run_id, len(online)),
-                            samples_per_second=sum(b.samples_per_second for b in online),
+                            samples_per_second=self.ledger.throughput(run_id, now_ms()),
                             last_loss=sum(losses) / len(losses) if losses else 0.0,
                             contributions=contributions, verified_samples=verified,
                             provisional_samples=self.ledger.provisional_samples(run_id))

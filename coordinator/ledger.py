@@ -31,6 +31,8 @@ from sqlalchemy.exc import IntegrityError
 
 logger = logging.getLogger(__name__)
 
+THROUGHPUT_WINDOW_MS = 60_000  # the run's throughput is the ledger's growth over this last window
+
 
 class Ledger:
     """Records contributions.
@@ -116,6 +118,15 @@ class Ledger:
             verified = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
                 Contribution.run_id == run_id, Contribution.status == ContributionStatus.VERIFIED))
         return count, verified
+
+    def throughput(self, run_id: str, now: int, window_ms: int = THROUGHPUT_WINDOW_MS) -> float:
+        """Samples per second the ledger grew by over the last ``window_ms`` (voided contributions excluded): what
+        the run really trained, measured here, not the volunteers' own speed figures."""
+        with self.store.session() as s:
+            samples = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+                Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED,
+                Contribution.received_at_ms > now - window_ms, Contribution.received_at_ms <= now))
+        return samples / (window_ms / 1000)
 
     def provisional_samples(self, run_id: str) -> int:
         """Samples reported in a run that are neither verified nor voided yet."""

@@ -31,8 +31,8 @@ class RunCollector(Collector):
                                                "contributions excluded)", labels=["run"]),
             "verified_samples": GaugeMetricFamily("omi_run_verified_samples", "Samples of contributions that "
                                                   "passed an audit", labels=["run"]),
-            "samples_per_second": GaugeMetricFamily("omi_run_samples_per_second", "Swarm throughput: sum over "
-                                                    "the volunteers online", labels=["run"]),
+            "samples_per_second": GaugeMetricFamily("omi_run_samples_per_second", "Swarm throughput: samples the "
+                                                    "ledger grew by over the last minute, per second", labels=["run"]),
             "epoch": GaugeMetricFamily("omi_run_epoch", "Current epoch of the run", labels=["run"]),
             "loss": GaugeMetricFamily("omi_run_loss", "Mean latest training loss of the volunteers online",
                                       labels=["run"]),

@@ -53,7 +53,8 @@ def progress_table(status: pb.RunStatus, volunteers: list[subprocess.Popen], das
     alive = sum(p.poll() is None for p in volunteers)
     for name, value in [
         ("run", f"{summary.run_id} ({state})"), ("model", summary.model), ("epoch", str(summary.epoch)),
-        ("samples trained", f"{summary.total_samples:,}"), ("swarm samples/s", f"{status.samples_per_second:,.0f}"),
+        ("samples trained", f"{summary.total_samples:,}"),
+        ("samples/s (ledger, last minute)", f"{status.samples_per_second:,.0f}"),
         ("volunteers online", f"{summary.volunteers_online} (processes alive: {alive}/{len(volunteers)})"),
         ("last loss", f"{status.last_loss:.4f}" if status.last_loss else "—"),
         ("contributions", str(status.contributions)),
