@@ -18,8 +18,9 @@ rounds), and then:
 - **compute utilization**: per node, the share of wall time between its first and last contribution that it
   spent in forward/backward (the contributions' ``compute_seconds``) rather than waiting on the swarm;
 - **bytes on the wire**: per node, what its libp2p daemon sent over TCP (``ss -ti`` bytes_sent of its sockets,
-  polled every second), per trained sample, against a full-precision (float32) butterfly all-reduce of the
-  gradient every 256 samples (today's per-step mode), 2·(N−1)/N × 4 bytes × parameters / 256 per sample;
+  polled every second), all nodes together per trained sample, against a full-precision (float32) butterfly
+  all-reduce of the gradient every 256 samples (today's per-step mode), N × 2·(N−1)/N × 4 bytes × parameters / 256
+  per sample;
 - **swarm throughput**: the ledger's samples over the wall time between the first and the last contribution.
 
 Writes the "swarm" section of docs/benchmarks.md.
@@ -165,7 +166,8 @@ def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "") -> dict:
         "quality": quality, "utilization": utilization, "seconds": time.monotonic() - started,
         "bytes_per_node_epoch": [b / epochs for b in node_bytes],
         "bytes_per_sample": sum(node_bytes) / max(total, 1),  # all nodes' bytes over all samples trained
-        "allreduce_bytes_per_sample": 2 * (nodes - 1) / nodes * 4 * params / STEP_SAMPLES,
+        # every node sends 2·(N−1)/N × 4 bytes × parameters per all-reduce: N of those per 256 samples of the swarm
+        "allreduce_bytes_per_sample": nodes * 2 * (nodes - 1) / nodes * 4 * params / STEP_SAMPLES,
         "samples_per_second": total / max(wall, 1e-9),
     }
 

@@ -119,8 +119,9 @@ class Trainer:
             assignment = self.client.get_work(epoch)
             assignment = self._wait_while_paused(assignment)
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and "stopped" in (e.details() or ""):
-                raise RunStopped() from e
+            details = e.details() or ""
+            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and ("stopped" in details or "ends before" in details):
+                raise RunStopped() from e  # stopped, or past the run's training.max_epochs
             if e.code() in REFUSED_CODES:
                 raise self.session.error(e) from e  # e.g. banned after failed audits: exit 5
             raise

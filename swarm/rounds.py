@@ -50,6 +50,7 @@ from hivemind.compression import CompressionInfo, deserialize_torch_tensor, seri
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import amap_in_executor
+from hivemind.utils.timed_storage import get_dht_time
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
@@ -175,6 +176,15 @@ def make_runner(spec: pb.RunSpec):
     return RoundAllReduceRunner
 
 
+def _cancel(control) -> None:
+    """Cancel a hivemind StepControl that may be None or finished already (cancelling one twice raises)."""
+    if control is not None and not control.done():
+        try:
+            control.cancel()
+        except Exception as e:  # it finished between the check and the call
+            logger.debug("could not cancel an averaging step: %r", e)
+
+
 @dataclass
 class _Average:
     """An all-reduce of one round's pseudo-gradient, started or (alone) not."""
@@ -240,6 +250,9 @@ class RoundOptimizer:
         self._needs_sync = False  # the last all-reduce failed while others were there: load state first
         self._missing_update = False  # overlap: joined after the others' pending all-reduce (see load_state...)
         self._group_size = 0
+        self._start_hash: str | None = None  # cache of start_hash; None after θ changed
+        self._scheduled = None  # a step whose matchmaking started before the round closed (StepControl)
+        self._scheduled_round = -1
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self._canonical = True  # this peer held the group's θ in its last all-reduce (it serves state first)
         self._started = time.perf_counter()
@@ -281,6 +294,7 @@ class RoundOptimizer:
             for p, m in zip(self.global_params, momentum, strict=True):
                 self.outer.state[p]["momentum_buffer"].copy_(m)
             self.round = round
+            self._start_hash = None
         self._reset_model()
         self.averager.state_sharing_priority = round
         self.tracker.report_local_progress(round, 0)
@@ -309,8 +323,7 @@ class RoundOptimizer:
         self.set_state(served, tensors[:count], tensors[count:])
         self.state_loads += 1
         if self._pending is not None and self._pending.round != self.round - 1:
-            if self._pending.control is not None:
-                self._pending.control.cancel()
+            _cancel(self._pending.control)
             self._pending = None  # an all-reduce of an older round no longer applies
         # with overlap, the peers apply the average of round r-1 at the end of round r; a peer that did not take
         # part in it cannot, and loads the state once more after its first round (keeping that round's all-reduce)
@@ -347,6 +360,28 @@ class RoundOptimizer:
         self.samples += batch_size
         self.inner_steps += 1
         self.tracker.report_local_progress(self.round, self.samples)
+        self._maybe_schedule()
+
+    def _maybe_schedule(self) -> None:
+        """Start matchmaking for this round's all-reduce before the round closes, as hivemind.Optimizer does for its
+        gradients: once the swarm's estimated time to the round's end is within ``matchmaking_time``, a step is
+        scheduled for that moment (every peer estimates it from the same progress records), to run when
+        :meth:`end_round` has put the pseudo-gradient in and triggers it."""
+        if self._scheduled is not None or (self._pending is not None and self._pending.control is not None
+                                           and not self._pending.control.done()):
+            return  # one all-reduce at a time per averager
+        progress, averaging = self.tracker.global_progress, self.spec.averaging
+        if progress.num_peers <= 1 or progress.epoch != self.round:
+            return
+        rate = self.tracker.performance_ema.samples_per_second * progress.num_peers
+        eta = max(self.samples_per_peer * progress.num_peers - progress.samples_accumulated, 0) / max(rate, 1e-9)
+        if eta > averaging.matchmaking_time:
+            return
+        self._scheduled = self.averager.step(
+            scheduled_time=get_dht_time() + max(eta, 1.0), weight=1.0, wait=False, require_trigger=True,
+            timeout=averaging.matchmaking_time + averaging.averaging_timeout,
+            gather=dict(round=self.round, theta=self.start_hash))
+        self._scheduled_round = self.round
 
     def round_closed(self) -> bool:
         """Whether the swarm has trained this round's samples (or moved on to a later round)."""
@@ -391,6 +426,7 @@ class RoundOptimizer:
                 self.outer.step()
                 for p in self.global_params:
                     p.grad = None
+                self._start_hash = None
         self.round = closed + 1
         self.averager.state_sharing_priority = self.round + (0.5 if self._canonical else 0.0)
         self._reset_model()
@@ -400,13 +436,16 @@ class RoundOptimizer:
                            applied=averaged is not None, bytes_sent=self._bytes_since_last_round(),
                            sync_seconds=time.perf_counter() - started, delta=delta)
 
-    def state_hash(self) -> str:
-        """SHA-256 of the global parameters θ (hex): equal on two peers exactly when they hold the same θ."""
-        digest = hashlib.sha256()
-        with self._lock:
-            for p in self.global_params:
-                digest.update(p.numpy().tobytes())
-        return digest.hexdigest()
+    @property
+    def start_hash(self) -> str:
+        """SHA-256 of the global parameters θ_r (hex): equal on two peers exactly when they hold the same θ_r."""
+        if self._start_hash is None:
+            digest = hashlib.sha256()
+            with self._lock:
+                for p in self.global_params:
+                    digest.update(p.numpy().tobytes())
+            self._start_hash = digest.hexdigest()
+        return self._start_hash
 
     def _bytes_since_last_round(self) -> int:
         total = self.averager.bytes_sent
@@ -415,12 +454,21 @@ class RoundOptimizer:
 
     def _start_average(self, delta: list[torch.Tensor], samples: int, peers: int) -> _Average:
         """Start the all-reduce of ``delta`` in the background (alone: nothing to start)."""
-        pending = _Average(round=self.round, delta=delta, start_hash=self.state_hash())
+        pending = _Average(round=self.round, delta=delta, start_hash=self.start_hash)
+        scheduled, self._scheduled = self._scheduled, None
+        if scheduled is not None and (scheduled.done() or self._scheduled_round != self.round or peers <= 1):
+            _cancel(scheduled)
+            scheduled = None
         if peers <= 1:
             return pending
         with self.averager.get_tensors() as tensors:
             for t, d in zip(tensors, delta, strict=True):
                 t.copy_(d)
+        if scheduled is not None:  # matchmaking began before the round closed: let it run with these tensors
+            scheduled.weight = float(max(samples, 1))
+            scheduled.allow_allreduce()
+            pending.control = scheduled
+            return pending
         averaging = self.spec.averaging
         pending.control = self.averager.step(weight=float(max(samples, 1)), wait=False,
                                              timeout=averaging.matchmaking_time + averaging.averaging_timeout,
@@ -457,7 +505,7 @@ class RoundOptimizer:
         return averaged, len(gathered)
 
     def shutdown(self) -> None:
-        if self._pending is not None and self._pending.control is not None:
-            self._pending.control.cancel()
+        for control in (self._scheduled, self._pending.control if self._pending is not None else None):
+            _cancel(control)
         self.tracker.shutdown()
         self.averager.shutdown()
