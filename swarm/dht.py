@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing as mp
 import os
 import signal
 import tempfile
@@ -20,9 +21,21 @@ from omi.protos import pb, signing
 from omi.protos.tokens import TokenProvider, is_valid_access_token
 from omi.swarm.access import TokenRegistryValidator, start_token_publisher
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.swarm.lifetime import end_with_parent
 from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer, MintingTokenProvider
 
 logger = logging.getLogger(__name__)
+
+
+class _DHT(hivemind.DHT):
+    """``hivemind.DHT`` whose process gets SIGKILL from the kernel when the process that started it dies, even while
+    it is still starting (:func:`exit_with_parent`, the graceful way, runs only once the DHT is up); its libp2p
+    daemon ends by itself when the DHT process's connection to it closes."""
+
+    def run(self) -> None:
+        # hivemind.DHT.run, preceded by end_with_parent
+        end_with_parent(mp.parent_process().pid)
+        super().run()
 
 
 async def _exit_with_parent(dht: hivemind.DHT, node) -> None:
@@ -57,7 +70,7 @@ def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPriv
         raise ValueError("announce_host needs an explicit port (libp2p cannot announce port 0)")
     authorizer = CoordinatorTokenAuthorizer(token_provider, spec.coordinator_public_key, spec.run_id, swarm_key)
     validator = TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
-    dht = hivemind.DHT(
+    dht = _DHT(
         initial_peers=list(initial_peers) or None, start=True, client_mode=client_mode, authorizer=authorizer,
         record_validators=[validator], identity_path=identity_path,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
