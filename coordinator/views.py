@@ -21,12 +21,14 @@ from pathlib import Path
 from omi.coordinator.core import Coordinator
 from omi.coordinator.states import OPEN_AUDIT_STATES, RUN_STATE_NAMES, AuditState, ContributionStatus
 from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token
+from omi.protos import pb
 from omi.protos.clock import now_ms
 from sqlalchemy import case, func, select
 
 logger = logging.getLogger(__name__)
 
 SHORT_ID = 12  # characters of a node id shown to people
+RECENT_CONTRIBUTIONS = 500  # round figures per volunteer come from the run's latest this many contributions
 
 
 @dataclass
@@ -70,7 +72,7 @@ class RunStatusView:
     epoch: int
     total_samples: int         # samples trained, voided contributions excluded
     volunteers_online: int
-    samples_per_second: float  # sum over the volunteers online
+    samples_per_second: float  # the ledger's growth over the last minute
     loss: float | None         # mean of the latest loss of the volunteers online
     contributions: int         # contributions not voided
     verified_samples: int
@@ -115,6 +117,11 @@ class ContributorView:
     last_seen_ms: int      # latest heartbeat, contribution or registration
     online: bool
     banned: bool
+    # compute seconds its contributions report / wall seconds between its first and last contribution as received
+    # here (the first one's compute excluded); None before two contributions
+    utilization: float | None = None
+    micro_batches_per_contribution: float | None = None  # rounds: inner steps per round (recent contributions)
+    bytes_per_sample: float | None = None  # rounds: all-reduce bytes it reports per sample (recent contributions)
 
 
 def state_name(state: int) -> str:
@@ -187,8 +194,11 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
             func.coalesce(func.sum(case((live, Contribution.samples), else_=0)), 0).label("samples"),
             func.coalesce(func.sum(case((verified, Contribution.samples), else_=0)), 0).label("verified"),
             func.coalesce(func.sum(case((live, 1), else_=0)), 0).label("count"),
-            func.max(Contribution.received_at_ms).label("last")).where(
+            func.max(Contribution.received_at_ms).label("last"),
+            func.min(Contribution.received_at_ms).label("first"),
+            func.coalesce(func.sum(Contribution.compute_seconds), 0.0).label("compute")).where(
             Contribution.run_id == run_id).group_by(Contribution.node_id))}
+        reported = _reported_round_figures(s, run_id)
         audits: dict[str, dict[str, int]] = {}
         for node_id, state, n in s.execute(select(Audit.node_id, Audit.state, func.count()).where(
                 Audit.run_id == run_id).group_by(Audit.node_id, Audit.state)):
@@ -207,9 +217,34 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
             audits_failed=a.get(AuditState.FAILED, 0),
             audits_pending=sum(a.get(k, 0) for k in OPEN_AUDIT_STATES),
             last_seen_ms=max(beat, w.last if w else 0, registered.get(node_id) or 0),
-            online=beat >= online_cutoff, banned=node_id in banned))
+            online=beat >= online_cutoff, banned=node_id in banned,
+            utilization=_utilization(w), **reported.get(node_id, {})))
     views.sort(key=lambda v: (-v.samples, v.node_id))
     return views
+
+
+def _utilization(work) -> float | None:
+    """Compute over wall time between a node's first and last contribution: (n−1)/n of its compute seconds (the
+    first contribution's compute happened before the first report) over the received-at span."""
+    if work is None or work.count < 2 or work.last <= work.first:
+        return None
+    return float(work.compute) * (work.count - 1) / work.count / ((work.last - work.first) / 1000)
+
+
+def _reported_round_figures(session, run_id: str, recent: int = RECENT_CONTRIBUTIONS) -> dict[str, dict[str, float]]:
+    """Per node, from the run's ``recent`` latest signed contributions of rounds: inner steps per round and the
+    all-reduce bytes it reports per sample."""
+    totals: dict[str, list[float]] = {}
+    for node_id, message in session.execute(select(Contribution.node_id, Contribution.message).where(
+            Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED).order_by(
+            Contribution.received_at_ms.desc()).limit(recent)):
+        c = pb.Contribution.FromString(message)
+        if not c.end_params_hash:  # per-step contributions carry no round figures
+            continue
+        t = totals.setdefault(node_id, [0, 0, 0, 0])
+        t[0], t[1], t[2], t[3] = t[0] + 1, t[1] + c.micro_batches, t[2] + c.bytes_sent, t[3] + c.samples
+    return {node: dict(micro_batches_per_contribution=steps / n, bytes_per_sample=sent / max(samples, 1))
+            for node, (n, steps, sent, samples) in totals.items()}
 
 
 def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointView]:

@@ -246,3 +246,25 @@ def test_snapshots_reuse_an_answer_for_ttl_seconds():
     assert snapshots.get(("k",), compute)[0].passed == 2
     assert snapshots.get(("other",), compute)[0].passed == 3
     assert computed == [100.0, 101.1, 101.1]
+
+
+def test_contributors_show_utilization_and_round_figures(tmp_path):
+    from omi.coordinator.views import contributors
+
+    with ServerThread(tmp_path / "state", run_toml("r")) as server:
+        carol = server.node("r", "carol")
+        reported = []
+        for epoch in (0, 1):
+            if epoch:  # the two reports must arrive at different milliseconds for a wall time to exist
+                time.sleep(0.05)
+            contribution = contribution_for(carol.get_work(epoch=epoch), compute_seconds=0.02,
+                                            end_params_hash=b"e" * 32, bytes_sent=1000 * (epoch + 1))
+            assert carol.report_contribution(contribution).accepted
+            reported.append(contribution)
+        view = {v.display_name: v for v in contributors(server.coordinator, "r")}["carol"]
+        with sqlite3.connect(server.store.engine.url.database) as db:
+            first, last = db.execute("SELECT min(received_at_ms), max(received_at_ms) FROM contributions").fetchone()
+        # one contribution's compute (the second's) over the wall time between the two reports, as received
+        assert view.utilization == pytest.approx(0.02 / ((last - first) / 1000))
+        assert view.micro_batches_per_contribution == pytest.approx(sum(c.micro_batches for c in reported) / 2)
+        assert view.bytes_per_sample == pytest.approx(3000 / sum(c.samples for c in reported))

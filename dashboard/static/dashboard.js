@@ -172,6 +172,10 @@ function renderContributors() {
     el("td", {class: "num", text: fmtInt.format(c.verified_samples)}),
     el("td", {class: "num", text: fmtInt.format(c.audits_passed)}),
     el("td", {class: "num" + (c.audits_failed ? " bad" : ""), text: fmtInt.format(c.audits_failed)}),
+    el("td", {class: "num", text: c.utilization == null ? "–" : `${Math.round(100 * c.utilization)} %`}),
+    el("td", {class: "num", text: c.micro_batches_per_contribution == null ? "–"
+                                  : fmt1.format(c.micro_batches_per_contribution)}),
+    el("td", {class: "num", text: c.bytes_per_sample == null ? "–" : fmtInt.format(Math.round(c.bytes_per_sample))}),
     el("td", {text: c.online ? "now" : ago(c.last_seen_ms), title: new Date(c.last_seen_ms).toLocaleString()})));
   $("contributors").tBodies[0].replaceChildren(...rows);
   $("contributors-empty").hidden = omi.contributors.length > 0;
