@@ -82,18 +82,21 @@ def recompute(
     sketch: GradientSketch | None,
     *,
     index: int = 0,
+    keep_grad: bool = False,
 ) -> MicroBatchRecord:
     """Recompute one micro-batch from the samples and seed the node was given.
 
     The model must hold the parameters the node started from (compare ``params_hash``). Its gradients are cleared
-    before and after, so the validator's model is left as it was found, minus any stale ``.grad``.
+    before and (unless ``keep_grad``, for an optimizer step to follow) after, so the validator's model is left as
+    it was found, minus any stale ``.grad``.
     """
     model.zero_grad(set_to_none=True)
     try:
         return compute_micro_batch(model, scheduler, source.get(sample_indices), seed,
                                    prediction_type=prediction_type, sketch=sketch, index=index)
     finally:
-        model.zero_grad(set_to_none=True)
+        if not keep_grad:
+            model.zero_grad(set_to_none=True)
 
 
 def compare(claimed: MicroBatchRecord, recomputed: MicroBatchRecord, tol: Tolerances) -> Check:

@@ -37,6 +37,7 @@ from omi.models import (
     sent_sketch,
 )
 from omi.models.data import DataSource
+from omi.models.segments import state_hash, training_state
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsServer, snapshot
@@ -45,6 +46,7 @@ from omi.swarm.rounds import RoundOptimizer, RoundResult
 logger = logging.getLogger(__name__)
 
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
+DEFAULT_SEGMENT_STEPS = 5  # a RunSpec built in code without verification.segment_steps
 RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits (at least the audit window)
 
 
@@ -147,8 +149,11 @@ class Trainer:
 
         The round starts from θ_r, which every honest peer holds bitwise; each micro-batch is one inner AdamW step,
         so its record (loss, gradient sketch) is computed at the parameters of that step. The contribution commits
-        to the records, to θ_r (``params_hash``), to the parameters after the last inner step (``end_params_hash``)
-        and to the sketch of the pseudo-gradient sent (``delta_sketch``).
+        to the records, to θ_r (``params_hash``), to the parameters after the last inner step (``end_params_hash``),
+        to the sketch of the pseudo-gradient sent (``delta_sketch``) and to the hash of its training state
+        (parameters + inner optimizer state, :mod:`omi.models.segments`) at the start, after every
+        ``verification.segment_steps`` inner steps and at the end (``segment_hashes``), the states a segment audit
+        replays from.
         """
         opt, training = self.optimizer, self.spec.training
         round_number = opt.begin_round()
@@ -158,6 +163,8 @@ class Trainer:
         self.set_state("training")
         self.status.epoch = round_number
         started_hash, started_params = params_hash(self.model), snapshot(self.model)
+        segment_steps = self.spec.verification.segment_steps or DEFAULT_SEGMENT_STEPS
+        segments = [training_state(self.model, opt.inner)]  # the training state at step 0, k, 2k, ..., the end
         records: list[MicroBatchRecord] = []
         compute_seconds, started = 0.0, time.perf_counter()
         order = assignment_indices(assignment)  # empty when every shard of the round is taken
@@ -175,11 +182,15 @@ class Trainer:
             opt.inner_step(len(indices))
             compute_seconds += time.perf_counter() - tick
             records.append(record)
+            if len(records) % segment_steps == 0:
+                segments.append(training_state(self.model, opt.inner))
             self._update_status(records, compute_seconds, started)
         else:
             opt.wait_for_round_end(self.stop)
         if self.stop.is_set():
             return
+        if len(records) % segment_steps:
+            segments.append(training_state(self.model, opt.inner))
         end_hash = params_hash(self.model)
         result = opt.end_round()
         self.status.last_group_size = result.group_size
@@ -188,7 +199,7 @@ class Trainer:
             logger.info("round %d closed before this node computed a micro-batch", round_number)
             return
         self._report(round_number, assignment, started_hash, records, compute_seconds, started_params,
-                     round_result=result, end_hash=end_hash)
+                     round_result=result, end_hash=end_hash, segments=segments)
 
     def train_step_epoch(self) -> None:
         """Micro-batches of this epoch until the swarm steps; then report the contribution."""
@@ -277,7 +288,7 @@ class Trainer:
     def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
                 records: list[MicroBatchRecord], compute_seconds: float,
                 started_params: dict[str, torch.Tensor], round_result: RoundResult | None = None,
-                end_hash: bytes = b"") -> None:
+                end_hash: bytes = b"", segments: list[dict[str, torch.Tensor]] = ()) -> None:
         records = self._commit(epoch, records)
         if not records:  # no data this epoch (every shard was taken): nothing to report
             return
@@ -289,6 +300,7 @@ class Trainer:
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
         )
         if round_result is not None:
+            contribution.segment_hashes.extend(state_hash(state) for state in segments)
             contribution.end_params_hash = end_hash
             contribution.bytes_sent = round_result.bytes_sent
             contribution.delta_sketch.extend(self.sketch.of_grads(round_result.delta, round_result.delta).tolist())
@@ -303,7 +315,10 @@ class Trainer:
             return
         if reply.accepted:
             self.status.contributions += 1
-        if reply.audit_task_id:
+        if reply.audit_task_id and round_result is not None:
+            for state in segments:  # the validator replays one segment from its start state
+                self.params_server.hold(state_hash(state), state)
+        elif reply.audit_task_id:
             self._hold_params(epoch, started_hash, started_params)
             self._hand_over(epoch, reply.audit_task_id)
         if round_result is not None:

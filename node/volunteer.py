@@ -111,7 +111,10 @@ class VolunteerNode:
         else:
             self.optimizer = make_optimizer(model, spec, self.dht, batch_size_per_step=micro_batch_size,
                                             verbose=logger.isEnabledFor(logging.DEBUG))
-        self.params_server = ParamsServer.start(self.dht, spec, keep=spec.verification.audit_window_epochs + 1)
+        held = spec.verification.audit_window_epochs + 1  # audited epochs, or rounds, whose states are kept
+        if spec.rounds.inner_steps:  # a round holds its training state every segment_steps (up to 2H steps)
+            held *= 2 * spec.rounds.inner_steps // max(spec.verification.segment_steps, 1) + 2
+        self.params_server = ParamsServer.start(self.dht, spec, keep=held)
         # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
         resume_from_checkpoint(self.session.client, spec, model, self.optimizer, config.state_dir / "checkpoints")
         self.trainer = self.trainer_class(self.session, spec, model=model, scheduler=scheduler, source=source,

@@ -137,6 +137,7 @@ class VerificationSection(BaseModel):
     max_strikes: PositiveInt = 2  # failed audits before a node is banned
     audit_window_epochs: PositiveInt = 5  # epochs within which a contribution may still be audited
     sketch_size: PositiveInt = 1024  # floats in each micro-batch's gradient sketch
+    segment_steps: PositiveInt = 5  # rounds: inner steps between two committed training-state hashes
 
 
 class CheckpointSection(BaseModel):

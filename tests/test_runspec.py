@@ -62,7 +62,7 @@ def test_defaults_fill_every_section():
         "rounds": {"inner_steps": 0, "outer_learning_rate": 0.7, "outer_momentum": 0.9, "outer_nesterov": True,
                    "overlap": False, "compression": "uniform8bit"},
         "verification": {"audit_rate": 0.2, "micro_batches_per_audit": 2, "max_strikes": 2,
-                         "audit_window_epochs": 5, "sketch_size": 1024},
+                         "audit_window_epochs": 5, "sketch_size": 1024, "segment_steps": 5},
         "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
         "liveness": {"heartbeat_interval": 5.0, "heartbeat_timeout": 30.0, "token_ttl": 3600.0},
         "coordinator_public_key": "", "initial_peers": [], "dht_prefix": "omi-demo",

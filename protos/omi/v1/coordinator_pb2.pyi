@@ -89,18 +89,20 @@ class RoundsSpec(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ...) -> None: ...
 
 class VerificationSpec(_message.Message):
-    __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size")
+    __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_PER_AUDIT_FIELD_NUMBER: _ClassVar[int]
     MAX_STRIKES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_WINDOW_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     SKETCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_STEPS_FIELD_NUMBER: _ClassVar[int]
     audit_rate: float
     micro_batches_per_audit: int
     max_strikes: int
     audit_window_epochs: int
     sketch_size: int
-    def __init__(self, audit_rate: _Optional[float] = ..., micro_batches_per_audit: _Optional[int] = ..., max_strikes: _Optional[int] = ..., audit_window_epochs: _Optional[int] = ..., sketch_size: _Optional[int] = ...) -> None: ...
+    segment_steps: int
+    def __init__(self, audit_rate: _Optional[float] = ..., micro_batches_per_audit: _Optional[int] = ..., max_strikes: _Optional[int] = ..., audit_window_epochs: _Optional[int] = ..., sketch_size: _Optional[int] = ..., segment_steps: _Optional[int] = ...) -> None: ...
 
 class CheckpointSpec(_message.Message):
     __slots__ = ("every_epochs", "keep", "milestone_every", "preview_samples")
@@ -325,7 +327,7 @@ class WorkAssignment(_message.Message):
     def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Contribution(_message.Message):
-    __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "signature")
+    __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "segment_hashes", "signature")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +343,7 @@ class Contribution(_message.Message):
     DELTA_SKETCH_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     END_PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_HASHES_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
@@ -357,8 +360,9 @@ class Contribution(_message.Message):
     delta_sketch: _containers.RepeatedScalarFieldContainer[float]
     bytes_sent: int
     end_params_hash: bytes
+    segment_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionRequest(_message.Message):
     __slots__ = ("token", "timestamp_ms", "contribution", "signature")
@@ -407,7 +411,7 @@ class GetAuditTaskRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
-    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id")
+    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -422,6 +426,7 @@ class AuditTask(_message.Message):
     COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_HASHES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     contribution_id: str
@@ -436,7 +441,8 @@ class AuditTask(_message.Message):
     commitment: bytes
     micro_batches: int
     peer_id: str
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ...) -> None: ...
+    segment_hashes: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class MicroBatchCheck(_message.Message):
     __slots__ = ("index", "loss_diff", "norm_diff", "sketch_diff", "passed")

@@ -1,0 +1,106 @@
+"""Segments of a round: a node's training state every k inner steps, hashed, and the replay of one segment.
+
+Within a round (``[rounds] inner_steps > 0``) the parameters move with every inner step, so a micro-batch can be
+recomputed only from the state the node held right before it: its parameters *and* its inner optimizer's moments.
+A node therefore commits, in its contribution, to the hash of its **training state** (parameters + AdamW state,
+:func:`training_state`) at the start of the round and after every ``k`` inner steps; a validator that gets the
+start state of one segment (hash-checked) replays its ``k`` inner steps with the node's samples and seeds
+(:func:`replay_segment`) and must reach both the node's records and the committed end state.
+
+Both sides compute the same thing with these functions, so on the same device and thread count an honest
+segment replays bitwise.
+
+>>> model = torch.nn.Linear(3, 1)
+>>> optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+>>> state = training_state(model, optimizer)
+>>> sorted(state)  # no optimizer statistics before the first step
+['bias', 'weight']
+>>> model(torch.ones(1, 3)).sum().backward(); optimizer.step()
+>>> sorted(training_state(model, optimizer))  # doctest: +NORMALIZE_WHITESPACE
+['bias', 'bias|exp_avg', 'bias|exp_avg_sq', 'bias|step', 'weight', 'weight|exp_avg', 'weight|exp_avg_sq',
+ 'weight|step']
+>>> state_hash(training_state(model, optimizer)) != state_hash(state)
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from omi.models.data import DataSource
+from omi.models.microbatch import GradientSketch, MicroBatchRecord
+from omi.models.replay import recompute
+
+SEPARATOR = "|"  # between a parameter's name and the name of one of its optimizer statistics
+
+
+def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The model's parameters (by name) and, for each, its optimizer statistics (``name|exp_avg``, ...), copied to
+    the CPU."""
+    state = {}
+    names = {id(p): name for name, p in model.named_parameters()}
+    for name, param in model.named_parameters():
+        state[name] = param.detach().to("cpu", copy=True)
+    for param, statistics in optimizer.state.items():
+        for key, value in statistics.items():
+            if isinstance(value, torch.Tensor):
+                state[f"{names[id(param)]}{SEPARATOR}{key}"] = value.detach().to("cpu", copy=True)
+    return state
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> bytes:
+    """SHA-256 over every tensor of a training state in name order, with its name, dtype and shape."""
+    digest = hashlib.sha256(b"omi-training-state-v1")
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
+        digest.update(struct.pack("<I", len(header)) + header)
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.digest()
+
+
+def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                        state: dict[str, torch.Tensor]) -> None:
+    """Put a :func:`training_state` into ``model`` and ``optimizer`` (whose statistics are replaced)."""
+    params = dict(model.named_parameters())
+    unknown = {name.split(SEPARATOR)[0] for name in state} - set(params)
+    if unknown or any(name not in state for name in params):
+        raise ValueError(f"the state does not fit the model (unknown: {sorted(unknown)[:3]})")
+    optimizer.state.clear()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            base, _, key = name.partition(SEPARATOR)
+            param = params[base]
+            if not key:
+                param.copy_(tensor.to(param.device, param.dtype))
+            else:
+                device = "cpu" if key == "step" else param.device
+                optimizer.state[param][key] = tensor.to(device, copy=True)
+
+
+@dataclass
+class SegmentStep:
+    """One inner step of a segment: the micro-batch's index in the round, its samples and its seed."""
+
+    index: int
+    samples: Sequence[int]
+    seed: int
+
+
+def replay_segment(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, source: DataSource,
+                   steps: Sequence[SegmentStep], *, prediction_type: str,
+                   sketch: GradientSketch | None) -> list[MicroBatchRecord]:
+    """Replay inner steps from the state ``model`` and ``optimizer`` hold: each recomputes its micro-batch (its
+    record is returned) and takes the optimizer step, as the node's round does (``RoundOptimizer.inner_step``)."""
+    records = []
+    for step in steps:
+        record = recompute(model, scheduler, source, step.samples, step.seed, prediction_type, sketch,
+                           index=step.index, keep_grad=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append(record)
+    return records

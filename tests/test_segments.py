@@ -1,0 +1,86 @@
+"""Segments of a round (omi.models.segments): an honest segment replays bitwise; skipped steps and other data do not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omi.models import build_for_spec, micro_batch_seed, model_info, open_source
+from omi.models.optimizer import optimizer_for
+from omi.models.replay import recompute
+from omi.models.segments import SegmentStep, load_training_state, replay_segment, state_hash, training_state
+from omi.protos.runspec import parse_runspec
+
+SPEC = parse_runspec('[run]\nid = "seg"\nmodel = "unet-digits-16"\n[training]\nmicro_batch_size = 8\n'
+                     '[rounds]\ninner_steps = 6\n[verification]\nsegment_steps = 3\n')
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.set_num_threads(1)
+    model, scheduler = build_for_spec(SPEC)
+    source = open_source(SPEC.data, channels=model_info(SPEC.model).channels)
+    steps = [SegmentStep(index=i, samples=list(range(8 * i, 8 * i + 8)),
+                         seed=micro_batch_seed(SPEC.training.seed, SPEC.run_id, 0, "node", i)) for i in range(STEPS)]
+    return model, scheduler, source, steps
+
+
+def _node_round(parts, *, skip: set[int] = frozenset(), other_data: bool = False):
+    """A node's round of STEPS inner steps from the run's initial model: (records, states at steps 0, 3, 6)."""
+    model, scheduler, source, steps = parts
+    model = build_for_spec(SPEC)[0]
+    optimizer = optimizer_for(SPEC.training)(model.parameters())
+    records, states = [], [training_state(model, optimizer)]
+    for step in steps:
+        samples = [s + 1000 for s in step.samples] if other_data else step.samples
+        record = recompute(model, scheduler, source, samples, step.seed, "epsilon", None, index=step.index,
+                           keep_grad=True)
+        if step.index not in skip:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        records.append(record)
+        if (step.index + 1) % SPEC.verification.segment_steps == 0:
+            states.append(training_state(model, optimizer))
+    return records, states
+
+
+def _replay(parts, start: dict, segment: int):
+    """A validator's replay of one segment from the node's start state: (records, end state hash)."""
+    _, scheduler, source, steps = parts
+    model = build_for_spec(SPEC)[0]
+    optimizer = optimizer_for(SPEC.training)(model.parameters())
+    load_training_state(model, optimizer, start)
+    k = SPEC.verification.segment_steps
+    records = replay_segment(model, optimizer, scheduler, source, steps[segment * k:(segment + 1) * k],
+                             prediction_type="epsilon", sketch=None)
+    return records, state_hash(training_state(model, optimizer))
+
+
+def test_an_honest_segment_replays_bitwise(parts):
+    records, states = _node_round(parts)
+    for segment in (0, 1):  # the first starts at θ_r with the optimizer statistics carried into the round
+        replayed, end = _replay(parts, states[segment], segment)
+        assert end == state_hash(states[segment + 1])
+        assert [r.loss for r in replayed] == [r.loss for r in records[3 * segment:3 * segment + 3]]
+
+
+def test_skipped_inner_steps_do_not_reach_the_committed_end_state(parts):
+    _, states = _node_round(parts, skip={4})  # claims 3 steps in segment 1, took 2
+    _, end = _replay(parts, states[1], 1)
+    assert end != state_hash(states[2])
+
+
+def test_training_on_other_data_gives_other_records(parts):
+    records, states = _node_round(parts, other_data=True)
+    replayed, end = _replay(parts, states[0], 0)
+    assert end != state_hash(states[1])
+    assert all(abs(a.loss - b.loss) > 1e-6 for a, b in zip(replayed, records[:3], strict=True))
+
+
+def test_a_state_that_does_not_fit_the_model_is_refused(parts):
+    model = build_for_spec(SPEC)[0]
+    optimizer = optimizer_for(SPEC.training)(model.parameters())
+    state = training_state(model, optimizer)
+    state["intruder.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="does not fit"):
+        load_training_state(model, optimizer, state)
