@@ -33,6 +33,7 @@ from omi.coordinator.runs import Runs
 from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
 from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, Token, WorkAssignment
 from omi.models import MicroBatchRecord, audited_record, merkle_root, record_from_proto, sent_sketch
+from omi.models.segments import segment_steps
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
 from sqlalchemy import or_, select, update
@@ -107,20 +108,23 @@ class Auditor:
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
         """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records.
 
-        Contributions of rounds (``[rounds] inner_steps > 0``) are not audited yet: a validator recomputes
-        micro-batches at the parameters the node started from, and within a round they move every inner step
-        (segment audits, issue 11, are the next step). The dashboard and ``run show`` say so for such runs.
+        Per-step mode: ``micro_batches_per_audit`` random micro-batches, recomputed at the epoch's parameters.
+        Rounds: one random segment (``verification.segment_steps`` inner steps between two committed training
+        states), replayed from its start state (:mod:`omi.models.segments`).
         """
         run_spec = self.runs.get(contribution.run_id).spec
-        if run_spec.rounds.inner_steps > 0:
-            return None
         spec = run_spec.verification
         node = session.get(Node, contribution.node_id)
         rate = STRUCK_AUDIT_RATE if node is not None and node.strikes > 0 else spec.audit_rate
         if secrets.randbelow(1_000_000) >= int(rate * 1_000_000):
             return None
-        count = min(spec.micro_batches_per_audit, micro_batches)
-        indices = sorted(secrets.SystemRandom().sample(range(micro_batches), count))
+        if run_spec.rounds.inner_steps > 0:
+            k = segment_steps(run_spec)
+            segment = secrets.randbelow(-(-micro_batches // k))
+            indices = list(range(segment * k, min((segment + 1) * k, micro_batches)))
+        else:
+            count = min(spec.micro_batches_per_audit, micro_batches)
+            indices = sorted(secrets.SystemRandom().sample(range(micro_batches), count))
         audit = Audit(task_id=uuid.uuid4().hex, contribution_id=contribution.contribution_id,
                       run_id=contribution.run_id, node_id=contribution.node_id, epoch=contribution.epoch,
                       micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63),
@@ -186,7 +190,7 @@ class Auditor:
                                 assignment=assignment, micro_batch_indices=json.loads(audit.micro_batch_indices),
                                 audit_seed=audit.audit_seed, has_task=True, records=records,
                                 commitment=contribution.commitment, micro_batches=contribution.micro_batches,
-                                peer_id=peer_id or "")
+                                peer_id=peer_id or "", segment_hashes=contribution.segment_hashes)
 
     def record_verdict(self, validator: Caller, verdict: pb.AuditVerdict) -> None:
         """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""

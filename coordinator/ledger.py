@@ -24,6 +24,7 @@ from omi.coordinator.registry import Caller
 from omi.coordinator.runs import Runs
 from omi.coordinator.states import ContributionStatus
 from omi.coordinator.store import Contribution, Store, WorkAssignment
+from omi.models.segments import segment_steps
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
 from sqlalchemy import func, select
@@ -106,6 +107,13 @@ class Ledger:
             raise InvalidArgument("a contribution needs samples > 0 and micro_batches > 0")
         if not (math.isfinite(c.mean_loss) and math.isfinite(c.compute_seconds) and c.compute_seconds >= 0):
             raise InvalidArgument("mean_loss and compute_seconds must be finite, compute_seconds >= 0")
+        if run.spec.rounds.inner_steps > 0:  # a round commits to its training state every segment_steps
+            segments = -(-c.micro_batches // segment_steps(run.spec)) + 1
+            if len(c.segment_hashes) != segments or any(len(h) != 32 for h in c.segment_hashes):
+                raise InvalidArgument(f"a round of {c.micro_batches} inner steps commits to {segments} training-state "
+                                      f"hashes of 32 bytes (segment_hashes), got {len(c.segment_hashes)}")
+            if len(c.delta_sketch) > run.spec.verification.sketch_size:
+                raise InvalidArgument("delta_sketch longer than verification.sketch_size")
         if len(c.gradient_sketch) > run.spec.verification.sketch_size:
             raise InvalidArgument(f"gradient_sketch longer than verification.sketch_size "
                                   f"({run.spec.verification.sketch_size})")

@@ -34,8 +34,15 @@ import torch
 from omi.models.data import DataSource
 from omi.models.microbatch import GradientSketch, MicroBatchRecord
 from omi.models.replay import recompute
+from omi.protos import pb
 
 SEPARATOR = "|"  # between a parameter's name and the name of one of its optimizer statistics
+DEFAULT_SEGMENT_STEPS = 5  # a RunSpec built in code without verification.segment_steps
+
+
+def segment_steps(spec: pb.RunSpec) -> int:
+    """Inner steps between two committed training states of a round (``verification.segment_steps``)."""
+    return spec.verification.segment_steps or DEFAULT_SEGMENT_STEPS
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -37,7 +37,7 @@ from omi.models import (
     sent_sketch,
 )
 from omi.models.data import DataSource
-from omi.models.segments import state_hash, training_state
+from omi.models.segments import segment_steps, state_hash, training_state
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsServer, snapshot
@@ -46,7 +46,6 @@ from omi.swarm.rounds import RoundOptimizer, RoundResult
 logger = logging.getLogger(__name__)
 
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
-DEFAULT_SEGMENT_STEPS = 5  # a RunSpec built in code without verification.segment_steps
 RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits (at least the audit window)
 
 
@@ -163,7 +162,7 @@ class Trainer:
         self.set_state("training")
         self.status.epoch = round_number
         started_hash, started_params = params_hash(self.model), snapshot(self.model)
-        segment_steps = self.spec.verification.segment_steps or DEFAULT_SEGMENT_STEPS
+        steps_per_segment = segment_steps(self.spec)
         segments = [training_state(self.model, opt.inner)]  # the training state at step 0, k, 2k, ..., the end
         records: list[MicroBatchRecord] = []
         compute_seconds, started = 0.0, time.perf_counter()
@@ -182,14 +181,14 @@ class Trainer:
             opt.inner_step(len(indices))
             compute_seconds += time.perf_counter() - tick
             records.append(record)
-            if len(records) % segment_steps == 0:
+            if len(records) % steps_per_segment == 0:
                 segments.append(training_state(self.model, opt.inner))
             self._update_status(records, compute_seconds, started)
         else:
             opt.wait_for_round_end(self.stop)
         if self.stop.is_set():
             return
-        if len(records) % segment_steps:
+        if len(records) % steps_per_segment:
             segments.append(training_state(self.model, opt.inner))
         end_hash = params_hash(self.model)
         result = opt.end_round()

@@ -48,7 +48,16 @@ from omi.models import (
     record_from_proto,
 )
 from omi.models.commitment import verify_proof
+from omi.models.optimizer import optimizer_for
 from omi.models.replay import Tolerances, compare, recompute
+from omi.models.segments import (
+    SegmentStep,
+    load_training_state,
+    replay_segment,
+    segment_steps,
+    state_hash,
+    training_state,
+)
 from omi.node.session import NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
@@ -73,6 +82,10 @@ DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
 # tolerance of 5 % of the parameters' norm failed — one step of that run moves them by up to 3.6 % of it); a node
 # that computed on parameters of its own choosing (another model, a long-gone epoch) is far further away.
 PARAMS_DISTANCE_STEPS = 8.0
+# A replayed segment that does not end bitwise at the committed state (another device or thread count) may lie
+# this far from it, in optimizer steps: float reordering moves it by orders of magnitude less, one skipped or
+# altered inner step by about one.
+SEGMENT_DISTANCE_STEPS = 0.1
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging timeouts (hivemind.Optimizer's default)
 
@@ -171,11 +184,9 @@ class Recomputer:
         served.params_hash = params_hash(self.model)
         return served if served.params_hash == task.params_hash else None
 
-    def check_task(self, task: pb.AuditTask, history: ParameterHistory,
-                   fetcher: ParamsFetcher | None = None) -> pb.AuditVerdict | None:
-        """The (unsigned) verdict on ``task``; None when it cannot be decided here (no parameters of its epoch,
-        or a failure on another peer's copy). With a ``fetcher``, the node's own parameters are asked for first."""
-        started = time.perf_counter()
+    @staticmethod
+    def _records_failure(task: pb.AuditTask) -> pb.AuditVerdict | None:
+        """A failed verdict if the handed-over records are not exactly the asked ones under the commitment."""
         if len(task.records) != len(task.micro_batch_indices):
             return pb.AuditVerdict(task_id=task.task_id, passed=False, reason="records of the task are missing")
         for audited in task.records:
@@ -186,6 +197,98 @@ class Recomputer:
             if not verify_proof(task.commitment, record, proof_of(audited)):
                 return pb.AuditVerdict(task_id=task.task_id, passed=False,
                                        reason=f"record {record.index} is not under the commitment")
+        return None
+
+    def check_segment(self, task: pb.AuditTask, history: ParameterHistory,
+                      fetcher: ParamsFetcher | None) -> pb.AuditVerdict | None:
+        """The verdict on a round's segment: fetch its start training state from the node (hash-checked), replay
+        its inner steps (:func:`omi.models.segments.replay_segment`), compare every record and the end state.
+
+        None (no verdict) when the node cannot be reached, or when the validator's own θ_r of the round differs
+        from the one the node committed to (a peer out of sync is not a cheat by itself)."""
+        started = time.perf_counter()
+        failure = self._records_failure(task)
+        if failure is not None:
+            return failure
+        k, indices = segment_steps(self.spec), sorted(task.micro_batch_indices)
+        segment = indices[0] // k if indices else 0
+        if not indices or indices != list(range(segment * k, min((segment + 1) * k, task.micro_batches))) or \
+                segment + 1 >= len(task.segment_hashes):
+            return pb.AuditVerdict(task_id=task.task_id, passed=False, reason="the task is not a committed segment")
+        start_hash, end_hash = task.segment_hashes[segment], task.segment_hashes[segment + 1]
+
+        def fail(reason: str, **fields) -> pb.AuditVerdict:
+            return pb.AuditVerdict(task_id=task.task_id, passed=False, reason=reason, params_from_node=True,
+                                   recompute_seconds=time.perf_counter() - started, **fields)
+
+        if fetcher is None or not task.peer_id:
+            return None
+        max_bytes = 4 * model_info(self.spec.model).bytes + (1 << 20)  # parameters and two moments
+        try:
+            start = fetcher.fetch(task.peer_id, start_hash, max_bytes=max_bytes)
+        except ParamsUnavailable as e:
+            logger.warning("task %s: could not fetch the segment's start state (%s)", task.task_id[:8], e)
+            return None
+        except ParamsRefused as e:
+            return fail(f"the node did not hand over the start state of segment {segment} ({e})")
+        if state_hash(start) != start_hash:
+            return fail(f"the state the node served does not hash to segment {segment}'s committed start")
+        optimizer = optimizer_for(self.spec.training)(self.model.parameters())
+        try:
+            load_training_state(self.model, optimizer, start)
+        except ValueError as e:
+            return fail(f"segment {segment}'s start state does not fit the run's model ({e})")
+        theta = params_hash(self.model)
+        if segment == 0 and theta != task.params_hash:
+            return fail("the round's first segment does not start at the parameters the contribution names (θ_r)",
+                        params_hash=theta)
+        own, exact = history.find(task.params_hash, task.epoch)
+        if segment == 0 and own is not None and not exact:
+            logger.warning("task %s: the node's θ_r of round %d is not this validator's; no verdict",
+                           task.task_id[:8], task.epoch)
+            return None
+        training = self.spec.training
+        claimed = {r.index: r for r in (record_from_proto(a.record) for a in task.records)}
+        steps = [SegmentStep(index=i, samples=micro_batch_samples(task.assignment, i, max(claimed[i].samples, 1)),
+                             seed=micro_batch_seed(training.seed, self.spec.run_id, task.epoch, task.node_id, i))
+                 for i in indices]
+        replayed = replay_segment(self.model, optimizer, self.scheduler, self.source, steps,
+                                  prediction_type=training.prediction_type, sketch=self.sketch)
+        checks = [compare(claimed[r.index], r, self.exact) for r in replayed]
+        worst = max(checks, key=lambda c: c.sketch_diff if math.isfinite(c.sketch_diff) else math.inf)
+        fields = dict(checks=[c.to_proto() for c in checks], params_hash=theta, exact_params=True)
+        if not all(c.passed for c in checks):
+            return fail(f"inner step {worst.index} differs: loss {worst.loss_diff:.2e}, norm {worst.norm_diff:.2e}, "
+                        f"sketch {worst.sketch_diff:.2e}", **fields)
+        distance = 0.0
+        if state_hash(training_state(self.model, optimizer)) != end_hash:
+            # bitwise only on the node's device and thread count: elsewhere measure how far the end states lie
+            try:
+                end = fetcher.fetch(task.peer_id, end_hash, max_bytes=max_bytes)
+            except (ParamsUnavailable, ParamsRefused) as e:
+                return fail(f"segment {segment} does not end at the committed state and the node did not hand "
+                            f"that state over ({e})", **fields)
+            if state_hash(end) != end_hash:
+                return fail(f"the state the node served does not hash to segment {segment}'s committed end", **fields)
+            own_params = dict(self.model.named_parameters())
+            distance = math.sqrt(sum(float((own_params[n].detach().cpu().double() - end[n].double()).pow(2).sum())
+                                     for n in own_params)) / self.step_length()
+            if not distance <= SEGMENT_DISTANCE_STEPS:
+                return fail(f"segment {segment}'s inner steps end {distance:.3g} optimizer steps from the committed "
+                            f"end state (tolerance {SEGMENT_DISTANCE_STEPS:g})", params_distance=distance, **fields)
+        return pb.AuditVerdict(task_id=task.task_id, passed=True, params_from_node=True, params_distance=distance,
+                               recompute_seconds=time.perf_counter() - started, **fields)
+
+    def check_task(self, task: pb.AuditTask, history: ParameterHistory,
+                   fetcher: ParamsFetcher | None = None) -> pb.AuditVerdict | None:
+        """The (unsigned) verdict on ``task``; None when it cannot be decided here (no parameters of its epoch,
+        or a failure on another peer's copy). With a ``fetcher``, the node's own parameters are asked for first."""
+        if task.segment_hashes:
+            return self.check_segment(task, history, fetcher)
+        started = time.perf_counter()
+        failure = self._records_failure(task)
+        if failure is not None:
+            return failure
         snapshot, exact = history.find(task.params_hash, task.epoch)
         from_node, distance, refused = False, -1.0, ""
         if not exact and fetcher is not None and task.peer_id:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from omi.models import build_for_spec, micro_batch_seed, model_info, open_source
+from omi.models import GradientSketch, build_for_spec, micro_batch_seed, model_info, open_source
 from omi.models.optimizer import optimizer_for
 from omi.models.replay import recompute
 from omi.models.segments import SegmentStep, load_training_state, replay_segment, state_hash, training_state
@@ -30,10 +30,11 @@ def _node_round(parts, *, skip: set[int] = frozenset(), other_data: bool = False
     model, scheduler, source, steps = parts
     model = build_for_spec(SPEC)[0]
     optimizer = optimizer_for(SPEC.training)(model.parameters())
+    sketch = GradientSketch(model, SPEC.verification.sketch_size, seed=SPEC.training.seed)
     records, states = [], [training_state(model, optimizer)]
     for step in steps:
         samples = [s + 1000 for s in step.samples] if other_data else step.samples
-        record = recompute(model, scheduler, source, samples, step.seed, "epsilon", None, index=step.index,
+        record = recompute(model, scheduler, source, samples, step.seed, "epsilon", sketch, index=step.index,
                            keep_grad=True)
         if step.index not in skip:
             optimizer.step()
@@ -84,3 +85,68 @@ def test_a_state_that_does_not_fit_the_model_is_refused(parts):
     state["intruder.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="does not fit"):
         load_training_state(model, optimizer, state)
+
+
+# ---------------------------------------------------------------- a validator's segment audit, node state over P2P
+
+def _assignment():
+    from omi.protos import pb
+
+    return pb.WorkAssignment(shards=[pb.ShardRange(shard_id=0, start=0, end=64)], seed=11, micro_batch_size=8)
+
+
+def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes):
+    from omi.models import merkle_root, micro_batch_samples
+    from omi.models.records import audited_record
+    from omi.protos import pb
+
+    k = SPEC.verification.segment_steps
+    indices = list(range(segment * k, (segment + 1) * k))
+    assert [micro_batch_samples(_assignment(), i, 8) for i in range(STEPS)]  # the node's samples
+    return pb.AuditTask(task_id="t" * 8, run_id=SPEC.run_id, node_id="node", epoch=0, params_hash=params_hash,
+                        assignment=_assignment(), micro_batch_indices=indices, has_task=True,
+                        records=[audited_record(records, i) for i in indices], commitment=merkle_root(records),
+                        micro_batches=len(records), peer_id=peer_id,
+                        segment_hashes=[state_hash(s) for s in states])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("cheat", ["honest", "skips_a_step", "other_data", "end_elsewhere"])
+def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht, parts, cheat):
+    from omi.models import micro_batch_samples, params_hash
+    from omi.node.validator import ParameterHistory, Recomputer
+    from omi.swarm.params_p2p import ParamsFetcher, ParamsServer
+
+    swarm_spec, _bootstrap, (node_dht, validator_dht) = swarm_dht
+    model, scheduler, source, _ = parts
+    steps = [SegmentStep(index=i, samples=micro_batch_samples(_assignment(), i, 8),
+                         seed=micro_batch_seed(SPEC.training.seed, SPEC.run_id, 0, "node", i)) for i in range(STEPS)]
+    records, states = _node_round((model, scheduler, source, steps), skip={4} if cheat == "skips_a_step" else set(),
+                                  other_data=cheat == "other_data")
+    if cheat == "end_elsewhere":  # honest records, but it commits to (and serves) an end state of its own making
+        states[2] = {name: t + 1e-3 if "|" not in name else t for name, t in states[2].items()}
+    theta = build_for_spec(SPEC)[0]
+    server = ParamsServer.start(node_dht, swarm_spec, keep=8)
+    fetcher = ParamsFetcher(validator_dht, swarm_spec, timeout=20)
+    try:
+        for state in states:  # the node holds its audited round's states
+            server.hold(state_hash(state), state)
+        task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta))
+        verdict = Recomputer.for_spec(SPEC).check_task(task, ParameterHistory(5), fetcher)
+    finally:
+        fetcher.shutdown()
+        server.shutdown()
+    assert verdict is not None
+    if cheat == "honest":
+        assert verdict.passed, verdict.reason
+        assert len(verdict.checks) == SPEC.verification.segment_steps and verdict.params_from_node
+    else:
+        # skipping step 4 moves what step 5 computes on (its record), other data changes every record
+        assert not verdict.passed
+        if cheat == "end_elsewhere":
+            assert "optimizer steps from the committed end state" in verdict.reason, verdict.reason
+            return
+        assert "differs" in verdict.reason, verdict.reason
+        failed = [c.index for c in verdict.checks if not c.passed]
+        assert failed == ([5] if cheat == "skips_a_step" else [3, 4, 5])
