@@ -76,7 +76,7 @@ class Trainer:
     """Trains a node's epochs and reports them; one method per behaviour the auditor checks.
 
     tests/adversaries/ overrides exactly one hook per attack (``_micro_batch``, ``_before_averaging``, ``_commit``,
-    ``_hand_over``, ``_hold_params``).
+    ``_hand_over``, ``_hold_params``, ``_hold_segments``).
 
     :param session: the node's registered session (its client sends work requests and reports)
     :param spec: the run's RunSpec
@@ -267,6 +267,12 @@ class Trainer:
         """The coordinator audits ``epoch``: keep the parameters it started from for validators to fetch."""
         self.params_server.hold(started_hash, started_params)
 
+    def _hold_segments(self, round_number: int, segments: list[dict[str, torch.Tensor]]) -> None:
+        """The coordinator audits ``round_number``: keep its training states for the validator, which replays one
+        segment from its start state."""
+        for state in segments:
+            self.params_server.hold(state_hash(state), state)
+
     def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
         opt, status = self.optimizer, self.status
         samples = sum(record.samples for record in records)
@@ -314,11 +320,11 @@ class Trainer:
             return
         if reply.accepted:
             self.status.contributions += 1
-        if reply.audit_task_id and round_result is not None:
-            for state in segments:  # the validator replays one segment from its start state
-                self.params_server.hold(state_hash(state), state)
-        elif reply.audit_task_id:
-            self._hold_params(epoch, started_hash, started_params)
+        if reply.audit_task_id:
+            if round_result is not None:
+                self._hold_segments(epoch, segments)
+            else:
+                self._hold_params(epoch, started_hash, started_params)
             self._hand_over(epoch, reply.audit_task_id)
         if round_result is not None:
             logger.info("round %d: reported %d samples in %d inner steps, loss %.4f, %.1f s of compute, %.1f s of "
