@@ -211,6 +211,16 @@ def regression_batch(generator, batch_size: int):
     return x, (x @ w).unsqueeze(1)
 
 
+def _trainer_peer(config: dict):
+    """A trainer's RunSpec (with the test's initial peers) and its DHT peer, from its config."""
+    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
+    spec.initial_peers[:] = config["initial_peers"]
+    dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
+                          swarm_key=swarm.load_or_create_swarm_key(config["swarm_key_path"]),
+                          identity_path=config["identity_path"])
+    return spec, dht
+
+
 def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
     """Wait until the other trainers published their tokens (they are up), so the first epochs are less often
     stepped alone; the progress tracker sees a peer only after that peer reported samples."""
@@ -231,11 +241,7 @@ def run_trainer(config: dict) -> None:
     import torch
 
     torch.set_num_threads(1)  # this peer's own process (several peers share 2 cores)
-    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
-    spec.initial_peers[:] = config["initial_peers"]
-    dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
-                          swarm_key=swarm.load_or_create_swarm_key(config["swarm_key_path"]),
-                          identity_path=config["identity_path"])
+    spec, dht = _trainer_peer(config)
     model = tiny_model()
     batch_size = config.get("batch_size", 8)
     opt = swarm.make_optimizer(model, spec, dht, batch_size_per_step=batch_size, verbose=True)
@@ -298,11 +304,7 @@ def run_round_trainer(config: dict) -> None:
 
     torch.set_num_threads(1)
     time.sleep(config.get("start_delay", 0.0))
-    spec = pb.RunSpec.FromString(Path(config["spec_path"]).read_bytes())
-    spec.initial_peers[:] = config["initial_peers"]
-    dht = swarm.start_dht(spec, swarm.TokenFile(config["token_path"]),
-                          swarm_key=swarm.load_or_create_swarm_key(config["swarm_key_path"]),
-                          identity_path=config["identity_path"])
+    spec, dht = _trainer_peer(config)
     model = tiny_model()
     opt = RoundOptimizer(model, spec, dht)
     _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58()))
@@ -343,4 +345,5 @@ def run_round_trainer(config: dict) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     role, config_path = sys.argv[1], sys.argv[2]
-    {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer}[role](json.loads(Path(config_path).read_text()))
+    roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer}
+    roles[role](json.loads(Path(config_path).read_text()))

@@ -14,20 +14,11 @@ from pathlib import Path
 
 import pytest
 from omi.swarm import lifetime
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, wait_until
+from processes import NodeProcess, wait_until
 
 # seconds after the kill; all end within about a second (the DHT process looks for its parent every second,
 # torch's shared-memory manager ends when its last client has)
 GONE_WITHIN = 30.0
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN)
-    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
-    yield server
-    kill_group(server.proc)
 
 
 def _stat(pid: int) -> list[str] | None:

@@ -11,20 +11,11 @@ from omi.models import build_model, load_pretrained
 from omi.node.client import CoordinatorClient
 from omi.protos import pb
 from omi.protos.signing import generate_key
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node, wait_until
+from processes import NodeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
 REPORTED = re.compile(r"epoch (\d+): reported")  # a node's log line for an accepted contribution
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN)
-    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
-    yield server
-    kill_group(server.proc)
 
 
 def flat_params(model) -> torch.Tensor:
