@@ -41,7 +41,6 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +64,7 @@ from omi.models import (
 from omi.models.data import DataSource
 from omi.models.microbatch import trainable_parameters
 from omi.models.optimizer import optimizer_for
+from omi.models.quality import one_thread
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
 from omi.swarm.compression import COMPRESSIONS  # also fixes hivemind's 8-bit decoder
@@ -114,18 +114,6 @@ class Row:
         return cls(int(match[1]), match[2], bool(match[3]))
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """hivemind's 8-bit quantizer calls ``torch.quantize_per_tensor`` once per tensor part: with two threads on two
-    busy cores each call waits ~7 ms for the thread pool, with one it takes microseconds (measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------- the wire
 
 
@@ -148,6 +136,8 @@ def butterfly_all_reduce(deltas: list[list[torch.Tensor]], weights: list[float],
     parts = [[TensorPartContainer(tensors, [1.0] * num_peers, compression=compression).get_raw_input_parts(p)
               for p in range(num_peers)] for tensors in deltas]  # parts[sender][reducer]: that reducer's parts
     averaged, sent = [], 0
+    # hivemind's 8-bit quantizer calls torch.quantize_per_tensor once per tensor part: with two threads on two
+    # busy cores each call waits ~7 ms for the thread pool, with one it takes microseconds (measured)
     with one_thread():
         for reducer in range(num_peers):
             for index in range(len(parts[reducer][reducer])):

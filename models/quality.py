@@ -70,7 +70,7 @@ class DigitClassifier(nn.Module):
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """The classifier is tiny: one thread is fastest, and on a busy machine two threads wait on each other
     (training took 32 s with 2 threads against 1.5 s with 1 while other jobs loaded both cores)."""
     threads = torch.get_num_threads()
@@ -109,7 +109,7 @@ def train_classifier(epochs: int = 40, seed: int = 0) -> DigitClassifier:
         torch.manual_seed(seed)
         model = DigitClassifier()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    with torch.enable_grad(), _one_thread():  # callers may be inside no_grad (quality_score is)
+    with torch.enable_grad(), one_thread():  # callers may be inside no_grad (quality_score is)
         for _ in range(epochs):
             order = torch.randperm(len(images), generator=generator)
             for batch in order.split(128):
@@ -181,7 +181,7 @@ def quality_score(images: torch.Tensor, *, cache_dir: str | Path | None = None) 
     if images.shape[-2:] != (RESOLUTION, RESOLUTION):
         images = F.interpolate(images, size=(RESOLUTION, RESOLUTION), mode="bilinear", antialias=True,
                                align_corners=False)
-    with _one_thread():
+    with one_thread():
         features = judge.model.features(images)
         probabilities = judge.model.head(features).softmax(dim=1)
     top, classes = probabilities.max(dim=1)
