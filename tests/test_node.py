@@ -61,12 +61,17 @@ def test_three_volunteers_train_together(coordinator, tmp_path):
     last_epoch = [c.mean_loss for c in ledger if c.epoch == max(c.epoch for c in ledger)]
     assert sum(last_epoch) / len(last_epoch) < 0.7 * sum(first_epoch) / len(first_epoch), (first_epoch, last_epoch)
 
-    # the swarm averaged: nodes at the same epoch hold (nearly) the same parameters
+    # the swarm averaged: nodes hold (nearly) the same parameters. Stopped by one Ctrl-C each at the same moment,
+    # a node may leave just before or after an optimizer step that the others took, so nodes one epoch apart
+    # are compared too, with room for that one step (~0.1 of the distance travelled by epoch 20). Without
+    # averaging, each node's AdamW steps would take it about as far from the others as from the init (~1).
     saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
-    epoch, count = Counter(saved.values()).most_common(1)[0]
-    assert count >= 2, f"no two nodes ended at the same epoch: {saved}"
-    # without averaging, each node's AdamW steps would take it about as far from the others as from the init
-    assert relative_spread([tmp_path / f"model-{i}" for i, e in saved.items() if e == epoch]) < 0.05
+    for gap, bound in ((0, 0.05), (1, 0.25)):
+        pairs = [(i, j) for i in saved for j in saved if i < j and abs(saved[i] - saved[j]) == gap]
+        for i, j in pairs:
+            spread = relative_spread([tmp_path / f"model-{i}", tmp_path / f"model-{j}"])
+            assert spread < bound, (saved, i, j, spread)
+    assert any(abs(saved[i] - saved[j]) <= 1 for i in saved for j in saved if i < j), f"nodes far apart: {saved}"
     # gradients were all-reduced across peers (on 2 shared cores, beside the coordinator's validator and
     # checkpointer, a round often gathers 2 of the 3; parameter averaging keeps the third close, as checked above)
     assert any(re.search(r"averaged with [23] peers", node.output()) for node in nodes)
