@@ -63,7 +63,7 @@ def test_three_volunteers_train_together(coordinator, tmp_path):
 
     # the swarm averaged: nodes hold (nearly) the same parameters. Stopped by one Ctrl-C each at the same moment,
     # a node may leave just before or after an optimizer step that the others took, so nodes one epoch apart
-    # are compared too, with room for that one step (~0.1 of the distance travelled by epoch 20). Without
+    # are compared too, with room for that one step (one of ~20 AdamW steps taken by then). Without
     # averaging, each node's AdamW steps would take it about as far from the others as from the init (~1).
     saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
     for gap, bound in ((0, 0.05), (1, 0.25)):
