@@ -67,7 +67,7 @@ from omi.models.optimizer import optimizer_for
 from omi.models.quality import one_thread
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
-from omi.swarm.compression import COMPRESSIONS  # also fixes hivemind's 8-bit decoder
+from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback  # also fixes hivemind's 8-bit decoder
 from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
@@ -99,19 +99,24 @@ class Row:
     inner_steps: int  # H
     compression: str  # a key of omi.swarm.compression.COMPRESSIONS
     overlap: bool = False  # the outer update lands one round late
+    density: float = 1.0  # < 1: top-k of Δ with error feedback (compression sparse8bit)
 
     @property
     def name(self) -> str:
-        return f"H{self.inner_steps}-{self.compression}" + ("-overlap" if self.overlap else "")
+        kind = f"topk{self.density:g}" if self.density < 1 else self.compression
+        return f"H{self.inner_steps}-{kind}" + ("-overlap" if self.overlap else "")
 
     @classmethod
     def parse(cls, text: str) -> Row:
-        """``H20-uniform8bit`` or ``H20-uniform8bit-overlap``."""
-        match = re.fullmatch(r"H(\d+)-([a-z0-9_]+?)(-overlap)?", text.strip())
-        if not match or int(match[1]) <= 0 or match[2] not in COMPRESSIONS:
-            raise ValueError(f"bad row {text!r}: expected H<inner steps>-<{'|'.join(COMPRESSIONS)}>[-overlap], "
-                             f"e.g. {DEFAULT_RUN_ROW}")
-        return cls(int(match[1]), match[2], bool(match[3]))
+        """``H20-uniform8bit``, ``H20-uniform8bit-overlap`` or ``H20-topk0.02`` (2 % of Δ, sparse8bit)."""
+        match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)|[a-z0-9_]+?)(-overlap)?", text.strip())
+        dense = {name for name in COMPRESSIONS if name != "sparse8bit"}
+        if not match or int(match[1]) <= 0 or not (match[3] and 0 < float(match[3]) < 1 or match[2] in dense):
+            raise ValueError(f"bad row {text!r}: expected H<inner steps>-<{'|'.join(sorted(dense))}|topk<density>>"
+                             f"[-overlap], e.g. {DEFAULT_RUN_ROW} or H20-topk0.02")
+        if match[3]:
+            return cls(int(match[1]), "sparse8bit", bool(match[4]), float(match[3]))
+        return cls(int(match[1]), match[2], bool(match[4]))
 
 
 # ---------------------------------------------------------------- the wire
@@ -191,6 +196,7 @@ class Worker:
     order: Iterator[tuple[int, int]]
     micro_batches: int = 0
     losses: list[float] = field(default_factory=list)
+    feedback: TopKErrorFeedback | None = None  # top-k of Δ with error feedback, as RoundOptimizer does
 
     def start_round(self, theta: list[torch.Tensor]) -> None:
         with torch.no_grad():
@@ -214,9 +220,10 @@ class Worker:
         return samples
 
     def delta(self, theta: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The pseudo-gradient θ_r − θ_k, float32 on the CPU."""
-        return [g - p.detach().to("cpu", torch.float32) for g, p in zip(theta, trainable_parameters(self.model),
-                                                                         strict=True)]
+        """The pseudo-gradient θ_r − θ_k as it is sent: float32 on the CPU, top-k'd if the row says so."""
+        delta = [g - p.detach().to("cpu", torch.float32) for g, p in zip(theta, trainable_parameters(self.model),
+                                                                          strict=True)]
+        return self.feedback(delta) if self.feedback is not None else delta
 
 
 def outer_optimizer(theta: list[torch.Tensor], rounds: pb.RoundsSpec) -> torch.optim.SGD:
@@ -291,7 +298,8 @@ def train_rounds(spec: pb.RunSpec, row: Row, samples: int, device: torch.device,
         local = copy.deepcopy(model).to(device).train()
         name = f"worker-{k}"
         workers.append(Worker(name, local, optimizer_for(training)(trainable_parameters(local)),
-                              worker_order(len(source), training.seed, name, k, WORKERS)))
+                              worker_order(len(source), training.seed, name, k, WORKERS),
+                              feedback=TopKErrorFeedback(row.density) if row.density < 1 else None))
     compression = COMPRESSIONS[row.compression]()
     steps_per_worker = samples // (WORKERS * training.micro_batch_size)
     done = rounds = sent = trained = 0

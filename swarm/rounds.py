@@ -20,6 +20,11 @@ compressed once, and use the decompressed copy for its own part too, so every me
 same bytes; the outer step runs on the CPU in float32 on the same inputs, so honest peers hold bitwise the same
 θ_{r+1} (tests/test_rounds.py checks the hashes).
 
+**Top-k with error feedback** (``[rounds] topk_density < 1``, ``compression = "sparse8bit"``; SparseLoCo,
+Deep Gradient Compression): each peer sends only the largest ``topk_density`` share of the entries of Δ + e, in
+8 bits with their positions, and keeps the rest as its residual e for the next round. The averages of sparse
+parts are sparse too (at most the group's union of positions), so both directions of the all-reduce shrink.
+
 **Overlap** (``[rounds] overlap = true``; Streaming DiLoCo, Douillard et al. 2025, and the one-step-delayed outer
 update of INTELLECT-1): at the end of round r the all-reduce of Δ_r starts in the background and round r+1 begins
 at once from θ_{r+1} = OuterStep(θ_r, Δ̄_{r−1}), the average of the *previous* round, which finished while round r
@@ -55,7 +60,7 @@ from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledAveragerMixin, TrackedAllReduceRunner
-from omi.swarm.compression import COMPRESSIONS
+from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback
 from omi.swarm.reduce import CenteredClipAllReduceRunner
 
 logger = logging.getLogger(__name__)
@@ -206,7 +211,7 @@ class RoundResult:
     applied: bool  # whether an outer step was applied at this round's end
     bytes_sent: int  # serialized bytes this peer's all-reduces sent since the previous round ended
     sync_seconds: float  # wall seconds this call spent outside compute (waiting for the all-reduce, outer step)
-    delta: list[torch.Tensor]  # the pseudo-gradient this peer sent (θ_r − θ_local), on the CPU
+    delta: list[torch.Tensor]  # this peer's pseudo-gradient θ_r − θ_local, on the CPU (before top-k, if any)
 
 
 class RoundOptimizer:
@@ -241,6 +246,8 @@ class RoundOptimizer:
         for p in self.global_params:  # momentum buffers exist from the start, so the state shape never changes
             self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.samples_per_peer = rounds.inner_steps * training.micro_batch_size
+        density = rounds.topk_density or 1.0
+        self.feedback = TopKErrorFeedback(density) if density < 1 else None  # top-k of Δ, the rest kept for later
         self.load_state_timeout = load_state_timeout or 2 * averaging.averaging_timeout
         self.round = 0
         self.samples = self.inner_steps = 0  # this peer's, in the current round
@@ -377,10 +384,8 @@ class RoundOptimizer:
         eta = max(self.samples_per_peer * progress.num_peers - progress.samples_accumulated, 0) / max(rate, 1e-9)
         if eta > averaging.matchmaking_time:
             return
-        self._scheduled = self.averager.step(
-            scheduled_time=get_dht_time() + max(eta, 1.0), weight=1.0, wait=False, require_trigger=True,
-            timeout=averaging.matchmaking_time + averaging.averaging_timeout,
-            gather=dict(round=self.round, theta=self.start_hash))
+        self._scheduled = self._matchmake(
+            scheduled_time=get_dht_time() + max(eta, 1.0), weight=1.0, require_trigger=True)
         self._scheduled_round = self.round
 
     def round_closed(self) -> bool:
@@ -409,15 +414,16 @@ class RoundOptimizer:
         delta = [g - p.detach().to("cpu", torch.float32) for g, p in zip(self.global_params, self.params, strict=True)]
         closed, samples, steps = self.round, self.samples, self.inner_steps
         peers = self.tracker.global_progress.num_peers
+        sent = self.feedback(delta) if self.feedback is not None else delta
         if self.spec.rounds.overlap:
             # the previous round's average is read out of the averager before this round's pseudo-gradient goes in
             previous, self._pending = self._pending, None
             averaged, group_size = self._finish_average(previous) if previous is not None else (None, 0)
             if previous is None and self._missing_update:
                 self._needs_sync, self._missing_update = True, False
-            self._pending = self._start_average(delta, samples, peers)
+            self._pending = self._start_average(sent, samples, peers)
         else:
-            averaged, group_size = self._finish_average(self._start_average(delta, samples, peers))
+            averaged, group_size = self._finish_average(self._start_average(sent, samples, peers))
         self._group_size = group_size
         if averaged is not None:
             with self._lock:
@@ -469,11 +475,21 @@ class RoundOptimizer:
             scheduled.allow_allreduce()
             pending.control = scheduled
             return pending
-        averaging = self.spec.averaging
-        pending.control = self.averager.step(weight=float(max(samples, 1)), wait=False,
-                                             timeout=averaging.matchmaking_time + averaging.averaging_timeout,
-                                             gather=dict(round=self.round, theta=pending.start_hash))
+        pending.control = self._matchmake(weight=float(max(samples, 1)))
         return pending
+
+    def _matchmake(self, **step_kwargs):
+        """Start this round's all-reduce (hivemind ``StepControl``), matched only with peers at the same round.
+
+        The group key carries the round (its low 8 bits as hivemind's group bits): with overlap, a peer's all-reduce
+        of round r can still look for a group while a late joiner already averages round r+1; one group of both
+        would mix two rounds' pseudo-gradients and make the older peers look out of sync (seen in
+        tests/test_rounds.py). hivemind re-derives the bits after each group, so they are set before every step.
+        """
+        averaging = self.spec.averaging
+        self.averager.set_group_bits(format(self.round % 256, "08b"))
+        return self.averager.step(wait=False, timeout=averaging.matchmaking_time + averaging.averaging_timeout,
+                                  gather=dict(round=self.round, theta=self.start_hash), **step_kwargs)
 
     def _finish_average(self, pending: _Average) -> tuple[list[torch.Tensor] | None, int]:
         """Wait for an all-reduce; returns (the average, or None if it failed; the group size)."""

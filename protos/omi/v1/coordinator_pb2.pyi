@@ -73,20 +73,22 @@ class AveragingSpec(_message.Message):
     def __init__(self, matchmaking_time: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., compression: _Optional[str] = ..., reducer: _Optional[str] = ..., clip_tau: _Optional[float] = ..., clip_iterations: _Optional[int] = ..., load_state_from_peers: _Optional[bool] = ...) -> None: ...
 
 class RoundsSpec(_message.Message):
-    __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression")
+    __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression", "topk_density")
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
     OUTER_NESTEROV_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    TOPK_DENSITY_FIELD_NUMBER: _ClassVar[int]
     inner_steps: int
     outer_learning_rate: float
     outer_momentum: float
     outer_nesterov: bool
     overlap: bool
     compression: str
-    def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ...) -> None: ...
+    topk_density: float
+    def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ..., topk_density: _Optional[float] = ...) -> None: ...
 
 class VerificationSpec(_message.Message):
     __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
