@@ -190,7 +190,8 @@ class Auditor:
                                 assignment=assignment, micro_batch_indices=json.loads(audit.micro_batch_indices),
                                 audit_seed=audit.audit_seed, has_task=True, records=records,
                                 commitment=contribution.commitment, micro_batches=contribution.micro_batches,
-                                peer_id=peer_id or "", segment_hashes=contribution.segment_hashes)
+                                peer_id=peer_id or "", segment_hashes=contribution.segment_hashes,
+                                delta_sketch=contribution.delta_sketch)
 
     def record_verdict(self, validator: Caller, verdict: pb.AuditVerdict) -> None:
         """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""

@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,13 @@ def params_hash(model: torch.nn.Module) -> bytes:
 
     Two nodes agree on this hash exactly when they hold bitwise the same parameters.
     """
+    return named_tensors_hash(model.named_parameters())
+
+
+def named_tensors_hash(named: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """:func:`params_hash` of ``(name, tensor)`` pairs given in the model's parameter order (e.g. a held state)."""
     digest = hashlib.sha256(b"omi-params-v1")
-    for name, param in model.named_parameters():
+    for name, param in named:
         tensor = param.detach().to("cpu").contiguous()
         header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode()
         digest.update(struct.pack("<I", len(header)) + header)

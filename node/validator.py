@@ -48,6 +48,7 @@ from omi.models import (
     record_from_proto,
 )
 from omi.models.commitment import verify_proof
+from omi.models.microbatch import named_tensors_hash
 from omi.models.optimizer import optimizer_for
 from omi.models.replay import Tolerances, compare, recompute
 from omi.models.segments import (
@@ -86,6 +87,9 @@ PARAMS_DISTANCE_STEPS = 8.0
 # this far from it, in optimizer steps: float reordering moves it by orders of magnitude less, one skipped or
 # altered inner step by about one.
 SEGMENT_DISTANCE_STEPS = 0.1
+# The committed sketch of Δ against the sketch of θ_r − the committed end state: both are computed from the same
+# float32 tensors on the CPU, so they agree bitwise; the tolerance only absorbs summation order
+DELTA_SKETCH_TOLERANCE = 1e-4
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
 STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging timeouts (hivemind.Optimizer's default)
 
@@ -261,6 +265,7 @@ class Recomputer:
             return fail(f"inner step {worst.index} differs: loss {worst.loss_diff:.2e}, norm {worst.norm_diff:.2e}, "
                         f"sketch {worst.sketch_diff:.2e}", **fields)
         distance = 0.0
+        end_params = {n: p.detach().cpu() for n, p in self.model.named_parameters()}  # the replayed end...
         if state_hash(training_state(self.model, optimizer)) != end_hash:
             # bitwise only on the node's device and thread count: elsewhere measure how far the end states lie
             try:
@@ -270,14 +275,61 @@ class Recomputer:
                             f"that state over ({e})", **fields)
             if state_hash(end) != end_hash:
                 return fail(f"the state the node served does not hash to segment {segment}'s committed end", **fields)
-            own_params = dict(self.model.named_parameters())
-            distance = math.sqrt(sum(float((own_params[n].detach().cpu().double() - end[n].double()).pow(2).sum())
-                                     for n in own_params)) / self.step_length()
+            distance = math.sqrt(sum(float((end_params[n].double() - end[n].double()).pow(2).sum())
+                                     for n in end_params)) / self.step_length()
+            end_params = end  # ... unless it is not bitwise the committed one: then the committed one
             if not distance <= SEGMENT_DISTANCE_STEPS:
                 return fail(f"segment {segment}'s inner steps end {distance:.3g} optimizer steps from the committed "
                             f"end state (tolerance {SEGMENT_DISTANCE_STEPS:g})", params_distance=distance, **fields)
+        if task.delta_sketch:
+            reason = self._delta_failure(task, own if exact else None, end_params, segment, fetcher, max_bytes)
+            if reason is not None:
+                return fail(reason, params_distance=distance, **fields)
         return pb.AuditVerdict(task_id=task.task_id, passed=True, params_from_node=True, params_distance=distance,
                                recompute_seconds=time.perf_counter() - started, **fields)
+
+    def _delta_failure(self, task: pb.AuditTask, theta: Snapshot | None, end: dict[str, torch.Tensor],
+                       segment: int, fetcher: ParamsFetcher, max_bytes: int) -> str | None:
+        """Why the committed sketch of Δ is not the sketch of θ_r − (the round's committed end state), or None.
+
+        θ_r is this validator's own snapshot when it holds the committed one, else the round's first segment start
+        state, fetched from the node (hash-checked; its parameters must hash to θ_r). The end state is the audited
+        segment's end when it is the round's last, else fetched by the last committed hash."""
+        hashes = task.segment_hashes
+        try:
+            if theta is None:
+                start = fetcher.fetch(task.peer_id, hashes[0], max_bytes=max_bytes)
+                if state_hash(start) != hashes[0]:
+                    return "the state the node served does not hash to the round's committed start"
+                theta_params = {n: start[n] for n, _ in self.model.named_parameters() if n in start}
+                if named_tensors_hash(theta_params.items()) != task.params_hash:
+                    return "the round's committed start state is not the parameters the contribution names (θ_r)"
+            else:
+                theta_params = theta.state
+            if segment + 2 < len(hashes):
+                final = fetcher.fetch(task.peer_id, hashes[-1], max_bytes=max_bytes)
+                if state_hash(final) != hashes[-1]:
+                    return "the state the node served does not hash to the round's committed end"
+                end = final
+        except ParamsUnavailable as e:
+            logger.warning("task %s: could not fetch a state for the Δ check (%s)", task.task_id[:8], e)
+            return None
+        except ParamsRefused as e:
+            return f"the node did not hand over a committed state of its round ({e})"
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        try:
+            delta = [theta_params[n].detach().cpu().float() - end[n].detach().cpu().float() for n in names]
+        except KeyError as e:
+            return f"a committed state lacks parameter {e}"
+        expected = self.sketch.of_grads(delta, delta)  # as the node sketches what it sent (node/trainer.py)
+        claimed = torch.tensor(list(task.delta_sketch), dtype=torch.float32)
+        if claimed.shape != expected.shape:
+            return f"the pseudo-gradient sketch has {claimed.numel()} numbers, not {expected.numel()}"
+        difference = float((claimed - expected).norm() / expected.norm().clamp_min(1e-12))
+        if not difference <= DELTA_SKETCH_TOLERANCE:
+            return (f"the committed pseudo-gradient is not θ_r − the committed end state (sketch differs by "
+                    f"{difference:.2e}, tolerance {DELTA_SKETCH_TOLERANCE:g})")
+        return None
 
     def check_task(self, task: pb.AuditTask, history: ParameterHistory,
                    fetcher: ParamsFetcher | None = None) -> pb.AuditVerdict | None:

@@ -95,7 +95,16 @@ def _assignment():
     return pb.WorkAssignment(shards=[pb.ShardRange(shard_id=0, start=0, end=64)], seed=11, micro_batch_size=8)
 
 
-def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes):
+def _delta_sketch(states, scale: float = 1.0) -> list[float]:
+    """The node's committed sketch of its pseudo-gradient θ_r − θ_end (node/trainer.py), optionally scaled."""
+    model = build_for_spec(SPEC)[0]
+    sketch = GradientSketch(model, SPEC.verification.sketch_size, seed=SPEC.training.seed)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    delta = [scale * (states[0][n].float() - states[-1][n].float()) for n in names]
+    return sketch.of_grads(delta, delta).tolist()
+
+
+def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes, delta_sketch=()):
     from omi.models import merkle_root, micro_batch_samples
     from omi.models.records import audited_record
     from omi.protos import pb
@@ -107,12 +116,12 @@ def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes)
                         assignment=_assignment(), micro_batch_indices=indices, has_task=True,
                         records=[audited_record(records, i) for i in indices], commitment=merkle_root(records),
                         micro_batches=len(records), peer_id=peer_id,
-                        segment_hashes=[state_hash(s) for s in states])
+                        segment_hashes=[state_hash(s) for s in states], delta_sketch=delta_sketch)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("cheat", ["honest", "skips_a_step", "other_data", "end_elsewhere"])
+@pytest.mark.parametrize("cheat", ["honest", "skips_a_step", "other_data", "end_elsewhere", "delta_elsewhere"])
 def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht, parts, cheat):
     from omi.models import micro_batch_samples, params_hash
     from omi.node.validator import ParameterHistory, Recomputer
@@ -132,7 +141,9 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
     try:
         for state in states:  # the node holds its audited round's states
             server.hold(state_hash(state), state)
-        task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta))
+        # every task carries the round's committed Δ sketch; "delta_elsewhere" commits to (and would send) 2 × Δ
+        delta_sketch = _delta_sketch(states, 2.0 if cheat == "delta_elsewhere" else 1.0)
+        task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta), delta_sketch)
         verdict = Recomputer.for_spec(SPEC).check_task(task, ParameterHistory(5), fetcher)
     finally:
         fetcher.shutdown()
@@ -144,6 +155,10 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
     else:
         # skipping step 4 moves what step 5 computes on (its record), other data changes every record
         assert not verdict.passed
+        if cheat == "delta_elsewhere":  # every inner step and the end state check out; Δ does not
+            assert "pseudo-gradient is not θ_r − the committed end state" in verdict.reason, verdict.reason
+            assert all(c.passed for c in verdict.checks)
+            return
         if cheat == "end_elsewhere":
             assert "optimizer steps from the committed end state" in verdict.reason, verdict.reason
             return

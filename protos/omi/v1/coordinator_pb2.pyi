@@ -413,7 +413,7 @@ class GetAuditTaskRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
-    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes")
+    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes", "delta_sketch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +429,7 @@ class AuditTask(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_HASHES_FIELD_NUMBER: _ClassVar[int]
+    DELTA_SKETCH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     contribution_id: str
@@ -444,7 +445,8 @@ class AuditTask(_message.Message):
     micro_batches: int
     peer_id: str
     segment_hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    delta_sketch: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., delta_sketch: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class MicroBatchCheck(_message.Message):
     __slots__ = ("index", "loss_diff", "norm_diff", "sketch_diff", "passed")
