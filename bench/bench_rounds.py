@@ -6,7 +6,7 @@
     .venv/bin/python -m bench.bench_rounds --rows H20-uniform8bit,H500-uniform8bit
 
 **Simulated** (one process, no hivemind networking): K = 2 workers train the digits run
-(examples/runs/digits-rounds.toml, model ``unet-digits-16``) in DiLoCo rounds as swarm/rounds.py does. Each round
+(examples/runs/digits.toml, model ``unet-digits-16``) in DiLoCo rounds as swarm/rounds.py does. Each round
 every worker starts from the global parameters θ_r, takes H inner steps (the RunSpec's ``ClippedAdamW``, one per
 micro-batch of 32, its optimizer state kept across rounds) on micro-batches from its own half of a seeded shuffle of
 the digits, and computes Δ_k = θ_r − θ_k. The butterfly all-reduce of ``RoundAllReduceRunner`` is replayed part by
@@ -76,7 +76,7 @@ from rich.table import Table
 
 logger = logging.getLogger(__name__)
 
-RUN = Path(__file__).resolve().parent.parent / "examples" / "runs" / "digits-rounds.toml"
+RUN = Path(__file__).resolve().parent.parent / "examples" / "runs" / "digits.toml"
 WORKERS = 2  # K
 DEFAULT_SAMPLES = 38_400  # 600 inner steps of 32 per worker: a whole number of rounds for every H of the table
 QUICK_SAMPLES = 3_840  # 60 inner steps per worker: 3 rounds at H = 20
@@ -84,7 +84,7 @@ DEFAULT_ROWS = ("H1-none", "H1-uniform8bit", "H5-none", "H5-uniform8bit", "H20-n
                 "H20-uniform8bit", "H50-none", "H50-uniform8bit", "H200-none", "H200-uniform8bit",
                 "H20-uniform8bit-overlap")
 QUICK_ROWS = ("H1-none", "H1-uniform8bit", "H20-none", "H20-uniform8bit", "H20-uniform8bit-overlap")
-DEFAULT_RUN_ROW = "H20-uniform8bit"  # examples/runs/digits-rounds.toml's [rounds]
+DEFAULT_RUN_ROW = "H20-uniform8bit"  # examples/runs/digits.toml's [rounds]
 QUALITY = (256, 50)  # DDIM samples scored, DDIM steps: as train-local scores
 QUICK_QUALITY = (128, 20)
 GOAL_REDUCTION = 1000.0  # the issue's goal: ≥ 1000× fewer bytes than per-step float32 ...
@@ -375,7 +375,7 @@ def measure_row(spec: pb.RunSpec, row: Row, samples: int, device: torch.device, 
 
 
 HEADERS = ["row", "rounds", "bytes/sample", "vs per-step", "loss", "confidence", "coverage", "FID", "FID vs local"]
-CAPTION = ("◀ the default run (examples/runs/digits-rounds.toml); ✓ within the quality bar "
+CAPTION = ("◀ the default run (examples/runs/digits.toml); ✓ within the quality bar "
            f"(FID ≤ +{100 * GOAL_QUALITY:g} %, confidence ≥ −{100 * GOAL_QUALITY:g} % of train-local's)")
 
 

@@ -78,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volunteers", type=int, default=2, help="volunteer processes to start (default 2)")
     parser.add_argument("--state-dir", type=Path, default=ROOT / "demo-state", help="coordinator and node state")
-    parser.add_argument("--run", type=Path, default=ROOT / "examples/runs/digits-rounds.toml",
+    parser.add_argument("--run", type=Path, default=ROOT / "examples/runs/digits.toml",
                         help="RunSpec TOML (default: the digits run in DiLoCo rounds)")
     parser.add_argument("--grpc", default="127.0.0.1:50051", help="coordinator gRPC address")
     parser.add_argument("--http", default="127.0.0.1:8080", help="dashboard address")

@@ -100,11 +100,16 @@ class ServerThread:
         return client
 
 
-def contribution_for(work: pb.WorkAssignment, **fields) -> pb.Contribution:
-    """A contribution that did all the work of ``work`` (unsigned; the client signs it)."""
+def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **fields) -> pb.Contribution:
+    """A contribution that did all the work of ``work`` (unsigned; the client signs it); for a run in rounds
+    (``spec``) with the training-state hashes a round commits to."""
     samples = sum(s.end - s.start for s in work.shards)
+    micro_batches = -(-samples // max(1, work.micro_batch_size))
     values = dict(epoch=work.epoch, assignment_id=work.assignment_id, samples=samples, mean_loss=0.5,
                   compute_seconds=3.0, params_hash=b"p" * 32, commitment=b"c" * 32,
-                  micro_batches=-(-samples // max(1, work.micro_batch_size)), gradient_sketch=[0.1, 0.2])
+                  micro_batches=micro_batches, gradient_sketch=[0.1, 0.2])
+    if spec is not None and spec.rounds.inner_steps > 0:
+        segments = -(-micro_batches // spec.verification.segment_steps)
+        values.update(segment_hashes=[bytes([i]) * 32 for i in range(segments + 1)], end_params_hash=b"e" * 32)
     values.update(fields)
     return pb.Contribution(**values)
