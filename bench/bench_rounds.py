@@ -100,23 +100,25 @@ class Row:
     compression: str  # a key of omi.swarm.compression.COMPRESSIONS
     overlap: bool = False  # the outer update lands one round late
     density: float = 1.0  # < 1: top-k of Δ with error feedback (compression sparse8bit)
+    sgd: bool = False  # outer plain SGD, lr 1, no momentum (SparseLoCo's: error feedback carries the history)
 
     @property
     def name(self) -> str:
         kind = f"topk{self.density:g}" if self.density < 1 else self.compression
-        return f"H{self.inner_steps}-{kind}" + ("-overlap" if self.overlap else "")
+        return f"H{self.inner_steps}-{kind}" + ("-overlap" if self.overlap else "") + ("-sgd" if self.sgd else "")
 
     @classmethod
     def parse(cls, text: str) -> Row:
-        """``H20-uniform8bit``, ``H20-uniform8bit-overlap`` or ``H20-topk0.02`` (2 % of Δ, sparse8bit)."""
-        match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)|[a-z0-9_]+?)(-overlap)?", text.strip())
+        """``H20-uniform8bit``, ``H20-uniform8bit-overlap``, ``H20-topk0.02`` (2 % of Δ, sparse8bit) or any of
+        these with ``-sgd`` (outer SGD lr 1 without momentum instead of the RunSpec's Nesterov)."""
+        match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)|[a-z0-9_]+?)(-overlap)?(-sgd)?", text.strip())
         dense = {name for name in COMPRESSIONS if name != "sparse8bit"}
         if not match or int(match[1]) <= 0 or not (match[3] and 0 < float(match[3]) < 1 or match[2] in dense):
             raise ValueError(f"bad row {text!r}: expected H<inner steps>-<{'|'.join(sorted(dense))}|topk<density>>"
-                             f"[-overlap], e.g. {DEFAULT_RUN_ROW} or H20-topk0.02")
+                             f"[-overlap][-sgd], e.g. {DEFAULT_RUN_ROW} or H20-topk0.02")
         if match[3]:
-            return cls(int(match[1]), "sparse8bit", bool(match[4]), float(match[3]))
-        return cls(int(match[1]), match[2], bool(match[4]))
+            return cls(int(match[1]), "sparse8bit", bool(match[4]), float(match[3]), bool(match[5]))
+        return cls(int(match[1]), match[2], bool(match[4]), sgd=bool(match[5]))
 
 
 # ---------------------------------------------------------------- the wire
@@ -292,7 +294,11 @@ def train_rounds(spec: pb.RunSpec, row: Row, samples: int, device: torch.device,
     model, scheduler = build_for_spec(spec)
     source = open_source(spec.data, channels=model_info(spec.model).channels)
     theta = [p.detach().to("cpu", torch.float32, copy=True) for p in trainable_parameters(model)]
-    outer = outer_optimizer(theta, spec.rounds)
+    rounds_spec = pb.RoundsSpec()
+    rounds_spec.CopyFrom(spec.rounds)
+    if row.sgd:
+        rounds_spec.outer_learning_rate, rounds_spec.outer_momentum, rounds_spec.outer_nesterov = 1.0, 0.0, False
+    outer = outer_optimizer(theta, rounds_spec)
     workers = []
     for k in range(WORKERS):
         local = copy.deepcopy(model).to(device).train()
@@ -473,6 +479,7 @@ def main() -> None:
                         help="comma-separated rows such as H20-uniform8bit,H20-uniform8bit-overlap "
                              f"(default: {','.join(DEFAULT_ROWS)})")
     parser.add_argument("--out", default=None, help="write the raw figures to this JSON file")
+    parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (1 is much faster when other jobs share the cores)")
     args = parser.parse_args()
@@ -538,7 +545,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
         logger.info("wrote %s", args.out)
-    if not args.quick:
+    if not args.quick and not args.no_docs:
         from bench.report import write_section
 
         command = shlex.join(["python", "-m", "bench.bench_rounds", *sys.argv[1:]])

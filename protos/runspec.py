@@ -128,6 +128,9 @@ class RoundsSection(BaseModel):
     # < 1: each node sends only this share of its pseudo-gradient's entries (the largest), the rest is kept and
     # added to its next round's (error feedback); needs compression = "sparse8bit", which sends only nonzeros
     topk_density: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # > 0: a round also closes this many seconds after it began, however few samples the swarm trained (slow
+    # volunteers); 0: it closes on samples only
+    max_round_seconds: NonNegativeFloat = 0.0
 
 
 class VerificationSection(BaseModel):

@@ -246,6 +246,8 @@ class RoundOptimizer:
         for p in self.global_params:  # momentum buffers exist from the start, so the state shape never changes
             self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
         self.samples_per_peer = rounds.inner_steps * training.micro_batch_size
+        self.max_round_seconds = rounds.max_round_seconds
+        self._round_started = time.monotonic()
         density = rounds.topk_density or 1.0
         self.feedback = TopKErrorFeedback(density) if density < 1 else None  # top-k of Δ, the rest kept for later
         self.load_state_timeout = load_state_timeout or 2 * averaging.averaging_timeout
@@ -356,6 +358,7 @@ class RoundOptimizer:
                 self.tracker.report_local_progress(self.round, 0)
             self._needs_sync = False
         self.samples = self.inner_steps = 0
+        self._round_started = time.monotonic()
         return self.round
 
     def zero_grad(self) -> None:
@@ -382,6 +385,8 @@ class RoundOptimizer:
             return
         rate = self.tracker.performance_ema.samples_per_second * progress.num_peers
         eta = max(self.samples_per_peer * progress.num_peers - progress.samples_accumulated, 0) / max(rate, 1e-9)
+        if self.max_round_seconds:
+            eta = min(eta, max(self.max_round_seconds - (time.monotonic() - self._round_started), 0.0))
         if eta > averaging.matchmaking_time:
             return
         self._scheduled = self._matchmake(
@@ -389,9 +394,12 @@ class RoundOptimizer:
         self._scheduled_round = self.round
 
     def round_closed(self) -> bool:
-        """Whether the swarm has trained this round's samples (or moved on to a later round)."""
+        """Whether the swarm has trained this round's samples, the round's time is up (``max_round_seconds``) or
+        the swarm moved on to a later round (a peer whose time was up closes it for all)."""
         progress = self.tracker.global_progress
         if progress.epoch > self.round:
+            return True
+        if self.max_round_seconds and time.monotonic() - self._round_started >= self.max_round_seconds:
             return True
         return progress.samples_accumulated >= self.samples_per_peer * max(progress.num_peers, 1)
 

@@ -33,12 +33,13 @@ def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", c
               target_batch_size: int = 64, matchmaking_time: float = 2.0, averaging_timeout: float = 8.0,
               learning_rate: float = 0.01, clip_tau: float = 1.0, clip_iterations: int = 5,
               load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = (), inner_steps: int = 0,
-              overlap: bool = False, round_compression: str = "none", topk_density: float = 1.0) -> pb.RunSpec:
+              overlap: bool = False, round_compression: str = "none", topk_density: float = 1.0,
+              max_round_seconds: float = 0.0) -> pb.RunSpec:
     """A RunSpec of a tiny test run (the settings the swarm layer reads); ``inner_steps`` > 0: rounds."""
     return pb.RunSpec(
         rounds=pb.RoundsSpec(inner_steps=inner_steps, outer_learning_rate=0.7, outer_momentum=0.9,
                              outer_nesterov=True, overlap=overlap, compression=round_compression,
-                             topk_density=topk_density),
+                             topk_density=topk_density, max_round_seconds=max_round_seconds),
         run_id=run_id, dht_prefix=f"{run_id}_v1", model="tiny-mlp",
         coordinator_public_key=signing.public_bytes(coordinator_key), initial_peers=list(initial_peers),
         training=pb.TrainingSpec(target_batch_size=target_batch_size, learning_rate=learning_rate, micro_batch_size=8),

@@ -70,3 +70,15 @@ def test_overlapped_rounds_with_centered_clip_and_a_late_joiner(tmp_path, coordi
     assert (first_round, late["starts"][0]["start_hash"]) in starts
     # with overlap the update of round r lands at the end of round r+1: peers still agree bitwise
     assert _agree(results, 3) >= 1, f"no round averaged by all three from one θ: {results}"
+
+
+def test_a_round_closes_on_time_with_a_slow_volunteer(tmp_path, coordinator_key):
+    # by samples a round would take ~13 s (40 inner steps per peer, the slow peer 5x slower than the fast one);
+    # with max_round_seconds = 4 it closes after ~4 s, and the slow peer's few steps count too (weighted by samples)
+    trainers = [dict(rounds=3, step_sleep=0.2), dict(rounds=3, step_sleep=1.0)]
+    results = _run(tmp_path, coordinator_key, trainers, inner_steps=40, max_round_seconds=4.0,
+                   round_compression="uniform8bit")
+    fast, slow = results
+    assert all(entry["inner_steps"] < 40 for entry in fast["rounds"]), fast["rounds"]
+    assert all(entry["inner_steps"] >= 1 for entry in slow["rounds"]), slow["rounds"]
+    assert _agree(results, 2) >= 1, f"no round averaged by both from one θ: {results}"

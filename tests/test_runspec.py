@@ -60,7 +60,8 @@ def test_defaults_fill_every_section():
         "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "compression": "none", "reducer": "mean",
                       "clip_tau": 1.0, "clip_iterations": 3, "load_state_from_peers": True},
         "rounds": {"inner_steps": 0, "outer_learning_rate": 0.7, "outer_momentum": 0.9, "outer_nesterov": True,
-                   "overlap": False, "compression": "uniform8bit", "topk_density": 1.0},
+                   "overlap": False, "compression": "uniform8bit", "topk_density": 1.0,
+                   "max_round_seconds": 0.0},
         "verification": {"audit_rate": 0.2, "micro_batches_per_audit": 2, "max_strikes": 2,
                          "audit_window_epochs": 5, "sketch_size": 1024, "segment_steps": 5},
         "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
@@ -87,6 +88,8 @@ def test_defaults_fill_every_section():
         ("[rounds]\ncompression = 'topk'\n", "rounds.compression"),
         ("[rounds]\noverlap = 'yes'\n", "rounds.overlap"),
         ("[rounds]\ntopk_density = 0\n", "rounds.topk_density"),
+        ("[rounds]\nmax_round_seconds = -1.0\n", "rounds.max_round_seconds"),
+        ("[rounds]\nmax_round_seconds = inf\n", "rounds.max_round_seconds"),
         ("[rounds]\ntopk_density = 1.5\n", "rounds.topk_density"),
         ("[rounds]\ntopk_density = 0.02\n", "rounds.topk_density"),  # dense compression: top-k is pointless
         ("[rounds]\ncompression = 'sparse8bit'\n", "rounds.topk_density"),  # dense Δ in a sparse codec

@@ -73,7 +73,7 @@ class AveragingSpec(_message.Message):
     def __init__(self, matchmaking_time: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., compression: _Optional[str] = ..., reducer: _Optional[str] = ..., clip_tau: _Optional[float] = ..., clip_iterations: _Optional[int] = ..., load_state_from_peers: _Optional[bool] = ...) -> None: ...
 
 class RoundsSpec(_message.Message):
-    __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression", "topk_density")
+    __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression", "topk_density", "max_round_seconds")
     INNER_STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTER_LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     OUTER_MOMENTUM_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class RoundsSpec(_message.Message):
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     TOPK_DENSITY_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUND_SECONDS_FIELD_NUMBER: _ClassVar[int]
     inner_steps: int
     outer_learning_rate: float
     outer_momentum: float
@@ -88,7 +89,8 @@ class RoundsSpec(_message.Message):
     overlap: bool
     compression: str
     topk_density: float
-    def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ..., topk_density: _Optional[float] = ...) -> None: ...
+    max_round_seconds: float
+    def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ..., topk_density: _Optional[float] = ..., max_round_seconds: _Optional[float] = ...) -> None: ...
 
 class VerificationSpec(_message.Message):
     __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
