@@ -74,6 +74,11 @@ class Liveness:
         cutoff = now_ms - int(timeout_s * 1000)
         return [b for b in self._beats.get(run_id, {}).values() if b.at_ms >= cutoff]
 
+    def online_nodes(self, run_id: str, now_ms: int, timeout_s: float) -> set[str]:
+        """Ids of the nodes heard from within ``timeout_s``."""
+        cutoff = now_ms - int(timeout_s * 1000)
+        return {node_id for node_id, b in self._beats.get(run_id, {}).items() if b.at_ms >= cutoff}
+
     def flush(self) -> int:
         """Upsert the heartbeats changed since the last flush; returns how many rows were written."""
         if not self._dirty:

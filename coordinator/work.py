@@ -52,21 +52,26 @@ def data_layout(data: pb.DataSpec) -> ShardLayout:
     return ShardLayout(source.num_shards, source.shard_range)
 
 
-def samples_per_assignment(spec: pb.RunSpec) -> int:
+def samples_per_assignment(spec: pb.RunSpec, num_samples: int = 0, volunteers: int = 1) -> int:
     """Samples one assignment should hold.
 
     Per-step mode: a node alone must be able to fill a whole swarm step (``target_batch_size``) from one assignment;
     hivemind ends the epoch once the swarm has that many, so no node ever needs more. Rounds: twice a node's
     share of a round (``inner_steps × micro_batch_size``), so a node faster than the others can keep computing
-    until the round closes.
+    until the round closes — but no more than an equal share of the data (``num_samples``) among the
+    ``volunteers`` online, so that on a small data set the first volunteers do not take a round's whole pool and
+    leave the others idle.
 
     >>> spec = pb.RunSpec(training=pb.TrainingSpec(target_batch_size=256, micro_batch_size=32))
-    >>> samples_per_assignment(spec), samples_per_assignment(pb.RunSpec(training=spec.training,
-    ...                                                                  rounds=pb.RoundsSpec(inner_steps=20)))
-    (256, 1280)
+    >>> rounds = pb.RunSpec(training=spec.training, rounds=pb.RoundsSpec(inner_steps=20))
+    >>> samples_per_assignment(spec), samples_per_assignment(rounds), samples_per_assignment(rounds, 1797, 2)
+    (256, 1280, 898)
     """
     if spec.rounds.inner_steps > 0:
-        return 2 * spec.rounds.inner_steps * spec.training.micro_batch_size
+        share = 2 * spec.rounds.inner_steps * spec.training.micro_batch_size
+        if num_samples:
+            share = min(share, max(num_samples // max(volunteers, 1), spec.training.micro_batch_size))
+        return share
     return spec.training.target_batch_size
 
 
@@ -141,7 +146,8 @@ class WorkPlanner:
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         training = run.spec.training
         with self.store.transaction() as s:
-            needed = samples_per_assignment(run.spec)
+            needed = samples_per_assignment(run.spec, layout.shard_range(layout.num_shards - 1)[1],
+                                            self._volunteers(caller))
             wanted = max(training.shards_per_assignment, -(-needed // run.spec.data.shard_size))
             chosen = self._pick_free(s, caller, epoch, wanted)
             if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
@@ -170,6 +176,12 @@ class WorkPlanner:
             s.add_all([AssignedShard(run_id=caller.run_id, epoch=epoch, shard_id=shard,
                                      assignment_id=assignment.assignment_id) for shard in chosen])
         return assignment
+
+    def _volunteers(self, caller: Caller) -> int:
+        """Training volunteers online in the caller's run (they heartbeat; validators do not), the caller included."""
+        run = self.runs.get(caller.run_id)
+        online = self.liveness.online_nodes(caller.run_id, now_ms(), run.spec.liveness.heartbeat_timeout)
+        return len(online | {caller.node_id})
 
     @staticmethod
     def _samples(layout: ShardLayout, shards: list[int]) -> int:

@@ -228,6 +228,21 @@ def test_no_shard_is_assigned_twice_in_an_epoch(server):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ahead" in info.value.details()
 
 
+def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path):
+    # a round's assignment is 2 × H micro-batches (1,280 samples) so a fast node keeps busy; digits has 1,797:
+    # the first of two volunteers online would take most of it and leave the second 517 (16 of its 20 steps)
+    with ServerThread(tmp_path / "state", run_toml() + "[rounds]\ninner_steps = 20\n") as server:
+        alone = server.node(name="alone")
+        alone.heartbeat()
+        assert sum(r.end - r.start for r in alone.get_work(0).shards) >= 1280  # alone: the full 2 × H
+        first, second = server.node(name="a"), server.node(name="b")
+        for node in (first, second):
+            node.heartbeat()
+        sizes = [sum(r.end - r.start for r in node.get_work(1).shards) for node in (alone, first, second)]
+    # three online: an equal share of the data each (599 rounded up to whole shards), every one of them some work
+    assert all(512 <= size <= 599 + 64 for size in sizes), sizes
+
+
 def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=1.0)) as server:
         silent, alive, newcomer = (server.node(name=n) for n in ("silent", "alive", "new"))
