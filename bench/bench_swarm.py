@@ -86,15 +86,17 @@ def start(args: list, log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def p2pd_bytes_sent(state_dirs: dict[int, Path], seen: dict[tuple[int, str], int]) -> None:
-    """Record the bytes_sent of every TCP socket of each node's libp2p daemon (max over polls per socket)."""
+def p2pd_bytes_sent(state_dirs: dict[int, Path], seen: dict[tuple[int, str], int], net=None) -> None:
+    """Record the bytes_sent of every TCP socket of each node's libp2p daemon (max over polls per socket); with a
+    WAN (``net``), the sockets of every host's namespace."""
     pids = {}
     for line in subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines():
         if "p2pd" in line:
             for node, folder in state_dirs.items():
                 if f"-id={folder}/p2p.id" in line:
                     pids[int(line.split()[0])] = node
-    output = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True).stdout
+    commands = [host.argv("ss", "-tinpH") for host in net.hosts] if net else [["ss", "-tinpH"]]
+    output = "".join(subprocess.run(command, capture_output=True, text=True).stdout for command in commands)
     # ss prints a socket's line, then its details (with bytes_sent) on the next line
     for header, details in zip(output.splitlines()[::2], output.splitlines()[1::2], strict=False):
         pid_match = re.search(r"pid=(\d+)", header)
@@ -104,13 +106,27 @@ def p2pd_bytes_sent(state_dirs: dict[int, Path], seen: dict[tuple[int, str], int
             seen[key] = max(seen.get(key, 0), int(sent.group(1)))
 
 
-def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "") -> dict:
-    """A coordinator and ``nodes`` volunteers until each contributed ``epochs`` epochs; returns the figures."""
+def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "", wan_mbit: float | None = None) -> dict:
+    """A coordinator and ``nodes`` volunteers until each contributed ``epochs`` epochs; returns the figures. With
+    ``wan_mbit``, each volunteer runs on a host of its own (a network namespace, tests/wan.py) whose link is capped
+    at that rate each way, and the coordinator listens on the bridge in the root namespace."""
+    if wan_mbit is None:
+        return _run_swarm(nodes, epochs, workdir, rounds, None)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from wan import wan  # the harness of tests/test_wan.py
+
+    with wan(nodes, rate_mbit=wan_mbit) as net:
+        return _run_swarm(nodes, epochs, workdir, rounds, net)
+
+
+def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict:
     run_file = workdir / "run.toml"
     run_file.write_text(RUN + rounds)
-    grpc_address = f"127.0.0.1:{free_port()}"
+    host = net.gateway if net else "127.0.0.1"
+    grpc_address = f"{host}:{free_port()}"
     coordinator = start([BIN / "omi-coordinator", "serve", "--state-dir", workdir / "coordinator", "--grpc",
-                         grpc_address, "--http", "", "--run", run_file], workdir / "coordinator.log")
+                         grpc_address, "--http", "", "--run", run_file,
+                         *(["--swarm-host", net.gateway] if net else [])], workdir / "coordinator.log")
     state_dirs = {i: workdir / f"node-{i}" for i in range(nodes)}
     processes: list[subprocess.Popen] = []
     sent: dict[tuple[int, str], int] = {}
@@ -118,15 +134,17 @@ def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "") -> dict:
     try:
         time.sleep(8)  # the coordinator and its bootstrap peer come up
         for i in range(nodes):
-            processes.append(start([BIN / "omi-node", "join", "--coordinator", grpc_address, "--state-dir",
-                                    state_dirs[i], "--quiet", "--max-epochs", epochs, "--save", workdir / f"model-{i}"],
-                                   workdir / f"node-{i}.log"))
+            join = [BIN / "omi-node", "join", "--coordinator", grpc_address, "--state-dir", state_dirs[i], "--quiet",
+                    "--max-epochs", epochs, "--save", workdir / f"model-{i}"]
+            if net:  # inside host i; its swarm peer listens on the host's address, the one the others dial
+                join = net.hosts[i].argv(*join, "--host", net.hosts[i].ip)
+            processes.append(start(join, workdir / f"node-{i}.log"))
             if i == 0:  # the others join a swarm that already trains, as in a real run
                 deadline = time.monotonic() + 120
                 while "state: training" not in (workdir / "node-0.log").read_text() and time.monotonic() < deadline:
                     time.sleep(0.5)
         while any(p.poll() is None for p in processes):
-            p2pd_bytes_sent(state_dirs, sent)
+            p2pd_bytes_sent(state_dirs, sent, net)
             if time.monotonic() - started > 60 * (5 + epochs):
                 raise RuntimeError(f"the {nodes}-node swarm did not finish in time; see {workdir}")
             time.sleep(1.0)
@@ -188,7 +206,13 @@ def main() -> None:
     parser.add_argument("--modes", default=",".join(MODES), help=f"modes to run (comma-separated: {', '.join(MODES)})")
     parser.add_argument("--epochs", type=int, default=12, help="contributions per node in per-step mode")
     parser.add_argument("--rounds", type=int, default=5, help="contributions (rounds) per node in the round modes")
+    parser.add_argument("--inner-steps", type=int, default=20,
+                        help="H of the round modes (4 volunteers on digits need H <= 14: a round takes H x 32 "
+                             "samples from each, and digits has 1,797)")
     parser.add_argument("--keep", action="store_true", help="keep the working folders")
+    parser.add_argument("--wan", type=float, default=None, metavar="MBIT",
+                        help="each volunteer on a host of its own (network namespace) capped at MBIT Mbit/s each way "
+                             "(needs root); writes the 'swarm_wan' section instead of 'swarm'")
     args = parser.parse_args()
 
     rows = []
@@ -196,7 +220,8 @@ def main() -> None:
         for mode in args.modes.split(","):
             workdir = Path(tempfile.mkdtemp(prefix=f"omi-bench-swarm-{mode}-{nodes}-"))
             epochs = args.rounds if MODES[mode] else args.epochs
-            swarm = run_swarm(nodes, epochs, workdir, MODES[mode])
+            rounds = MODES[mode].replace("inner_steps = 20", f"inner_steps = {args.inner_steps}")
+            swarm = run_swarm(nodes, epochs, workdir, rounds, args.wan)
             # the baseline steps as often as the swarm's optimizer does: per epoch, or per micro-batch (inner steps)
             local = run_local(swarm["samples"], 32 if MODES[mode] else round(swarm["samples_per_epoch"]))
             print(json.dumps({"mode": mode, "swarm": {**swarm, "quality": str(swarm["quality"])},
@@ -214,11 +239,16 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)
 
+    where = ("on 127.0.0.1" if args.wan is None else
+             f"each volunteer in a network namespace of its own whose link is capped at {args.wan:g} Mbit/s each way "
+             "with `tc tbf` (tests/wan.py), the coordinator on the bridge in the root namespace")
+    wan_flag = "" if args.wan is None else f" --wan {args.wan:g}"
     body = f"""Command: `python -m bench.bench_swarm --nodes {args.nodes} --modes {args.modes} --epochs {args.epochs} \
---rounds {args.rounds}`. Each swarm is a real coordinator and real `omi-node join` processes on 127.0.0.1, one torch
-thread each, all on this 2-core machine; the first node starts alone and the others join once it trains. Modes:
-per-step (one all-reduce of the gradient per 256 samples), rounds (DiLoCo, 20 inner steps per node, 8-bit
-pseudo-gradients, outer Nesterov 0.7 / 0.9), overlap (rounds, all-reduce during the next round). The baseline is
+--rounds {args.rounds} --inner-steps {args.inner_steps}{wan_flag}`. Each swarm is a real coordinator and real
+`omi-node join` processes, {where}, one torch thread each, all on this 2-core machine; the first node starts alone
+and the others join once it trains. Modes: per-step (one all-reduce of the gradient per 256 samples), rounds
+(DiLoCo, {args.inner_steps} inner steps per node, 8-bit pseudo-gradients, outer Nesterov 0.7 / 0.9), overlap
+(rounds, all-reduce during the next round). The baseline is
 `train-local` on the same number of samples, stepping as often as the swarm's optimizer (per 256 samples, or per
 32-sample micro-batch in the round modes). Loss: mean of the last epoch (swarm) or of the last step's micro-batches
 (local); quality: 256 DDIM-50 samples of node 0's final model (swarm). Throughput: the ledger's samples over the
@@ -235,7 +265,11 @@ all-reduce of the gradient every 256 samples.
 Goal: swarm within 5 % of local at equal samples (loss and quality). On 2 shared cores the nodes compete with
 each other and the coordinator for CPU, so wall time and utilization here understate what separate machines do.
 """
-    write_section("swarm", "Swarm vs one process (quality, utilization, bytes)", body)
+    if args.wan is None:
+        write_section("swarm", "Swarm vs one process (quality, utilization, bytes)", body)
+    else:
+        write_section("swarm_wan", f"Swarm across emulated WAN links of {args.wan:g} Mbit/s (quality, utilization, "
+                      "bytes)", body)
 
 
 if __name__ == "__main__":
