@@ -84,7 +84,7 @@ DEFAULT_ROWS = ("H1-none", "H1-uniform8bit", "H5-none", "H5-uniform8bit", "H20-n
                 "H20-uniform8bit", "H50-none", "H50-uniform8bit", "H200-none", "H200-uniform8bit",
                 "H20-uniform8bit-overlap")
 QUICK_ROWS = ("H1-none", "H1-uniform8bit", "H20-none", "H20-uniform8bit", "H20-uniform8bit-overlap")
-DEFAULT_RUN_ROW = "H20-uniform8bit"  # examples/runs/digits.toml's [rounds]
+DEFAULT_RUN_ROW = "H20-topk0.05-sgd"  # examples/runs/digits.toml's [rounds]
 QUALITY = (256, 50)  # DDIM samples scored, DDIM steps: as train-local scores
 QUICK_QUALITY = (128, 20)
 GOAL_REDUCTION = 1000.0  # the issue's goal: ≥ 1000× fewer bytes than per-step float32 ...
@@ -480,6 +480,7 @@ def main() -> None:
                              f"(default: {','.join(DEFAULT_ROWS)})")
     parser.add_argument("--out", default=None, help="write the raw figures to this JSON file")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--section", default="rounds", help="the section of docs/benchmarks.md to write")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (1 is much faster when other jobs share the cores)")
     args = parser.parse_args()
@@ -549,7 +550,8 @@ def main() -> None:
         from bench.report import write_section
 
         command = shlex.join(["python", "-m", "bench.bench_rounds", *sys.argv[1:]])
-        write_section("rounds", "DiLoCo rounds: bytes on the wire against quality (the algorithm alone)",
+        title = "DiLoCo rounds: bytes on the wire against quality (the algorithm alone)"
+        write_section(args.section, title if args.section == "rounds" else f"{title}: {args.section}",
                       section_body(figures, command))
 
 
