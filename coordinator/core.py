@@ -15,6 +15,7 @@ from omi.coordinator.config import CoordinatorConfig
 from omi.coordinator.credentials import (
     load_or_create_coordinator_key,
 )
+from omi.coordinator.errors import InvalidArgument
 from omi.coordinator.ledger import Ledger
 from omi.coordinator.liveness import Beat, Liveness
 from omi.coordinator.registry import Caller, Registry
@@ -25,6 +26,10 @@ from omi.protos import pb, signing
 from omi.protos.clock import now_ms
 
 logger = logging.getLogger(__name__)
+
+# a heartbeat's self-reported figures are shown (as claims) beside the measured ones: bounded, finite, non-negative
+MAX_SAMPLES_PER_SECOND = 1e7
+MAX_LOSS = 1e6
 
 T = TypeVar("T")
 
@@ -86,6 +91,10 @@ class Coordinator:
     # ---------------------------------------------------------------- node requests
 
     def heartbeat(self, caller: Caller, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
+        for name, value, most in (("samples_per_second", request.samples_per_second, MAX_SAMPLES_PER_SECOND),
+                                  ("loss", request.loss, MAX_LOSS)):
+            if not 0.0 <= value <= most:  # also NaN: SQLite would store it as NULL and every later flush fail
+                raise InvalidArgument(f"heartbeat {name} must be a number from 0 to {most:g}, not {value!r}")
         self.liveness.beat(caller.run_id, caller.node_id, Beat(request.epoch, request.samples_per_second,
                                                                request.swarm_peers, request.loss, now_ms()))
         self.runs.observe_epoch(caller.run_id, request.epoch)

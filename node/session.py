@@ -164,7 +164,7 @@ class NodeSession:
                         return
                     fields = beat()
                     loss = fields.get("loss", 0.0)
-                    fields["loss"] = 0.0 if math.isnan(loss) else loss
+                    fields["loss"] = loss if math.isfinite(loss) else 0.0  # 0: unknown (a diverged model)
                     self.client.heartbeat(**fields)
                 except grpc.RpcError as e:
                     logger.warning("heartbeat failed: %s %s", e.code().name, e.details())

@@ -289,6 +289,23 @@ def test_contribution_recorded_once_and_replay_refused(server):
     assert status.contributions == 1 and status.summary.total_samples == contribution.samples
 
 
+def test_non_finite_or_out_of_range_heartbeats_are_refused(server):
+    # a NaN loss used to be stored as NULL in a NOT NULL column: every later heartbeat flush failed, for every node
+    client, other = server.node(name="bad"), server.node(name="good")
+    for fields, name in [(dict(loss=float("nan")), "loss"), (dict(loss=1e300), "loss"),
+                         (dict(samples_per_second=-1e300), "samples_per_second"),
+                         (dict(samples_per_second=float("inf")), "samples_per_second")]:
+        refused(server, lambda fields=fields: client.heartbeat(**fields), grpc.StatusCode.INVALID_ARGUMENT, name)
+    other.heartbeat(loss=0.5, samples_per_second=40.0)
+    server.coordinator.liveness.flush()  # persisting the beats works: no refused value was held
+    from omi.coordinator.store import Heartbeat
+    from sqlalchemy import select
+
+    with server.store.session() as s:
+        stored = {node_id: loss for node_id, loss in s.execute(select(Heartbeat.node_id, Heartbeat.loss))}
+    assert stored.get(other.node_id) == 0.5 and all(0.0 <= loss <= 1e6 for loss in stored.values()), stored
+
+
 def test_bad_contributions_are_refused_and_change_nothing(server):
     client, other = server.node(name="a"), server.node(name="b")
     work, other_work = client.get_work(0), other.get_work(0)
