@@ -4,8 +4,11 @@ carry it as ``authorization: Bearer <token>``).
 
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as state_dir:
-...     load_or_create_admin_token(state_dir) == load_or_create_admin_token(state_dir)
-True
+...     first = load_or_create_admin_token(state_dir)
+...     same = load_or_create_admin_token(state_dir) == first
+...     _ = (Path(state_dir) / ADMIN_TOKEN_FILENAME).write_text("")  # left empty by a crash
+...     same, len(load_or_create_admin_token(state_dir)) > 20
+(True, True)
 """
 
 import logging
@@ -30,7 +33,11 @@ def load_or_create_admin_token(state_dir: str | Path) -> str:
     """The admin token of a state dir, created (mode 0600) at first start."""
     path = Path(state_dir) / ADMIN_TOKEN_FILENAME
     if path.exists():
-        return path.read_text().strip()
+        token = path.read_text().strip()
+        if token:
+            return token
+        # an empty file (an older version left one when it crashed mid-write) must not become an empty token
+        logger.warning("the admin token file %s is empty: writing a new token", path)
     token = secrets.token_urlsafe(32)
     signing.write_private_file(path, (token + "\n").encode())
     logger.info("created the admin token in %s", path)
