@@ -7,6 +7,7 @@ a timestamp and the node's signature over the request.
 
 import logging
 import secrets
+import unicodedata
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -30,6 +31,18 @@ logger = logging.getLogger(__name__)
 
 MAX_PEER_ID = 128
 MAX_DISPLAY_NAME = 64
+
+
+def clean_display_name(name: str) -> str:
+    """A display name as logs and the dashboard may show it: NFKC-normalised, without control, format (bidi
+    overrides, zero-width) or unassigned characters, whitespace runs as one space.
+
+    >>> clean_display_name("alice\\n2026-11-30 INFO banned node bob\\u202e  ")
+    'alice 2026-11-30 INFO banned node bob'
+    """
+    kept = "".join(c if not unicodedata.category(c).startswith("C") else " "
+                   for c in unicodedata.normalize("NFKC", name))
+    return " ".join(kept.split())[:MAX_DISPLAY_NAME]
 MAX_SWARM_KEY = 1024
 MAX_CHALLENGES = 100_000
 
@@ -108,6 +121,7 @@ class Registry:
             raise InvalidArgument(f"peer_id must have 1 to {MAX_PEER_ID} characters")
         if len(request.display_name) > MAX_DISPLAY_NAME:
             raise InvalidArgument(f"display_name has more than {MAX_DISPLAY_NAME} characters")
+        display_name = clean_display_name(request.display_name)
         if len(request.swarm_public_key) > MAX_SWARM_KEY:
             raise InvalidArgument(f"swarm_public_key has more than {MAX_SWARM_KEY} bytes")
         node_id = signing.node_id(request.public_key)
@@ -121,14 +135,14 @@ class Registry:
         with self.store.transaction() as s:
             node = s.get(Node, node_id)
             if node is None:
-                s.add(Node(node_id=node_id, public_key=request.public_key, display_name=request.display_name,
+                s.add(Node(node_id=node_id, public_key=request.public_key, display_name=display_name,
                            strikes=0, created_at_ms=now))
             else:
-                node.display_name = request.display_name
+                node.display_name = display_name
             token = self._issue(s, node_id, request.run_id, request.peer_id, request.public_key,
                                 request.swarm_public_key, now)
         self.liveness.beat(request.run_id, node_id, Beat(run.epoch, 0.0, 0, 0.0, now))
-        logger.info("registered node %s (%s) for run %s", node_id[:12], request.display_name or "-", request.run_id)
+        logger.info("registered node %s (%s) for run %s", node_id[:12], display_name or "-", request.run_id)
         return pb.RegisterResponse(node_id=node_id, token=token, run_spec=spec)
 
     def renew(self, request: pb.RenewTokenRequest) -> pb.AccessToken:

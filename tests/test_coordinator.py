@@ -306,6 +306,16 @@ def test_non_finite_or_out_of_range_heartbeats_are_refused(server):
     assert stored.get(other.node_id) == 0.5 and all(0.0 <= loss <= 1e6 for loss in stored.values()), stored
 
 
+def test_display_names_lose_control_and_bidi_characters(server):
+    # a newline and a right-to-left override in a name used to reach the coordinator's log as a forged line
+    node = server.node(name="mallory\n2026-11-30 INFO node 1f2e3d banned\u202egnp.exe\u200b")
+    from omi.coordinator.store import Node
+
+    with server.store.session() as s:
+        stored = s.get(Node, node.node_id).display_name
+    assert stored == "mallory 2026-11-30 INFO node 1f2e3d banned gnp.exe"
+
+
 def test_bad_contributions_are_refused_and_change_nothing(server):
     client, other = server.node(name="a"), server.node(name="b")
     work, other_work = client.get_work(0), other.get_work(0)
