@@ -31,6 +31,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest names files and contributors: far below this
 HTTP_TIMEOUT = 30.0  # seconds without data before a request fails
 
 
@@ -67,7 +68,9 @@ def _open(url: str, headers: dict | None = None):
 def fetch_manifest(folder_url: str, public_key: bytes, run_id: str, epoch: int | None) -> tuple[dict, bytes]:
     """The checkpoint's manifest, refused unless signed by ``public_key`` for ``run_id`` (and ``epoch`` if given)."""
     with _open(f"{folder_url}/{MANIFEST_FILENAME}") as response:
-        data = response.read()
+        data = response.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise DownloadError(f"refused: {folder_url}/{MANIFEST_FILENAME} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(data)
     except ValueError:
@@ -111,17 +114,24 @@ def _fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
                 have, digest = 0, hashlib.sha256()
             with open(part, "ab" if have else "wb") as f:
                 try:
-                    while chunk := response.read(CHUNK):
+                    # never more than the signed size: a server that sends more fills no disk
+                    while (remaining := size - have - fetched) > 0 and (chunk := response.read(min(CHUNK, remaining))):
                         f.write(chunk)
                         digest.update(chunk)
                         fetched += len(chunk)
                         advance(len(chunk))
+                    longer = remaining <= 0 and bool(response.read(1))
                 except (OSError, http.client.HTTPException) as e:
                     raise DownloadError(f"transfer of {target.name} interrupted after {have + fetched} of {size} "
                                         f"bytes ({e}); run the same command again to resume", 3) from None
                 finally:
                     f.flush()
                     os.fsync(f.fileno())
+            if longer:
+                corrupt = target.with_name(target.name + ".corrupt")
+                os.replace(part, corrupt)
+                raise DownloadError(f"refused: the server sends more of {target.name} than the {size} bytes the "
+                                    f"signed manifest names (the first {size} kept as {corrupt.name})")
     got = part.stat().st_size
     if got < size:  # the connection ended early without an error: keep the part to resume from
         raise DownloadError(f"transfer of {target.name} ended after {got} of {size} bytes; run the same command "

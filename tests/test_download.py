@@ -207,3 +207,30 @@ def test_interrupted_download_resumes(served, tmp_path):
     assert sha256(out / WEIGHTS) == entry["sha256"] and not part.exists()
     fetched_mib = float(re.search(r"([\d.]+) MiB\s+fetched", result.stdout).group(1))
     assert fetched_mib * 2**20 < entry["size"] - partial + 2**20 * 0.2, (fetched_mib, partial, entry["size"])
+
+
+def test_a_file_longer_than_the_manifest_says_is_refused_at_its_size(tmp_path):
+    # a server that sends 4 MiB for a 10-byte entry used to have all of it written before the size check
+    import http.server
+    import os
+    from functools import partial
+
+    from omi.node.download import DownloadError, _fetch_file
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "big.bin").write_bytes(os.urandom(4 << 20))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler,
+                                                                      directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        target = tmp_path / "out" / "big.bin"
+        target.parent.mkdir()
+        head = (served / "big.bin").read_bytes()[:10]
+        with pytest.raises(DownloadError, match="more of big.bin than the 10 bytes"):
+            _fetch_file(f"http://127.0.0.1:{server.server_address[1]}/big.bin", target, 10,
+                        hashlib.sha256(head).hexdigest(), lambda n: None)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not target.exists() and (tmp_path / "out" / "big.bin.corrupt").stat().st_size == 10
