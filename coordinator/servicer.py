@@ -131,12 +131,23 @@ class AdminServicer:
         return pb.BanNodeResponse(changed=await self.c.call(self.c.registry.unban, request.node_id))
 
 
+def _has_unknown_fields(message) -> bool:
+    """Whether ``message`` (or a message inside it) carries fields its schema does not name."""
+    known = type(message)()
+    known.CopyFrom(message)
+    known.DiscardUnknownFields()
+    return known.ByteSize() != message.ByteSize()
+
+
 def _unary(method: Callable, request_class, before: Callable | None = None) -> Callable:
     async def handler(data: bytes, context: grpc.aio.ServicerContext):
         try:
             request = request_class.FromString(data)
         except DecodeError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {request_class.__name__}")
+        if _has_unknown_fields(request):  # stored messages hold only what this coordinator reads, no padding
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{request_class.__name__} has fields this coordinator does not know")
         try:
             if before is not None:
                 before(context)

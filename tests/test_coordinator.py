@@ -371,6 +371,11 @@ def test_malformed_and_oversized_messages(tmp_path):
         refused(server, lambda: client.report_contribution(big), grpc.StatusCode.RESOURCE_EXHAUSTED)
         too_long = contribution_for(client.get_work(0), gradient_sketch=[0.5] * 2000)  # longer than sketch_size
         refused(server, lambda: client.report_contribution(too_long), grpc.StatusCode.INVALID_ARGUMENT, "sketch")
+        # a signed contribution padded with a field the schema does not name was stored as it came (3 MB seen)
+        padded = pb.ReportContributionRequest(contribution=contribution_for(client.get_work(0))).SerializeToString()
+        padded += b"\xba\x3e" + bytes([0x80, 0x80, 0x01]) + bytes(16384)  # field 999, 16 KiB of padding
+        raw_report = server.channel.unary_unary("/omi.v1.Coordinator/ReportContribution")
+        refused(server, lambda: raw_report(padded), grpc.StatusCode.INVALID_ARGUMENT, "does not know")
         assert client.report_contribution(contribution_for(client.get_work(0))).accepted  # still serving
 
 
