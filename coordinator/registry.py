@@ -25,7 +25,7 @@ from omi.coordinator.runs import Runs
 from omi.coordinator.store import Ban, Node, Store, Token
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,9 @@ class Registry:
                                expires_at_ms=now + ttl_ms, node_public_key=public_key,
                                swarm_public_key=swarm_public_key)
         signing.sign(token, self.key)
+        # the node's expired tokens of this run go: one row per renewal would grow without end
+        session.execute(delete(Token).where(Token.node_id == node_id, Token.run_id == run_id,
+                                            Token.expires_at_ms < now))
         session.add(Token(node_id=node_id, run_id=run_id, peer_id=peer_id, swarm_public_key=swarm_public_key,
                           issued_at_ms=now, expires_at_ms=token.expires_at_ms))
         return token

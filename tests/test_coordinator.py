@@ -127,6 +127,16 @@ def test_expired_token_is_refused_until_renewed(tmp_path):
         assert client.heartbeat().token_expires_at_ms > time.time() * 1000
 
 
+def test_renewals_do_not_grow_the_token_table(tmp_path):
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=0.2)) as server:
+        client = server.node()
+        for _ in range(6):
+            time.sleep(0.25)  # the token expired: renew it, as a node whose token lapsed does
+            client.renew_token()
+            client.heartbeat()
+        assert server.store.row_counts()["tokens"] <= 2  # the live token and perhaps the one just expired
+
+
 def test_banned_node_cannot_renew_register_or_work(server):
     key = generate_key()
     client = server.node(key=key)
