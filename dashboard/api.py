@@ -21,7 +21,8 @@ from omi.coordinator.core import Coordinator
 logger = logging.getLogger(__name__)
 
 DEFAULT_TTL = 1.0     # seconds an answer is reused
-MAX_ENTRIES = 1024    # cached answers kept before expired ones are dropped
+MAX_ENTRIES = 1024    # cached answers kept at most (the oldest go first)
+MAX_BYTES = 64 << 20  # and at most this much JSON: one history answer can be megabytes, and every `since` differs
 NOT_FOUND = {404: {"description": "no such run", "content": {"application/json": {"example": {
     "detail": "no run 'x'"}}}}}
 
@@ -50,10 +51,12 @@ class Snapshots:
     :param clock: monotonic seconds (tests pass a fake one)
     """
 
-    def __init__(self, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, ttl: float = DEFAULT_TTL, clock: Callable[[], float] = time.monotonic, *,
+                 max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES):
         assert ttl >= 0, "ttl must be >= 0"
-        self.ttl, self.clock = ttl, clock
-        self._entries: dict[tuple, tuple[float, Any, bytes]] = {}
+        self.ttl, self.clock, self.max_entries, self.max_bytes = ttl, clock, max_entries, max_bytes
+        self._entries: dict[tuple, tuple[float, Any, bytes]] = {}  # oldest first
+        self._bytes = 0  # JSON held
 
     def fresh(self, key: tuple) -> tuple[Any, bytes] | None:
         """(view, its JSON) for ``key`` if the cache has it younger than ``ttl``, else None; never computes."""
@@ -69,10 +72,13 @@ class Snapshots:
             return cached
         now = self.clock()
         view = compute()
-        if len(self._entries) >= MAX_ENTRIES:
-            self._entries = {k: e for k, e in self._entries.items() if now - e[0] < self.ttl}
-        self._entries[key] = (now, view, to_json(view))
-        return view, self._entries[key][2]
+        body = to_json(view)
+        old = self._entries.pop(key, None)
+        self._bytes += len(body) - (len(old[2]) if old else 0)
+        self._entries[key] = (now, view, body)
+        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            self._bytes -= len(self._entries.pop(next(iter(self._entries)))[2])  # the oldest answer
+        return view, body
 
 
 def json_response(body: bytes) -> Response:

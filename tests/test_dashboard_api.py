@@ -248,6 +248,16 @@ def test_snapshots_reuse_an_answer_for_ttl_seconds():
     assert computed == [100.0, 101.1, 101.1]
 
 
+def test_snapshots_stay_within_their_entry_and_byte_bounds():
+    # every `since` of /api/runs/{run}/history is a key of its own: fresh answers must not pile up
+    snapshots = Snapshots(ttl=60.0, clock=lambda: 100.0, max_entries=8, max_bytes=600)
+    for since in range(50):
+        snapshots.get(("history", "r", since), lambda since=since: AuditCounts(passed=since))
+        assert len(snapshots._entries) <= 8 and snapshots._bytes <= 600
+    assert snapshots._bytes == sum(len(body) for _, _, body in snapshots._entries.values())
+    assert ("history", "r", 49) in snapshots._entries and ("history", "r", 0) not in snapshots._entries
+
+
 def test_contributors_show_utilization_and_round_figures(tmp_path):
     from omi.coordinator.views import contributors
 
