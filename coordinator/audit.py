@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 COORDINATOR = "coordinator"  # validator_node_id of verdicts the coordinator reaches itself (records check)
 STRUCK_AUDIT_RATE = 1.0  # a node with a strike is audited on every contribution until banned
 SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
+MAX_VERDICT_CHECKS = 4096  # micro-batch checks in one verdict: far above micro_batches_per_audit or a segment
 
 
 def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord], sketch_size: int) -> str:
@@ -135,8 +136,10 @@ class Auditor:
     # ---------------------------------------------------------------- the audited node
 
     def submit_records(self, caller: Caller, request: pb.SubmitAuditRecordsRequest) -> pb.SubmitAuditRecordsResponse:
-        """The audited node's records of the epoch: checked against its contribution; a mismatch fails the audit."""
-        records = [record_from_proto(r) for r in request.records]
+        """The audited node's records of the epoch: checked against its contribution; a mismatch fails the audit.
+
+        The cheap checks (the task, its owner, its state, the number of records) come before any record is turned
+        into tensors, so a request of many records costs the coordinator's worker no more than a lookup."""
         failure = None
         with self.store.transaction() as s:
             audit = s.get(Audit, request.task_id)
@@ -149,11 +152,16 @@ class Auditor:
             contribution = s.get(Contribution, audit.contribution_id)
             message = pb.Contribution.FromString(contribution.message)
             sketch_size = self.runs.get(audit.run_id).spec.verification.sketch_size
-            problem = check_records(message, records, sketch_size)
+            if len(request.records) != message.micro_batches:
+                problem = (f"contribution claims {message.micro_batches} micro-batches, {len(request.records)} "
+                           "records handed over")
+            else:
+                problem = check_records(message, [record_from_proto(r) for r in request.records], sketch_size)
             if problem:
                 failure = self._fail(s, audit, contribution, problem)
             else:
                 indices = json.loads(audit.micro_batch_indices)
+                records = [record_from_proto(r) for r in request.records]
                 s.add(AuditRecords(task_id=audit.task_id, records=pb.AuditTask(
                     records=audited_records(records, indices)).SerializeToString(deterministic=True)))
                 audit.state = AuditState.PENDING
@@ -197,6 +205,8 @@ class Auditor:
         """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""
         if verdict.validator_node_id != validator.node_id:
             raise PermissionDenied("verdict names another validator than the token")
+        if len(verdict.checks) > MAX_VERDICT_CHECKS:  # before the signature check hashes all of it
+            raise InvalidArgument(f"a verdict holds at most {MAX_VERDICT_CHECKS} micro-batch checks")
         if not signing.verify(verdict, validator.public_key):
             raise InvalidArgument("bad signature on AuditVerdict")
         failure = None

@@ -82,6 +82,22 @@ def test_records_check_catches_what_contradicts_the_contribution():
     assert "mean_loss" in check_records(lying, records, 16)
 
 
+def test_a_flood_of_records_is_refused_before_any_is_decoded(tmp_path, monkeypatch):
+    # 300 k empty records (600 KB) used to become 300 k tensors in the coordinator's worker, ahead of everyone
+    import omi.coordinator.audit as audit_module
+
+    decoded = []
+    real = audit_module.record_from_proto
+    monkeypatch.setattr(audit_module, "record_from_proto", lambda r: decoded.append(1) or real(r))
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0)) as server:
+        worker = server.node(name="worker")
+        reply = worker.report_contribution(committed(worker.get_work(0), fake_records(4)))
+        flood = [pb.MicroBatchRecord() for _ in range(300_000)]
+        answer = worker.submit_audit_records(reply.audit_task_id, flood)
+    assert not answer.accepted and "300000 records handed over" in answer.reason
+    assert decoded == []
+
+
 def test_audit_flow_failed_audits_void_strike_and_ban(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=0.0, max_strikes=2)) as server:
         worker, validator = server.node(name="worker"), server.node(name="validator")
