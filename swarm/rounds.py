@@ -83,12 +83,21 @@ class ExactResultMixin:
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.tensor_part_container.return_deltas = False
+        self._serialized: dict[tuple[int, int], asyncio.Future] = {}  # (part, compression) -> the average's message
 
-    def _as_received(self, averaged: torch.Tensor, peer_index: int, part_index: int) -> torch.Tensor:
-        """``averaged`` as a sender receives it: through the compression its part was sent with."""
-        container = self.tensor_part_container
-        info = container._input_parts_by_peer[peer_index][part_index][1]
-        return deserialize_torch_tensor(container.compression.compress(averaged, info))
+    def _serialized_average(self, part_index: int, averaged: torch.Tensor, compression: int) -> asyncio.Future:
+        """The message of a part's average, serialized **once** for every receiver, this peer included.
+
+        Serializing it once per receiver is not safe: the 8-bit codecs reduce over the tensor (mean, norm), and
+        threads of the executor may do so in another order than the event loop's thread (OpenMP's thread count is
+        per calling thread), so two serializations of the same average may differ in the last bit of the scale
+        and give two receivers two averages (seen: peers 1e-4 apart in loss after a round they averaged together).
+        """
+        key = (part_index, compression)
+        if key not in self._serialized:
+            self._serialized[key] = asyncio.get_event_loop().run_in_executor(
+                None, functools.partial(serialize_torch_tensor, averaged, compression))
+        return self._serialized[key]
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
@@ -96,11 +105,13 @@ class ExactResultMixin:
         # hivemind's AllReduceRunner._communicate_with_peer for the local part, registering the average as sent
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
+        compression = self.tensor_part_container.compression.compression_type
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
                                                                       weight=self.weight)
-            self.tensor_part_container.register_processed_part(
-                peer_index, part_index, self._as_received(averaged, peer_index, part_index))
+            message = await self._serialized_average(part_index, averaged, compression)
+            self.tensor_part_container.register_processed_part(peer_index, part_index,
+                                                               deserialize_torch_tensor(message))
 
     async def run(self):
         async for output in super().run():
@@ -112,7 +123,6 @@ class ExactResultMixin:
         # hivemind's AllReduceRunner._accumulate_parts_streaming, sending the average instead of the difference
         part_index = 0
         try:
-            loop = asyncio.get_event_loop()
             async for tensor_part, weight, part_compression in amap_in_executor(
                 lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
                 stream, max_prefetch=self.tensor_part_container.prefetch,
@@ -123,8 +133,7 @@ class ExactResultMixin:
                     part_index += 1
                 except BannedException:
                     break
-                serialized = await loop.run_in_executor(
-                    None, functools.partial(serialize_torch_tensor, averaged, part_compression))
+                serialized = await self._serialized_average(part_index - 1, averaged, part_compression)
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
