@@ -34,12 +34,14 @@ def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", c
               learning_rate: float = 0.01, clip_tau: float = 1.0, clip_iterations: int = 5,
               load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = (), inner_steps: int = 0,
               overlap: bool = False, round_compression: str = "none", topk_density: float = 1.0,
-              max_round_seconds: float = 0.0) -> pb.RunSpec:
+              max_round_seconds: float = 0.0, outer_learning_rate: float = 0.7, outer_momentum: float = 0.9,
+              outer_nesterov: bool = True) -> pb.RunSpec:
     """A RunSpec of a tiny test run (the settings the swarm layer reads); ``inner_steps`` > 0: rounds."""
     return pb.RunSpec(
-        rounds=pb.RoundsSpec(inner_steps=inner_steps, outer_learning_rate=0.7, outer_momentum=0.9,
-                             outer_nesterov=True, overlap=overlap, compression=round_compression,
-                             topk_density=topk_density, max_round_seconds=max_round_seconds),
+        rounds=pb.RoundsSpec(inner_steps=inner_steps, outer_learning_rate=outer_learning_rate,
+                             outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, overlap=overlap,
+                             compression=round_compression, topk_density=topk_density,
+                             max_round_seconds=max_round_seconds),
         run_id=run_id, dht_prefix=f"{run_id}_v1", model="tiny-mlp",
         coordinator_public_key=signing.public_bytes(coordinator_key), initial_peers=list(initial_peers),
         training=pb.TrainingSpec(target_batch_size=target_batch_size, learning_rate=learning_rate, micro_batch_size=8),
@@ -298,6 +300,8 @@ def run_round_trainer(config: dict) -> None:
     """Train ``tiny_model`` with RoundOptimizer until round ``rounds``; report each round's θ hash and group size.
 
     ``start_delay`` seconds before joining makes a late joiner (it loads the state from the others).
+    ``delta_scale`` != 1 makes an attacker: before each round's end it moves its parameters so that its
+    pseudo-gradient θ_r − θ_local is ``delta_scale`` times the one it trained (-1000: a x-1000 sign-flipper).
     """
     import hashlib
 
@@ -329,6 +333,10 @@ def run_round_trainer(config: dict) -> None:
             opt.inner_step(batch_size)
             opt.zero_grad()
             time.sleep(config.get("step_sleep", 0.3))  # stands in for a real model's compute
+        if config.get("delta_scale", 1.0) != 1.0:
+            with torch.no_grad():
+                for p, start in zip(model.parameters(), opt.global_params, strict=True):
+                    p.copy_(start - config["delta_scale"] * (start - p))
         result = opt.end_round()
         with torch.no_grad():
             loss = torch.nn.functional.mse_loss(model(eval_x), eval_y).item()

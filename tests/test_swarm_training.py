@@ -81,7 +81,11 @@ def test_three_token_holders_average_gradients_and_agree(tmp_path):
     in_step = [r for r in results if r["rounds_at_epoch"][:3] == [1, 2, 3]]
     assert len(in_step) >= 2, [r["rounds_at_epoch"] for r in results]
     params = torch.tensor([r["params"] for r in in_step])
-    assert (params - params[0]).abs().max() < 1e-4, "peers' parameters diverged"
+    # Not bitwise: hivemind's runner sends each peer average − its own part in float16 and the peer adds that to its
+    # own part, so each keeps its own rounding error (1e-7 to 6e-6 here), and AdamW's per-coordinate normalisation
+    # can turn a tiny gradient's difference into up to a step (seen: 2e-4 after 3 epochs, CI 2026-11-30). Peers that
+    # did not average would lie ~lr x epochs = 3e-2 apart. (The rounds' runner returns the average itself: bitwise.)
+    assert (params - params[0]).abs().max() < 2e-3, "peers' parameters diverged"
     losses = [r["eval_losses"] for r in results]
     assert all(run[-1] < run[0] for run in losses), f"loss did not fall: {losses}"
 
