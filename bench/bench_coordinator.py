@@ -82,7 +82,7 @@ class Volunteer:
         self.work: pb.WorkAssignment | None = None
 
     def signed(self, request_class, **fields):
-        return signing.sign(request_class(token=self.token, timestamp_ms=now_ms(), **fields), self.key)
+        return signing.sign_request(request_class(token=self.token, timestamp_ms=now_ms(), **fields), self.key)
 
 
 async def _bounded(coros, limit: int) -> list:

@@ -84,6 +84,9 @@ class Registry:
         # interval), so a ban made by another coordinator process on the same database holds here within it.
         self._banned: set[str] = set()
         self.refresh_bans()
+        # Nonces of accepted node requests, until their timestamp can no longer pass the skew check (per process:
+        # two coordinator processes behind one address need sticky connections for this too, as for challenges).
+        self._seen_nonces: dict[bytes, int] = {}  # nonce -> forget after (ms); insertion order = that order
 
     def refresh_bans(self) -> None:
         """Re-read the ban list from the store."""
@@ -195,13 +198,27 @@ class Registry:
             self._verified_tokens.add(serialized)
         if token.expires_at_ms < now and not allow_expired:
             raise Unauthenticated("access token expired, renew it")
-        if not signing.verify(request, token.node_public_key):
-            raise Unauthenticated("bad request signature")
+        if not signing.verify_request(request, token.node_public_key):
+            raise Unauthenticated(f"bad request signature (a {type(request).__name__} signed for this RPC, with a "
+                                  f"{signing.NONCE_BYTES}-byte nonce, is expected)")
         if token.node_id in self._banned:
             raise PermissionDenied(f"node {token.node_id[:12]} is banned")
         if not self._node_limiter.allow(token.node_id):
             raise ResourceExhausted(f"node {token.node_id[:12]} sends too many requests, slow down")
+        self._accept_nonce(request.nonce, now)
         return Caller(token.node_id, token.run_id, token.peer_id, token.node_public_key, token)
+
+    def _accept_nonce(self, nonce: bytes, now: int) -> None:
+        """Refuse a request whose nonce was accepted before (a replay); remember this one while its timestamp
+        could still pass the skew check. Bounded: each node's requests pass its rate limiter first."""
+        while self._seen_nonces:
+            oldest, forget_at = next(iter(self._seen_nonces.items()))
+            if forget_at > now:
+                break
+            del self._seen_nonces[oldest]
+        if nonce in self._seen_nonces:
+            raise Unauthenticated("replayed request: this nonce was used before")
+        self._seen_nonces[nonce] = now + 2 * int(self.config.max_clock_skew * 1000) + 1
 
     # ---------------------------------------------------------------- bans
 

@@ -67,9 +67,9 @@ class CoordinatorClient:
                             backoff=self.backoff)
 
     def _signed(self, request_class, **fields):
-        """A node request carrying the token and a fresh timestamp, signed by the node."""
+        """A node request carrying the token, a fresh timestamp and nonce, signed by the node for its RPC."""
         assert self.token is not None, "register first"
-        return signing.sign(request_class(token=self.token, timestamp_ms=now_ms(), **fields), self.key)
+        return signing.sign_request(request_class(token=self.token, timestamp_ms=now_ms(), **fields), self.key)
 
     # ---------------------------------------------------------------- identity and access
 

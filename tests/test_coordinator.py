@@ -91,7 +91,8 @@ def test_wrong_signatures_and_forged_tokens_are_refused(server):
 
     client = server.node()
     # the request signed by another key than the token's
-    request = signing.sign(pb.HeartbeatRequest(token=client.token, timestamp_ms=int(time.time() * 1000)), other)
+    request = signing.sign_request(pb.HeartbeatRequest(token=client.token, timestamp_ms=int(time.time() * 1000)),
+                                   other)
     refused(server, lambda: server.stub.Heartbeat(request), grpc.StatusCode.UNAUTHENTICATED, "signature")
     # a token whose content was changed (its coordinator signature no longer matches)
     forged = pb.AccessToken()
@@ -112,8 +113,29 @@ def test_wrong_signatures_and_forged_tokens_are_refused(server):
 def test_stale_timestamp_is_refused(server):
     client = server.node()
     stale = int(time.time() * 1000) - 120_000
-    request = signing.sign(pb.HeartbeatRequest(token=client.token, timestamp_ms=stale), client.key)
+    request = signing.sign_request(pb.HeartbeatRequest(token=client.token, timestamp_ms=stale), client.key)
     refused(server, lambda: server.stub.Heartbeat(request), grpc.StatusCode.UNAUTHENTICATED, "stale timestamp")
+
+
+def test_a_signed_request_is_accepted_once_and_only_by_its_own_rpc(server):
+    # issue 12 point 10: the bytes of a signed RenewTokenRequest were accepted by Leave, twice, releasing the
+    # victim's assignment
+    victim = server.node()
+    work = victim.get_work(0)
+    renewal = victim._signed(pb.RenewTokenRequest)
+    as_leave = pb.LeaveRequest.FromString(renewal.SerializeToString())
+    refused(server, lambda: server.stub.Leave(as_leave), grpc.StatusCode.UNAUTHENTICATED, "signature")
+    # an old-style request (signed over its bytes alone, no nonce) is refused too
+    unbound = signing.sign(pb.LeaveRequest(token=victim.token, timestamp_ms=int(time.time() * 1000)), victim.key)
+    refused(server, lambda: server.stub.Leave(unbound), grpc.StatusCode.UNAUTHENTICATED, "signature")
+    # the renewal itself is accepted once; its replay is refused
+    assert server.stub.RenewToken(renewal).node_id == victim.node_id
+    refused(server, lambda: server.stub.RenewToken(renewal), grpc.StatusCode.UNAUTHENTICATED, "replayed")
+    heartbeat = victim._signed(pb.HeartbeatRequest, epoch=0)
+    server.stub.Heartbeat(heartbeat)
+    refused(server, lambda: server.stub.Heartbeat(heartbeat), grpc.StatusCode.UNAUTHENTICATED, "replayed")
+    # the victim's assignment was never released by any of it: it still reports its work
+    assert victim.report_contribution(contribution_for(work)).accepted
 
 
 def test_expired_token_is_refused_until_renewed(tmp_path):

@@ -243,23 +243,26 @@ class RegisterResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., token: _Optional[_Union[AccessToken, _Mapping]] = ..., run_spec: _Optional[_Union[RunSpec, _Mapping]] = ...) -> None: ...
 
 class RenewTokenRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "signature")
+    __slots__ = ("token", "timestamp_ms", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "epoch", "samples_per_second", "swarm_peers", "loss", "signature")
+    __slots__ = ("token", "timestamp_ms", "epoch", "samples_per_second", "swarm_peers", "loss", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     SWARM_PEERS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
@@ -267,8 +270,9 @@ class HeartbeatRequest(_message.Message):
     samples_per_second: float
     swarm_peers: int
     loss: float
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., swarm_peers: _Optional[int] = ..., loss: _Optional[float] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., swarm_peers: _Optional[int] = ..., loss: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("run_state", "epoch", "token_expires_at_ms")
@@ -287,16 +291,18 @@ class GetRunSpecRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class GetWorkRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "epoch", "signature")
+    __slots__ = ("token", "timestamp_ms", "epoch", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
     epoch: int
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ShardRange(_message.Message):
     __slots__ = ("shard_id", "start", "end")
@@ -369,16 +375,18 @@ class Contribution(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "contribution", "signature")
+    __slots__ = ("token", "timestamp_ms", "contribution", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
     contribution: Contribution
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., contribution: _Optional[_Union[Contribution, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., contribution: _Optional[_Union[Contribution, _Mapping]] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionResponse(_message.Message):
     __slots__ = ("contribution_id", "accepted", "audit_task_id")
@@ -391,28 +399,32 @@ class ReportContributionResponse(_message.Message):
     def __init__(self, contribution_id: _Optional[str] = ..., accepted: _Optional[bool] = ..., audit_task_id: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "signature")
+    __slots__ = ("token", "timestamp_ms", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetAuditTaskRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "signature")
+    __slots__ = ("token", "timestamp_ms", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
     __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes", "delta_sketch")
@@ -535,18 +547,20 @@ class AuditedRecord(_message.Message):
     def __init__(self, record: _Optional[_Union[MicroBatchRecord, _Mapping]] = ..., proof_hashes: _Optional[_Iterable[bytes]] = ..., proof_sides: _Optional[str] = ..., leaves: _Optional[int] = ...) -> None: ...
 
 class SubmitAuditRecordsRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "task_id", "records", "signature")
+    __slots__ = ("token", "timestamp_ms", "task_id", "records", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
     task_id: str
     records: _containers.RepeatedCompositeFieldContainer[MicroBatchRecord]
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., task_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[MicroBatchRecord, _Mapping]]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., task_id: _Optional[str] = ..., records: _Optional[_Iterable[_Union[MicroBatchRecord, _Mapping]]] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class SubmitAuditRecordsResponse(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -557,16 +571,18 @@ class SubmitAuditRecordsResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReportAuditVerdictRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "verdict", "signature")
+    __slots__ = ("token", "timestamp_ms", "verdict", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
     VERDICT_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
     verdict: AuditVerdict
+    nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., verdict: _Optional[_Union[AuditVerdict, _Mapping]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., verdict: _Optional[_Union[AuditVerdict, _Mapping]] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportAuditVerdictResponse(_message.Message):
     __slots__ = ("accepted",)
