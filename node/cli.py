@@ -146,9 +146,12 @@ def download(
                                                           "(default: from the coordinator's checkpoint list)."),
     coordinator_key: str | None = typer.Option(None, "--coordinator-key",
                                                help="Pinned coordinator public key (64 hex characters)."),
+    state_dir: Path = typer.Option(Path.home() / ".omi", "--state-dir", envvar="OMI_HOME",
+                                   help="Where the newest epoch verified per run is remembered (a 'latest' older "
+                                        "than it is refused as a rollback)."),
 ) -> None:
     """Download a checkpoint, resumably; refuse it unless the coordinator's signature and every sha256 check out."""
-    from omi.node.download import DownloadError, download_checkpoint
+    from omi.node.download import DownloadError, SeenCheckpoints, download_checkpoint
 
     if checkpoint != "latest" and not checkpoint.isdigit():
         console.print(f"[red]error:[/red] --checkpoint must be an epoch number or 'latest', got {checkpoint!r}")
@@ -157,7 +160,8 @@ def download(
     try:
         public_key, folder_url = _checkpoint_source(run, epoch, coordinator, http, coordinator_key)
         result = download_checkpoint(folder_url, run, out, public_key, epoch=epoch, console=console,
-                                     progress=console.is_terminal)
+                                     progress=console.is_terminal,
+                                     seen=SeenCheckpoints(state_dir / "checkpoints-seen.json"))
     except DownloadError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(e.exit_code) from None

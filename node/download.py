@@ -8,6 +8,9 @@ coordinator's public key, from ``GetRunSpec`` or pinned with ``--coordinator-key
 ``<name>.part`` (an interrupted download continues with an HTTP ``Range`` request from the bytes already there),
 hashed while written; a file whose size or sha256 differs is renamed ``<name>.corrupt`` and the download refused.
 A verified file gets its real name; ``manifest.json`` is written last, so a folder holding it is complete.
+With a ``seen`` file (``omi-node download`` keeps it in the state dir) the newest epoch ever verified per coordinator
+key and run is remembered, and a ``latest`` that is older is refused: a mirror or a man in the middle cannot roll a
+user back to an older (still validly signed) checkpoint.
 """
 
 from __future__ import annotations
@@ -146,9 +149,41 @@ def _fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
     return fetched
 
 
+class SeenCheckpoints:
+    """The newest checkpoint epoch verified so far per (coordinator key, run), in a small JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet (or unreadable: it only ever makes the check stricter, so start afresh)
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _key(public_key: bytes, run_id: str) -> str:
+        return f"{public_key.hex()}/{run_id}"
+
+    def newest(self, public_key: bytes, run_id: str) -> int | None:
+        value = self._read().get(self._key(public_key, run_id))
+        return value if isinstance(value, int) else None
+
+    def remember(self, public_key: bytes, run_id: str, epoch: int) -> None:
+        data = self._read()
+        key = self._key(public_key, run_id)
+        if not isinstance(data.get(key), int) or data[key] < epoch:
+            data[key] = epoch
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".part")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)
+
+
 def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_key: bytes, *,
                         epoch: int | None = None, console: Console | None = None,
-                        progress: bool = True) -> DownloadResult:
+                        progress: bool = True, seen: SeenCheckpoints | None = None) -> DownloadResult:
     """Download and verify the checkpoint served at ``folder_url`` (``…/runs/RUN/checkpoints/EPOCH|latest``).
 
     :param folder_url: URL of the checkpoint folder on the coordinator's HTTP port
@@ -158,10 +193,16 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
     :param epoch: the epoch the manifest must name (None: any, e.g. for ``latest``)
     :param console: where the progress bar goes
     :param progress: show a progress bar
+    :param seen: the newest epochs verified before; a ``latest`` (``epoch`` None) older than the newest is refused
     :raises DownloadError: on any mismatch (nothing is presented as complete) or transfer failure
     """
     started = time.perf_counter()
     manifest, manifest_bytes = fetch_manifest(folder_url, public_key, run_id, epoch)
+    newest = seen.newest(public_key, run_id) if seen is not None else None
+    if epoch is None and newest is not None and manifest["epoch"] < newest:
+        raise DownloadError(f"refused: 'latest' of run {run_id} is served as epoch {manifest['epoch']}, older than "
+                            f"epoch {newest} verified before from this coordinator (a rollback); ask for "
+                            f"--checkpoint {manifest['epoch']} to take it anyway")
     epoch = manifest["epoch"]
     folder_url = folder_url.rsplit("/", 1)[0] + f"/{epoch}"  # "latest" may move on while the files come
     out = Path(out) if out is not None else Path(f"{run_id}-epoch-{epoch}")
@@ -188,6 +229,8 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
     tmp = out / (MANIFEST_FILENAME + ".part")
     tmp.write_bytes(manifest_bytes)
     os.replace(tmp, complete)
+    if seen is not None:
+        seen.remember(public_key, run_id, epoch)
     return DownloadResult(out, epoch, manifest, fetched, total, time.perf_counter() - started)
 
 

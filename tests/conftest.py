@@ -1,9 +1,15 @@
 """Shared fixtures: subprocesses a test started die with their process groups; one torch thread for tiny models;
-a test coordinator's key and DHT peers holding its tokens."""
+a test coordinator's key and DHT peers holding its tokens; the CLIs' default state dir (OMI_HOME) is a temporary
+folder, never the home of whoever runs the tests."""
+
+import os
+import tempfile
 
 import pytest
 import torch
 from processes import reap_all
+
+os.environ.setdefault("OMI_HOME", tempfile.mkdtemp(prefix="omi-home-"))  # inherited by every CLI a test starts
 
 
 @pytest.fixture(autouse=True)

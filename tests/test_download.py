@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 import torch
 from omi.coordinator.checkpointer import write_checkpoint
+from omi.coordinator.checkpoints import CHECKPOINTS_DIR, folder_name
 from omi.coordinator.core import Coordinator
 from omi.models import build_model
 from omi.protos import signing
@@ -234,3 +235,42 @@ def test_a_file_longer_than_the_manifest_says_is_refused_at_its_size(tmp_path):
         server.shutdown()
         server.server_close()
     assert not target.exists() and (tmp_path / "out" / "big.bin.corrupt").stat().st_size == 10
+
+
+def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
+    # issue 12 point 12: `latest` accepted an older signed manifest (a rollback by a mirror or a man in the middle)
+    import http.server
+    import shutil
+    from functools import partial
+
+    from omi.node.download import DownloadError, SeenCheckpoints, download_checkpoint
+
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(FAST_RUN + "[checkpoints]\nevery_epochs = 1\nkeep = 5\n")
+    state = tmp_path / "coordinator"
+    key = publish_checkpoints(state, run_file, [1, 2])
+    site = tmp_path / "site" / "runs" / "digits" / "checkpoints"
+    site.mkdir(parents=True)
+    for epoch in (1, 2):
+        shutil.copytree(state / CHECKPOINTS_DIR / "digits" / folder_name(epoch), site / str(epoch))
+    shutil.copytree(site / "2", site / "latest")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler,
+                                                                      directory=str(tmp_path / "site")))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/runs/digits/checkpoints/latest"
+    seen = SeenCheckpoints(tmp_path / "home" / "checkpoints-seen.json")
+    try:
+        assert download_checkpoint(url, "digits", tmp_path / "a", key, seen=seen, progress=False).epoch == 2
+        shutil.rmtree(site / "latest")
+        shutil.copytree(site / "1", site / "latest")  # the mirror now serves epoch 1 as latest: validly signed
+        with pytest.raises(DownloadError, match="older than epoch 2 verified before"):
+            download_checkpoint(url, "digits", tmp_path / "b", key, seen=seen, progress=False)
+        assert not (tmp_path / "b").exists()
+        # asked for by number, the old one is still there for whoever wants it; without memory, latest takes it
+        assert download_checkpoint(url.replace("latest", "1"), "digits", tmp_path / "c", key, epoch=1, seen=seen,
+                                   progress=False).epoch == 1
+        assert seen.newest(key, "digits") == 2
+        assert download_checkpoint(url, "digits", tmp_path / "d", key, progress=False).epoch == 1
+    finally:
+        server.shutdown()
+        server.server_close()
