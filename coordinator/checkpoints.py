@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omi.coordinator.runs import Runs
 from omi.coordinator.states import ContributionStatus
-from omi.coordinator.store import AssignedShard, Checkpoint, Contribution, Node, Store
+from omi.coordinator.store import AssignedShard, Checkpoint, Contribution, Node, Store, int_sum
 from omi.protos import pb
 from omi.protos.clock import now_ms
 from omi.protos.manifest import MANIFEST_FILENAME, verify_folder
@@ -146,7 +146,7 @@ class Checkpoints:
         counted = (Contribution.run_id == run_id, Contribution.epoch < epoch,
                    Contribution.status != ContributionStatus.VOIDED)
         with self.store.session() as s:
-            total = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(*counted))
+            total = s.scalar(select(int_sum(Contribution.samples)).where(*counted))
             last = s.scalar(select(func.max(Contribution.epoch)).where(*counted))
             loss = None
             if last is not None:

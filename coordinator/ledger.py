@@ -23,7 +23,7 @@ from omi.coordinator.errors import (
 from omi.coordinator.registry import Caller
 from omi.coordinator.runs import Runs
 from omi.coordinator.states import ContributionStatus
-from omi.coordinator.store import Contribution, Store, WorkAssignment
+from omi.coordinator.store import Contribution, Store, WorkAssignment, int_sum
 from omi.models.segments import segment_steps
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
@@ -123,7 +123,7 @@ class Ledger:
         with self.store.session() as s:
             count = s.scalar(select(func.count()).select_from(Contribution).where(
                 Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED))
-            verified = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+            verified = s.scalar(select(int_sum(Contribution.samples)).where(
                 Contribution.run_id == run_id, Contribution.status == ContributionStatus.VERIFIED))
         return count, verified
 
@@ -131,7 +131,7 @@ class Ledger:
         """Samples per second the ledger grew by over the last ``window_ms`` (voided contributions excluded): what
         the run really trained, measured here, not the volunteers' own speed figures."""
         with self.store.session() as s:
-            samples = s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+            samples = s.scalar(select(int_sum(Contribution.samples)).where(
                 Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED,
                 Contribution.received_at_ms > now - window_ms, Contribution.received_at_ms <= now))
         return samples / (window_ms / 1000)
@@ -139,5 +139,5 @@ class Ledger:
     def provisional_samples(self, run_id: str) -> int:
         """Samples reported in a run that are neither verified nor voided yet."""
         with self.store.session() as s:
-            return s.scalar(select(func.coalesce(func.sum(Contribution.samples), 0)).where(
+            return s.scalar(select(int_sum(Contribution.samples)).where(
                 Contribution.run_id == run_id, Contribution.status == ContributionStatus.ACCEPTED))

@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     create_engine,
     event,
     func,
@@ -32,6 +33,12 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 logger = logging.getLogger(__name__)
+
+
+def int_sum(expression):
+    """SUM of an integer expression, 0 over no rows, an ``int`` on every database (PostgreSQL's SUM of a bigint is a
+    numeric, which psycopg returns as a ``Decimal``: ``Decimal / float`` raised in the throughput)."""
+    return cast(func.coalesce(func.sum(expression), 0), BigInteger)
 
 DB_FILENAME = "coordinator.db"
 

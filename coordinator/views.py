@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omi.coordinator.core import Coordinator
 from omi.coordinator.states import OPEN_AUDIT_STATES, RUN_STATE_NAMES, AuditState, ContributionStatus
-from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token
+from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token, int_sum
 from omi.protos import pb
 from omi.protos.clock import now_ms
 from sqlalchemy import case, func, select
@@ -191,9 +191,9 @@ def contributors(coordinator: Coordinator, run_id: str) -> list[ContributorView]
             Token.run_id == run_id).group_by(Token.node_id)).all())
         work = {row.node_id: row for row in s.execute(select(
             Contribution.node_id,
-            func.coalesce(func.sum(case((live, Contribution.samples), else_=0)), 0).label("samples"),
-            func.coalesce(func.sum(case((verified, Contribution.samples), else_=0)), 0).label("verified"),
-            func.coalesce(func.sum(case((live, 1), else_=0)), 0).label("count"),
+            int_sum(case((live, Contribution.samples), else_=0)).label("samples"),
+            int_sum(case((verified, Contribution.samples), else_=0)).label("verified"),
+            int_sum(case((live, 1), else_=0)).label("count"),
             func.max(Contribution.received_at_ms).label("last"),
             func.min(Contribution.received_at_ms).label("first"),
             func.coalesce(func.sum(Contribution.compute_seconds), 0.0).label("compute")).where(

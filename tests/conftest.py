@@ -63,3 +63,28 @@ def coordinator(tmp_path):
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
     yield server
     kill_group(server.proc)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py); skips where PostgreSQL is not installed,
+    unless OMI_REQUIRE_POSTGRES=1 (CI installs it: there a missing server is a failure)."""
+    from postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if os.environ.get("OMI_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL is required (OMI_REQUIRE_POSTGRES=1) but initdb was not found")
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """Each store test runs on SQLite (None: the state dir's file) and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").new_database()

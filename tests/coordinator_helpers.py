@@ -54,13 +54,15 @@ class ServerThread:
     :param http: also serve the dashboard, at ``self.http`` (any free port)
     :param records_grace: seconds a node has to hand over audited records (0: the audit window alone decides;
         the lock-step tests move many epochs in a few seconds of wall time)
+    :param db_url: the store's SQLAlchemy URL (None: SQLite in the state dir)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
-                 max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0):
+                 max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0,
+                 db_url: str | None = None):
         http_address = f"127.0.0.1:{free_port()}" if http else None
         self.http = f"http://{http_address}" if http else None
-        config = ServerConfig(state_dir=state_dir, grpc_address="127.0.0.1:0", http_address=http_address,
+        config = ServerConfig(state_dir=state_dir, db_url=db_url, grpc_address="127.0.0.1:0", http_address=http_address,
                               max_message_bytes=max_message_bytes, swarm_host=None,
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig(),
                                                   records_grace=records_grace))

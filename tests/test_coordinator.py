@@ -1,4 +1,5 @@
-"""The coordinator over real gRPC on 127.0.0.1 with a real SQLite file: registration, runs, work, ledger, audits."""
+"""The coordinator over real gRPC on 127.0.0.1 with a real SQLite file and a real PostgreSQL database: registration,
+runs, work, ledger, audits."""
 
 import time
 
@@ -9,13 +10,14 @@ from omi.coordinator.registry import RegistryConfig
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, signing
 from omi.protos.signing import generate_key
+from sqlalchemy import text
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def server(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml()) as s:
+def server(tmp_path, db_url):
+    with ServerThread(tmp_path / "state", run_toml(), db_url=db_url) as s:
         yield s
 
 
@@ -64,8 +66,9 @@ def test_register_gives_signed_token_and_runspec(server):
     assert client.heartbeat(epoch=0).run_state == pb.RUN_STATE_RUNNING
 
 
-def test_reused_nonce_and_expired_challenge_are_refused(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=0.3)) as server:
+def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
+    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=0.3),
+                      db_url=db_url) as server:
         key = generate_key()
         challenge = server.stub.GetChallenge(pb.GetChallengeRequest())
         assert challenge.expires_at_ms > time.time() * 1000
@@ -138,8 +141,8 @@ def test_a_signed_request_is_accepted_once_and_only_by_its_own_rpc(server):
     assert victim.report_contribution(contribution_for(work)).accepted
 
 
-def test_expired_token_is_refused_until_renewed(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml(token_ttl=1.0)) as server:
+def test_expired_token_is_refused_until_renewed(tmp_path, db_url):
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=1.0), db_url=db_url) as server:
         client = server.node()
         client.heartbeat()
         time.sleep(1.1)
@@ -149,8 +152,8 @@ def test_expired_token_is_refused_until_renewed(tmp_path):
         assert client.heartbeat().token_expires_at_ms > time.time() * 1000
 
 
-def test_renewals_do_not_grow_the_token_table(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml(token_ttl=0.2)) as server:
+def test_renewals_do_not_grow_the_token_table(tmp_path, db_url):
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=0.2), db_url=db_url) as server:
         client = server.node()
         for _ in range(6):
             time.sleep(0.25)  # the token expired: renew it, as a node whose token lapsed does
@@ -260,10 +263,10 @@ def test_no_shard_is_assigned_twice_in_an_epoch(server):
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ahead" in info.value.details()
 
 
-def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path):
+def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path, db_url):
     # a round's assignment is 2 × H micro-batches (1,280 samples) so a fast node keeps busy; digits has 1,797:
     # the first of two volunteers online would take most of it and leave the second 517 (16 of its 20 steps)
-    with ServerThread(tmp_path / "state", run_toml() + "[rounds]\ninner_steps = 20\n") as server:
+    with ServerThread(tmp_path / "state", run_toml() + "[rounds]\ninner_steps = 20\n", db_url=db_url) as server:
         alone = server.node(name="alone")
         alone.heartbeat()
         assert sum(r.end - r.start for r in alone.get_work(0).shards) >= 1280  # alone: the full 2 × H
@@ -275,8 +278,8 @@ def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path):
     assert all(512 <= size <= 599 + 64 for size in sizes), sizes
 
 
-def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=1.0)) as server:
+def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path, db_url):
+    with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=1.0), db_url=db_url) as server:
         silent, alive, newcomer = (server.node(name=n) for n in ("silent", "alive", "new"))
         silent_work = silent.get_work(0)
         alive_work = alive.get_work(0)
@@ -421,3 +424,25 @@ def test_rate_limits(tmp_path):
         refused(server, lambda: client.get_work(0), grpc.StatusCode.RESOURCE_EXHAUSTED)
         server.node()
         refused(server, lambda: server.node(), grpc.StatusCode.RESOURCE_EXHAUSTED, "registration")
+
+
+def test_two_coordinator_processes_share_one_postgresql_database(tmp_path, postgres_server):
+    # the store's design (docs: PostgreSQL for more than one coordinator process): tokens, work, the ledger's sample
+    # count and bans hold across two coordinators with one state dir (one key) on one database
+    url = postgres_server.new_database()
+    with ServerThread(tmp_path / "state", run_toml(), db_url=url) as a, \
+            ServerThread(tmp_path / "state", None, db_url=url) as b:
+        alice, bob = a.node(name="alice"), b.node(name="bob")
+        alice_at_b = CoordinatorClient(b.address, alice.key, attempts=1)
+        alice_at_b.token = alice.token
+        work_a, work_b = alice_at_b.get_work(0), bob.get_work(0)  # alice asks b: her token holds there
+        taken = [(s.shard_id, s.start) for w in (work_a, work_b) for s in w.shards]
+        assert len(taken) == len(set(taken)), "two coordinators handed out one shard twice"
+        assert alice.report_contribution(contribution_for(work_a)).accepted  # reported to a
+        assert bob.report_contribution(contribution_for(work_b)).accepted  # reported to b
+        samples = sum(s.end - s.start for w in (work_a, work_b) for s in w.shards)
+        with a.store.engine.connect() as db:
+            assert db.execute(text("SELECT total_samples FROM runs WHERE run_id = 't'")).scalar() == samples
+        b.coordinator.registry.ban(alice.node_id, "test")
+        a.coordinator.sync_with_store()  # what a does every flush interval: it re-reads the bans
+        assert code_of(lambda: alice.heartbeat()) == grpc.StatusCode.PERMISSION_DENIED

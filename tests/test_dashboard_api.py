@@ -20,6 +20,7 @@ from omi.dashboard.api import Snapshots
 from omi.models import MicroBatchRecord, merkle_root
 from omi.protos import pb
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 XSS_NAME = "<img src=x onerror=\"window.__xss=1\">"
 SKETCH_SIZE = 1024  # verification.sketch_size by default
@@ -59,12 +60,14 @@ def records_for(work: pb.WorkAssignment, loss: float) -> tuple[pb.Contribution, 
     return contribution, protos
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def swarm(tmp_path_factory, request):
     """A coordinator with dashboard; two volunteers' contributions, all audited: alice's records match her
-    commitment and a validator passes them, mallory hands over one record fewer than she claimed (failed)."""
+    commitment and a validator passes them, mallory hands over one record fewer than she claimed (failed).
+    Once on SQLite, once on a real PostgreSQL database."""
     state = tmp_path_factory.mktemp("coordinator")
-    with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True) as server:
+    db_url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgresql" else None
+    with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True, db_url=db_url) as server:
         alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
         validator = server.node("t", "validator")
         for node, loss in ((alice, 0.4), (mallory, 0.6)):
@@ -85,9 +88,9 @@ def swarm(tmp_path_factory):
 
 
 def ledger(server) -> dict:
-    """Per node: (samples not voided, verified samples, contributions not voided), from the SQLite file."""
-    with sqlite3.connect(server.store.engine.url.database) as db:
-        rows = db.execute("SELECT node_id, status, samples FROM contributions WHERE run_id = 't'").fetchall()
+    """Per node: (samples not voided, verified samples, contributions not voided), read from the database in SQL."""
+    with server.store.engine.connect() as db:
+        rows = db.execute(text("SELECT node_id, status, samples FROM contributions WHERE run_id = 't'")).all()
     out = {}
     for node_id, status, samples in rows:
         s, v, n = out.get(node_id, (0, 0, 0))
