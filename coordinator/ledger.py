@@ -35,6 +35,21 @@ logger = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_MS = 60_000  # the run's throughput is the ledger's growth over this last window
 
 
+def assigned_samples_limit(spec: pb.RunSpec, assigned: int) -> int:
+    """The most samples a contribution may report for an assignment of ``assigned`` samples.
+
+    Rounds never go past their assignment. In per-step mode hivemind's swarm step reaches a node a progress refresh
+    late, and the node keeps computing micro-batches until then, wrapping around its assignment (the validator
+    recomputes those the same way, ``micro_batch_samples``): honest work of up to twice the assignment is accepted
+    (seen: 288 for 256 assigned, refused until 2026-12-03, issue 12 point 4).
+
+    >>> rounds = pb.RunSpec(rounds=pb.RoundsSpec(inner_steps=5))
+    >>> assigned_samples_limit(pb.RunSpec(), 256), assigned_samples_limit(rounds, 256)
+    (512, 256)
+    """
+    return assigned if spec.rounds.inner_steps > 0 else 2 * assigned
+
+
 class Ledger:
     """Records contributions.
 
@@ -75,8 +90,10 @@ class Ledger:
             raise InvalidArgument("the assignment belongs to another node, run or epoch")
         if assignment.released_at_ms is not None:
             raise FailedPrecondition("the assignment was released after missed heartbeats; ask for new work")
-        if contribution.samples > assignment.num_samples:
-            raise InvalidArgument(f"samples {contribution.samples} exceed the {assignment.num_samples} assigned")
+        most = assigned_samples_limit(self.runs.get(caller.run_id).spec, assignment.num_samples)
+        if contribution.samples > most:
+            raise InvalidArgument(f"samples {contribution.samples} exceed the {most} an assignment of "
+                                  f"{assignment.num_samples} allows")
         row = Contribution(contribution_id=uuid.uuid4().hex, run_id=caller.run_id, node_id=caller.node_id,
                            epoch=contribution.epoch, assignment_id=contribution.assignment_id,
                            samples=contribution.samples, mean_loss=contribution.mean_loss,

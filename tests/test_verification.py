@@ -238,6 +238,22 @@ def test_every_attack_is_caught_and_honest_nodes_never_fail(tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_an_honest_node_that_waits_for_a_slower_swarm_is_never_refused(tmp_path):
+    # the swarm steps after 10 micro-batches per node, but an assignment holds 8 (target_batch_size 64 / 8): the
+    # node wraps around its assignment and reports 80 samples, which the ledger refused (issue 12 point 4: "samples
+    # 288 exceed the 256 assigned"); the validator recomputes the wrapped micro-batches as the node computed them
+    torch.set_num_threads(1)
+    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1)) as server:
+        spec = server.coordinator.runs.spec_for_nodes("sim")
+        swarm = LockstepSwarm(server, spec, {"honest-0": HONEST, "honest-1": HONEST}, tmp_path, micro_batches=10)
+        result = swarm.run(2)
+        swarm.close()
+        assert result.contributions == {"honest-0": 2, "honest-1": 2}, result.contributions
+        assert not server.coordinator.ledger.refused, server.coordinator.ledger.refused
+        assert {v.passed for v in result.verdicts} == {True}, result.verdicts
+
+
+@pytest.mark.timeout(240)
 def test_with_drifted_copies_the_validator_audits_on_the_nodes_own_parameters(tmp_path):
     """As in a real swarm, the validator's copy of each epoch is not the node's (drift): it asks the node for its
     parameters, so honest work is verified exactly, cheaters fail, and withheld or forged parameters do not help."""
