@@ -103,6 +103,7 @@ target_batch_size = 32\n[verification]\naudit_rate = {audit_rate}\nmax_strikes =
 audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
     validator_key = signing.generate_key()
     validator = Caller("v" * 64, "mc", "peer-v", signing.public_bytes(validator_key), pb.AccessToken())
+    coordinator.auditor.grant(validator.node_id, "the bench's validator")
     counts, epoch = [], 0
     for run in range(runs):
         key = signing.generate_key()

@@ -31,7 +31,16 @@ from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from omi.coordinator.registry import Caller, Registry
 from omi.coordinator.runs import Runs
 from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
-from omi.coordinator.store import Audit, AuditRecords, Contribution, Node, Store, Token, WorkAssignment
+from omi.coordinator.store import (
+    Audit,
+    AuditRecords,
+    Contribution,
+    Node,
+    Store,
+    Token,
+    ValidatorGrant,
+    WorkAssignment,
+)
 from omi.models import MicroBatchRecord, audited_record, merkle_root, record_from_proto, sent_sketch
 from omi.models.segments import segment_steps
 from omi.protos import pb, signing
@@ -172,11 +181,47 @@ class Auditor:
 
     # ---------------------------------------------------------------- validators
 
+    # ---------------------------------------------------------------- the validator role
+
+    def grant(self, node_id: str, reason: str = "") -> bool:
+        """Let ``node_id`` take audit tasks and report verdicts; False if it already could."""
+        if len(node_id) != 64:
+            raise InvalidArgument("node_id must be 64 hex characters")
+        with self.store.transaction() as s:
+            if s.get(ValidatorGrant, node_id) is not None:
+                return False
+            s.add(ValidatorGrant(node_id=node_id, reason=reason[:500], granted_at_ms=now_ms()))
+        logger.info("validator role granted to %s (%s)", node_id[:12], reason or "no reason given")
+        return True
+
+    def revoke(self, node_id: str) -> bool:
+        """Take the role back (tasks it holds go to another validator after ``task_timeout``); False if it had none."""
+        with self.store.transaction() as s:
+            grant = s.get(ValidatorGrant, node_id)
+            if grant is None:
+                return False
+            s.delete(grant)
+        logger.info("validator role revoked from %s", node_id[:12])
+        return True
+
+    def validators(self) -> list[tuple[str, str, int]]:
+        """(node id, reason, granted at ms) of every node holding the role."""
+        with self.store.session() as s:
+            return [(g.node_id, g.reason, g.granted_at_ms) for g in s.scalars(select(ValidatorGrant)
+                                                                               .order_by(ValidatorGrant.granted_at_ms))]
+
+    def _require_role(self, session, validator: Caller) -> None:
+        if session.get(ValidatorGrant, validator.node_id) is None:
+            raise PermissionDenied(f"node {validator.node_id[:12]} is not a validator: an admin grants the role "
+                                   f"(omi-coordinator validator grant {validator.node_id})")
+
     def next_task(self, validator: Caller) -> pb.AuditTask:
-        """An audit of someone else's work in the validator's run (the one it already holds, if any)."""
+        """An audit of someone else's work in the validator's run (the one it already holds, if any); only for a
+        node holding the validator role."""
         now = now_ms()
         stale = now - int(self.task_timeout * 1000)
         with self.store.transaction() as s:
+            self._require_role(s, validator)
             audit = s.scalars(select(Audit).where(
                 Audit.run_id == validator.run_id, Audit.node_id != validator.node_id,
                 or_(Audit.state == AuditState.PENDING,
@@ -211,6 +256,7 @@ class Auditor:
             raise InvalidArgument("bad signature on AuditVerdict")
         failure = None
         with self.store.transaction() as s:
+            self._require_role(s, validator)
             audit = s.get(Audit, verdict.task_id)
             if audit is None:
                 raise NotFound(f"no audit task {verdict.task_id!r}")

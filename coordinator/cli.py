@@ -1,9 +1,11 @@
-"""`omi-coordinator`: serve, and the admin commands (`run create|list|pause|resume|stop`, `node ban|unban`).
+"""`omi-coordinator`: serve, and the admin commands (`run create|list|pause|resume|stop`, `node ban|unban`,
+`validator grant|revoke|list`).
 
     omi-coordinator serve --run examples/runs/digits.toml
     omi-coordinator run create examples/runs/digits.toml --start
     omi-coordinator run list
     omi-coordinator node ban <node id> --reason "failed audits"
+    omi-coordinator validator grant <node id> --reason "lab GPU of the data working group"
 
 The admin commands need only grpc and ``omi.protos``; ``serve`` imports the server (torch, hivemind) and the
 dashboard when it runs, and composes them.
@@ -31,6 +33,9 @@ run_app = typer.Typer(help="Create and steer runs (admin).", no_args_is_help=Tru
 node_app = typer.Typer(help="Ban and unban nodes (admin).", no_args_is_help=True)
 app.add_typer(run_app, name="run")
 app.add_typer(node_app, name="node")
+validator_app = typer.Typer(help="Grant and revoke the validator role (admin): only validators take audit tasks.",
+                            no_args_is_help=True)
+app.add_typer(validator_app, name="validator")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -178,6 +183,42 @@ def node_unban(node_id: str = typer.Argument(..., help="Node id (64 hex characte
     """Lift a node's ban."""
     reply = _admin(coordinator, state_dir, admin_token_file, "UnbanNode", pb.BanNodeRequest(node_id=node_id))
     console.print(f"node {node_id[:12]} unbanned" if reply.changed else f"node {node_id[:12]} was not banned")
+
+
+@validator_app.command("grant")
+def validator_grant(node_id: str = typer.Argument(..., help="Node id (64 hex characters; `omi-node status` shows it)."),
+                    reason: str = typer.Option("", help="Why, for the record."),
+                    coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION,
+                    admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """Let a node validate: take audit tasks (`omi-node validate`) and report verdicts."""
+    reply = _admin(coordinator, state_dir, admin_token_file, "GrantValidator",
+                   pb.ValidatorRoleRequest(node_id=node_id, reason=reason))
+    console.print(f"node {node_id[:12]} is a validator" + ("" if reply.changed else " (it already was)"))
+
+
+@validator_app.command("revoke")
+def validator_revoke(node_id: str = typer.Argument(..., help="Node id (64 hex characters)."),
+                     coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION,
+                     admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """Take the validator role back; the tasks it holds go to another validator."""
+    reply = _admin(coordinator, state_dir, admin_token_file, "RevokeValidator",
+                   pb.ValidatorRoleRequest(node_id=node_id))
+    console.print(f"node {node_id[:12]} is no longer a validator" if reply.changed
+                  else f"node {node_id[:12]} was not a validator")
+
+
+@validator_app.command("list")
+def validator_list(coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION,
+                   admin_token_file: Path = TOKEN_FILE_OPTION) -> None:
+    """The nodes holding the validator role."""
+    import datetime
+
+    reply = _admin(coordinator, state_dir, admin_token_file, "ListValidators", pb.ListValidatorsRequest())
+    table = Table("node id", "granted (UTC)", "reason")
+    for grant in reply.validators:
+        when = datetime.datetime.fromtimestamp(grant.granted_at_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M")
+        table.add_row(grant.node_id, when, grant.reason)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -164,7 +164,9 @@ class CoordinatorServer:
         runs = self.coordinator.runs
         for run_id in runs.run_ids():
             if runs.get(run_id).state == pb.RUN_STATE_RUNNING:
-                self.validators.start(runs.spec_for_nodes(run_id), address)
+                node_id = self.validators.start(runs.spec_for_nodes(run_id), address)
+                if node_id is not None:
+                    self.coordinator.auditor.grant(node_id, f"built-in validator of run {run_id}")
 
     def ensure_run(self, run_file: Path) -> None:
         """Create the run of ``run_file`` if it is new and make sure it is running."""

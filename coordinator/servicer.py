@@ -130,6 +130,18 @@ class AdminServicer:
     async def UnbanNode(self, request: pb.BanNodeRequest, context) -> pb.BanNodeResponse:
         return pb.BanNodeResponse(changed=await self.c.call(self.c.registry.unban, request.node_id))
 
+    async def GrantValidator(self, request: pb.ValidatorRoleRequest, context) -> pb.ValidatorRoleResponse:
+        return pb.ValidatorRoleResponse(changed=await self.c.call(self.c.auditor.grant, request.node_id,
+                                                                  request.reason))
+
+    async def RevokeValidator(self, request: pb.ValidatorRoleRequest, context) -> pb.ValidatorRoleResponse:
+        return pb.ValidatorRoleResponse(changed=await self.c.call(self.c.auditor.revoke, request.node_id))
+
+    async def ListValidators(self, request: pb.ListValidatorsRequest, context) -> pb.ListValidatorsResponse:
+        grants = await self.c.call(self.c.auditor.validators)
+        return pb.ListValidatorsResponse(validators=[pb.ValidatorGrant(node_id=n, reason=r, granted_at_ms=t)
+                                                     for n, r, t in grants])
+
 
 def _has_unknown_fields(message) -> bool:
     """Whether ``message`` (or a message inside it) carries fields its schema does not name."""

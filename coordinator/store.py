@@ -170,6 +170,15 @@ class Ban(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class ValidatorGrant(Base):
+    """A node the coordinator lets take audit tasks and report verdicts (issue 12: validator is a granted role)."""
+
+    __tablename__ = "validator_grants"
+    node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    granted_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class Checkpoint(Base):
     __tablename__ = "checkpoints"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -44,10 +44,11 @@ class BuiltinValidators:
         self.key, self.state_dir = key, Path(state_dir)
         self._processes: dict[str, subprocess.Popen] = {}
 
-    def start(self, spec: pb.RunSpec, coordinator_address: str) -> None:
-        """Mint the run's validator token and start its process (once per run)."""
+    def start(self, spec: pb.RunSpec, coordinator_address: str) -> str | None:
+        """Mint the run's validator token and start its process (once per run); returns the validator's node id
+        (None if it runs already), which the coordinator grants the validator role."""
         if spec.run_id in self._processes:
-            return
+            return None
         folder = self.state_dir / "validator" / spec.run_id
         folder.mkdir(parents=True, exist_ok=True)
         node_key = signing.load_or_create_key(folder / "node_key.pem")
@@ -65,6 +66,7 @@ class BuiltinValidators:
         log.close()
         logger.info("run %s: built-in validator %s started (log %s)", spec.run_id, token.node_id[:12],
                     folder / "validator.log")
+        return token.node_id
 
     def shutdown(self, timeout: float = 20.0) -> None:
         for run_id, process in self._processes.items():

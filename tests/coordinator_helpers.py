@@ -101,6 +101,12 @@ class ServerThread:
         client.register(run_id, peer_id=f"peer-{name or 'x'}", display_name=name, swarm_public_key=b"swarm-key")
         return client
 
+    def validator(self, run_id: str = "t", name: str = "validator") -> CoordinatorClient:
+        """A fresh node, registered for ``run_id`` and granted the validator role (as an admin would)."""
+        client = self.node(run_id, name)
+        self.coordinator.auditor.grant(client.node_id, "test validator")
+        return client
+
 
 def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **fields) -> pb.Contribution:
     """A contribution that did all the work of ``work`` (unsigned; the client signs it); for a run in rounds

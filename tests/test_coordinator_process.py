@@ -115,6 +115,16 @@ def test_admin_cli(serve, tmp_path):
     listed = cli("run", "list", "-c", server.address)
     assert listed.returncode == 0 and "stopped" in listed.stdout
 
+    node_id = "ab" * 32
+    granted = cli("validator", "grant", node_id, "--reason", "lab GPU", "-c", server.address, "--state-dir", state)
+    assert granted.returncode == 0 and "is a validator" in granted.stdout, granted.stderr
+    listed = cli("validator", "list", "-c", server.address, "--state-dir", state)
+    assert listed.returncode == 0 and node_id[:12] in listed.stdout and "lab GPU" in listed.stdout
+    bad = cli("validator", "grant", "nope", "-c", server.address, "--state-dir", state)
+    assert bad.returncode != 0 and "64 hex" in bad.stderr and "Traceback" not in bad.stderr
+    revoked = cli("validator", "revoke", node_id, "-c", server.address, "--state-dir", state)
+    assert revoked.returncode == 0 and "no longer a validator" in revoked.stdout
+
 
 def test_a_run_the_admin_starts_gets_its_own_swarm_peer(serve, tmp_path):
     server = serve()

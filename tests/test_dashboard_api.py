@@ -69,7 +69,7 @@ def swarm(tmp_path_factory, request):
     db_url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgresql" else None
     with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True, db_url=db_url) as server:
         alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
-        validator = server.node("t", "validator")
+        validator = server.validator("t", "validator")
         for node, loss in ((alice, 0.4), (mallory, 0.6)):
             contribution, records = records_for(node.get_work(epoch=0), loss)
             reply = node.report_contribution(contribution)

@@ -32,7 +32,7 @@ from omi.models.commitment import verify_proof
 from omi.models.microbatch import GradientSketch
 from omi.models.replay import compare, recompute
 from omi.node.validator import EXACT_TOLERANCES, PARAMS_DISTANCE_STEPS
-from omi.protos import pb, signing
+from omi.protos import pb, rpc, signing
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -100,7 +100,7 @@ def test_a_flood_of_records_is_refused_before_any_is_decoded(tmp_path, monkeypat
 
 def test_audit_flow_failed_audits_void_strike_and_ban(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=0.0, max_strikes=2)) as server:
-        worker, validator = server.node(name="worker"), server.node(name="validator")
+        worker, validator = server.node(name="worker"), server.validator(name="validator")
         # an unaudited contribution first (audit_rate 0): provisional credit
         first = committed(worker.get_work(0), fake_records(4))
         assert worker.report_contribution(first).audit_task_id == ""
@@ -140,15 +140,50 @@ def test_audit_flow_failed_audits_void_strike_and_ban(tmp_path):
         assert not validator.get_audit_task().has_task
 
 
+def test_only_a_granted_validator_takes_audit_tasks_and_reports_verdicts(tmp_path):
+    # issue 12 point 1: identity A fabricated work, identity B (registered like any node) took the audit tasks,
+    # passed A's and failed an honest node's; now B is refused until an admin grants it the role
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0, max_strikes=1)) as server:
+        cheat, honest, accomplice = server.node(name="a"), server.node(name="honest"), server.node(name="b")
+        for node, seed in ((cheat, 1), (honest, 2)):
+            records = fake_records(4, seed=seed)
+            reply = node.report_contribution(committed(node.get_work(0), records))
+            assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
+        refused = code_of(accomplice.get_audit_task)
+        assert refused == grpc.StatusCode.PERMISSION_DENIED
+        forged = pb.AuditVerdict(task_id="x", passed=False, reason="framed")
+        assert code_of(lambda: accomplice.report_audit_verdict(forged)) == grpc.StatusCode.PERMISSION_DENIED
+        with server.store.session() as s:
+            from omi.coordinator.store import Audit
+            assert {a.state for a in s.query(Audit)} == {"pending"}  # nothing was handed to the accomplice
+        # granted over the Admin API (as `omi-coordinator validator grant` does), it gets tasks; revoked, none
+        admin = rpc.AdminStub(server.channel)
+        auth = (("authorization", f"Bearer {server.admin_token}"),)
+        grant = pb.ValidatorRoleRequest(node_id=accomplice.node_id, reason="test")
+        assert admin.GrantValidator(grant, metadata=auth).changed
+        assert not admin.GrantValidator(grant, metadata=auth).changed
+        assert [v.node_id for v in admin.ListValidators(pb.ListValidatorsRequest(), metadata=auth).validators] \
+            == [accomplice.node_id]
+        assert accomplice.get_audit_task().has_task
+        assert admin.RevokeValidator(grant, metadata=auth).changed
+        assert code_of(accomplice.get_audit_task) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:  # no admin token: no grant
+            admin.GrantValidator(grant)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_records(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0, max_strikes=3)) as server:
-        worker, validator, other = server.node(name="w"), server.node(name="v"), server.node(name="o")
+        worker, validator, other = server.node(name="w"), server.validator(name="v"), server.node(name="o")
         records = fake_records(3)
         passed = worker.report_contribution(committed(worker.get_work(0), records))
         worker.submit_audit_records(passed.audit_task_id, as_protos(records))
         task = validator.get_audit_task()
         forged = pb.AuditVerdict(task_id=task.task_id, passed=True)
-        assert code_of(lambda: other.report_audit_verdict(forged)) == grpc.StatusCode.FAILED_PRECONDITION
+        assert code_of(lambda: other.report_audit_verdict(forged)) == grpc.StatusCode.PERMISSION_DENIED  # no role
+        second = server.validator(name="v2")  # a validator, but not the one holding the task
+        assert code_of(lambda: second.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))) \
+            == grpc.StatusCode.FAILED_PRECONDITION
         validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
         withheld = other.report_contribution(committed(other.get_work(0), fake_records(3)))
         assert withheld.audit_task_id

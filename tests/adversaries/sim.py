@@ -171,6 +171,7 @@ class LockstepSwarm:
             self.names[id(node)] = name
         self.validator = CoordinatorClient(server.address, generate_key(), attempts=1)
         self.validator.register(spec.run_id, peer_id="validator", display_name="validator")
+        server.coordinator.auditor.grant(self.validator.node_id, "the lock-step swarm's validator")
         self.recomputer = Recomputer(spec, copy.deepcopy(self.model), self.scheduler, self.source,
                                      GradientSketch(self.model, spec.verification.sketch_size, seed=training.seed))
         self.history = ParameterHistory(spec.verification.audit_window_epochs + 2)

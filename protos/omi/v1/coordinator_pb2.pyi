@@ -683,3 +683,37 @@ class BanNodeResponse(_message.Message):
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     changed: bool
     def __init__(self, changed: _Optional[bool] = ...) -> None: ...
+
+class ValidatorRoleRequest(_message.Message):
+    __slots__ = ("node_id", "reason")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ValidatorRoleResponse(_message.Message):
+    __slots__ = ("changed",)
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    changed: bool
+    def __init__(self, changed: _Optional[bool] = ...) -> None: ...
+
+class ListValidatorsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ValidatorGrant(_message.Message):
+    __slots__ = ("node_id", "reason", "granted_at_ms")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    reason: str
+    granted_at_ms: int
+    def __init__(self, node_id: _Optional[str] = ..., reason: _Optional[str] = ..., granted_at_ms: _Optional[int] = ...) -> None: ...
+
+class ListValidatorsResponse(_message.Message):
+    __slots__ = ("validators",)
+    VALIDATORS_FIELD_NUMBER: _ClassVar[int]
+    validators: _containers.RepeatedCompositeFieldContainer[ValidatorGrant]
+    def __init__(self, validators: _Optional[_Iterable[_Union[ValidatorGrant, _Mapping]]] = ...) -> None: ...

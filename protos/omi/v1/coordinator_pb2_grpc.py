@@ -705,6 +705,21 @@ class AdminStub:
                 request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeRequest.SerializeToString,
                 response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeResponse.FromString,
                 _registered_method=True)
+        self.GrantValidator = channel.unary_unary(
+                '/omi.v1.Admin/GrantValidator',
+                request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.SerializeToString,
+                response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.FromString,
+                _registered_method=True)
+        self.RevokeValidator = channel.unary_unary(
+                '/omi.v1.Admin/RevokeValidator',
+                request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.SerializeToString,
+                response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.FromString,
+                _registered_method=True)
+        self.ListValidators = channel.unary_unary(
+                '/omi.v1.Admin/ListValidators',
+                request_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsRequest.SerializeToString,
+                response_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -747,6 +762,24 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GrantValidator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeValidator(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListValidators(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -779,6 +812,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnbanNode,
                     request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeRequest.FromString,
                     response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeResponse.SerializeToString,
+            ),
+            'GrantValidator': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantValidator,
+                    request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.FromString,
+                    response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.SerializeToString,
+            ),
+            'RevokeValidator': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeValidator,
+                    request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.FromString,
+                    response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.SerializeToString,
+            ),
+            'ListValidators': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListValidators,
+                    request_deserializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsRequest.FromString,
+                    response_serializer=omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -944,6 +992,87 @@ class Admin:
             '/omi.v1.Admin/UnbanNode',
             omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeRequest.SerializeToString,
             omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.BanNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GrantValidator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omi.v1.Admin/GrantValidator',
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.SerializeToString,
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeValidator(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omi.v1.Admin/RevokeValidator',
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleRequest.SerializeToString,
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ValidatorRoleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListValidators(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/omi.v1.Admin/ListValidators',
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsRequest.SerializeToString,
+            omi_dot_protos_dot_omi_dot_v1_dot_coordinator__pb2.ListValidatorsResponse.FromString,
             options,
             channel_credentials,
             insecure,
