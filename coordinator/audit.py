@@ -45,7 +45,7 @@ from omi.models import MicroBatchRecord, audited_record, merkle_root, record_fro
 from omi.models.segments import segment_steps
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 
 logger = logging.getLogger(__name__)
 
@@ -283,8 +283,10 @@ class Auditor:
         """Apply the audit window of ``run_id`` at its current epoch; returns contributions newly verified.
 
         Audits still waiting for records when the window closes, and ``records_grace`` after the report, fail (the
-        node did not hand them over: a node is never struck for a deadline it could not meet);
-        contributions that were not audited, or whose audit passed, become verified (their samples are credit).
+        node did not hand them over: a node is never struck for a deadline it could not meet). Contributions that
+        were not audited become verified once their window closed **and** the audits drawn in it ran: only up to the
+        first epoch with an audit still open (pending, assigned or awaiting records), and only if some audit of
+        those epochs got a verdict. Audited contributions are verified by their passed verdict, at once.
         """
         info = self.runs.get(run_id)
         closed_before = info.epoch - info.spec.verification.audit_window_epochs  # epochs <= this are closed
@@ -304,10 +306,19 @@ class Auditor:
                     failure = self._fail(s, audit, contribution, "records not handed over within the audit window")
             self._committed(run_id, failure)
         with self.store.transaction() as s:
-            still_open = select(Audit.contribution_id).where(Audit.run_id == run_id, Audit.state.in_(OPEN_AUDIT_STATES))
+            # unaudited work counts as checked only where the audits drawn beside it ran: up to the first epoch with
+            # an audit still open, and only once some audit of those epochs got a verdict (a run without validators,
+            # or with audit_rate 0, verifies nothing: its credit stays provisional)
+            first_open = s.scalar(select(func.min(Audit.epoch)).where(Audit.run_id == run_id,
+                                                                       Audit.state.in_(OPEN_AUDIT_STATES)))
+            upto = closed_before if first_open is None else min(closed_before, first_open - 1)
+            audited = s.scalar(select(func.count()).select_from(Audit).where(
+                Audit.run_id == run_id, Audit.epoch <= upto, Audit.state.in_((AuditState.PASSED, AuditState.FAILED))))
+            if not audited:
+                return 0
             result = s.execute(update(Contribution).where(
                 Contribution.run_id == run_id, Contribution.status == ContributionStatus.ACCEPTED,
-                Contribution.epoch <= closed_before, Contribution.contribution_id.not_in(still_open),
+                Contribution.epoch <= upto,
             ).values(status=ContributionStatus.VERIFIED))
             return result.rowcount or 0
 

@@ -53,10 +53,10 @@ def serve_command(
     run: Path = typer.Option(None, help="RunSpec TOML to create (if new) and start."),
     max_message_bytes: int = typer.Option(DEFAULT_MAX_MESSAGE_BYTES, help="Larger requests are refused."),
     swarm_host: str = typer.Option("127.0.0.1", help="Address of the runs' hivemind bootstrap peers; '' for none."),
-    validator: bool = typer.Option(False, "--validator/--no-validator",
-                                   help="Run a built-in validator per running run (off by default: on a drifted copy "
-                                        "of the parameters its audits are mostly inconclusive, and it is one more "
-                                        "swarm peer on the coordinator's machine)."),
+    validator: bool = typer.Option(True, "--validator/--no-validator",
+                                   help="Run a built-in validator per running run (default): it replays the audited "
+                                        "work; without any validator nothing becomes verified (credit stays "
+                                        "provisional). --no-validator where granted volunteers validate instead."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""

@@ -75,8 +75,10 @@ class ServeProcess:
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         self.address = f"127.0.0.1:{self.grpc_port}"
         self.http = f"http://127.0.0.1:{self.http_port}"
+        # the built-in validator (serve's default) is one more swarm peer on 2 shared cores: only where asked for
+        validator = () if "--validator" in extra else ("--no-validator",)
         self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", self.address,
-                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *extra], log)
+                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *validator, *extra], log)
         with grpc.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60

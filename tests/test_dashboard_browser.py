@@ -85,6 +85,10 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     wait_for(browser, "omiDashboard.charts.loss && omiDashboard.charts.loss.data[1].some(v => v != null)",
              60, "a point on the loss chart")
     assert browser.execute_script("return window.__loaded") == "once"
+    # no validator runs here: the page says that nothing is verified, rather than suggesting recomputation
+    note = browser.find_element("id", "verified-note").text
+    assert "No audit has run" in note and "provisional" in note, note
+    assert figure(browser, "verified-samples") == 0
 
     # the volunteer named like an HTML payload is shown as that text and ran no script
     names = [e.text for e in browser.find_elements("css selector", "#contributors tbody td.volunteer .name")]

@@ -172,6 +172,34 @@ def test_only_a_granted_validator_takes_audit_tasks_and_reports_verdicts(tmp_pat
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_nothing_is_verified_while_no_audit_runs(tmp_path):
+    # issue 12 point 2: with no validator, 17 fabricated contributions were verified in 0.3 s when their window
+    # closed; now unaudited work waits for the audits drawn beside it, and a run without verdicts verifies nothing
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=0.5, max_strikes=5)) as server:
+        nodes = [server.node(name=f"n{i}") for i in range(6)]
+        audited = []
+        for epoch in range(3):
+            for node in nodes:
+                records = fake_records(2, seed=epoch)
+                reply = node.report_contribution(committed(node.get_work(epoch), records))
+                if reply.audit_task_id:
+                    assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
+                    audited.append(reply.audit_task_id)
+        assert audited, "audit_rate 0.5 over 18 contributions drew no audit"
+        for epoch in range(3, 12):  # every window closes; nobody validates
+            server.coordinator.runs.observe_epoch("t", epoch)
+        server.coordinator.auditor.close_windows("t")
+        status = nodes[0].get_run_status()
+        assert status.verified_samples == 0 and status.provisional_samples == 18 * 64, status
+        # a validator works through the queue: then the closed windows' unaudited work is verified too
+        validator = server.validator()
+        while (task := validator.get_audit_task()).has_task:
+            validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
+        server.coordinator.auditor.close_windows("t")
+        status = nodes[0].get_run_status()
+        assert status.verified_samples == 18 * 64 and status.provisional_samples == 0, status
+
+
 def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_records(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0, max_strikes=3)) as server:
         worker, validator, other = server.node(name="w"), server.validator(name="v"), server.node(name="o")

@@ -106,6 +106,21 @@ function renderStatus(s) {
   setText("loss", s.loss == null ? "–" : s.loss.toFixed(4));
   setText("verified-samples", fmtInt.format(s.verified_samples));
   setText("audits", `${fmtInt.format(s.audits.passed)} / ${fmtInt.format(s.audits.failed)}`);
+  setText("verified-note", verifiedNote(s));
+}
+
+// What "verified" means for this run right now, from the audit counts the coordinator keeps.
+function verifiedNote(s) {
+  const a = s.audits;
+  const decided = a.passed + a.failed;
+  const waiting = a.pending + a.assigned + a.awaiting_records;
+  const waitingText = waiting ? ` ${fmtInt.format(waiting)} drawn audit(s) are waiting for records or a validator; ` +
+    "the work beside them stays provisional until they run." : "";
+  if (!decided) {
+    return "No audit has run for this run yet: every sample is provisional (not verified)." + waitingText;
+  }
+  return `Verified samples come from ${fmtInt.format(decided)} audit(s) that ran (${fmtInt.format(a.passed)} passed, ` +
+    `${fmtInt.format(a.failed)} failed).` + waitingText;
 }
 
 function makeChart(id, label, color, series) {
