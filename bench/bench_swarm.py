@@ -4,7 +4,8 @@
     .venv/bin/python -m bench.bench_swarm --nodes 2,3 --modes per-step,rounds --epochs 6 --rounds 4
 
 Modes, side by side in one invocation: ``per-step`` (one hivemind.Optimizer step of the gradient per 256
-samples), ``rounds`` (DiLoCo, ``[rounds] inner_steps = 20``, 8-bit pseudo-gradients) and ``overlap`` (the same
+samples), ``rounds`` (DiLoCo as the default run does it: ``[rounds] inner_steps = 20``, top 5 % of Δ with error
+feedback, 8-bit, outer SGD at lr 1) and ``overlap`` (the same
 with the all-reduce overlapped with the next round).
 
 For each mode and swarm size it starts a real coordinator and N real `omi-node join` processes on 127.0.0.1 (the
@@ -64,10 +65,13 @@ averaging_timeout = 30.0
 heartbeat_interval = 2.0
 heartbeat_timeout = 20.0
 """
+# the default run's rounds (examples/runs/digits.toml): top 5 % of Δ with error feedback, 8-bit, plain outer SGD
+ROUNDS = ('[rounds]\ninner_steps = 20\ncompression = "sparse8bit"\ntopk_density = 0.05\nouter_learning_rate = 1.0\n'
+          'outer_momentum = 0.0\nouter_nesterov = false\n')
 MODES = {  # name -> the [rounds] section of its RunSpec
     "per-step": "",
-    "rounds": '[rounds]\ninner_steps = 20\ncompression = "uniform8bit"\n',
-    "overlap": '[rounds]\ninner_steps = 20\ncompression = "uniform8bit"\noverlap = true\n',
+    "rounds": ROUNDS,
+    "overlap": ROUNDS + "overlap = true\n",
 }
 STEP_SAMPLES = 256  # per-step mode's target_batch_size: the baseline all-reduce runs once per this many samples
 QUALITY_SAMPLES = 256
@@ -125,7 +129,7 @@ def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict
     host = net.gateway if net else "127.0.0.1"
     grpc_address = f"{host}:{free_port()}"
     coordinator = start([BIN / "omi-coordinator", "serve", "--state-dir", workdir / "coordinator", "--grpc",
-                         grpc_address, "--http", "", "--run", run_file,
+                         grpc_address, "--http", "", "--run", run_file, "--no-validator",  # the swarm alone
                          *(["--swarm-host", net.gateway] if net else [])], workdir / "coordinator.log")
     state_dirs = {i: workdir / f"node-{i}" for i in range(nodes)}
     processes: list[subprocess.Popen] = []
@@ -247,7 +251,8 @@ def main() -> None:
 --rounds {args.rounds} --inner-steps {args.inner_steps}{wan_flag}`. Each swarm is a real coordinator and real
 `omi-node join` processes, {where}, one torch thread each, all on this 2-core machine; the first node starts alone
 and the others join once it trains. Modes: per-step (one all-reduce of the gradient per 256 samples), rounds
-(DiLoCo, {args.inner_steps} inner steps per node, 8-bit pseudo-gradients, outer Nesterov 0.7 / 0.9), overlap
+(DiLoCo as examples/runs/digits.toml: {args.inner_steps} inner steps per node, top 5 % of Δ with error feedback,
+8-bit, outer SGD at lr 1), overlap
 (rounds, all-reduce during the next round). The baseline is
 `train-local` on the same number of samples, stepping as often as the swarm's optimizer (per 256 samples, or per
 32-sample micro-batch in the round modes). Loss: mean of the last epoch (swarm) or of the last step's micro-batches
