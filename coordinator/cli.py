@@ -214,11 +214,11 @@ def validator_list(coordinator: str = COORDINATOR_OPTION, state_dir: Path = STAT
     import datetime
 
     reply = _admin(coordinator, state_dir, admin_token_file, "ListValidators", pb.ListValidatorsRequest())
-    table = Table("node id", "granted (UTC)", "reason")
-    for grant in reply.validators:
+    if not reply.validators:
+        console.print("no validators")
+    for grant in reply.validators:  # one line each: the whole node id, for `validator revoke`
         when = datetime.datetime.fromtimestamp(grant.granted_at_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M")
-        table.add_row(grant.node_id, when, grant.reason)
-    console.print(table)
+        console.print(f"{grant.node_id}  granted {when} UTC  {grant.reason}", soft_wrap=True, highlight=False)
 
 
 if __name__ == "__main__":

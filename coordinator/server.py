@@ -26,7 +26,7 @@ from omi.coordinator.credentials import (
     load_or_create_admin_token,
     load_or_create_coordinator_key,
 )
-from omi.coordinator.errors import CoordinatorError, FailedPrecondition, InvalidArgument
+from omi.coordinator.errors import CoordinatorError, FailedPrecondition, InvalidArgument, Unavailable
 from omi.coordinator.servicer import add_services
 from omi.coordinator.states import RUN_STATE_NAMES
 from omi.coordinator.validators import BuiltinValidators
@@ -76,6 +76,7 @@ class CoordinatorServer:
         self._http_task: asyncio.Task | None = None
         self._running_runs: set[str] = set()  # runs whose swarm peer and data source this server has started
         self.validators: BuiltinValidators | None = None
+        self._validated_runs: set[str] = set()  # runs whose built-in validator runs
         self.checkpointers: CheckpointerSupervisor | None = None
 
     async def start(self) -> None:
@@ -119,12 +120,13 @@ class CoordinatorServer:
     def _run_started(self, run_id: str) -> None:
         """Run ``run_id`` is running: start its swarm peer process and open its data source (in a thread of its own)
         now, so that neither waits for the first Register or GetWork."""
-        if run_id in self._running_runs:
-            return
-        if self.bootstrap is not None:
-            self.bootstrap.start(self.coordinator.runs.get(run_id).spec)
-        self._running_runs.add(run_id)
-        threading.Thread(target=self._open_data, args=(run_id,), name=f"open-data-{run_id}", daemon=True).start()
+        if run_id not in self._running_runs:
+            if self.bootstrap is not None:
+                self.bootstrap.start(self.coordinator.runs.get(run_id).spec)
+            self._running_runs.add(run_id)
+            threading.Thread(target=self._open_data, args=(run_id,), name=f"open-data-{run_id}", daemon=True).start()
+        if self.validators is not None and run_id not in self._validated_runs:  # a run started after serve started
+            self._start_validator(run_id)
 
     def _run_started_later(self, run_id: str) -> None:
         """After an admin RPC started or resumed a run: as :meth:`_run_started`, retried by ``_follow_runs``."""
@@ -158,15 +160,26 @@ class CoordinatorServer:
                 logger.exception("starting a run's swarm peer failed; retrying at the next interval")
 
     def _start_validators(self, host: str) -> None:
-        """The built-in validator of every running run (a process of its own; see omi.coordinator.validators)."""
+        """The built-in validator of every running run (a process of its own; see omi.coordinator.validators); runs
+        started later get theirs from :meth:`_run_started`."""
         self.validators = BuiltinValidators(self.coordinator.key, self.config.state_dir)
-        address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.grpc_port}"
+        self._validator_address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.grpc_port}"
         runs = self.coordinator.runs
         for run_id in runs.run_ids():
             if runs.get(run_id).state == pb.RUN_STATE_RUNNING:
-                node_id = self.validators.start(runs.spec_for_nodes(run_id), address)
-                if node_id is not None:
-                    self.coordinator.auditor.grant(node_id, f"built-in validator of run {run_id}")
+                self._start_validator(run_id)
+
+    def _start_validator(self, run_id: str) -> None:
+        """Start run ``run_id``'s built-in validator (once) and grant it the validator role; while the run's swarm
+        peer is still starting this waits for the next call (``_follow_runs`` calls again every flush interval)."""
+        try:
+            spec = self.coordinator.runs.spec_for_nodes(run_id)
+        except Unavailable:
+            return
+        node_id = self.validators.start(spec, self._validator_address)
+        if node_id is not None:
+            self.coordinator.auditor.grant(node_id, f"built-in validator of run {run_id}")
+        self._validated_runs.add(run_id)
 
     def ensure_run(self, run_file: Path) -> None:
         """Create the run of ``run_file`` if it is new and make sure it is running."""

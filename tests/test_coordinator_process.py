@@ -30,8 +30,9 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
 def serve(tmp_path):
     processes = []
 
-    def start() -> ServeProcess:
-        process = ServeProcess(tmp_path / "state", tmp_path / "serve.log", grpc_port=grpc_port, http_port=http_port)
+    def start(validator: bool = False) -> ServeProcess:
+        process = ServeProcess(tmp_path / "state", tmp_path / "serve.log", grpc_port=grpc_port, http_port=http_port,
+                               extra=("--validator",) if validator else ())
         processes.append(process)
         return process
 
@@ -127,7 +128,7 @@ def test_admin_cli(serve, tmp_path):
 
 
 def test_a_run_the_admin_starts_gets_its_own_swarm_peer(serve, tmp_path):
-    server = serve()
+    server = serve(validator=True)
     extra = tmp_path / "extra.toml"
     extra.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "extra"'))
     assert cli("run", "create", extra, "--start", "-c", server.address, "--state-dir", tmp_path / "state") \
@@ -139,3 +140,7 @@ def test_a_run_the_admin_starts_gets_its_own_swarm_peer(serve, tmp_path):
     assert len(spec.initial_peers) == len(digits.initial_peers) == 1
     assert spec.initial_peers[0] != digits.initial_peers[0]  # one bootstrap peer per run
     assert node.get_work(0).shards  # its data source opened too
+    # and its own built-in validator, granted the role (without one nothing of the run would become verified)
+    listed = cli("validator", "list", "-c", server.address, "--state-dir", tmp_path / "state")
+    assert listed.stdout.count("built-in validator of run") == 2, listed.stdout + listed.stderr
+    assert (tmp_path / "state" / "validator" / "extra" / "validator.log").exists()
