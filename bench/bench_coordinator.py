@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 import grpc
+from omi.node.client import register_request
 from omi.protos import pb, rpc, signing
 from omi.protos.clock import now_ms
 from omi.protos.signing import generate_key
 
+from bench.identities import identities
 from bench.report import write_section
 
 HEARTBEAT_PERIOD = 10.0     # seconds between a volunteer's heartbeats
@@ -75,9 +77,10 @@ def serve_until_signalled(server, ready) -> None:
 
 
 class Volunteer:
-    def __init__(self):
+    def __init__(self, identity: bytes):
         self.key = generate_key()
         self.public_key = signing.public_bytes(self.key)
+        self.identity = identity  # one libp2p identity each: a peer id binds to one node
         self.token: pb.AccessToken | None = None
         self.work: pb.WorkAssignment | None = None
 
@@ -97,8 +100,8 @@ async def _bounded(coros, limit: int) -> list:
 async def _setup(stub, volunteers: list[Volunteer], contributors: list[Volunteer]) -> dict[str, float]:
     async def register(v: Volunteer):
         challenge = await stub.GetChallenge(pb.GetChallengeRequest(), timeout=30)
-        request = pb.RegisterRequest(public_key=v.public_key, nonce=challenge.nonce, run_id="bench", peer_id="bench")
-        v.token = (await stub.Register(signing.sign(request, v.key), timeout=30)).token
+        request = register_request(v.key, challenge.nonce, "bench", v.identity)
+        v.token = (await stub.Register(request, timeout=30)).token
 
     async def get_work(v: Volunteer):
         v.work = await stub.GetWork(v.signed(pb.GetWorkRequest, epoch=0), timeout=30)
@@ -166,7 +169,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _client(address: str, volunteers: int, seconds: float, server_pid: int) -> tuple[dict, dict]:
-    crowd = [Volunteer() for _ in range(volunteers)]
+    crowd = [Volunteer(identity) for identity in identities(volunteers)]
     contributors = crowd[: int(volunteers * seconds / CONTRIBUTION_PERIOD)]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = rpc.CoordinatorStub(channel)

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from bench.bench_coordinator import serve_until_signalled
+from bench.identities import identities
 from bench.report import write_section
 
 RUN_ID = "bench"
@@ -96,9 +97,9 @@ def _volunteers(address: str, count: int, rate: float, ready, stop, results) -> 
     from omi.protos.signing import generate_key
 
     clients = []
-    for i in range(count):
+    for i, identity in enumerate(identities(count)):
         client = CoordinatorClient(address, generate_key(), attempts=1, timeout=30)
-        client.register(RUN_ID, peer_id=f"bench-{i}", display_name=f"volunteer {i}")
+        client.register(RUN_ID, identity, display_name=f"volunteer {i}")
         work = client.get_work(epoch=0)
         samples = sum(s.end - s.start for s in work.shards)
         client.report_contribution(pb.Contribution(

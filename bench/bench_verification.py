@@ -39,7 +39,9 @@ from omi.coordinator.core import Coordinator  # noqa: E402
 from omi.coordinator.registry import Caller  # noqa: E402
 from omi.coordinator.store import Audit, Node, Store  # noqa: E402
 from omi.models import MicroBatchRecord, merkle_root, record_to_proto, sent_sketch  # noqa: E402
+from omi.node.client import register_request  # noqa: E402
 from omi.protos import pb, signing  # noqa: E402
+from omi.protos.peer_ids import new_identity  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def detection(workdir: Path, epochs: int, drift: float) -> dict[str, dict]:
     toml = sim_run_toml(audit_rate=1.0, max_strikes=1000, audit_window=1)
     classes = {"honest-0": HONEST, "honest-1": HONEST, "honest-2": HONEST,
                 **{name: cls for name, cls in ATTACKS.items() if name != "send_scaled"}}
-    with ServerThread(workdir / "state", toml) as server:
+    with ServerThread(workdir / "state", toml, per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
         swarm = LockstepSwarm(server, spec, classes, workdir, micro_batches=2, drift=drift)
         result = swarm.run(epochs)
@@ -104,12 +106,12 @@ audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
     validator_key = signing.generate_key()
     validator = Caller("v" * 64, "mc", "peer-v", signing.public_bytes(validator_key), pb.AccessToken())
     coordinator.auditor.grant(validator.node_id, "the bench's validator")
+    coordinator.auditor.trust(validator.node_id)  # it plays the coordinator's built-in validator
     counts, epoch = [], 0
     for run in range(runs):
         key = signing.generate_key()
         challenge = coordinator.registry.challenge(f"source-{run}")
-        request = signing.sign(pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=challenge.nonce,
-                                                  run_id="mc", peer_id=f"peer-{run}"), key)
+        request = register_request(key, challenge.nonce, "mc", new_identity())
         token = coordinator.registry.register(request, f"source-{run}").token
         caller = Caller(token.node_id, "mc", token.peer_id, signing.public_bytes(key), token)
         reported = 0
@@ -143,7 +145,7 @@ def training(workdir: Path, epochs: int, reducer: str, attackers: list[str], hon
                         micro_batch_size=8)
     classes = {f"honest-{i}": HONEST for i in range(honest)}
     classes.update({name: ATTACKS[name] for name in attackers})
-    with ServerThread(workdir / "state", toml) as server:
+    with ServerThread(workdir / "state", toml, per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
         swarm = LockstepSwarm(server, spec, classes, workdir, micro_batches=8)
         result = swarm.run(epochs)

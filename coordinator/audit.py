@@ -13,7 +13,13 @@ An audit goes through these states (``Audit.state``):
    sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
    proofs) are kept and the audit becomes ``pending``.
 3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator recomputes the chosen micro-batches
-   (``omi.node.validator``) and returns a signed verdict.
+   (``omi.node.validator``) and returns a signed verdict. Only nodes an admin granted the role take tasks. The
+   coordinator's own (built-in) validators are trusted: their verdict decides. A volunteer validator's verdict is
+   an *opinion* (``audit_opinions``): a failing one always, and a passing one with probability
+   :data:`CROSS_CHECK_RATE`, goes back to ``pending`` for a second validator; two that agree decide; two that
+   disagree make the audit ``disputed``, which only the coordinator's own validator takes. A validator whose opinion
+   the trusted verdict overturns loses the role, and every audit its opinion decided is reopened for the
+   coordinator's validator (its verified work provisional again, its failures' strikes lifted meanwhile).
 
 A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node,
 which also voids its provisional (not yet verified) contributions. Records not handed over before the audit
@@ -33,13 +39,16 @@ from omi.coordinator.runs import Runs
 from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
 from omi.coordinator.store import (
     Audit,
+    AuditOpinion,
     AuditRecords,
+    Ban,
     Contribution,
     Node,
     Store,
     Token,
     ValidatorGrant,
     WorkAssignment,
+    has_verified_contribution,
 )
 from omi.models import MicroBatchRecord, audited_record, merkle_root, record_from_proto, sent_sketch
 from omi.models.segments import segment_steps
@@ -51,6 +60,9 @@ logger = logging.getLogger(__name__)
 
 COORDINATOR = "coordinator"  # validator_node_id of verdicts the coordinator reaches itself (records check)
 STRUCK_AUDIT_RATE = 1.0  # a node with a strike is audited on every contribution until banned
+PROBATION_AUDIT_FACTOR = 2.0  # a node without verified work in the run is audited at twice the run's rate
+CROSS_CHECK_RATE = 0.25  # share of a volunteer validator's passing verdicts a second validator checks (failing: all)
+TASK_CANDIDATES = 50  # open audits a validator's request looks through for one it may take
 SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
 MAX_VERDICT_CHECKS = 4096  # micro-batch checks in one verdict: far above micro_batches_per_audit or a segment
 
@@ -114,6 +126,12 @@ class Auditor:
                  records_grace: float = 60.0):
         self.store, self.runs, self.registry = store, runs, registry
         self.task_timeout, self.records_grace = task_timeout, records_grace
+        self._trusted: set[str] = set()  # this process's own (built-in) validators: their verdict decides
+
+    def trust(self, node_id: str) -> None:
+        """``node_id`` is one of the coordinator's own validators (it must hold the role too): its verdicts decide,
+        and it alone takes disputed audits."""
+        self._trusted.add(node_id)
 
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
         """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records.
@@ -125,7 +143,11 @@ class Auditor:
         run_spec = self.runs.get(contribution.run_id).spec
         spec = run_spec.verification
         node = session.get(Node, contribution.node_id)
-        rate = STRUCK_AUDIT_RATE if node is not None and node.strikes > 0 else spec.audit_rate
+        rate = spec.audit_rate
+        if node is not None and node.strikes > 0:
+            rate = STRUCK_AUDIT_RATE
+        elif not has_verified_contribution(session, contribution.run_id, contribution.node_id):
+            rate = min(1.0, PROBATION_AUDIT_FACTOR * rate)  # new identities earn trust with verified work
         if secrets.randbelow(1_000_000) >= int(rate * 1_000_000):
             return None
         if run_spec.rounds.inner_steps > 0:
@@ -217,17 +239,22 @@ class Auditor:
 
     def next_task(self, validator: Caller) -> pb.AuditTask:
         """An audit of someone else's work in the validator's run (the one it already holds, if any); only for a
-        node holding the validator role."""
+        node holding the validator role. A second opinion never goes to the validator of the first; a disputed
+        audit only to the coordinator's own validator."""
         now = now_ms()
         stale = now - int(self.task_timeout * 1000)
+        trusted = validator.node_id in self._trusted
         with self.store.transaction() as s:
             self._require_role(s, validator)
-            audit = s.scalars(select(Audit).where(
+            waiting = [AuditState.PENDING, AuditState.DISPUTED] if trusted else [AuditState.PENDING]
+            candidates = s.scalars(select(Audit).where(
                 Audit.run_id == validator.run_id, Audit.node_id != validator.node_id,
-                or_(Audit.state == AuditState.PENDING,
+                or_(Audit.state.in_(waiting),
                     (Audit.state == AuditState.ASSIGNED) & ((Audit.validator_node_id == validator.node_id)
                                                    | (Audit.assigned_at_ms < stale))))
-                .order_by((Audit.validator_node_id == validator.node_id).desc(), Audit.created_at_ms).limit(1)).first()
+                .order_by((Audit.validator_node_id == validator.node_id).desc(), Audit.created_at_ms)
+                .limit(TASK_CANDIDATES)).all()
+            audit = next((a for a in candidates if self._may_take(s, a, validator.node_id, trusted)), None)
             if audit is None:
                 return pb.AuditTask(has_task=False)
             audit.state, audit.validator_node_id, audit.assigned_at_ms = AuditState.ASSIGNED, validator.node_id, now
@@ -246,15 +273,27 @@ class Auditor:
                                 peer_id=peer_id or "", segment_hashes=contribution.segment_hashes,
                                 delta_sketch=contribution.delta_sketch)
 
+    @staticmethod
+    def _opinions(session, task_id: str) -> list[AuditOpinion]:
+        return list(session.scalars(select(AuditOpinion).where(AuditOpinion.task_id == task_id)
+                                    .order_by(AuditOpinion.at_ms)))
+
+    def _may_take(self, session, audit: Audit, node_id: str, trusted: bool) -> bool:
+        opinions = self._opinions(session, audit.task_id)
+        if any(o.validator_node_id == node_id for o in opinions):
+            return False  # a second opinion comes from someone else
+        return trusted or (audit.state != AuditState.DISPUTED and len(opinions) < 2)
+
     def record_verdict(self, validator: Caller, verdict: pb.AuditVerdict) -> None:
-        """Store a validator-signed verdict on a task it holds; a failure voids the work and strikes the node."""
+        """Store a validator-signed verdict on a task it holds: the coordinator's own validator's decides; a
+        volunteer validator's is an opinion that may wait for a second one (see the module docstring)."""
         if verdict.validator_node_id != validator.node_id:
             raise PermissionDenied("verdict names another validator than the token")
         if len(verdict.checks) > MAX_VERDICT_CHECKS:  # before the signature check hashes all of it
             raise InvalidArgument(f"a verdict holds at most {MAX_VERDICT_CHECKS} micro-batch checks")
         if not signing.verify(verdict, validator.public_key):
             raise InvalidArgument("bad signature on AuditVerdict")
-        failure = None
+        failures, unbanned = [], []
         with self.store.transaction() as s:
             self._require_role(s, validator)
             audit = s.get(Audit, verdict.task_id)
@@ -264,18 +303,88 @@ class Auditor:
                 raise AlreadyExists(f"audit task {verdict.task_id} already has a verdict")
             if audit.validator_node_id != validator.node_id or audit.state != AuditState.ASSIGNED:
                 raise FailedPrecondition(f"audit task {verdict.task_id} is not assigned to this validator")
-            audit.verdict = verdict.SerializeToString(deterministic=True)
-            audit.decided_at_ms = now_ms()
-            contribution = s.get(Contribution, audit.contribution_id)
-            if verdict.passed:
-                audit.state = AuditState.PASSED
-                if contribution.status == ContributionStatus.ACCEPTED:
-                    contribution.status = ContributionStatus.VERIFIED
-            else:
-                failure = self._fail(s, audit, contribution, verdict.reason, verdict=audit.verdict)
-        self._committed(audit.run_id, failure)
+            signed = verdict.SerializeToString(deterministic=True)
+            earlier = self._opinions(s, audit.task_id)
+            s.add(AuditOpinion(task_id=audit.task_id, validator_node_id=validator.node_id, passed=verdict.passed,
+                               verdict=signed, at_ms=now_ms()))
+            overturned = []
+            if validator.node_id in self._trusted:
+                overturned = sorted({o.validator_node_id for o in earlier if o.passed != verdict.passed})
+            elif not earlier and (not verdict.passed or secrets.randbelow(1_000_000) < CROSS_CHECK_RATE * 1_000_000):
+                self._reopen(audit, AuditState.PENDING, "a second validator checks this verdict")
+                return
+            elif earlier and earlier[-1].passed != verdict.passed:
+                self._reopen(audit, AuditState.DISPUTED, "two validators disagree; the coordinator's validator "
+                                                         "decides")
+                return
+            failures.append(self._decide(s, audit, verdict.passed, verdict.reason, signed))
+            for node_id in overturned:
+                failures += self._overturn(s, node_id, unbanned)
+        for failure in failures:
+            self._committed(audit.run_id, failure)
+        for node_id in unbanned:
+            self.registry.unbanned_committed(node_id)
         logger.info("audit %s of node %s epoch %d: %s", audit.task_id[:8], audit.node_id[:12], audit.epoch,
                     audit.state)
+
+    @staticmethod
+    def _reopen(audit: Audit, state: AuditState, why: str) -> None:
+        audit.state, audit.validator_node_id, audit.assigned_at_ms = state, None, None
+        logger.info("audit %s of node %s epoch %d: %s (%s)", audit.task_id[:8], audit.node_id[:12], audit.epoch,
+                    state, why)
+
+    def _decide(self, session, audit: Audit, passed: bool, reason: str, verdict: bytes):
+        """Apply a verdict: pass verifies the contribution; fail voids it and strikes the node (:meth:`_fail`)."""
+        audit.verdict, audit.decided_at_ms = verdict, now_ms()
+        contribution = session.get(Contribution, audit.contribution_id)
+        if not passed:
+            return self._fail(session, audit, contribution, reason, verdict=verdict)
+        audit.state = AuditState.PASSED
+        if contribution.status == ContributionStatus.ACCEPTED:
+            contribution.status = ContributionStatus.VERIFIED
+        return None
+
+    def _overturn(self, session, node_id: str, unbanned: list[str]) -> list:
+        """The coordinator's validator overturned ``node_id``'s opinion: take its role and reopen, for the
+        coordinator's validator, every audit its opinion decided (undoing the verdict's effect meanwhile; nodes
+        whose ban is lifted go into ``unbanned``)."""
+        grant = session.get(ValidatorGrant, node_id)
+        if grant is not None:
+            session.delete(grant)
+        logger.warning("validator %s was overturned by the coordinator's validator: role revoked, its verdicts "
+                       "re-examined", node_id[:12])
+        failures = []
+        for opinion in session.scalars(select(AuditOpinion).where(AuditOpinion.validator_node_id == node_id)).all():
+            audit = session.get(Audit, opinion.task_id)
+            decided = {AuditState.PASSED: True, AuditState.FAILED: False}.get(audit.state)
+            if decided is None or decided != opinion.passed or any(
+                    o.validator_node_id in self._trusted for o in self._opinions(session, audit.task_id)):
+                continue  # open, or decided against it, or decided by the coordinator's validator
+            contribution = session.get(Contribution, audit.contribution_id)
+            if decided and contribution.status == ContributionStatus.VERIFIED:
+                contribution.status = ContributionStatus.ACCEPTED  # provisional until re-examined
+            elif not decided:
+                failures.append(self._lift_strike(session, audit, contribution, unbanned))
+            self._reopen(audit, AuditState.DISPUTED, f"decided by overturned validator {node_id[:12]}")
+        return failures
+
+    def _lift_strike(self, session, audit: Audit, contribution: Contribution, unbanned: list[str]):
+        """Undo a failed audit's strike and voiding while it is re-examined: a ban for failed audits that falls
+        below ``max_strikes`` is lifted (the provisional work that ban voided stays voided)."""
+        restored = 0
+        if contribution.status == ContributionStatus.VOIDED:
+            contribution.status = ContributionStatus.ACCEPTED
+            self.runs.add_samples(session, contribution.run_id, contribution.samples)
+            restored = contribution.samples
+        node = session.get(Node, audit.node_id)
+        node.strikes = max(0, node.strikes - 1)
+        max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
+        ban = session.get(Ban, node.node_id)
+        if ban is not None and node.strikes < max_strikes and ban.reason.endswith("failed audits"):
+            session.delete(ban)
+            unbanned.append(node.node_id)
+            logger.warning("node %s: ban lifted while its failed audit is re-examined", node.node_id[:12])
+        return None, -restored
 
     # ---------------------------------------------------------------- the audit window
 

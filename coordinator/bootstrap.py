@@ -10,6 +10,10 @@ hivemind forks its DHT process from the process that creates it, and a fork of t
 threads serve gRPC (grpc.aio does not support fork), can crash in the child: the DHT then never comes up and its
 creator waits for it forever (seen under load). In a process of its own the DHT is created in a main thread with
 no gRPC around, and the coordinator only reads the addresses the process prints, from any thread.
+
+The peer also carries the coordinator's bans into the swarm: every few seconds it reads the peer ids of banned
+nodes from the database and publishes a signed revocation for each (:func:`omi.swarm.publish_revocations`), so
+averagers refuse them within a minute instead of at their token's expiry.
 """
 
 import argparse
@@ -19,6 +23,8 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -26,11 +32,15 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.errors import Unavailable
+from omi.coordinator.store import Ban, PeerBinding, Store, Token, sqlite_url
 from omi.protos import pb, signing
+from sqlalchemy import select
 
 logger = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 120.0  # seconds the server waits at start for the running runs' peers
+REVOCATION_POLL = 5.0  # seconds between two reads of the bans
+REVOCATION_REFRESH = 300.0  # seconds between two re-publications of every revocation (peers come and go)
 
 
 @dataclass
@@ -48,10 +58,13 @@ class SwarmBootstrap:
       ``state_dir/swarm/<run id>/``, so its peer id (and so the RunSpec's initial peers, up to the port) stays the
       same across restarts
     :param host: address the peers listen on (volunteers must be able to reach it)
+    :param db_url: the coordinator's database (None: SQLite under ``state_dir``); the peers read the bans from it
     """
 
-    def __init__(self, key: Ed25519PrivateKey, state_dir: str | Path, host: str = "127.0.0.1"):
+    def __init__(self, key: Ed25519PrivateKey, state_dir: str | Path, host: str = "127.0.0.1",
+                 db_url: str | None = None):
         self.public_key, self.state_dir, self.host = signing.public_bytes(key), Path(state_dir), host
+        self.db_url = db_url
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
 
@@ -68,6 +81,8 @@ class SwarmBootstrap:
             command = [sys.executable, "-c", "from omi.coordinator.bootstrap import main; main()",
                        "--state-dir", str(self.state_dir), "--host", self.host, "--parent-pid", str(os.getpid()),
                        "--spec", message.SerializeToString(deterministic=True).hex()]
+            if self.db_url:
+                command += ["--db", self.db_url]
             process = subprocess.Popen(command, stdout=subprocess.PIPE)  # its log goes to the coordinator's stderr
             peer = self._peers[spec.run_id] = _Peer(process, Future())
         threading.Thread(target=self._read_maddrs, args=(spec.run_id, peer), name=f"bootstrap-{spec.run_id}",
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spec", required=True, help="the run's RunSpec, serialized, in hex")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite under the state dir)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     # stdout carries the addresses to the coordinator and nothing else: what this process and the ones it starts
@@ -126,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from omi.coordinator.credentials import KEY_FILENAME
+    from omi.swarm import publish_revocations
     from omi.swarm.dht import start_bootstrap_dht
     from omi.swarm.signals import install_stop_signals
 
@@ -134,9 +151,11 @@ def main(argv: list[str] | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     install_stop_signals(stop.set)
-    dht, maddrs = start_bootstrap_dht(signing.load_key(args.state_dir / KEY_FILENAME), spec, host=args.host,
-                                      identity_path=str(folder / "p2p.id"),
+    key = signing.load_key(args.state_dir / KEY_FILENAME)
+    dht, maddrs = start_bootstrap_dht(key, spec, host=args.host, identity_path=str(folder / "p2p.id"),
                                       swarm_key_path=str(folder / "swarm_rsa.pem"), token_ttl=spec.liveness.token_ttl)
+    revocations = Revocations(Store(args.db or sqlite_url(args.state_dir)), spec,
+                              lambda peers, lifetime: publish_revocations(dht, key, spec, peers, lifetime))
     try:
         print(json.dumps(maddrs), file=addresses, flush=True)
         # the coordinator may die without stopping us (SIGKILL): an orphaned peer would hold the identity and port
@@ -144,5 +163,40 @@ def main(argv: list[str] | None = None) -> None:
             if args.parent_pid and os.getppid() != args.parent_pid:
                 logger.warning("the coordinator process is gone; the bootstrap peer exits")
                 break
+            revocations.maybe_publish()
     finally:
         dht.shutdown()
+
+
+class Revocations:
+    """Publishes the coordinator's revocation of every peer id of a banned node in the run's swarm."""
+
+    def __init__(self, store: Store, spec: pb.RunSpec, publish: Callable[[list[str], float], int]):
+        self.store, self.spec, self.publish = store, spec, publish
+        self.published: dict[str, float] = {}  # peer id -> when (monotonic)
+        self._last_poll = -float("inf")
+
+    def banned_peer_ids(self) -> set[str]:
+        """Peer ids bound to banned nodes, and those their tokens of this run named."""
+        with self.store.session() as s:
+            bound = s.scalars(select(PeerBinding.peer_id).join(Ban, Ban.node_id == PeerBinding.node_id))
+            named = s.scalars(select(Token.peer_id).join(Ban, Ban.node_id == Token.node_id)
+                              .where(Token.run_id == self.spec.run_id))
+            return set(bound) | set(named)
+
+    def maybe_publish(self) -> None:
+        """Every :data:`REVOCATION_POLL` seconds: publish new revocations, and re-publish old ones now and then."""
+        now = time.monotonic()
+        if now - self._last_poll < REVOCATION_POLL:
+            return
+        self._last_poll = now
+        try:
+            due = sorted(peer for peer in self.banned_peer_ids()
+                         if now - self.published.get(peer, -float("inf")) > REVOCATION_REFRESH)
+            if due:
+                stored = self.publish(due, self.spec.liveness.token_ttl + 60)
+                self.published.update({peer: now for peer in due})
+                logger.info("run %s: revoked %d banned peer(s) in the swarm (%d stored)", self.spec.run_id,
+                            len(due), stored)
+        except Exception as e:  # a database or DHT hiccup: the next poll tries again
+            logger.warning("could not publish the swarm revocations: %r", e)

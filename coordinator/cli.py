@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import typer
-from omi.coordinator.config import DEFAULT_MAX_MESSAGE_BYTES, ServerConfig
+from omi.coordinator.config import DEFAULT_MAX_MESSAGE_BYTES, CoordinatorConfig, ServerConfig, WorkConfig
 from omi.coordinator.credentials import ADMIN_TOKEN_FILENAME
 from omi.coordinator.errors import CoordinatorError
 from omi.coordinator.states import RUN_STATE_NAMES
@@ -57,6 +57,10 @@ def serve_command(
                                    help="Run a built-in validator per running run (default): it replays the audited "
                                         "work; without any validator nothing becomes verified (credit stays "
                                         "provisional). --no-validator where granted volunteers validate instead."),
+    max_assignments_per_address: int = typer.Option(
+        WorkConfig.max_assignments_per_address, min=0,
+        help="Assignments one source address may hold per round (0: no cap): identities made by the dozen behind "
+             "one address cannot take a round's data. Raise it for a lab behind one NAT."),
     log_level: str = typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."),
 ) -> None:
     """Run the coordinator until SIGTERM or Ctrl-C."""
@@ -66,7 +70,8 @@ def serve_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(state_dir=state_dir, db_url=db, grpc_address=grpc_address, http_address=http_address or None,
                           run_file=run, max_message_bytes=max_message_bytes, swarm_host=swarm_host or None,
-                          validator=validator)
+                          validator=validator,
+                          coordinator=CoordinatorConfig(work=WorkConfig(max_assignments_per_address)))
     try:
         asyncio.run(serve(config, http_app=create_app))
     except (CoordinatorError, OSError) as e:

@@ -21,8 +21,16 @@ class RegistryConfig:
 
 
 @dataclass
+class WorkConfig:
+    # assignments one source address may hold per round (0: no cap), so identities made by the dozen behind one
+    # address cannot take a small data set's whole round (issue 12, point 6)
+    max_assignments_per_address: int = 8
+
+
+@dataclass
 class CoordinatorConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)  # TTLs and rate limits
+    work: WorkConfig = field(default_factory=WorkConfig)  # per-address caps on assignments
     flush_interval: float = 2.0     # seconds between heartbeat flushes to (and refreshes from) the store
     metrics_interval: float = 10.0  # seconds between points of the run history
     audit_task_timeout: float = 600.0  # seconds a validator may hold an audit task

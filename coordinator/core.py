@@ -62,7 +62,7 @@ class Coordinator:
         self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers)
         self.liveness = Liveness(store)
         self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
-        self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout)
+        self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout, config=self.config.work)
         self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout,
                                records_grace=self.config.records_grace)
         self.ledger = Ledger(store, self.runs, self.auditor)

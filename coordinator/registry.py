@@ -1,8 +1,11 @@
 """Who may take part: challenges, registration, coordinator-signed access tokens, request authentication, bans.
 
 A node proves it holds its Ed25519 key by signing a RegisterRequest that contains a fresh, single-use
-nonce; it receives an AccessToken signed by the coordinator. Every later request carries that token,
-a timestamp and the node's signature over the request.
+nonce, and that it holds the libp2p key of the peer id it names by signing the nonce, its Ed25519 key and the
+run with that key (:mod:`omi.protos.peer_ids`). A peer id is bound to the first identity that proves it and to
+no other, ever (``peer_bindings``): two identities cannot share one peer id, and a banned node cannot come back
+under a new Ed25519 key with its old libp2p identity. The node receives an AccessToken signed by the
+coordinator. Every later request carries that token, a timestamp and the node's signature over the request.
 """
 
 import logging
@@ -22,10 +25,11 @@ from omi.coordinator.errors import (
 from omi.coordinator.liveness import Beat, Liveness
 from omi.coordinator.ratelimit import RateLimiter
 from omi.coordinator.runs import Runs
-from omi.coordinator.store import Ban, Node, Store, Token
-from omi.protos import pb, signing
+from omi.coordinator.store import Ban, Node, PeerBinding, Store, Token
+from omi.protos import pb, peer_ids, signing
 from omi.protos.clock import now_ms
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +126,13 @@ class Registry:
             raise Unauthenticated("bad signature on RegisterRequest")
         if not request.peer_id or len(request.peer_id) > MAX_PEER_ID:
             raise InvalidArgument(f"peer_id must have 1 to {MAX_PEER_ID} characters")
+        try:
+            proven = peer_ids.verify_binding(request.peer_public_key, request.peer_signature, request.nonce,
+                                             request.public_key, request.run_id)
+        except ValueError as e:
+            raise Unauthenticated(f"no proof of the libp2p key of peer {request.peer_id}: {e}") from None
+        if proven != request.peer_id:
+            raise Unauthenticated(f"peer_id {request.peer_id} is not the peer id of peer_public_key ({proven})")
         if len(request.display_name) > MAX_DISPLAY_NAME:
             raise InvalidArgument(f"display_name has more than {MAX_DISPLAY_NAME} characters")
         display_name = clean_display_name(request.display_name)
@@ -135,18 +146,42 @@ class Registry:
             raise FailedPrecondition(f"run '{request.run_id}' is stopped")
         spec = self.runs.spec_for_nodes(request.run_id)  # before anything is stored: its swarm peer may be starting
         now = now_ms()
-        with self.store.transaction() as s:
-            node = s.get(Node, node_id)
-            if node is None:
-                s.add(Node(node_id=node_id, public_key=request.public_key, display_name=display_name,
-                           strikes=0, created_at_ms=now))
-            else:
-                node.display_name = display_name
-            token = self._issue(s, node_id, request.run_id, request.peer_id, request.public_key,
-                                request.swarm_public_key, now)
+        try:
+            with self.store.transaction() as s:
+                self._bind_peer(s, request.peer_id, node_id, now)
+                node = s.get(Node, node_id)
+                if node is None:
+                    s.add(Node(node_id=node_id, public_key=request.public_key, display_name=display_name,
+                               strikes=0, created_at_ms=now))
+                else:
+                    node.display_name = display_name
+                token = self._issue(s, node_id, request.run_id, request.peer_id, request.public_key,
+                                    request.swarm_public_key, now)
+        except IntegrityError:  # another coordinator process bound the peer id (or stored the node) meanwhile
+            raise FailedPrecondition(f"peer {request.peer_id} was registered at the same time elsewhere; "
+                                     "try again") from None
         self.liveness.beat(request.run_id, node_id, Beat(run.epoch, 0.0, 0, 0.0, now))
         logger.info("registered node %s (%s) for run %s", node_id[:12], display_name or "-", request.run_id)
         return pb.RegisterResponse(node_id=node_id, token=token, run_spec=spec)
+
+    def _bind_peer(self, session, peer_id: str, node_id: str, now: int) -> None:
+        """Bind ``peer_id`` to ``node_id``, or refuse it if another identity holds it (banned or not)."""
+        binding = session.get(PeerBinding, peer_id)
+        if binding is None:
+            session.add(PeerBinding(peer_id=peer_id, node_id=node_id, bound_at_ms=now))
+        elif binding.node_id != node_id:
+            banned = " (a banned node: a ban covers its libp2p identity too)" if binding.node_id in self._banned else ""
+            raise PermissionDenied(f"peer {peer_id} belongs to node {binding.node_id[:12]}{banned}; one peer id, "
+                                   "one identity")
+
+    def peers_of(self, node_ids) -> dict[str, list[str]]:
+        """Node id -> the peer ids bound to it."""
+        found: dict[str, list[str]] = {}
+        with self.store.session() as s:
+            for peer_id, node_id in s.execute(select(PeerBinding.peer_id, PeerBinding.node_id).where(
+                    PeerBinding.node_id.in_(list(node_ids)))):
+                found.setdefault(node_id, []).append(peer_id)
+        return found
 
     def renew(self, request: pb.RenewTokenRequest) -> pb.AccessToken:
         """A new token for the same node, peer and run; refused to banned nodes and for stopped runs."""
@@ -245,6 +280,9 @@ class Registry:
 
     def banned_committed(self, node_id: str) -> None:
         self._banned.add(node_id)
+
+    def unbanned_committed(self, node_id: str) -> None:
+        self._banned.discard(node_id)
 
     def unban(self, node_id: str) -> bool:
         """Lift a ban (and clear the node's strikes); False if the node was not banned."""

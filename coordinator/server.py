@@ -62,7 +62,7 @@ class CoordinatorServer:
         self.bootstrap: SwarmBootstrap | None = None
         if config.swarm_host is not None:
             self.bootstrap = SwarmBootstrap(load_or_create_coordinator_key(config.state_dir), config.state_dir,
-                                            config.swarm_host)
+                                            config.swarm_host, db_url=config.db_url)
         # checkpoint folders live in the state dir and are served on the HTTP port
         self.coordinator = Coordinator.open(
             config.state_dir, config.db_url, config.coordinator, layout=layout,
@@ -179,6 +179,7 @@ class CoordinatorServer:
         node_id = self.validators.start(spec, self._validator_address)
         if node_id is not None:
             self.coordinator.auditor.grant(node_id, f"built-in validator of run {run_id}")
+            self.coordinator.auditor.trust(node_id)  # the coordinator's own: its verdicts decide
         self._validated_runs.add(run_id)
 
     def ensure_run(self, run_file: Path) -> None:

@@ -18,13 +18,15 @@ class AuditState(enum.StrEnum):
     """Where an audit stands (``Audit.state``); see :mod:`omi.coordinator.audit` for the whole life."""
 
     AWAITING_RECORDS = "awaiting_records"  # sampled; the node has not handed over its records yet
-    PENDING = "pending"    # records check passed, not yet handed to a validator
+    PENDING = "pending"    # records check passed, waiting for a validator (a first or a second opinion)
     ASSIGNED = "assigned"  # a validator is recomputing it
+    DISPUTED = "disputed"  # two validators disagreed: the coordinator's own validator decides
     PASSED = "passed"
     FAILED = "failed"
 
 
-OPEN_AUDIT_STATES = (AuditState.AWAITING_RECORDS, AuditState.PENDING, AuditState.ASSIGNED)  # no verdict yet
+OPEN_AUDIT_STATES = (AuditState.AWAITING_RECORDS, AuditState.PENDING, AuditState.ASSIGNED,
+                     AuditState.DISPUTED)  # no verdict yet
 
 
 class ContributionStatus(enum.StrEnum):

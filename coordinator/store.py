@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from omi.coordinator.states import ContributionStatus
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -121,6 +122,17 @@ class AssignedShard(Base):
     assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"))
 
 
+class AssignmentSource(Base):
+    """The address an assignment was asked for from (per-address caps per round, issue 12 point 6)."""
+
+    __tablename__ = "assignment_sources"
+    assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"), primary_key=True)
+    run_id: Mapped[str] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(Integer)
+    address: Mapped[str] = mapped_column(String(128))
+    __table_args__ = (Index("ix_assignment_sources_run_epoch_address", "run_id", "epoch", "address"),)
+
+
 class Contribution(Base):
     __tablename__ = "contributions"
     contribution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -155,6 +167,18 @@ class Audit(Base):
     __table_args__ = (Index("ix_audits_run_state", "run_id", "state"),)
 
 
+class AuditOpinion(Base):
+    """One validator's signed verdict on an audit: a volunteer validator's failing verdict (and a share of its
+    passing ones) waits for a second opinion; a disagreement goes to the coordinator's own validator."""
+
+    __tablename__ = "audit_opinions"
+    task_id: Mapped[str] = mapped_column(ForeignKey("audits.task_id"), primary_key=True)
+    validator_node_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    verdict: Mapped[bytes] = mapped_column(LargeBinary)  # the validator-signed AuditVerdict
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class AuditRecords(Base):
     """The records an audited node handed over for the micro-batches chosen for recomputation, with Merkle proofs."""
 
@@ -168,6 +192,15 @@ class Ban(Base):
     node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+class PeerBinding(Base):
+    """A libp2p peer id and the one node identity that proved it holds its key (one peer id, one identity)."""
+
+    __tablename__ = "peer_bindings"
+    peer_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    node_id: Mapped[str] = mapped_column(String(64), index=True)
+    bound_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
 class ValidatorGrant(Base):
@@ -205,6 +238,14 @@ class RunMetric(Base):
     samples_per_second: Mapped[float] = mapped_column(Float)
     volunteers_online: Mapped[int] = mapped_column(Integer)
     __table_args__ = (Index("ix_run_metrics_run_at", "run_id", "at_ms"),)
+
+
+def has_verified_contribution(session: Session, run_id: str, node_id: str) -> bool:
+    """Whether the node has verified work in the run (else it is on probation: a smaller share of a round and a
+    higher audit rate)."""
+    return session.scalar(select(Contribution.contribution_id).where(
+        Contribution.node_id == node_id, Contribution.run_id == run_id,
+        Contribution.status == ContributionStatus.VERIFIED).limit(1)) is not None
 
 
 def sqlite_url(state_dir: str | Path) -> str:

@@ -38,6 +38,7 @@ class AuditCounts:
     awaiting_records: int = 0  # sampled; the node has not handed over its records yet
     pending: int = 0   # records check passed, not yet handed to a validator
     assigned: int = 0  # a validator is recomputing it
+    disputed: int = 0  # two validators disagreed; the coordinator's own validator decides
     passed: int = 0
     failed: int = 0
 

@@ -6,6 +6,12 @@ position derived from its id, taking the first free shards. The assignment is st
 again returns it unchanged. The primary key of ``assigned_shards`` is what makes double
 assignment impossible. When free shards run short, the shards of nodes that missed their heartbeats
 (and reported nothing) go back to the pool.
+
+Against identities made by the dozen (issue 12, point 6: ten fresh identities took all 29 shards of a round and
+left the honest node none): one source address holds at most ``max_assignments_per_address`` assignments per
+round, and an identity without verified work in the run is on **probation**: in rounds it gets only its own
+share of a round (``inner_steps × micro_batch_size``, not the 2× slack a fast node may use) and its contributions
+are audited at twice the run's rate (:mod:`omi.coordinator.audit`), until some of its work is verified.
 """
 
 import hashlib
@@ -18,14 +24,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from omi.coordinator.config import WorkConfig
 from omi.coordinator.errors import FailedPrecondition, InvalidArgument
 from omi.coordinator.liveness import Liveness
 from omi.coordinator.registry import Caller
 from omi.coordinator.runs import Runs
-from omi.coordinator.store import AssignedShard, Contribution, Store, WorkAssignment
+from omi.coordinator.store import (
+    AssignedShard,
+    AssignmentSource,
+    Contribution,
+    Store,
+    WorkAssignment,
+    has_verified_contribution,
+)
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, func, select
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +66,8 @@ def data_layout(data: pb.DataSpec) -> ShardLayout:
     return ShardLayout(source.num_shards, source.shard_range)
 
 
-def samples_per_assignment(spec: pb.RunSpec, num_samples: int = 0, volunteers: int = 1) -> int:
+def samples_per_assignment(spec: pb.RunSpec, num_samples: int = 0, volunteers: int = 1, *,
+                           probation: bool = False) -> int:
     """Samples one assignment should hold.
 
     Per-step mode: a node alone must be able to fill a whole swarm step (``target_batch_size``) from one assignment;
@@ -60,15 +75,17 @@ def samples_per_assignment(spec: pb.RunSpec, num_samples: int = 0, volunteers: i
     share of a round (``inner_steps × micro_batch_size``), so a node faster than the others can keep computing
     until the round closes — but no more than an equal share of the data (``num_samples``) among the
     ``volunteers`` online, so that on a small data set the first volunteers do not take a round's whole pool and
-    leave the others idle.
+    leave the others idle. On ``probation`` (no verified work yet) a node gets no slack: one share of a round.
 
     >>> spec = pb.RunSpec(training=pb.TrainingSpec(target_batch_size=256, micro_batch_size=32))
     >>> rounds = pb.RunSpec(training=spec.training, rounds=pb.RoundsSpec(inner_steps=20))
     >>> samples_per_assignment(spec), samples_per_assignment(rounds), samples_per_assignment(rounds, 1797, 2)
     (256, 1280, 898)
+    >>> samples_per_assignment(rounds, 1797, 2, probation=True)
+    640
     """
     if spec.rounds.inner_steps > 0:
-        share = 2 * spec.rounds.inner_steps * spec.training.micro_batch_size
+        share = (1 if probation else 2) * spec.rounds.inner_steps * spec.training.micro_batch_size
         if num_samples:
             share = min(share, max(num_samples // max(volunteers, 1), spec.training.micro_batch_size))
         return share
@@ -96,11 +113,13 @@ class WorkPlanner:
     :param runs: run specs and states
     :param liveness: to tell which assigned nodes went offline
     :param layout: DataSpec -> ShardLayout (``data_layout`` reads the real data source)
+    :param config: per-address caps
     """
 
     def __init__(self, store: Store, key: Ed25519PrivateKey, runs: Runs, liveness: Liveness, *,
-                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout, config: WorkConfig | None = None):
         self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
+        self.config = config or WorkConfig()
         self._layout = layout
         # Run id -> its layout, opened once: a run's DataSpec never changes, so an entry never goes stale, in this
         # process or another. The lock lets :meth:`layout` be called from any thread (the server opens a run's
@@ -120,8 +139,11 @@ class WorkPlanner:
                                              f"{e}") from e
             return self._layouts[run_id]
 
-    def get_work(self, caller: Caller, epoch: int) -> pb.WorkAssignment:
-        """The caller's assignment for ``epoch``: the stored one if it has it, else a new one."""
+    def get_work(self, caller: Caller, epoch: int, source: str = "") -> pb.WorkAssignment:
+        """The caller's assignment for ``epoch``: the stored one if it has it, else a new one.
+
+        :param source: the address the request came from ("": not counted against a per-address cap)
+        """
         run = self.runs.get(caller.run_id)
         if run.state != pb.RUN_STATE_RUNNING:
             raise FailedPrecondition(f"run '{caller.run_id}' is not running")
@@ -136,9 +158,9 @@ class WorkPlanner:
                 WorkAssignment.node_id == caller.node_id, WorkAssignment.released_at_ms.is_(None)))
         if stored is not None:
             return pb.WorkAssignment.FromString(stored)
-        return self._assign(caller, epoch)
+        return self._assign(caller, epoch, source)
 
-    def _assign(self, caller: Caller, epoch: int) -> pb.WorkAssignment:
+    def _assign(self, caller: Caller, epoch: int, source: str) -> pb.WorkAssignment:
         run = self.runs.get(caller.run_id)
         layout = self.layout(caller.run_id)
         now = now_ms()
@@ -146,8 +168,15 @@ class WorkPlanner:
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         training = run.spec.training
         with self.store.transaction() as s:
+            cap = self.config.max_assignments_per_address
+            if cap and source and self._held_by(s, caller.run_id, epoch, source) >= cap:
+                # like a round whose data is all taken: the node averages without data and asks again later
+                logger.warning("address %s holds %d assignments of run %s epoch %d already (the cap): none for node "
+                               "%s", source, cap, caller.run_id, epoch, caller.node_id[:12])
+                return assignment
             needed = samples_per_assignment(run.spec, layout.shard_range(layout.num_shards - 1)[1],
-                                            self._volunteers(caller))
+                                            self._volunteers(caller),
+                                            probation=not has_verified_contribution(s, caller.run_id, caller.node_id))
             wanted = max(training.shards_per_assignment, -(-needed // run.spec.data.shard_size))
             chosen = self._pick_free(s, caller, epoch, wanted)
             if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
@@ -173,9 +202,20 @@ class WorkPlanner:
                                  seed=assignment.seed, message=assignment.SerializeToString(deterministic=True),
                                  created_at_ms=now))
             s.flush()
+            if source:
+                s.add(AssignmentSource(assignment_id=assignment.assignment_id, run_id=caller.run_id, epoch=epoch,
+                                       address=source))
             s.add_all([AssignedShard(run_id=caller.run_id, epoch=epoch, shard_id=shard,
                                      assignment_id=assignment.assignment_id) for shard in chosen])
         return assignment
+
+    @staticmethod
+    def _held_by(session, run_id: str, epoch: int, address: str) -> int:
+        """Assignments of the run's ``epoch`` asked for from ``address`` and not released."""
+        return session.scalar(select(func.count()).select_from(AssignmentSource).join(
+            WorkAssignment, WorkAssignment.assignment_id == AssignmentSource.assignment_id).where(
+            AssignmentSource.run_id == run_id, AssignmentSource.epoch == epoch, AssignmentSource.address == address,
+            WorkAssignment.released_at_ms.is_(None)))
 
     def _volunteers(self, caller: Caller) -> int:
         """Training volunteers online in the caller's run (they heartbeat; validators do not), the caller included."""

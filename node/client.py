@@ -2,7 +2,7 @@
 
 >>> from omi.node.identity import NodeIdentity
 >>> client = CoordinatorClient("127.0.0.1:50051", NodeIdentity.load_or_create().key)  # doctest: +SKIP
->>> client.register("digits", peer_id="QmPeer", display_name="alice")                  # doctest: +SKIP
+>>> client.register("digits", Path("p2p.id").read_bytes(), display_name="alice")      # doctest: +SKIP
 >>> work = client.get_work(epoch=0)                                                     # doctest: +SKIP
 """
 
@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from omi.protos import pb, rpc, signing
+from omi.protos import pb, peer_ids, rpc, signing
 from omi.protos.clock import now_ms
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,18 @@ def with_retries(call: Callable[[], T], *, attempts: int = 5, backoff: float = 1
             time.sleep(delay)
             delay = min(delay * 2, max_backoff)
     raise AssertionError("unreachable")
+
+
+def register_request(key: Ed25519PrivateKey, challenge_nonce: bytes, run_id: str, peer_identity: bytes,
+                     **fields) -> pb.RegisterRequest:
+    """A signed RegisterRequest answering ``challenge_nonce``: the node's Ed25519 key signs it all, the libp2p
+    identity (its file's bytes) proves the peer id it names. ``fields``: display_name, swarm_public_key."""
+    peer_public_key, peer_signature = peer_ids.sign_binding(peer_identity, challenge_nonce, signing.public_bytes(key),
+                                                            run_id)
+    request = pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=challenge_nonce, run_id=run_id,
+                                 peer_id=peer_ids.peer_id_of(peer_public_key), peer_public_key=peer_public_key,
+                                 peer_signature=peer_signature, **fields)
+    return signing.sign(request, key)
 
 
 class CoordinatorClient:
@@ -73,14 +85,18 @@ class CoordinatorClient:
 
     # ---------------------------------------------------------------- identity and access
 
-    def register(self, run_id: str, peer_id: str, display_name: str = "",
+    def register(self, run_id: str, peer_identity: bytes, display_name: str = "",
                  swarm_public_key: bytes = b"") -> pb.RegisterResponse:
-        """Answer a fresh challenge and register for ``run_id``; keeps the token and RunSpec."""
+        """Answer a fresh challenge and register for ``run_id``; keeps the token and RunSpec.
+
+        :param peer_identity: the bytes of the node's libp2p identity file (hivemind's ``identity_path``): the
+          request names its peer id and proves it holds the key (:func:`omi.protos.peer_ids.sign_binding`)
+        """
         def attempt() -> pb.RegisterResponse:
             challenge = self.stub.GetChallenge(pb.GetChallengeRequest(), timeout=self.timeout)
-            request = pb.RegisterRequest(public_key=self.public_key, nonce=challenge.nonce, run_id=run_id,
-                                         peer_id=peer_id, display_name=display_name, swarm_public_key=swarm_public_key)
-            return self.stub.Register(signing.sign(request, self.key), timeout=self.timeout)
+            request = register_request(self.key, challenge.nonce, run_id, peer_identity, display_name=display_name,
+                                       swarm_public_key=swarm_public_key)
+            return self.stub.Register(request, timeout=self.timeout)
 
         response = with_retries(attempt, attempts=self.attempts, backoff=self.backoff)
         self.token, self.run_spec = response.token, response.run_spec

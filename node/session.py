@@ -95,7 +95,8 @@ class NodeSession:
                 self.client.token = self.tokens()
                 return self.client.get_run_spec(self.client.token.run_id)
             run_id = run_id or self._only_running_run()
-            response = self.client.register(run_id, self.peer_id, display_name, swarm_public_key(self.swarm_key))
+            response = self.client.register(run_id, (self.state_dir / "p2p.id").read_bytes(), display_name,
+                                            swarm_public_key(self.swarm_key))
         except grpc.RpcError as e:
             raise self.error(e) from e
         self.registered = True

@@ -8,7 +8,15 @@ Create DHTs, averagers and optimizers in the main thread of a process: hivemind 
 """
 
 from omi.protos.tokens import TokenFile, TokenProvider, is_valid_access_token, mint_access_token
-from omi.swarm.access import PeerAccessGate, TokenRegistryValidator, start_token_publisher, token_registry_key
+from omi.swarm.access import (
+    PeerAccessGate,
+    RevocationValidator,
+    TokenRegistryValidator,
+    publish_revocations,
+    revocation_key,
+    start_token_publisher,
+    token_registry_key,
+)
 from omi.swarm.averagers import (
     AccessControlledAveragerMixin,
     AccessControlledGradientAverager,
@@ -36,10 +44,10 @@ __all__ = [
     "AccessControlledAveragerMixin", "AccessControlledGradientAverager", "AccessControlledTrainingStateAverager",
     "AccessDenied", "AllReduceRefused", "COMPRESSIONS", "CenteredClipAllReduceRunner", "CenteredClipReducer",
     "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused", "ParamsServer",
-    "RoundOptimizer", "RoundResult",
-    "ParamsUnavailable", "PeerAccessGate", "SwarmFollower", "SwarmOptimizer", "TokenFile", "TokenProvider",
-    "TokenRegistryValidator", "centered_clip", "exit_with_parent", "from_hivemind_token", "install_stop_signals",
-    "is_valid_access_token", "load_or_create_peer_identity", "load_or_create_swarm_key", "make_dht", "make_optimizer",
-    "mint_access_token", "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key",
+    "ParamsUnavailable", "PeerAccessGate", "RevocationValidator", "RoundOptimizer", "RoundResult", "SwarmFollower",
+    "SwarmOptimizer", "TokenFile", "TokenProvider", "TokenRegistryValidator", "centered_clip", "exit_with_parent",
+    "from_hivemind_token", "install_stop_signals", "is_valid_access_token", "load_or_create_peer_identity",
+    "load_or_create_swarm_key", "make_dht", "make_optimizer", "mint_access_token", "publish_revocations",
+    "revocation_key", "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key",
     "to_hivemind_token", "token_registry_key",
 ]

@@ -9,9 +9,15 @@ published token (cached until the token expires). :class:`TokenRegistryValidator
 that key only a valid token for the very peer id in the subkey, so one member cannot overwrite another's entry.
 The averagers that ask the gate are in :mod:`omi.swarm.averagers`.
 
-Limits: a node that holds a valid token can do anything a node may do until its token expires (the
-coordinator bans by not renewing; a ban takes effect within the token TTL). Tokens are bearer-free only as
-far as keys stay private: DHT access needs the RSA key, averaging needs the libp2p key.
+**Revocations.** A ban must not wait for the token TTL (an hour by default). The coordinator's bootstrap peer
+publishes, under :func:`revocation_key`, a coordinator-signed revocation for every peer id of a banned node
+(:func:`publish_revocations`; :class:`RevocationValidator` makes the DHT refuse any other record there, so no
+peer can revoke another). A gate keeps a verified token for at most :data:`RECHECK_SECONDS` before it reads the
+registry and the revocations again, so a banned node's peer is refused by every averager within a minute.
+
+Limits: the DHT itself (:mod:`omi.swarm.tokens`) still accepts a banned node's requests until its token
+expires: it can read and write records (its own progress, under the schemas' rules), not average. Tokens are
+bearer-free only as far as keys stay private: DHT access needs the RSA key, averaging needs the libp2p key.
 """
 
 from __future__ import annotations
@@ -27,18 +33,69 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.utils.serializer import MSGPackSerializer
-from omi.protos import pb
+from hivemind.utils.timed_storage import get_dht_time
+from omi.protos import pb, signing
 from omi.protos.tokens import is_valid_access_token
 from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer
 
 logger = logging.getLogger(__name__)
 
 PUBLISH_PERIOD = 15.0  # seconds between re-publications of a node's token in the DHT registry
+RECHECK_SECONDS = 30.0  # a gate trusts a verified token this long before it looks for a revocation again
+REVOCATION_DOMAIN = b"omi.v1 revoked swarm peer\0"
 
 
 def token_registry_key(dht_prefix: str) -> str:
     """DHT key under which every peer of the run publishes its token (subkey: its base58 peer id)."""
     return f"{dht_prefix}_access_tokens"
+
+
+def revocation_key(dht_prefix: str) -> str:
+    """DHT key under which the coordinator revokes the peer ids of banned nodes (subkey: the base58 peer id)."""
+    return f"{dht_prefix}_revoked_peers"
+
+
+def revocation_bytes(run_id: str, peer_id: str) -> bytes:
+    """What the coordinator signs to revoke ``peer_id`` in ``run_id``."""
+    return REVOCATION_DOMAIN + run_id.encode() + b"\0" + peer_id.encode()
+
+
+def is_valid_revocation(signature: bytes, coordinator_public_key: bytes, run_id: str, peer_id: str) -> bool:
+    return isinstance(signature, bytes) and signing.verify_bytes(revocation_bytes(run_id, peer_id), signature,
+                                                                 coordinator_public_key)
+
+
+class RevocationValidator(RecordValidatorBase):
+    """DHT record validator: under the revocation key, accept only the coordinator's signed revocation of the
+    subkey's peer id (nobody else can revoke a peer)."""
+
+    def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str):
+        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
+        self._key_id = DHTID.generate(source=revocation_key(dht_prefix)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        try:
+            peer_id, signature = MSGPackSerializer.loads(record.subkey), MSGPackSerializer.loads(record.value)
+        except Exception:
+            return False
+        return isinstance(peer_id, str) and is_valid_revocation(signature, self.coordinator_public_key, self.run_id,
+                                                                peer_id)
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+def publish_revocations(dht: hivemind.DHT, coordinator_key, spec: pb.RunSpec, peer_ids, lifetime: float) -> int:
+    """Store the coordinator's revocation of each of ``peer_ids`` in the run's DHT for ``lifetime`` seconds (at
+    least the token TTL: a banned node's last token must expire before its revocation does); returns how many
+    were stored."""
+    key, expiration, stored = revocation_key(spec.dht_prefix), get_dht_time() + lifetime, 0
+    for peer_id in peer_ids:
+        signature = signing.sign_bytes(revocation_bytes(spec.run_id, peer_id), coordinator_key)
+        stored += bool(dht.store(key, subkey=peer_id, value=signature, expiration_time=expiration))
+    return stored
 
 
 class TokenRegistryValidator(RecordValidatorBase):
@@ -109,14 +166,16 @@ class PeerAccessGate:
     :param run_id: the run tokens must be issued for
     :param dht_prefix: the run's DHT prefix (where the registry lives)
     :param min_refresh_interval: seconds between two registry reads triggered by unknown peers
+    :param recheck: seconds a verified token is trusted before the registry and revocations are read again
     """
 
     def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str, *,
-                 min_refresh_interval: float = 1.0):
-        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
-        self.registry_key = token_registry_key(dht_prefix)
+                 min_refresh_interval: float = 1.0, recheck: float = RECHECK_SECONDS):
+        self.coordinator_public_key, self.run_id, self.recheck = coordinator_public_key, run_id, recheck
+        self.registry_key, self.revocation_key = token_registry_key(dht_prefix), revocation_key(dht_prefix)
         self.min_refresh_interval = min_refresh_interval
-        self._valid_until: dict[str, float] = {}  # base58 peer id -> token expiry (seconds)
+        self._valid_until: dict[str, float] = {}  # base58 peer id -> trusted until (token expiry, at most a recheck)
+        self._revoked: set[str] = set()  # peer ids the coordinator revoked (banned nodes')
         self._last_refresh = -float("inf")
         self._lock: asyncio.Lock | None = None
 
@@ -125,6 +184,13 @@ class PeerAccessGate:
 
     async def _refresh(self, dht: hivemind.DHT) -> None:
         self._last_refresh = time.monotonic()
+        revoked = await dht.get(self.revocation_key, latest=True, return_future=True)
+        if revoked is not None and isinstance(revoked.value, dict):
+            for peer_id, item in revoked.value.items():
+                if isinstance(peer_id, str) and is_valid_revocation(item.value, self.coordinator_public_key,
+                                                                    self.run_id, peer_id):
+                    self._revoked.add(peer_id)
+                    self._valid_until.pop(peer_id, None)
         found = await dht.get(self.registry_key, latest=True, return_future=True)
         if found is None or not isinstance(found.value, dict):
             return
@@ -134,9 +200,9 @@ class PeerAccessGate:
                 token = pb.AccessToken.FromString(item.value)
             except (DecodeError, TypeError):
                 continue
-            if isinstance(peer_id, str) and is_valid_access_token(token, self.coordinator_public_key, self.run_id,
-                                                                  now, peer_id=peer_id):
-                self._valid_until[peer_id] = max(self._valid_until.get(peer_id, 0.0), token.expires_at_ms / 1000)
+            if (isinstance(peer_id, str) and peer_id not in self._revoked
+                    and is_valid_access_token(token, self.coordinator_public_key, self.run_id, now, peer_id=peer_id)):
+                self._valid_until[peer_id] = min(token.expires_at_ms / 1000, now + self.recheck)
 
     async def is_allowed(self, dht: hivemind.DHT, peer_id: PeerID) -> bool:
         """True if ``peer_id`` has a valid token of the run published in the DHT registry."""
@@ -155,6 +221,7 @@ class PeerAccessGate:
                     logger.warning("could not read the token registry: %r", e)
             allowed = self._is_cached(peer, time.time())
         if not allowed:
-            logger.warning("refused averaging peer %s: no valid access token for run %r", peer, self.run_id)
+            why = "its node is banned (revoked)" if peer in self._revoked else "no valid access token"
+            logger.warning("refused averaging peer %s: %s for run %r", peer, why, self.run_id)
         return allowed
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.utils.crypto import RSAPrivateKey
 from omi.protos import pb, signing
 from omi.protos.tokens import TokenProvider, is_valid_access_token
-from omi.swarm.access import TokenRegistryValidator, start_token_publisher
+from omi.swarm.access import RevocationValidator, TokenRegistryValidator, start_token_publisher
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 from omi.swarm.lifetime import end_with_parent
 from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer, MintingTokenProvider
@@ -69,10 +69,11 @@ def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPriv
     if announce_host is not None and port == 0:
         raise ValueError("announce_host needs an explicit port (libp2p cannot announce port 0)")
     authorizer = CoordinatorTokenAuthorizer(token_provider, spec.coordinator_public_key, spec.run_id, swarm_key)
-    validator = TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
+    validators = [TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix),
+                  RevocationValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)]
     dht = _DHT(
         initial_peers=list(initial_peers) or None, start=True, client_mode=client_mode, authorizer=authorizer,
-        record_validators=[validator], identity_path=identity_path,
+        record_validators=validators, identity_path=identity_path,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         announce_maddrs=[f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None,
     )

@@ -7,11 +7,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import grpc
-from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig, WorkConfig
 from omi.coordinator.server import CoordinatorServer
 from omi.dashboard.app import create_app
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, rpc
+from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
 
 # A small run: the real digits data (1797 samples, 29 shards of 64), short liveness for the tests.
@@ -55,17 +56,19 @@ class ServerThread:
     :param records_grace: seconds a node has to hand over audited records (0: the audit window alone decides;
         the lock-step tests move many epochs in a few seconds of wall time)
     :param db_url: the store's SQLAlchemy URL (None: SQLite in the state dir)
+    :param per_address: assignments one source address may hold per round (the lock-step swarms register a dozen
+        nodes from 127.0.0.1: 0, no cap)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
                  max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0,
-                 db_url: str | None = None):
+                 db_url: str | None = None, per_address: int = WorkConfig.max_assignments_per_address):
         http_address = f"127.0.0.1:{free_port()}" if http else None
         self.http = f"http://{http_address}" if http else None
         config = ServerConfig(state_dir=state_dir, db_url=db_url, grpc_address="127.0.0.1:0", http_address=http_address,
                               max_message_bytes=max_message_bytes, swarm_host=None,
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig(),
-                                                  records_grace=records_grace))
+                                                  records_grace=records_grace, work=WorkConfig(per_address)))
         self.server = CoordinatorServer(config, http_app=create_app if http else None)
         self.coordinator = self.server.coordinator
         self.store = self.coordinator.store
@@ -95,17 +98,66 @@ class ServerThread:
         metadata = (("authorization", f"Bearer {token or self.admin_token}"),)
         return getattr(self.admin, method)(request, metadata=metadata, timeout=10)
 
-    def node(self, run_id: str = "t", name: str = "", key=None) -> CoordinatorClient:
-        """A fresh node (new key unless given), registered for ``run_id``."""
-        client = CoordinatorClient(self.address, key or generate_key(), attempts=1)
-        client.register(run_id, peer_id=f"peer-{name or 'x'}", display_name=name, swarm_public_key=b"swarm-key")
+    def node(self, run_id: str = "t", name: str = "", key=None, via: str | None = None) -> CoordinatorClient:
+        """A fresh node (new key unless given), registered for ``run_id`` (through the address ``via``, e.g. a
+        :class:`SourceRelay`'s, instead of the server's own)."""
+        client = CoordinatorClient(via or self.address, key or generate_key(), attempts=1)
+        client.register(run_id, new_identity(), display_name=name, swarm_public_key=b"swarm-key")
         return client
 
-    def validator(self, run_id: str = "t", name: str = "validator") -> CoordinatorClient:
-        """A fresh node, registered for ``run_id`` and granted the validator role (as an admin would)."""
+    def validator(self, run_id: str = "t", name: str = "validator", *, trusted: bool = True) -> CoordinatorClient:
+        """A fresh node, registered for ``run_id`` and granted the validator role (as an admin would); ``trusted``:
+        it stands in for the coordinator's own validator (its verdicts decide, no second opinion)."""
         client = self.node(run_id, name)
         self.coordinator.auditor.grant(client.node_id, "test validator")
+        if trusted:
+            self.coordinator.auditor.trust(client.node_id)
         return client
+
+
+class SourceRelay:
+    """A TCP relay on 127.0.0.1 whose connections to ``target`` leave from another loopback address, so a real
+    coordinator sees what a client sends through it as coming from ``source`` (gRPC cannot choose a client's source
+    address; Linux routes all of 127.0.0.0/8 to the loopback device)."""
+
+    def __init__(self, target: str, source: str = "127.0.0.2"):
+        host, port = target.rsplit(":", 1)
+        self.target, self.source = (host, int(port)), source
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="relay", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                inbound, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            outbound = socket.create_connection(self.target, timeout=10, source_address=(self.source, 0))
+            outbound.settimeout(None)
+            self._sockets += [inbound, outbound]
+            for a, b in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+        for s in self._sockets:
+            s.close()
 
 
 def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **fields) -> pb.Contribution:

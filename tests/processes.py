@@ -52,6 +52,12 @@ def _popen(args: list, log: Path, env: dict | None = None, cwd: Path | None = No
     return process
 
 
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    """``omi-coordinator ARGS`` (captured, at most a minute)."""
+    return subprocess.run([BIN / "omi-coordinator", *map(str, args)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
 def kill_group(process: subprocess.Popen) -> None:
     """SIGKILL the process and everything it started (its session)."""
     try:

@@ -5,10 +5,11 @@ import time
 
 import grpc
 import pytest
-from coordinator_helpers import ServerThread, contribution_for, run_toml
+from coordinator_helpers import ServerThread, SourceRelay, contribution_for, run_toml
 from omi.coordinator.registry import RegistryConfig
-from omi.node.client import CoordinatorClient
+from omi.node.client import CoordinatorClient, register_request
 from omi.protos import pb, signing
+from omi.protos.peer_ids import new_identity, peer_id_of_identity
 from omi.protos.signing import generate_key
 from sqlalchemy import text
 
@@ -47,14 +48,15 @@ def expected_shards(work) -> int:
 def test_register_gives_signed_token_and_runspec(server):
     key = generate_key()
     client = CoordinatorClient(server.address, key, attempts=1)
-    reply = client.register("t", peer_id="QmPeer", display_name="alice", swarm_public_key=b"swarm")
+    identity = new_identity()
+    reply = client.register("t", identity, display_name="alice", swarm_public_key=b"swarm")
     assert reply.node_id == signing.node_id(signing.public_bytes(key)) == client.node_id
     spec = reply.run_spec
     assert spec.run_id == "t" and spec.coordinator_public_key == server.coordinator.public_key
     assert signing.verify(reply.token, spec.coordinator_public_key)
     token = reply.token
-    assert (token.node_id, token.peer_id, token.run_id, token.swarm_public_key) == (client.node_id, "QmPeer", "t",
-                                                                                    b"swarm")
+    assert (token.node_id, token.peer_id, token.run_id, token.swarm_public_key) == (
+        client.node_id, peer_id_of_identity(identity), "t", b"swarm")
     assert token.node_public_key == signing.public_bytes(key)
     assert abs(token.expires_at_ms - token.issued_at_ms - spec.liveness.token_ttl * 1000) < 1
     counts = server.store.row_counts()
@@ -73,9 +75,10 @@ def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
         challenge = server.stub.GetChallenge(pb.GetChallengeRequest())
         assert challenge.expires_at_ms > time.time() * 1000
 
+        identity = new_identity()
+
         def register(nonce):
-            request = pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=nonce, run_id="t", peer_id="p")
-            return server.stub.Register(signing.sign(request, key))
+            return server.stub.Register(register_request(key, nonce, "t", identity))
 
         assert register(challenge.nonce).node_id
         refused(server, lambda: register(challenge.nonce), grpc.StatusCode.UNAUTHENTICATED, "already used")
@@ -85,10 +88,54 @@ def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
         refused(server, lambda: register(late.nonce), grpc.StatusCode.UNAUTHENTICATED, "expired")
 
 
+def test_a_peer_id_is_proven_with_its_libp2p_key_and_bound_to_one_identity(server):
+    """Issue 12, point 5: peer ids were taken on the node's word (two identities registered with one peer id; a
+    banned node came back under a new key with its old libp2p identity and kept passing the averaging gate)."""
+    def attempt(key, identity, *, run_id="t", tamper=None):
+        nonce = server.stub.GetChallenge(pb.GetChallengeRequest()).nonce
+        request = register_request(key, nonce, run_id, identity)
+        if tamper is not None:
+            tamper(request)
+            signing.sign(request, key)  # the node's own signature is fine; the peer proof is what is wrong
+        return server.stub.Register(request)
+
+    alice, mallory = generate_key(), generate_key()
+    alice_peer = new_identity()
+    no_proof = lambda r: (r.ClearField("peer_public_key"), r.ClearField("peer_signature"))  # noqa: E731
+    refused(server, lambda: attempt(mallory, new_identity(), tamper=no_proof), grpc.StatusCode.UNAUTHENTICATED,
+            "no proof of the libp2p key")
+    # naming alice's peer id while proving another key
+    claim = lambda r: setattr(r, "peer_id", peer_id_of_identity(alice_peer))  # noqa: E731
+    refused(server, lambda: attempt(mallory, new_identity(), tamper=claim), grpc.StatusCode.UNAUTHENTICATED,
+            "is not the peer id of peer_public_key")
+    # a proof made for another challenge (a replayed registration's) does not verify with this one
+    old = register_request(mallory, b"\x01" * 32, "t", alice_peer)
+    replay = lambda r: (r.__setattr__("peer_signature", old.peer_signature),  # noqa: E731
+                        r.__setattr__("peer_public_key", old.peer_public_key), claim(r))
+    refused(server, lambda: attempt(mallory, new_identity(), tamper=replay), grpc.StatusCode.UNAUTHENTICATED,
+            "does not sign this challenge")
+
+    assert attempt(alice, alice_peer).token.peer_id == peer_id_of_identity(alice_peer)
+    assert attempt(alice, alice_peer).node_id  # the same node again: its own peer id
+    # a second identity holding the same libp2p key (it proves the key, but the peer id is alice's)
+    refused(server, lambda: attempt(mallory, alice_peer), grpc.StatusCode.PERMISSION_DENIED,
+            "one peer id, one identity")
+
+    # a banned node under a new Ed25519 key keeps no foothold through its libp2p identity
+    cheater_peer = new_identity()
+    cheater = CoordinatorClient(server.address, generate_key(), attempts=1)
+    cheater.register("t", cheater_peer)
+    server.coordinator.registry.ban(cheater.node_id, "test")
+    refused(server, lambda: attempt(generate_key(), cheater_peer), grpc.StatusCode.PERMISSION_DENIED,
+            "a banned node")
+    assert server.coordinator.registry.peers_of([cheater.node_id]) == {
+        cheater.node_id: [peer_id_of_identity(cheater_peer)]}
+
+
 def test_wrong_signatures_and_forged_tokens_are_refused(server):
     key, other = generate_key(), generate_key()
     nonce = server.stub.GetChallenge(pb.GetChallengeRequest()).nonce
-    request = pb.RegisterRequest(public_key=signing.public_bytes(key), nonce=nonce, run_id="t", peer_id="p")
+    request = register_request(key, nonce, "t", new_identity())
     refused(server, lambda: server.stub.Register(signing.sign(request, other)), grpc.StatusCode.UNAUTHENTICATED,
             "signature")
 
@@ -269,13 +316,43 @@ def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path, db_
     with ServerThread(tmp_path / "state", run_toml() + "[rounds]\ninner_steps = 20\n", db_url=db_url) as server:
         alone = server.node(name="alone")
         alone.heartbeat()
-        assert sum(r.end - r.start for r in alone.get_work(0).shards) >= 1280  # alone: the full 2 × H
+        # a new identity is on probation: its own share of a round (H micro-batches), no slack
+        probation = alone.get_work(0)
+        assert 640 <= sum(r.end - r.start for r in probation.shards) < 640 + 64
+        assert alone.report_contribution(contribution_for(probation, alone.run_spec)).accepted
+        with server.store.transaction() as s:  # as the auditor marks it once its audit window closed
+            s.execute(text("UPDATE contributions SET status = 'verified'"))
+        assert sum(r.end - r.start for r in alone.get_work(1).shards) >= 1280  # alone and trusted: the full 2 × H
         first, second = server.node(name="a"), server.node(name="b")
         for node in (first, second):
             node.heartbeat()
-        sizes = [sum(r.end - r.start for r in node.get_work(1).shards) for node in (alone, first, second)]
+        sizes = [sum(r.end - r.start for r in node.get_work(2).shards) for node in (alone, first, second)]
     # three online: an equal share of the data each (599 rounded up to whole shards), every one of them some work
     assert all(512 <= size <= 599 + 64 for size in sizes), sizes
+
+
+def test_identities_made_by_the_dozen_behind_one_address_leave_a_rounds_data_to_others(tmp_path, db_url):
+    """Issue 12, point 6: ten fresh identities took all 29 shards of a round; the honest node got none. One address
+    now holds at most 8 assignments per round; the honest node, elsewhere, still gets its share."""
+    with ServerThread(tmp_path / "state", run_toml(shards=1) + "[rounds]\ninner_steps = 20\n",
+                      db_url=db_url) as server:
+        relay = SourceRelay(server.address, "127.0.0.2")
+        try:
+            sybils = [server.node(name=f"sybil{i}") for i in range(10)]
+            honest = server.node(name="honest", via=relay.address)
+            for node in (*sybils, honest):
+                node.heartbeat()
+            works = [node.get_work(0) for node in sybils]
+            held = [sum(r.end - r.start for r in w.shards) for w in works]
+            assert sum(1 for size in held if size) == 8 and sum(held) < 1797, held
+            mine = honest.get_work(0)
+            # an equal share of the data among the 11 online (1797 / 11 = 163, in whole shards of 64)
+            assert sum(r.end - r.start for r in mine.shards) >= 163, mine
+            assert server.store.row_counts()["assignment_sources"] == 9
+            # the cap is per round: the next round's data is open to them again
+            assert sum(1 for node in sybils if node.get_work(1).shards) == 8
+        finally:
+            relay.close()
 
 
 def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path, db_url):

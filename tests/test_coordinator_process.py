@@ -1,9 +1,7 @@
 """`omi-coordinator` as a real process: durability across kill -9, graceful SIGTERM, the admin CLI, the HTTP side."""
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -13,17 +11,13 @@ import pytest
 from coordinator_helpers import contribution_for, free_port
 from omi.node.client import CoordinatorClient
 from omi.protos import pb
+from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
-from processes import DIGITS, ServeProcess, kill_group
+from processes import DIGITS, ServeProcess, cli, kill_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
 BIN = Path(sys.executable).parent
-
-
-def cli(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "omi-coordinator", *map(str, args)], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -52,12 +46,12 @@ def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
     nodes = [CoordinatorClient(server.address, k, attempts=1) for k in keys]
     works, contributions = [], []
     for i, node in enumerate(nodes):
-        spec = node.register("digits", peer_id=f"peer{i}", display_name=f"n{i}").run_spec  # the default: rounds
+        spec = node.register("digits", new_identity(), display_name=f"n{i}").run_spec  # the default: rounds
         works.append(node.get_work(0))
         contributions.append(contribution_for(works[-1], spec))
         assert node.report_contribution(contributions[-1]).accepted
     banned = CoordinatorClient(server.address, generate_key(), attempts=1)
-    banned.register("digits", peer_id="bad")
+    banned.register("digits", new_identity())
     assert cli("node", "ban", banned.node_id, "--reason", "test", "-c", server.address, "--state-dir", state) \
         .returncode == 0
     extra = tmp_path / "extra.toml"
@@ -133,10 +127,10 @@ def test_a_run_the_admin_starts_gets_its_own_swarm_peer(serve, tmp_path):
     extra.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "extra"'))
     assert cli("run", "create", extra, "--start", "-c", server.address, "--state-dir", tmp_path / "state") \
         .returncode == 0
-    digits = CoordinatorClient(server.address, generate_key(), attempts=1).register("digits", peer_id="a").run_spec
+    digits = CoordinatorClient(server.address, generate_key(), attempts=1).register("digits", new_identity()).run_spec
     # the run's peer (a process of its own) may still be starting: the node is told UNAVAILABLE and retries
     node = CoordinatorClient(server.address, generate_key(), attempts=8)
-    spec = node.register("extra", peer_id="b").run_spec
+    spec = node.register("extra", new_identity()).run_spec
     assert len(spec.initial_peers) == len(digits.initial_peers) == 1
     assert spec.initial_peers[0] != digits.initial_peers[0]  # one bootstrap peer per run
     assert node.get_work(0).shards  # its data source opened too

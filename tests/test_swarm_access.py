@@ -5,12 +5,14 @@ import time
 
 import hivemind
 import pytest
+from hivemind.p2p import PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from omi import swarm
+from omi.node.client import CoordinatorClient
 from omi.protos import pb, signing
-from processes import wait_until
+from processes import ServeProcess, cli, kill_group, wait_until
 from swarm_helpers import make_peer_files, make_spec
 
 
@@ -187,3 +189,59 @@ def test_peer_with_expired_token_is_refused(swarm_dht, coordinator_key, tmp_path
         swarm.start_dht(spec, swarm.TokenFile(files.token_path),
                         swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path),
                         identity_path=files.identity_path).shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_banned_nodes_peer_is_refused_by_averagers_within_a_minute(tmp_path):
+    """Issue 12, point 5: a ban reaches the swarm within a minute, not at the end of the one-hour token TTL.
+
+    A real ``omi-coordinator serve`` (its bootstrap peer publishes revocations); two registered nodes with DHT
+    peers; an averager's gate in this process that has already let the cheater in. The cheater is banned through
+    the Admin API; its token stays valid for an hour, yet the gate refuses it. The honest node stays in, and no
+    token holder can publish a revocation of its own."""
+    server = ServeProcess(tmp_path / "state", tmp_path / "serve.log")
+    peers = []
+    try:
+        nodes = {}
+        for name in ("honest", "cheater"):
+            folder = tmp_path / name
+            folder.mkdir()
+            peer_id = swarm.load_or_create_peer_identity(folder / "p2p.id")
+            swarm_key = swarm.load_or_create_swarm_key(folder / "swarm_rsa.pem")
+            client = CoordinatorClient(server.address, signing.generate_key(), attempts=3)
+            spec = client.register("digits", (folder / "p2p.id").read_bytes(), name,
+                                   swarm.swarm_public_key(swarm_key)).run_spec
+            swarm.TokenFile(folder / "token.bin").write(client.token)
+            peers.append(swarm.start_dht(spec, swarm.TokenFile(folder / "token.bin"), swarm_key=swarm_key,
+                                         identity_path=folder / "p2p.id"))
+            nodes[name] = (client, peer_id)
+        honest_dht = peers[0]
+        gate = swarm.PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix, recheck=5.0)
+
+        def allowed(peer_id: str, judge=gate) -> bool:
+            return asyncio.run(judge.is_allowed(honest_dht, PeerID.from_base58(peer_id)))
+
+        cheater, cheater_peer = nodes["cheater"]
+        wait_until(lambda: allowed(cheater_peer), 30, "the gate to let the registered cheater in")
+
+        # a token holder cannot revoke someone else: the DHT refuses a revocation not signed by the coordinator
+        forged = signing.sign_bytes(swarm.access.revocation_bytes(spec.run_id, nodes["honest"][1]),
+                                    signing.generate_key())
+        assert not peers[1].store(swarm.revocation_key(spec.dht_prefix), subkey=nodes["honest"][1], value=forged,
+                                  expiration_time=get_dht_time() + 600)
+
+        banned_at = time.monotonic()
+        assert cli("node", "ban", cheater.node_id, "--reason", "test", "-c", server.address,
+                   "--state-dir", tmp_path / "state").returncode == 0
+        assert cheater.token.expires_at_ms / 1000 > time.time() + 3000  # its token alone would work for an hour
+        wait_until(lambda: not allowed(cheater_peer), 60, "the gate to refuse the banned node's peer", interval=1.0)
+        print(f"refused {time.monotonic() - banned_at:.1f} s after the ban")
+        assert time.monotonic() - banned_at < 60
+        fresh = swarm.PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
+        assert not allowed(cheater_peer, fresh)
+        assert allowed(nodes["honest"][1]) and allowed(nodes["honest"][1], fresh)
+    finally:
+        for dht in peers:
+            dht.shutdown()
+        kill_group(server.proc)

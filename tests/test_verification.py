@@ -16,6 +16,7 @@ from coordinator_helpers import ServerThread, contribution_for, run_toml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.audit import check_records
 from omi.coordinator.registry import RegistryConfig
+from omi.coordinator.store import Audit, Contribution, Node
 from omi.models import (
     MicroBatchRecord,
     build_model,
@@ -154,7 +155,6 @@ def test_only_a_granted_validator_takes_audit_tasks_and_reports_verdicts(tmp_pat
         forged = pb.AuditVerdict(task_id="x", passed=False, reason="framed")
         assert code_of(lambda: accomplice.report_audit_verdict(forged)) == grpc.StatusCode.PERMISSION_DENIED
         with server.store.session() as s:
-            from omi.coordinator.store import Audit
             assert {a.state for a in s.query(Audit)} == {"pending"}  # nothing was handed to the accomplice
         # granted over the Admin API (as `omi-coordinator validator grant` does), it gets tasks; revoked, none
         admin = rpc.AdminStub(server.channel)
@@ -170,6 +170,75 @@ def test_only_a_granted_validator_takes_audit_tasks_and_reports_verdicts(tmp_pat
         with pytest.raises(grpc.RpcError) as info:  # no admin token: no grant
             admin.GrantValidator(grant)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_new_identity_is_audited_at_twice_the_rate_until_its_work_is_verified(tmp_path):
+    # issue 12 point 6: identities made by the dozen must earn trust; at audit_rate 0.5 a new node's every
+    # contribution is audited (the old rate audits 8 in a row with probability 1/256), a trusted one's half of them
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=0.5, max_strikes=5),
+                      registry=RegistryConfig(node_burst=500)) as server:
+        node, validator = server.node(name="new"), server.validator()
+
+        def report(epoch: int) -> bool:
+            records = fake_records(2, seed=epoch)
+            reply = node.report_contribution(committed(node.get_work(epoch), records))
+            if reply.audit_task_id:
+                assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
+            return bool(reply.audit_task_id)
+
+        assert all(report(epoch) for epoch in range(8))
+        while (task := validator.get_audit_task()).has_task:
+            validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
+        assert node.get_run_status().verified_samples > 0
+        audited = sum(report(epoch) for epoch in range(8, 24))
+        assert audited < 16, "a node with verified work is still audited on every contribution"
+
+
+def test_a_lying_validator_is_overturned_loses_the_role_and_its_verdicts_are_reexamined(tmp_path):
+    # issue 12 point 1: validator B passed a fabricator's audit and failed an honest node's; the fabricator's
+    # samples became verified credit and the honest node was banned. Now a volunteer validator's failing verdict
+    # waits for a second validator, a disagreement goes to the coordinator's own validator, and a validator it
+    # overturns loses the role while every verdict it decided is re-examined.
+    with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0, max_strikes=1)) as server:
+        honest, fabricator = server.node(name="honest"), server.node(name="fabricator")
+        liar = server.validator(name="liar", trusted=False)
+        volunteer = server.validator(name="volunteer", trusted=False)
+        own = server.validator(name="coordinator's own")
+        for node in (honest, fabricator):
+            records = fake_records(2, seed=len(node.node_id))
+            reply = node.report_contribution(committed(node.get_work(0), records))
+            assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
+        truth = {honest.node_id: True, fabricator.node_id: False}
+        lie = {honest.node_id: False, fabricator.node_id: True}
+
+        def work_through(validator, verdicts) -> int:
+            done = 0
+            while (task := validator.get_audit_task()).has_task:
+                validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=verdicts[task.node_id],
+                                                               reason="" if verdicts[task.node_id] else "mismatch"))
+                done += 1
+            return done
+
+        assert work_through(liar, lie) == 2
+        strikes = {n.display_name: n.strikes for n in server.coordinator.store.session().query(Node)}
+        assert strikes["honest"] == 0, "one volunteer validator's failing verdict struck a node"
+        while work_through(volunteer, truth) + work_through(own, truth):
+            pass
+        status = honest.get_run_status()
+        with server.store.session() as s:
+            nodes = {n.display_name: n for n in s.query(Node)}
+            states = {s.get(Node, c.node_id).display_name: c.status for c in s.query(Contribution)}
+            audits = {s.get(Node, a.node_id).display_name: a.state for a in s.query(Audit)}
+        assert audits == {"honest": "passed", "fabricator": "failed"}, audits
+        assert states == {"honest": "verified", "fabricator": "voided"}, states
+        assert nodes["honest"].strikes == 0 and not server.coordinator.registry.is_banned(honest.node_id)
+        assert server.coordinator.registry.is_banned(fabricator.node_id)
+        assert status.verified_samples == 64
+        granted = {node_id for node_id, _, _ in server.coordinator.auditor.validators()}
+        assert liar.node_id not in granted and volunteer.node_id in granted and own.node_id in granted
+        with pytest.raises(grpc.RpcError) as info:
+            liar.get_audit_task()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_nothing_is_verified_while_no_audit_runs(tmp_path):
@@ -226,7 +295,6 @@ def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_recor
         status = validator.get_run_status()
         assert status.verified_samples == 2 * 96 and status.provisional_samples == 0
         with server.store.session() as s:
-            from omi.coordinator.store import Audit, Node
             audit = s.get(Audit, withheld.audit_task_id)
             assert audit.state == "failed" and s.get(Node, other.node_id).strikes == 1
 
@@ -242,7 +310,6 @@ def test_a_node_is_not_struck_when_the_window_closes_while_its_report_is_on_its_
         server.coordinator.auditor.close_windows("t")
         assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
         with server.store.session() as s:
-            from omi.coordinator.store import Audit, Node
             assert s.get(Audit, reply.audit_task_id).state == "pending" and s.get(Node, node.node_id).strikes == 0
 
 
@@ -275,7 +342,8 @@ def test_many_identities_from_one_address_are_rate_limited(tmp_path):
 def test_every_attack_is_caught_and_honest_nodes_never_fail(tmp_path):
     torch.set_num_threads(1)
     caught = {name: cls for name, cls in ATTACKS.items() if name != "send_scaled"}
-    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1)) as server:
+    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1),
+                      per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
         swarm = LockstepSwarm(server, spec, {"honest-0": HONEST, "honest-1": HONEST, **caught}, tmp_path,
                               micro_batches=2)
@@ -287,7 +355,6 @@ def test_every_attack_is_caught_and_honest_nodes_never_fail(tmp_path):
         assert all(v.exact_params for v in result.verdicts)  # lock-step peers hold bitwise the same parameters
         by_node = {}
         with server.store.session() as s:
-            from omi.coordinator.store import Audit, Contribution, Node
             names = {n.node_id: n.display_name for n in s.query(Node)}
             for audit in s.query(Audit):
                 by_node.setdefault(names[audit.node_id], []).append(audit.state)
@@ -306,7 +373,8 @@ def test_an_honest_node_that_waits_for_a_slower_swarm_is_never_refused(tmp_path)
     # node wraps around its assignment and reports 80 samples, which the ledger refused (issue 12 point 4: "samples
     # 288 exceed the 256 assigned"); the validator recomputes the wrapped micro-batches as the node computed them
     torch.set_num_threads(1)
-    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1)) as server:
+    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1),
+                      per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
         swarm = LockstepSwarm(server, spec, {"honest-0": HONEST, "honest-1": HONEST}, tmp_path, micro_batches=10)
         result = swarm.run(2)
@@ -322,7 +390,8 @@ def test_with_drifted_copies_the_validator_audits_on_the_nodes_own_parameters(tm
     parameters, so honest work is verified exactly, cheaters fail, and withheld or forged parameters do not help."""
     torch.set_num_threads(1)
     caught = {name: ATTACKS[name] for name in ("sign_flip", "wrong_seed", "withhold_params", "forged_params")}
-    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1)) as server:
+    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1),
+                      per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
         swarm = LockstepSwarm(server, spec, {"honest-0": HONEST, "honest-1": HONEST, **caught}, tmp_path,
                               micro_batches=2, drift=0.05)
@@ -330,7 +399,6 @@ def test_with_drifted_copies_the_validator_audits_on_the_nodes_own_parameters(tm
         swarm.close()
         assert set(result.banned) == set(caught), f"not banned: {set(caught) - set(result.banned)}"
         with server.store.session() as s:
-            from omi.coordinator.store import Audit, Node
             names = {n.node_id: n.display_name for n in s.query(Node)}
             verdicts = {}
             for audit in s.query(Audit):
@@ -365,7 +433,7 @@ def test_centered_clip_keeps_a_x1000_sender_among_four_within_5_percent_in_locks
     for label, reducer, attacker in [("clean", "mean", HONEST), ("mean", "mean", ATTACKS["send_scaled"]),
                                      ("clip", "centered_clip", ATTACKS["send_scaled"])]:
         toml = sim_run_toml(audit_rate=0.0, reducer=reducer, clip_tau=LOCKSTEP_CLIP_TAU)
-        with ServerThread(tmp_path / label / "state", toml) as server:
+        with ServerThread(tmp_path / label / "state", toml, per_address=0) as server:
             spec = server.coordinator.runs.spec_for_nodes("sim")
             classes = {"honest-0": HONEST, "honest-1": HONEST, "honest-2": HONEST, "fourth": attacker}
             for name in classes:  # the same identities in all three runs: the same samples and noise (paired)

@@ -113,7 +113,7 @@ function renderStatus(s) {
 function verifiedNote(s) {
   const a = s.audits;
   const decided = a.passed + a.failed;
-  const waiting = a.pending + a.assigned + a.awaiting_records;
+  const waiting = a.pending + a.assigned + a.awaiting_records + (a.disputed || 0);
   const waitingText = waiting ? ` ${fmtInt.format(waiting)} drawn audit(s) are waiting for records or a validator; ` +
     "the work beside them stays provisional until they run." : "";
   if (!decided) {

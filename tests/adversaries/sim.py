@@ -31,6 +31,7 @@ from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import Trainer
 from omi.node.validator import ParameterHistory, Recomputer
 from omi.protos import pb
+from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
 from omi.swarm import centered_clip
 from omi.swarm.params_p2p import ParamsRefused, ParamsServer, ParamsUnavailable
@@ -170,8 +171,9 @@ class LockstepSwarm:
             self.nodes[name] = node
             self.names[id(node)] = name
         self.validator = CoordinatorClient(server.address, generate_key(), attempts=1)
-        self.validator.register(spec.run_id, peer_id="validator", display_name="validator")
+        self.validator.register(spec.run_id, new_identity(), display_name="validator")
         server.coordinator.auditor.grant(self.validator.node_id, "the lock-step swarm's validator")
+        server.coordinator.auditor.trust(self.validator.node_id)  # it plays the coordinator's built-in validator
         self.recomputer = Recomputer(spec, copy.deepcopy(self.model), self.scheduler, self.source,
                                      GradientSketch(self.model, spec.verification.sketch_size, seed=training.seed))
         self.history = ParameterHistory(spec.verification.audit_window_epochs + 2)

@@ -195,13 +195,15 @@ class GetChallengeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("public_key", "nonce", "run_id", "peer_id", "display_name", "swarm_public_key", "signature")
+    __slots__ = ("public_key", "nonce", "run_id", "peer_id", "display_name", "swarm_public_key", "peer_public_key", "peer_signature", "signature")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     PEER_ID_FIELD_NUMBER: _ClassVar[int]
     DISPLAY_NAME_FIELD_NUMBER: _ClassVar[int]
     SWARM_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PEER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PEER_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     nonce: bytes
@@ -209,8 +211,10 @@ class RegisterRequest(_message.Message):
     peer_id: str
     display_name: str
     swarm_public_key: bytes
+    peer_public_key: bytes
+    peer_signature: bytes
     signature: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., display_name: _Optional[str] = ..., swarm_public_key: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, public_key: _Optional[bytes] = ..., nonce: _Optional[bytes] = ..., run_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., display_name: _Optional[str] = ..., swarm_public_key: _Optional[bytes] = ..., peer_public_key: _Optional[bytes] = ..., peer_signature: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AccessToken(_message.Message):
     __slots__ = ("node_id", "peer_id", "run_id", "issued_at_ms", "expires_at_ms", "node_public_key", "swarm_public_key", "signature")
