@@ -22,8 +22,10 @@ import time
 from pathlib import Path
 
 import grpc
+from omi.coordinator.credentials import TLS_CERT_FILENAME
 from omi.node.client import register_request
 from omi.protos import pb, rpc, signing
+from omi.protos.channels import open_channel, pinned
 from omi.protos.clock import now_ms
 from omi.protos.signing import generate_key
 
@@ -49,14 +51,14 @@ audit_rate = 0.2
 
 def _serve(state_dir: str, port: int, ready) -> None:
     """The coordinator process: a run whose data has 10 M samples, rate limits far above the load."""
-    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig, WorkConfig
     from omi.coordinator.server import CoordinatorServer
     from omi.coordinator.work import uniform_layout
 
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6)  # every volunteer registers from 127.0.0.1
     # the API alone: no swarm peer, validator or checkpointer (they would share the 2 cores with the load)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{port}", http_address=None,
-                          swarm_host=None, coordinator=CoordinatorConfig(registry=limits))
+                          swarm_host=None, coordinator=CoordinatorConfig(registry=limits, work=WorkConfig(0)))
     server = CoordinatorServer(config, layout=lambda data: uniform_layout(10_000_000, data.shard_size))
     server.coordinator.runs.create(BENCH_RUN, start=True)
     serve_until_signalled(server, ready)
@@ -171,7 +173,7 @@ def percentile(values: list[float], q: float) -> float:
 async def _client(address: str, volunteers: int, seconds: float, server_pid: int) -> tuple[dict, dict]:
     crowd = [Volunteer(identity) for identity in identities(volunteers)]
     contributors = crowd[: int(volunteers * seconds / CONTRIBUTION_PERIOD)]
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with open_channel(address, aio=True) as channel:
         stub = rpc.CoordinatorStub(channel)
         setup = await _setup(stub, crowd, contributors)
         cpu_before = cpu_seconds(server_pid)
@@ -199,7 +201,8 @@ def main() -> None:
         try:
             assert ready.wait(60), "the coordinator did not start"
             print(f"coordinator up on 127.0.0.1:{port}; registering {args.volunteers} volunteers ...", flush=True)
-            setup, result = asyncio.run(_client(f"127.0.0.1:{port}", args.volunteers, args.seconds, server.pid))
+            target = pinned(f"127.0.0.1:{port}", (Path(state_dir) / TLS_CERT_FILENAME).read_bytes())
+            setup, result = asyncio.run(_client(target, args.volunteers, args.seconds, server.pid))
             db_bytes = sum(p.stat().st_size for p in Path(state_dir).glob("coordinator.db*"))
         finally:
             server.terminate()

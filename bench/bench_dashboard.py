@@ -72,7 +72,7 @@ def cpu_seconds(pid: int) -> float:
 # ---------------------------------------------------------------- the coordinator's process
 
 def _serve(state_dir: str, grpc_port: int, http_port: int, ready) -> None:
-    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig
+    from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig, WorkConfig
     from omi.coordinator.server import CoordinatorServer
     from omi.coordinator.work import uniform_layout
     from omi.dashboard.app import create_app
@@ -80,7 +80,8 @@ def _serve(state_dir: str, grpc_port: int, http_port: int, ready) -> None:
     limits = RegistryConfig(register_rate=1e6, register_burst=10**6, node_rate=1e6, node_burst=10**6)
     config = ServerConfig(state_dir=Path(state_dir), grpc_address=f"127.0.0.1:{grpc_port}",
                           http_address=f"127.0.0.1:{http_port}", swarm_host=None,
-                          coordinator=CoordinatorConfig(registry=limits, metrics_interval=1.0))
+                          coordinator=CoordinatorConfig(registry=limits, metrics_interval=1.0,
+                                                        work=WorkConfig(0)))  # every volunteer is on 127.0.0.1
     # a synthetic 1 M-sample layout, so that every simulated volunteer gets shards (the data is never read)
     server = CoordinatorServer(config, http_app=create_app,
                                layout=lambda data: uniform_layout(1_000_000, data.shard_size))
@@ -209,7 +210,11 @@ def main() -> None:
         try:
             assert server_ready.wait(60), "the coordinator did not start"
             ready, stop, grpc_results = ctx.Event(), ctx.Event(), ctx.Queue()
-            volunteers = ctx.Process(target=_volunteers, args=(f"127.0.0.1:{grpc_port}", args.volunteers,
+            from omi.coordinator.credentials import TLS_CERT_FILENAME
+            from omi.protos.channels import pinned
+
+            target = pinned(f"127.0.0.1:{grpc_port}", (Path(state_dir) / TLS_CERT_FILENAME).read_bytes())
+            volunteers = ctx.Process(target=_volunteers, args=(target, args.volunteers,
                                                                args.heartbeats, ready, stop, grpc_results))
             volunteers.start()
             deadline = time.monotonic() + 120

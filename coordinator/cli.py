@@ -19,10 +19,11 @@ from pathlib import Path
 import grpc
 import typer
 from omi.coordinator.config import DEFAULT_MAX_MESSAGE_BYTES, CoordinatorConfig, ServerConfig, WorkConfig
-from omi.coordinator.credentials import ADMIN_TOKEN_FILENAME
+from omi.coordinator.credentials import ADMIN_TOKEN_FILENAME, TLS_CERT_FILENAME
 from omi.coordinator.errors import CoordinatorError
 from omi.coordinator.states import RUN_STATE_NAMES
 from omi.protos import pb, rpc
+from omi.protos.channels import CertificateRefused, open_channel, parse_target, pinned
 from rich.console import Console
 from rich.table import Table
 
@@ -39,7 +40,9 @@ app.add_typer(validator_app, name="validator")
 console = Console()
 err_console = Console(stderr=True)
 
-COORDINATOR_OPTION = typer.Option("127.0.0.1:50051", "--coordinator", "-c", help="HOST:PORT of the gRPC API.")
+COORDINATOR_OPTION = typer.Option("127.0.0.1:50051", "--coordinator", "-c",
+                                  help="HOST:PORT of the gRPC API (TLS; pinned to the state dir's certificate, or "
+                                       "HOST:PORT#sha256:FINGERPRINT).")
 STATE_DIR_OPTION = typer.Option(Path("state"), "--state-dir", help="State dir holding the admin token.")
 TOKEN_FILE_OPTION = typer.Option(None, "--admin-token-file", help="File holding the admin token.")
 
@@ -82,12 +85,12 @@ def serve_command(
 class AdminClient:
     """Calls the Admin service with the admin token.
 
-    :param address: HOST:PORT of the coordinator's gRPC API
-    :param admin_token: the token written to ``<state dir>/admin_token`` at first start
+    :param address: HOST:PORT of the coordinator's gRPC API (pinned: ``#sha256:`` or :func:`admin_target`)
+    :param admin_token: the token written to ``<state dir>/admin_token`` at first start; it travels only over TLS
     """
 
     def __init__(self, address: str, admin_token: str, *, timeout: float = 10.0):
-        self.channel = grpc.insecure_channel(address)
+        self.channel = open_channel(address)
         self.stub = rpc.AdminStub(self.channel)
         self.metadata = (("authorization", f"Bearer {admin_token}"),)
         self.timeout = timeout
@@ -112,13 +115,32 @@ def find_admin_token(state_dir: Path, token_file: Path | None) -> str:
         raise typer.Exit(2) from None
 
 
+def admin_target(coordinator: str, state_dir: Path) -> str:
+    """``coordinator`` pinned to the TLS certificate in ``state_dir`` (the admin runs beside the coordinator), unless
+    it carries a fingerprint already or the state dir has no certificate (then: trust on first use)."""
+    certificate = state_dir / TLS_CERT_FILENAME
+    if parse_target(coordinator).pin is None and certificate.exists():
+        return pinned(coordinator, certificate.read_bytes())
+    return coordinator
+
+
+def _connection_error(e: Exception) -> typer.Exit:
+    """Print why a call failed (a gRPC status or a refused certificate); the Exit to raise."""
+    err_console.print(f"[red]error:[/red] {e.code().name}: {e.details()}" if isinstance(e, grpc.RpcError)
+                      else f"[red]error:[/red] {e}")
+    return typer.Exit(1)
+
+
 def _admin(coordinator: str, state_dir: Path, token_file: Path | None, method: str, request):
-    client = AdminClient(coordinator, find_admin_token(state_dir, token_file))
+    token = find_admin_token(state_dir, token_file)
+    try:
+        client = AdminClient(admin_target(coordinator, state_dir), token)
+    except (grpc.RpcError, CertificateRefused) as e:
+        raise _connection_error(e) from None
     try:
         return client.call(method, request)
     except grpc.RpcError as e:
-        err_console.print(f"[red]error:[/red] {e.code().name}: {e.details()}")
-        raise typer.Exit(1) from None
+        raise _connection_error(e) from None
     finally:
         client.close()
 
@@ -147,14 +169,13 @@ def run_create(file: Path = typer.Argument(..., help="RunSpec TOML file."),
 
 
 @run_app.command("list")
-def run_list(coordinator: str = COORDINATOR_OPTION) -> None:
+def run_list(coordinator: str = COORDINATOR_OPTION, state_dir: Path = STATE_DIR_OPTION) -> None:
     """List the runs (public: no token needed)."""
-    with grpc.insecure_channel(coordinator) as channel:
-        try:
+    try:
+        with open_channel(admin_target(coordinator, state_dir)) as channel:
             runs = rpc.CoordinatorStub(channel).ListRuns(pb.ListRunsRequest(), timeout=10.0).runs
-        except grpc.RpcError as e:
-            err_console.print(f"[red]error:[/red] {e.code().name}: {e.details()}")
-            raise typer.Exit(1) from None
+    except (grpc.RpcError, CertificateRefused) as e:
+        raise _connection_error(e) from None
     _print_runs(list(runs))
 
 

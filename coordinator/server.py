@@ -25,6 +25,7 @@ from omi.coordinator.credentials import (
     ADMIN_TOKEN_FILENAME,
     load_or_create_admin_token,
     load_or_create_coordinator_key,
+    load_or_create_tls,
 )
 from omi.coordinator.errors import CoordinatorError, FailedPrecondition, InvalidArgument, Unavailable
 from omi.coordinator.servicer import add_services
@@ -32,6 +33,7 @@ from omi.coordinator.states import RUN_STATE_NAMES
 from omi.coordinator.validators import BuiltinValidators
 from omi.coordinator.work import ShardLayout, data_layout
 from omi.protos import pb
+from omi.protos.channels import fingerprint, pinned
 from omi.protos.runspec import RunSpecError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class CoordinatorServer:
             swarm_peers=None if self.bootstrap is None else self.bootstrap.initial_peers,
             public_url=f"http://{config.http_address}" if config.http_address else "")
         self.admin_token = load_or_create_admin_token(config.state_dir)
+        self.tls_key, self.tls_certificate = load_or_create_tls(config.state_dir)
         self.grpc_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -78,6 +81,14 @@ class CoordinatorServer:
         self.validators: BuiltinValidators | None = None
         self._validated_runs: set[str] = set()  # runs whose built-in validator runs
         self.checkpointers: CheckpointerSupervisor | None = None
+
+    @property
+    def target(self) -> str:
+        """``HOST:PORT#sha256:<fingerprint>`` of the gRPC API once it listens: what a node passes as
+        ``--coordinator`` to pin this coordinator's certificate (:mod:`omi.protos.channels`)."""
+        host = self.config.grpc_address.rsplit(":", 1)[0]
+        return pinned(f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.grpc_port}",
+                      self.tls_certificate)
 
     async def start(self) -> None:
         """Prepare the default run, start the running runs' swarm peers, bind the ports and start serving."""
@@ -97,14 +108,17 @@ class CoordinatorServer:
         for name in ["", *names]:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], self._server)
-        self.grpc_port = self._server.add_insecure_port(self.config.grpc_address)
+        self.grpc_port = self._server.add_secure_port(
+            self.config.grpc_address, grpc.ssl_server_credentials([(self.tls_key, self.tls_certificate)]))
         if not self.grpc_port:
             raise OSError(f"cannot listen on {self.config.grpc_address}")
         await self._server.start()
         host = self.config.grpc_address.rsplit(":", 1)[0]
         logger.info("coordinator gRPC API listening on %s:%d (state in %s, database %s)", host, self.grpc_port,
                     self.config.state_dir, self.coordinator.store.engine.url.render_as_string(hide_password=True))
-        logger.info("admin token in %s", Path(self.config.state_dir) / ADMIN_TOKEN_FILENAME)
+        logger.info("admin token in %s; TLS certificate sha256:%s (nodes pin it: --coordinator '%s')",
+                    Path(self.config.state_dir) / ADMIN_TOKEN_FILENAME, fingerprint(self.tls_certificate),
+                    self.target)
         self._tasks.append(asyncio.create_task(self.coordinator.maintain()))
         self._tasks.append(asyncio.create_task(self._follow_runs()))
         if self.bootstrap is not None and self.config.validator:
@@ -163,7 +177,7 @@ class CoordinatorServer:
         """The built-in validator of every running run (a process of its own; see omi.coordinator.validators); runs
         started later get theirs from :meth:`_run_started`."""
         self.validators = BuiltinValidators(self.coordinator.key, self.config.state_dir)
-        self._validator_address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{self.grpc_port}"
+        self._validator_address = self.target
         runs = self.coordinator.runs
         for run_id in runs.run_ids():
             if runs.get(run_id).state == pb.RUN_STATE_RUNNING:

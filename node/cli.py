@@ -14,6 +14,9 @@ from rich.logging import RichHandler
 app = typer.Typer(help="A volunteer node of omi-swarm.", no_args_is_help=True, add_completion=False)
 console = get_console()  # the one rich progress bars and log lines share, so they do not garble each other
 logger = logging.getLogger(__name__)
+COORDINATOR_HELP = ("HOST:PORT of the coordinator's gRPC API (TLS). Append #sha256:FINGERPRINT (the serve log prints "
+                    "it) to pin its certificate; without it the first certificate seen is trusted and remembered in "
+                    "STATE_DIR/known_coordinators.json, and a changed one is refused.")
 
 
 @app.callback()
@@ -82,7 +85,7 @@ def sample(
 
 @app.command("join")
 def join(
-    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help=COORDINATOR_HELP),
     run: str = typer.Option("", "--run", help="Run to join (default: the coordinator's only running run)."),
     device: str = typer.Option("auto", "--device", help="auto (cuda when present), cpu, cuda or cuda:N."),
     batch_size: int = typer.Option(0, "--batch-size", min=0, help="Micro-batch size (default: the RunSpec's)."),
@@ -141,7 +144,7 @@ def download(
     checkpoint: str = typer.Option("latest", "--checkpoint", help="Epoch number or 'latest'."),
     out: Path | None = typer.Option(None, "--out", help="Folder to write (default: RUN-epoch-E here)."),
     coordinator: str | None = typer.Option(None, "--coordinator", "-c",
-                                           help="HOST:PORT of the gRPC API: the coordinator's key and the URL."),
+                                           help=COORDINATOR_HELP + " Gives the coordinator's key and the URL."),
     http: str | None = typer.Option(None, "--http", help="Base URL of the coordinator's HTTP port "
                                                           "(default: from the coordinator's checkpoint list)."),
     coordinator_key: str | None = typer.Option(None, "--coordinator-key",
@@ -152,13 +155,15 @@ def download(
 ) -> None:
     """Download a checkpoint, resumably; refuse it unless the coordinator's signature and every sha256 check out."""
     from omi.node.download import DownloadError, SeenCheckpoints, download_checkpoint
+    from omi.protos.channels import KNOWN_FILENAME
 
     if checkpoint != "latest" and not checkpoint.isdigit():
         console.print(f"[red]error:[/red] --checkpoint must be an epoch number or 'latest', got {checkpoint!r}")
         raise typer.Exit(2)
     epoch = None if checkpoint == "latest" else int(checkpoint)
     try:
-        public_key, folder_url = _checkpoint_source(run, epoch, coordinator, http, coordinator_key)
+        public_key, folder_url = _checkpoint_source(run, epoch, coordinator, http, coordinator_key,
+                                                    state_dir / KNOWN_FILENAME)
         result = download_checkpoint(folder_url, run, out, public_key, epoch=epoch, console=console,
                                      progress=console.is_terminal,
                                      seen=SeenCheckpoints(state_dir / "checkpoints-seen.json"))
@@ -172,11 +177,12 @@ def download(
 
 
 def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, http: str | None,
-                       coordinator_key: str | None) -> tuple[bytes, str]:
+                       coordinator_key: str | None, known: Path) -> tuple[bytes, str]:
     """(the coordinator's public key, the checkpoint folder URL) from the flags and, if needed, the gRPC API."""
     import grpc
     from omi.node.download import DownloadError
     from omi.protos import pb, rpc
+    from omi.protos.channels import CertificateRefused, open_channel
 
     public_key = None
     if coordinator_key:
@@ -190,17 +196,19 @@ def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, htt
         if http is None or public_key is None:
             raise DownloadError("pass --coordinator HOST:PORT, or both --http URL and --coordinator-key", 2)
         return public_key, _folder_url(http, run, epoch)
-    with grpc.insecure_channel(coordinator) as channel:
-        stub = rpc.CoordinatorStub(channel)
-        try:
+    try:
+        with open_channel(coordinator, known=known) as channel:
+            stub = rpc.CoordinatorStub(channel)
             if public_key is None:
                 public_key = stub.GetRunSpec(pb.GetRunSpecRequest(run_id=run), timeout=10).coordinator_public_key
             if http is not None:
                 return public_key, _folder_url(http, run, epoch)
             listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), timeout=10).checkpoints
-        except grpc.RpcError as e:
-            code = 4 if e.code() == grpc.StatusCode.NOT_FOUND else 3
-            raise DownloadError(f"coordinator {coordinator}: {e.code().name}: {e.details()}", code) from None
+    except grpc.RpcError as e:
+        code = 4 if e.code() == grpc.StatusCode.NOT_FOUND else 3
+        raise DownloadError(f"coordinator {coordinator}: {e.code().name}: {e.details()}", code) from None
+    except CertificateRefused as e:
+        raise DownloadError(str(e), 5) from None
     chosen = [c for c in listed if epoch is None or c.epoch == epoch]
     if not chosen:
         raise DownloadError(f"run {run} has no checkpoint {epoch if epoch is not None else ''} "
@@ -216,7 +224,7 @@ def _folder_url(http: str, run: str, epoch: int | None) -> str:
 
 @app.command("status")
 def status(
-    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help=COORDINATOR_HELP),
     http: str | None = typer.Option(None, "--http", help="Base URL of the coordinator's HTTP port "
                                                           "(default: http://HOST:8080)."),
     state_dir: Path = typer.Option(Path.home() / ".omi", "--state-dir", envvar="OMI_HOME",
@@ -231,6 +239,7 @@ def status(
 
     import grpc
     from omi.protos import pb, rpc, signing
+    from omi.protos.channels import KNOWN_FILENAME, CertificateRefused, open_channel, parse_target
     from omi.protos.tokens import TokenFile
     from rich.table import Table
 
@@ -246,13 +255,16 @@ def status(
         left = token.expires_at_ms / 1000 - time.time()
         console.print(f"token    run {token.run_id}, peer {token.peer_id}, "
                       + (f"valid {left / 60:.0f} more minutes" if left > 0 else "expired"))
-    base = (http or f"http://{coordinator.rsplit(':', 1)[0]}:8080").rstrip("/")
-    with grpc.insecure_channel(coordinator) as channel:
-        try:
+    base = (http or f"http://{parse_target(coordinator).address.rsplit(':', 1)[0]}:8080").rstrip("/")
+    try:
+        with open_channel(coordinator, known=state_dir / KNOWN_FILENAME) as channel:
             runs = rpc.CoordinatorStub(channel).ListRuns(pb.ListRunsRequest(), timeout=10).runs
-        except grpc.RpcError as e:
-            console.print(f"[red]error:[/red] coordinator {coordinator}: {e.code().name}: {e.details()}")
-            raise typer.Exit(3) from None
+    except grpc.RpcError as e:
+        console.print(f"[red]error:[/red] coordinator {coordinator}: {e.code().name}: {e.details()}")
+        raise typer.Exit(3) from None
+    except CertificateRefused as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(5) from None
     table = Table("run", "epoch", "samples", "verified samples", "audits passed", "audits failed", "online")
     joined = 0
     for run in runs:
@@ -278,7 +290,7 @@ def status(
 
 @app.command("validate")
 def validate(
-    coordinator: str = typer.Option(..., "--coordinator", "-c", help="HOST:PORT of the coordinator's gRPC API."),
+    coordinator: str = typer.Option(..., "--coordinator", "-c", help=COORDINATOR_HELP),
     run: str = typer.Option("", "--run", help="Run to validate (default: the coordinator's only running one)."),
     state_dir: Path = typer.Option(Path.home() / ".omi" / "validator", "--state-dir",
                                    help="Identity, swarm keys and token live here."),

@@ -9,11 +9,13 @@
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import pb, peer_ids, rpc, signing
+from omi.protos.channels import open_channel
 from omi.protos.clock import now_ms
 
 logger = logging.getLogger(__name__)
@@ -53,30 +55,41 @@ def register_request(key: Ed25519PrivateKey, challenge_nonce: bytes, run_id: str
 class CoordinatorClient:
     """Both services of the coordinator for one node identity; keeps the node's token once registered.
 
-    :param address: HOST:PORT of the coordinator's gRPC API
+    :param address: the coordinator's gRPC API, ``HOST:PORT`` or ``HOST:PORT#sha256:FINGERPRINT`` (TLS: the
+      certificate pinned, or trusted on first use: :mod:`omi.protos.channels`)
     :param identity_key: the node's Ed25519 key (``omi.node.identity.NodeIdentity.key``)
     :param timeout: deadline of each call, in seconds
     :param attempts: tries per call while the coordinator is UNAVAILABLE (1 = no retry)
     :param backoff: first wait between tries, in seconds (doubles each time)
+    :param known: the known-coordinators file of trust on first use (default ``$OMI_HOME/known_coordinators.json``)
     """
 
     def __init__(self, address: str, identity_key: Ed25519PrivateKey, *, timeout: float = 10.0, attempts: int = 5,
-                 backoff: float = 1.0):
-        self.address = address
+                 backoff: float = 1.0, known: Path | None = None):
+        self.address, self.known = address, known
         self.key = identity_key
         self.public_key = signing.public_bytes(identity_key)
         self.node_id = signing.node_id(self.public_key)
         self.timeout, self.attempts, self.backoff = timeout, attempts, backoff
-        self.channel = grpc.insecure_channel(address)
-        self.stub = rpc.CoordinatorStub(self.channel)
+        self.channel: grpc.Channel | None = None
+        self._stub: rpc.CoordinatorStub | None = None
         self.token: pb.AccessToken | None = None
         self.run_spec: pb.RunSpec | None = None
 
+    @property
+    def stub(self) -> rpc.CoordinatorStub:
+        """The stub over a TLS channel opened on first use: while the coordinator is unreachable this raises an
+        UNAVAILABLE RpcError (callers retry); a certificate that is not the pinned or known one raises
+        :class:`~omi.protos.channels.CertificateRefused`."""
+        if self._stub is None:
+            self.channel = open_channel(self.address, known=self.known)
+            self._stub = rpc.CoordinatorStub(self.channel)
+        return self._stub
+
     def _call(self, method: str, make_request: Callable[[], object]):
         """Call ``method`` with a request built (and signed) afresh on every try."""
-        rpc_method = getattr(self.stub, method)
-        return with_retries(lambda: rpc_method(make_request(), timeout=self.timeout), attempts=self.attempts,
-                            backoff=self.backoff)
+        return with_retries(lambda: getattr(self.stub, method)(make_request(), timeout=self.timeout),
+                            attempts=self.attempts, backoff=self.backoff)
 
     def _signed(self, request_class, **fields):
         """A node request carrying the token, a fresh timestamp and nonce, signed by the node for its RPC."""
@@ -160,7 +173,8 @@ class CoordinatorClient:
         return list(self._call("ListCheckpoints", request).checkpoints)
 
     def close(self) -> None:
-        self.channel.close()
+        if self.channel is not None:
+            self.channel.close()
 
     def __enter__(self) -> "CoordinatorClient":
         return self

@@ -26,6 +26,7 @@ import grpc
 from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.protos import pb
+from omi.protos.channels import KNOWN_FILENAME, CertificateRefused
 from omi.protos.tokens import TokenFile
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 
@@ -87,7 +88,8 @@ class NodeSession:
         check_state_dir(self.state_dir)
         identity = NodeIdentity.load_or_create(self.identity_path)
         self.node_id = identity.node_id
-        self.client = CoordinatorClient(self.coordinator, identity.key, attempts=self.connect_attempts)
+        self.client = CoordinatorClient(self.coordinator, identity.key, attempts=self.connect_attempts,
+                                        known=self.state_dir / KNOWN_FILENAME)
         self.peer_id = load_or_create_peer_identity(self.state_dir / "p2p.id")
         self.swarm_key = load_or_create_swarm_key(self.state_dir / "swarm_rsa.pem")
         try:
@@ -99,6 +101,8 @@ class NodeSession:
                                             swarm_public_key(self.swarm_key))
         except grpc.RpcError as e:
             raise self.error(e) from e
+        except CertificateRefused as e:
+            raise NodeError(str(e), 5) from e
         self.registered = True
         self.tokens.write(response.token)
         logger.info("registered as node %s in run %s (peer %s)", self.node_id[:12], run_id, self.peer_id)

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 
 import grpc
+from omi.coordinator.credentials import TLS_CERT_FILENAME
 from omi.protos import pb, rpc
+from omi.protos.channels import open_channel, pinned
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -28,19 +30,23 @@ BIN = Path(sys.executable).parent
 console = Console()
 
 
-def wait_for_grpc(address: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    """Wait until the coordinator answers ListRuns (bounded), or fail if it exited."""
+def wait_for_grpc(address: str, state_dir: Path, process: subprocess.Popen, timeout: float = 60.0) -> str:
+    """Wait until the coordinator answers ListRuns (bounded), or fail if it exited; returns its address with its TLS
+    certificate pinned (read from its state dir), which the volunteers get."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = rpc.CoordinatorStub(channel)
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                sys.exit(f"the coordinator exited with code {process.returncode}; see its log")
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"the coordinator exited with code {process.returncode}; see its log")
+        certificate = state_dir / TLS_CERT_FILENAME
+        if certificate.exists():
+            target = pinned(address, certificate.read_bytes())
             try:
-                stub.ListRuns(pb.ListRunsRequest(), timeout=1.0)
-                return
+                with open_channel(target) as channel:
+                    rpc.CoordinatorStub(channel).ListRuns(pb.ListRunsRequest(), timeout=1.0)
+                return target
             except grpc.RpcError:
-                time.sleep(0.5)
+                pass
+        time.sleep(0.5)
     sys.exit(f"the coordinator did not answer on {address} within {timeout:.0f} s")
 
 
@@ -101,17 +107,17 @@ def main() -> None:
     volunteers: list[subprocess.Popen] = []
     dashboard = f"http://{args.http}"
     try:
-        wait_for_grpc(args.grpc, coordinator)
+        target = wait_for_grpc(args.grpc, args.state_dir / "coordinator", coordinator)
         console.print(f"coordinator: gRPC on [bold]{args.grpc}[/bold], dashboard on [bold]{dashboard}[/bold], "
                       f"logs in {logs}")
         for i in range(args.volunteers):
             volunteers.append(subprocess.Popen(
-                [BIN / "omi-node", "join", "--coordinator", args.grpc, "--state-dir", args.state_dir / f"node-{i}",
+                [BIN / "omi-node", "join", "--coordinator", target, "--state-dir", args.state_dir / f"node-{i}",
                  "--name", f"demo-volunteer-{i}", "--quiet"],
                 stdout=open(logs / f"node-{i}.log", "ab"), stderr=subprocess.STDOUT, env=env))
         console.print(f"{args.volunteers} volunteers started; Ctrl-C stops the demo")
         deadline = time.monotonic() + args.minutes * 60 if args.minutes else None
-        with grpc.insecure_channel(args.grpc) as channel, Live(console=console, refresh_per_second=1) as live:
+        with open_channel(target) as channel, Live(console=console, refresh_per_second=1) as live:
             stub = rpc.CoordinatorStub(channel)
             run_id = stub.ListRuns(pb.ListRunsRequest(), timeout=5).runs[0].run_id
             while deadline is None or time.monotonic() < deadline:

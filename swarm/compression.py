@@ -47,14 +47,52 @@ class Quantile8Bit(_FixedExtract, Quantile8BitQuantization):
     """hivemind's quantile 8-bit quantization that decodes."""
 
 
+def _varints(values: np.ndarray) -> bytes:
+    """Non-negative integers as LEB128 varints (7 bits per byte, high bit: more bytes follow), vectorised.
+
+    >>> _varints(np.array([0, 1, 127, 128, 300])).hex()
+    '00017f8001ac02'
+    """
+    values = np.asarray(values, dtype=np.uint64)
+    if len(values) == 0:
+        return b""
+    lengths = np.ones(len(values), dtype=np.int64)
+    for k in range(1, 10):  # a uint64 needs at most 10 bytes
+        lengths += values >= np.uint64(1 << (7 * k))
+    out = np.zeros(int(lengths.sum()), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    for k in range(int(lengths.max())):
+        has = lengths > k
+        byte = (values[has] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (lengths[has] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has] + k] = (byte | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def _read_varints(data: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """The first ``count`` LEB128 varints of ``data`` (uint8) and how many bytes they took."""
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64), 0
+    ends = np.flatnonzero(data < 0x80)[:count]  # the last byte of each varint
+    if len(ends) < count:
+        raise ValueError(f"a sparse tensor message holds {len(ends)} of its {count} positions")
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    values = np.zeros(count, dtype=np.uint64)
+    for k in range(int((ends - starts).max()) + 1):
+        has = starts + k <= ends
+        values[has] |= (data[starts[has] + k].astype(np.uint64) & np.uint64(0x7F)) << np.uint64(7 * k)
+    return values, int(ends[-1]) + 1
+
+
 class Sparse8Bit(CompressionBase):
     """The nonzero entries of a tensor only: their positions and their values in 8 bits.
 
     For pseudo-gradients sparsified by :class:`TopKErrorFeedback` (``[rounds] topk_density``). The message holds
     the number of entries sent (int64: those not rounded to zero), the value scale (float32: ``max |v| / 127``),
-    the width of the position gaps (1 byte: 2 or 4), the gaps between consecutive positions (uint16 when every gap
-    fits, else uint32) and the values as int8.
-    At density d that is about ``d × 3`` bytes per element instead of 4. hivemind's wire format has a closed set of
+    the width of the position gaps (1 byte: 0 for LEB128 varints; 2 or 4 for fixed uint16 / uint32, which older
+    peers sent and which still decode), the gaps between consecutive positions and the values as int8. At density
+    d ≥ 1 % almost every gap is below 128, one varint byte, so that is about ``d × 2`` bytes per element instead of
+    4 (``d × 3`` with uint16 gaps). hivemind's wire format has a closed set of
     compression types; this one travels in the ``BLOCKWISE_8BIT`` slot, which hivemind reserves for bitsandbytes
     (not installed, not used here).
 
@@ -75,10 +113,8 @@ class Sparse8Bit(CompressionBase):
         quantized = torch.round(values / scale).to(torch.int8) if scale > 0 else torch.zeros(0, dtype=torch.int8)
         positions, quantized = positions[quantized != 0], quantized[quantized != 0]  # below half a step: zero
         gaps = np.diff(positions.numpy(), prepend=-1)
-        gap_dtype = np.uint16 if len(gaps) == 0 or gaps.max() <= np.iinfo(np.uint16).max else np.uint32
         buffer = b"".join([np.array([len(positions)], dtype=np.int64).tobytes(), np.float32(scale).tobytes(),
-                           np.uint8(np.dtype(gap_dtype).itemsize).tobytes(), gaps.astype(gap_dtype).tobytes(),
-                           quantized.numpy().tobytes()])
+                           np.uint8(0).tobytes(), _varints(gaps), quantized.numpy().tobytes()])
         return runtime_pb2.Tensor(compression=self.compression_type, buffer=buffer, size=tensor.shape,
                                   dtype=str(tensor.dtype).removeprefix("torch."), requires_grad=tensor.requires_grad)
 
@@ -86,9 +122,13 @@ class Sparse8Bit(CompressionBase):
         buffer = serialized_tensor.buffer
         count = int(np.frombuffer(buffer, count=1, dtype=np.int64)[0])
         scale = float(np.frombuffer(buffer, offset=8, count=1, dtype=np.float32)[0])
-        gap_dtype = {2: np.uint16, 4: np.uint32}[int(buffer[12])]
-        gaps = np.frombuffer(buffer, offset=13, count=count, dtype=gap_dtype)
-        quantized = np.frombuffer(buffer, offset=13 + gaps.nbytes, count=count, dtype=np.int8)
+        width = int(buffer[12])
+        if width == 0:
+            gaps, used = _read_varints(np.frombuffer(buffer, offset=13, dtype=np.uint8), count)
+        else:
+            gaps = np.frombuffer(buffer, offset=13, count=count, dtype={2: np.uint16, 4: np.uint32}[width])
+            used = gaps.nbytes
+        quantized = np.frombuffer(buffer, offset=13 + used, count=count, dtype=np.int8)
         out = torch.zeros(math.prod(serialized_tensor.size), dtype=torch.float32)
         positions = torch.as_tensor(np.cumsum(gaps.astype(np.int64)) - 1)
         out[positions] = torch.as_tensor(quantized, dtype=torch.float32) * scale

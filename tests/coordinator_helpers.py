@@ -6,12 +6,12 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-import grpc
 from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig, WorkConfig
 from omi.coordinator.server import CoordinatorServer
 from omi.dashboard.app import create_app
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, rpc
+from omi.protos.channels import PIN_SEPARATOR, open_channel, parse_target
 from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
 
@@ -56,16 +56,19 @@ class ServerThread:
     :param records_grace: seconds a node has to hand over audited records (0: the audit window alone decides;
         the lock-step tests move many epochs in a few seconds of wall time)
     :param db_url: the store's SQLAlchemy URL (None: SQLite in the state dir)
+    :param grpc_port: where the API listens (0: any free port)
     :param per_address: assignments one source address may hold per round (the lock-step swarms register a dozen
         nodes from 127.0.0.1: 0, no cap)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
                  max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0,
-                 db_url: str | None = None, per_address: int = WorkConfig.max_assignments_per_address):
+                 db_url: str | None = None, per_address: int = WorkConfig.max_assignments_per_address,
+                 grpc_port: int = 0):
         http_address = f"127.0.0.1:{free_port()}" if http else None
         self.http = f"http://{http_address}" if http else None
-        config = ServerConfig(state_dir=state_dir, db_url=db_url, grpc_address="127.0.0.1:0", http_address=http_address,
+        config = ServerConfig(state_dir=state_dir, db_url=db_url, grpc_address=f"127.0.0.1:{grpc_port}",
+                              http_address=http_address,
                               max_message_bytes=max_message_bytes, swarm_host=None,
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig(),
                                                   records_grace=records_grace, work=WorkConfig(per_address)))
@@ -81,8 +84,8 @@ class ServerThread:
     def __enter__(self) -> "ServerThread":
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=30)
-        self.address = f"127.0.0.1:{self.server.grpc_port}"
-        self.channel = grpc.insecure_channel(self.address)
+        self.address = self.server.target  # 127.0.0.1:PORT#sha256:… (TLS, the certificate pinned)
+        self.channel = open_channel(self.address)
         self.stub = rpc.CoordinatorStub(self.channel)
         self.admin = rpc.AdminStub(self.channel)
         return self
@@ -121,10 +124,13 @@ class SourceRelay:
     address; Linux routes all of 127.0.0.0/8 to the loopback device)."""
 
     def __init__(self, target: str, source: str = "127.0.0.2"):
-        host, port = target.rsplit(":", 1)
+        parsed = parse_target(target)
+        host, port = parsed.address.rsplit(":", 1)
         self.target, self.source = (host, int(port)), source
         self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        # TLS runs end to end through the relay: the same certificate, pinned
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}" + (f"{PIN_SEPARATOR}{parsed.pin}" if parsed.pin
+                                                                         else "")
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, name="relay", daemon=True).start()
 

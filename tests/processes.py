@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 from coordinator_helpers import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from omi.coordinator.credentials import TLS_CERT_FILENAME
 from omi.protos import pb
+from omi.protos.channels import open_channel, pinned
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,6 +74,22 @@ def reap_all() -> None:
         kill_group(_STARTED.pop())
 
 
+def serving(address: str, state_dir: Path, process: subprocess.Popen, log: Path) -> str | None:
+    """The pinned target of the coordinator at ``address`` (its certificate read from ``state_dir``) once its health
+    service says SERVING; None before. Fails if the process exited."""
+    assert process.poll() is None, f"serve exited: {log.read_text()}"
+    certificate = state_dir / TLS_CERT_FILENAME
+    if not certificate.exists():
+        return None
+    target = pinned(address, certificate.read_bytes())
+    try:
+        with open_channel(target) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    except grpc.RpcError:
+        return None
+    return target if status == health_pb2.HealthCheckResponse.SERVING else None
+
+
 class ServeProcess:
     """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING."""
 
@@ -79,24 +97,15 @@ class ServeProcess:
                  http_port: int | None = None, extra: tuple = ()):
         self.state_dir, self.log = state_dir, log
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
-        self.address = f"127.0.0.1:{self.grpc_port}"
+        listen = f"127.0.0.1:{self.grpc_port}"
         self.http = f"http://127.0.0.1:{self.http_port}"
         # the built-in validator (serve's default) is one more swarm peer on 2 shared cores: only where asked for
         validator = () if "--validator" in extra else ("--no-validator",)
-        self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", self.address,
+        self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", listen,
                             "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *validator, *extra], log)
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            deadline = time.monotonic() + 60
-            while True:
-                assert self.proc.poll() is None, f"serve exited: {log.read_text()}"
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline, f"serve did not come up: {log.read_text()}"
-                time.sleep(0.1)
+        # the gRPC API's TLS certificate pinned: what nodes get as --coordinator
+        self.address = wait_until(lambda: serving(listen, state_dir, self.proc, log), 60, f"serve on {listen}: "
+                                  f"{log}", interval=0.1)
 
     def contributions(self, run_id: str = "digits") -> list[pb.Contribution]:
         """The ledger as stored in the coordinator's SQLite file."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -23,13 +24,13 @@ def test_sparse8bit_keeps_positions_exactly_and_values_within_half_a_step():
     assert torch.equal(decoded != 0, sparse.abs() >= step / 2)  # what rounds to zero is not sent
     assert float((decoded - sparse).abs().max()) <= step / 2 * (1 + 1e-5)
     nonzeros = int((sparse != 0).sum())
-    assert size < 3 * nonzeros + 100  # uint16 gaps + int8 values + a small header
-    assert size < sparse.numel() * 4 / 40  # ~50x smaller than float32 at 2 %
+    assert size < 2.1 * nonzeros + 100  # varint gaps (one byte below 128) + int8 values + a small header
+    assert size < sparse.numel() * 4 / 50  # ~95x smaller than float32 at 2 %
 
 
 def test_sparse8bit_handles_wide_gaps_empty_tensors_and_half_precision():
     wide = torch.zeros(200_000)
-    wide[[0, 150_000, 199_999]] = torch.tensor([1.0, -2.0, 3.0])  # a gap of 150,000 needs 4-byte gaps
+    wide[[0, 150_000, 199_999]] = torch.tensor([1.0, -2.0, 3.0])  # a gap of 150,000: a 3-byte varint
     decoded, _ = _over_the_wire(wide)
     assert decoded.nonzero().flatten().tolist() == [0, 150_000, 199_999]
     assert torch.allclose(decoded, wide, atol=3 / 254)
@@ -40,6 +41,20 @@ def test_sparse8bit_handles_wide_gaps_empty_tensors_and_half_precision():
     half = torch.tensor([0.0, 0.5, 0.0, -0.25], dtype=torch.float16)
     decoded, _ = _over_the_wire(half)
     assert decoded.dtype == torch.float16 and decoded.nonzero().flatten().tolist() == [1, 3]
+
+
+def test_sparse8bit_reads_the_fixed_width_gaps_older_peers_sent():
+    # before varint gaps the message carried uint16 (or uint32) gaps, width byte 2 (4): a mixed swarm still decodes
+    for dtype in (np.uint16, np.uint32):
+        gaps, values = np.array([4, 1, 300], dtype=dtype), np.array([10, -127, 64], dtype=np.int8)
+        width = np.uint8(np.dtype(dtype).itemsize)
+        buffer = b"".join([np.int64(3).tobytes(), np.float32(0.5).tobytes(), width.tobytes(), gaps.tobytes(),
+                           values.tobytes()])
+        message = serialize_torch_tensor(torch.zeros(400), Sparse8Bit().compression_type)
+        message.buffer = buffer
+        decoded = deserialize_torch_tensor(message)
+        assert decoded.nonzero().flatten().tolist() == [3, 4, 304]
+        assert decoded[[3, 4, 304]].tolist() == [5.0, -63.5, 32.0]
 
 
 def test_top_k_error_feedback_loses_nothing_and_sends_k_entries():

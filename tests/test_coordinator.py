@@ -1,6 +1,7 @@
 """The coordinator over real gRPC on 127.0.0.1 with a real SQLite file and a real PostgreSQL database: registration,
 runs, work, ledger, audits."""
 
+import json
 import time
 
 import grpc
@@ -8,7 +9,8 @@ import pytest
 from coordinator_helpers import ServerThread, SourceRelay, contribution_for, run_toml
 from omi.coordinator.registry import RegistryConfig
 from omi.node.client import CoordinatorClient, register_request
-from omi.protos import pb, signing
+from omi.protos import pb, rpc, signing
+from omi.protos.channels import CertificateRefused, parse_target
 from omi.protos.peer_ids import new_identity, peer_id_of_identity
 from omi.protos.signing import generate_key
 from sqlalchemy import text
@@ -523,3 +525,34 @@ def test_two_coordinator_processes_share_one_postgresql_database(tmp_path, postg
         b.coordinator.registry.ban(alice.node_id, "test")
         a.coordinator.sync_with_store()  # what a does every flush interval: it re-reads the bans
         assert code_of(lambda: alice.heartbeat()) == grpc.StatusCode.PERMISSION_DENIED
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_the_api_speaks_only_tls_and_nodes_pin_its_certificate(tmp_path):
+    """Issue 12, point 10: TLS with a certificate made at first start; nodes pin it by fingerprint or trust it on
+    first use, and refuse clearly when it changes; the admin token never crosses the wire in plaintext."""
+    known = tmp_path / "known_coordinators.json"
+    with ServerThread(tmp_path / "a", run_toml()) as first:
+        address = parse_target(first.address).address
+        with grpc.insecure_channel(address) as plaintext:  # what an old client or a sniffable admin call would use
+            with pytest.raises(grpc.RpcError) as info:
+                rpc.AdminStub(plaintext).ListValidators(pb.ListValidatorsRequest(), timeout=5,
+                                                        metadata=(("authorization", f"Bearer {first.admin_token}"),))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        # trust on first use: the fingerprint is remembered for the address
+        client = CoordinatorClient(address, generate_key(), attempts=1, known=known)
+        assert client.list_runs()
+        assert json.loads(known.read_text()) == {address: parse_target(first.address).pin}
+        # a pin that is not the certificate's is refused before anything is sent
+        wrong = f"{address}#sha256:{'0' * 64}"
+        with pytest.raises(CertificateRefused, match="not the pinned"):
+            CoordinatorClient(wrong, generate_key(), attempts=1, known=known).list_runs()
+        port = int(address.rsplit(":", 1)[1])
+    # another coordinator (another key and certificate) on the same address: the node refuses it
+    with ServerThread(tmp_path / "b", run_toml(), grpc_port=port) as second:
+        assert second.address != first.address and parse_target(second.address).address == address
+        with pytest.raises(CertificateRefused, match="was seen there before"):
+            CoordinatorClient(address, generate_key(), attempts=1, known=known).list_runs()
+        assert CoordinatorClient(second.address, generate_key(), attempts=1, known=known).list_runs()  # pinned: fine

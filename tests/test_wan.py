@@ -10,12 +10,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import grpc
 import pytest
 from coordinator_helpers import free_port
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omi.coordinator.states import ContributionStatus
-from processes import BIN, FAST_RUN, _popen, kill_group, wait_until
+from processes import BIN, FAST_RUN, _popen, kill_group, serving, wait_until
 from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
 
 UNAVAILABLE = unavailable()  # not root, or no iproute2
@@ -103,15 +101,6 @@ def test_sweep_removes_only_what_dead_processes_left():
         assert sweep() == [] and len(leftovers(net.tag)) == 3  # a live harness is not a leftover
 
 
-def coordinator_serving(address: str, process: subprocess.Popen, log: Path) -> bool:
-    assert process.poll() is None, f"serve exited: {log.read_text()}"
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
-        except grpc.RpcError:
-            return False
-
-
 def ledger(state_dir: Path) -> Counter:
     """Contributions per node id the coordinator stored and did not void."""
     with sqlite3.connect(state_dir / "coordinator.db") as db:
@@ -139,8 +128,8 @@ def test_three_volunteers_train_together_across_namespaces(tmp_path):
                               "--http", "", "--swarm-host", net.gateway, "--run", run_file, "--no-validator"],
                              coordinator_log)
         try:
-            wait_until(lambda: coordinator_serving(address, coordinator, coordinator_log), 60,
-                       "the coordinator serving on the bridge")
+            address = wait_until(lambda: serving(address, state_dir, coordinator, coordinator_log), 60,
+                                 "the coordinator serving on the bridge")  # now with its certificate pinned
 
             def join(i: int) -> None:
                 host = net.hosts[i]  # its swarm peer listens on the host's own address: the one others can dial
