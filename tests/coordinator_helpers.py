@@ -3,6 +3,7 @@
 import asyncio
 import socket
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,19 +119,20 @@ class ServerThread:
         return client
 
 
-class SourceRelay:
-    """A TCP relay on 127.0.0.1 whose connections to ``target`` leave from another loopback address, so a real
-    coordinator sees what a client sends through it as coming from ``source`` (gRPC cannot choose a client's source
-    address; Linux routes all of 127.0.0.0/8 to the loopback device)."""
+class TcpRelay:
+    """A TCP relay on 127.0.0.1 to ``target`` (``HOST:PORT``, a ``#sha256:`` pin kept in :attr:`address`: TLS runs
+    end to end through it). Its connections to the target leave from the loopback address ``source``, so a real
+    coordinator sees what a client sends through it as coming from there (gRPC cannot choose a client's source
+    address; Linux routes all of 127.0.0.0/8 to the loopback device); the target's answers pass at ``rate`` bytes
+    per second (None: at full speed), so a transfer lasts long enough to :meth:`cut`."""
 
-    def __init__(self, target: str, source: str = "127.0.0.2"):
+    def __init__(self, target: str, source: str = "127.0.0.1", rate: float | None = None):
         parsed = parse_target(target)
         host, port = parsed.address.rsplit(":", 1)
-        self.target, self.source = (host, int(port)), source
+        self.target, self.source, self.rate = (host, int(port)), source, rate
         self.listener = socket.create_server(("127.0.0.1", 0))
-        # TLS runs end to end through the relay: the same certificate, pinned
-        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}" + (f"{PIN_SEPARATOR}{parsed.pin}" if parsed.pin
-                                                                         else "")
+        self.port = self.listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}" + (f"{PIN_SEPARATOR}{parsed.pin}" if parsed.pin else "")
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, name="relay", daemon=True).start()
 
@@ -143,14 +145,16 @@ class SourceRelay:
             outbound = socket.create_connection(self.target, timeout=10, source_address=(self.source, 0))
             outbound.settimeout(None)
             self._sockets += [inbound, outbound]
-            for a, b in ((inbound, outbound), (outbound, inbound)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, rate in ((inbound, outbound, None), (outbound, inbound, self.rate)):
+                threading.Thread(target=self._pipe, args=(a, b, rate), daemon=True).start()
 
     @staticmethod
-    def _pump(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(a: socket.socket, b: socket.socket, rate: float | None) -> None:
         try:
-            while data := a.recv(65536):
+            while data := a.recv(16384):
                 b.sendall(data)
+                if rate:
+                    time.sleep(len(data) / rate)
         except OSError:
             pass
         finally:
@@ -160,10 +164,18 @@ class SourceRelay:
                 except OSError:
                     pass
 
+    def cut(self) -> None:
+        """Drop every connection, with whatever the relay still holds (as a server that dies does)."""
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
     def close(self) -> None:
         self.listener.close()
-        for s in self._sockets:
-            s.close()
+        self.cut()
 
 
 def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **fields) -> pb.Contribution:

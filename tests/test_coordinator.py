@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from coordinator_helpers import ServerThread, SourceRelay, contribution_for, run_toml
+from coordinator_helpers import ServerThread, TcpRelay, contribution_for, run_toml
 from omi.coordinator.registry import RegistryConfig
 from omi.node.client import CoordinatorClient, register_request
 from omi.protos import pb, rpc, signing
@@ -338,7 +338,7 @@ def test_identities_made_by_the_dozen_behind_one_address_leave_a_rounds_data_to_
     now holds at most 8 assignments per round; the honest node, elsewhere, still gets its share."""
     with ServerThread(tmp_path / "state", run_toml(shards=1) + "[rounds]\ninner_steps = 20\n",
                       db_url=db_url) as server:
-        relay = SourceRelay(server.address, "127.0.0.2")
+        relay = TcpRelay(server.address, source="127.0.0.2")
         try:
             sybils = [server.node(name=f"sybil{i}") for i in range(10)]
             honest = server.node(name="honest", via=relay.address)

@@ -7,13 +7,12 @@ state dir that a real `omi-coordinator serve` (no swarm) then serves; the swarm 
 import hashlib
 import json
 import re
-import socket
 import threading
-import time
 import urllib.request
 
 import pytest
 import torch
+from coordinator_helpers import TcpRelay
 from omi.coordinator.checkpointer import write_checkpoint
 from omi.coordinator.checkpoints import CHECKPOINTS_DIR, folder_name
 from omi.coordinator.core import Coordinator
@@ -130,53 +129,9 @@ def test_flipped_byte_or_edited_manifest_is_refused(served, tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
-class ThrottlingProxy:
-    """A TCP proxy that passes the server's answers at ``rate`` bytes per second (so a transfer can be cut)."""
-
-    def __init__(self, upstream_port: int, rate: float):
-        self.upstream_port, self.rate = upstream_port, rate
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            client, _ = self.listener.accept()
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, self.rate), daemon=True).start()
-
-    def cut(self):
-        """Drop every connection, with whatever the proxy still holds (as a server that dies does)."""
-        for s in self.sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            except OSError:
-                pass
-
-    @staticmethod
-    def _pipe(source, sink, rate):
-        try:
-            while data := source.recv(16384):
-                sink.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)  # the throttle itself: the transfer must last long enough to cut
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-
 def test_interrupted_download_resumes(served, tmp_path):
     server, key = served
-    proxy = ThrottlingProxy(server.http_port, rate=1_000_000)  # the 3.8 MB weights take ~4 s
+    proxy = TcpRelay(f"127.0.0.1:{server.http_port}", rate=1_000_000)  # the 3.8 MB weights take ~4 s
     out = tmp_path / "out"
     import subprocess
 
