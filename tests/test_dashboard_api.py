@@ -106,7 +106,8 @@ def test_status_matches_the_ledger(swarm):
     assert status["verified_samples"] == sum(v for _, v, _ in book.values()) > 0
     assert status["contributions"] == sum(n for _, _, n in book.values()) == 1  # mallory's was voided
     assert status["contributions_by_status"] == {"accepted": 0, "verified": 1, "voided": 1}
-    assert status["audits"] == {"awaiting_records": 0, "pending": 0, "assigned": 0, "passed": 1, "failed": 1}
+    assert status["audits"] == {"awaiting_records": 0, "pending": 0, "assigned": 0, "disputed": 0, "passed": 1,
+                                "failed": 1}
     assert status["contributions_refused"] == 1
     assert status["volunteers_online"] == 3  # registering counts as a sign of life
     # the ledger's growth over the last minute (both reports are seconds old), not the heartbeats' 120 + 80
@@ -242,7 +243,8 @@ def test_snapshots_reuse_an_answer_for_ttl_seconds():
     view, body = snapshots.get(("k",), compute)
     assert view.passed == 1
     # JSON has no NaN: a non-finite float is null
-    assert json.loads(body) == {"awaiting_records": 0, "pending": 0, "assigned": 0, "passed": 1, "failed": None}
+    assert json.loads(body) == {"awaiting_records": 0, "pending": 0, "assigned": 0, "disputed": 0, "passed": 1,
+                                "failed": None}
     now[0] += 0.5
     assert snapshots.get(("k",), compute)[0].passed == 1
     now[0] += 0.6
