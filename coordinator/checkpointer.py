@@ -38,6 +38,7 @@ from omi.coordinator.store import Run, Store, sqlite_url
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
 from omi.protos.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, manifest_to_bytes, sha256_file, sign_manifest
+from omi.swarm.lifetime import exit_when_orphaned
 from sqlalchemy import select
 
 logger = logging.getLogger(__name__)
@@ -218,14 +219,6 @@ class Checkpointer:
         self.store.close()
 
 
-def _exit_with_parent(parent: int) -> None:
-    # the coordinator may die without stopping us (SIGKILL): an orphaned checkpointer must not keep writing
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    logger.warning("the coordinator process is gone; the checkpointer exits")
-    os._exit(1)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The coordinator's checkpointer of one run (started by serve).")
     parser.add_argument("--state-dir", type=Path, required=True)
@@ -239,8 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # shares the coordinator's machine; pulling state and writing files is I/O-bound
-    if args.parent_pid:
-        threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
+    if args.parent_pid:  # the coordinator may die by SIGKILL: an orphaned checkpointer must not keep writing
+        exit_when_orphaned(args.parent_pid, "the coordinator process is gone; the checkpointer exits")
     checkpointer = Checkpointer(args.state_dir, args.db, args.run, args.initial_peer, host=args.host,
                                 public_url=args.public_url)
     from omi.swarm.signals import install_stop_signals

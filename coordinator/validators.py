@@ -8,7 +8,6 @@ and the coordinator's main thread runs the asyncio server, so the validator is a
 session; stopped with the coordinator).
 """
 
-import ctypes
 import logging
 import os
 import signal
@@ -20,18 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import pb, signing
 from omi.protos.tokens import TokenFile, mint_access_token
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
+from omi.swarm.lifetime import signal_when_parent_dies
 
 logger = logging.getLogger(__name__)
 
 TOKEN_TTL = 30 * 24 * 3600.0  # seconds; the coordinator mints a fresh one at every start
 
-
-
-def _terminate_with_parent() -> None:
-    """In the forked child, before exec: the kernel sends it SIGTERM when the coordinator dies, even by SIGKILL,
-    so a built-in validator never outlives its coordinator (PR_SET_PDEATHSIG; Linux)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 class BuiltinValidators:
     """Starts and stops the built-in validator processes.
@@ -62,7 +55,9 @@ class BuiltinValidators:
         command = [str(Path(sys.executable).parent / "omi-node"), "validate", "--coordinator", coordinator_address,
                    "--state-dir", str(folder), "--token-file", str(folder / "token.bin"), "--threads", "1"]
         self._processes[spec.run_id] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                        start_new_session=True, preexec_fn=_terminate_with_parent)
+                                                        start_new_session=True,
+                                                        # SIGTERM when the coordinator dies, even by SIGKILL
+                                                        preexec_fn=lambda: signal_when_parent_dies(signal.SIGTERM))
         log.close()
         logger.info("run %s: built-in validator %s started (log %s)", spec.run_id, token.node_id[:12],
                     folder / "validator.log")

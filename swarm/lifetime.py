@@ -30,24 +30,32 @@ def end_with_parent(parent: int) -> None:
     ...         end_with_parent(multiprocessing.parent_process().pid)
     ...         serve_forever()
     """
-    if not _kill_when_parent_dies():
-        threading.Thread(target=_exit_when_orphaned, args=(parent,), name="end_with_parent", daemon=True).start()
+    if not signal_when_parent_dies():
+        exit_when_orphaned(parent)
     if os.getppid() != parent:
         os._exit(1)
 
 
-def _kill_when_parent_dies() -> bool:
-    """Ask the kernel for SIGKILL when this process's parent dies; False where it cannot (not Linux)."""
+def signal_when_parent_dies(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send this process ``sig`` when its parent (the thread that forked it) dies; False where it
+    cannot (not Linux). Safe in a ``subprocess.Popen`` ``preexec_fn``."""
     if not sys.platform.startswith("linux"):
         return False
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
         return False
     return True
 
 
-def _exit_when_orphaned(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
+def exit_when_orphaned(parent: int, message: str = "") -> None:
+    """A daemon thread that ends this process (exit code 1, ``message`` logged) once ``parent`` is no longer its
+    parent: for a process started with ``--parent-pid`` whose parent may die by SIGKILL."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        if message:
+            logger.warning("%s", message)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_when_orphaned", daemon=True).start()

@@ -104,7 +104,7 @@ class Sleeper(mp.Process):
 def start_sleeper(pids: mp.Queue, without_prctl: bool) -> None:
     """The middle process: forks a :class:`Sleeper`, reports its pid and waits to be killed."""
     if without_prctl:  # as where prctl is missing (macOS): end_with_parent falls back to its polling thread
-        lifetime._kill_when_parent_dies = lambda: False
+        lifetime.signal_when_parent_dies = lambda sig=None: False
     sleeper = Sleeper()
     sleeper.start()
     pids.put(sleeper.pid)
