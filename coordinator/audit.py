@@ -254,7 +254,12 @@ class Auditor:
                                                    | (Audit.assigned_at_ms < stale))))
                 .order_by((Audit.validator_node_id == validator.node_id).desc(), Audit.created_at_ms)
                 .limit(TASK_CANDIDATES)).all()
-            audit = next((a for a in candidates if self._may_take(s, a, validator.node_id, trusted)), None)
+            opinions: dict[str, list[str]] = {}  # task id -> validators that gave an opinion (one query for all)
+            for task_id, node_id in s.execute(select(AuditOpinion.task_id, AuditOpinion.validator_node_id).where(
+                    AuditOpinion.task_id.in_([a.task_id for a in candidates]))):
+                opinions.setdefault(task_id, []).append(node_id)
+            audit = next((a for a in candidates if self._may_take(a, opinions.get(a.task_id, []), validator.node_id,
+                                                                  trusted)), None)
             if audit is None:
                 return pb.AuditTask(has_task=False)
             audit.state, audit.validator_node_id, audit.assigned_at_ms = AuditState.ASSIGNED, validator.node_id, now
@@ -278,9 +283,10 @@ class Auditor:
         return list(session.scalars(select(AuditOpinion).where(AuditOpinion.task_id == task_id)
                                     .order_by(AuditOpinion.at_ms)))
 
-    def _may_take(self, session, audit: Audit, node_id: str, trusted: bool) -> bool:
-        opinions = self._opinions(session, audit.task_id)
-        if any(o.validator_node_id == node_id for o in opinions):
+    @staticmethod
+    def _may_take(audit: Audit, opinions: list[str], node_id: str, trusted: bool) -> bool:
+        """Whether ``node_id`` may take ``audit``, given the validators that gave an opinion on it."""
+        if node_id in opinions:
             return False  # a second opinion comes from someone else
         return trusted or (audit.state != AuditState.DISPUTED and len(opinions) < 2)
 
