@@ -65,26 +65,39 @@ def is_valid_revocation(signature: bytes, coordinator_public_key: bytes, run_id:
                                                                  coordinator_public_key)
 
 
-class RevocationValidator(RecordValidatorBase):
-    """DHT record validator: under the revocation key, accept only the coordinator's signed revocation of the
-    subkey's peer id (nobody else can revoke a peer)."""
+class _PeerKeyedValidator(RecordValidatorBase):
+    """DHT record validator for one key whose subkeys are base58 peer ids: records under other keys pass; under this
+    key a record passes only if :meth:`accepts` its decoded peer id and value (an undecodable one is refused)."""
 
-    def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str):
+    def __init__(self, coordinator_public_key: bytes, run_id: str, key: str):
         self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
-        self._key_id = DHTID.generate(source=revocation_key(dht_prefix)).to_bytes()
+        self._key_id = DHTID.generate(source=key).to_bytes()
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key != self._key_id:
             return True
         try:
-            peer_id, signature = MSGPackSerializer.loads(record.subkey), MSGPackSerializer.loads(record.value)
-        except Exception:
+            peer_id, value = MSGPackSerializer.loads(record.subkey), MSGPackSerializer.loads(record.value)
+            return isinstance(peer_id, str) and self.accepts(peer_id, value, record)
+        except Exception:  # any undecodable record under our key is refused
             return False
-        return isinstance(peer_id, str) and is_valid_revocation(signature, self.coordinator_public_key, self.run_id,
-                                                                peer_id)
+
+    def accepts(self, peer_id: str, value, record: DHTRecord) -> bool:
+        raise NotImplementedError
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         return False
+
+
+class RevocationValidator(_PeerKeyedValidator):
+    """DHT record validator: under the revocation key, accept only the coordinator's signed revocation of the
+    subkey's peer id (nobody else can revoke a peer)."""
+
+    def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str):
+        super().__init__(coordinator_public_key, run_id, revocation_key(dht_prefix))
+
+    def accepts(self, peer_id: str, value, record: DHTRecord) -> bool:
+        return is_valid_revocation(value, self.coordinator_public_key, self.run_id, peer_id)
 
 
 def publish_revocations(dht: hivemind.DHT, coordinator_key, spec: pb.RunSpec, peer_ids, lifetime: float) -> int:
@@ -98,31 +111,19 @@ def publish_revocations(dht: hivemind.DHT, coordinator_key, spec: pb.RunSpec, pe
     return stored
 
 
-class TokenRegistryValidator(RecordValidatorBase):
+class TokenRegistryValidator(_PeerKeyedValidator):
     """DHT record validator: under the token registry key, accept only a valid token for the subkey's peer id.
 
     The record may not outlive the token. Records under other keys pass untouched.
     """
 
     def __init__(self, coordinator_public_key: bytes, run_id: str, dht_prefix: str):
-        self.coordinator_public_key, self.run_id = coordinator_public_key, run_id
-        self._key_id = DHTID.generate(source=token_registry_key(dht_prefix)).to_bytes()
+        super().__init__(coordinator_public_key, run_id, token_registry_key(dht_prefix))
 
-    def validate(self, record: DHTRecord) -> bool:
-        if record.key != self._key_id:
-            return True
-        try:
-            peer_id = MSGPackSerializer.loads(record.subkey)
-            token = pb.AccessToken.FromString(MSGPackSerializer.loads(record.value))
-        except Exception:  # any undecodable record under our key is refused
-            return False
-        return (isinstance(peer_id, str)
-                and record.expiration_time <= token.expires_at_ms / 1000
+    def accepts(self, peer_id: str, value, record: DHTRecord) -> bool:
+        token = pb.AccessToken.FromString(value)
+        return (record.expiration_time <= token.expires_at_ms / 1000
                 and is_valid_access_token(token, self.coordinator_public_key, self.run_id, peer_id=peer_id))
-
-    def merge_with(self, other: RecordValidatorBase) -> bool:
-        return False
-
 
 
 async def _publish_token_periodically(registry_key: str, period: float, dht: hivemind.DHT, node) -> None:
