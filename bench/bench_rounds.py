@@ -4,6 +4,8 @@
     .venv/bin/python -m bench.bench_rounds --quick --threads 1   # smoke test: 3,840 samples, H in {1, 20} (~4 min)
     .venv/bin/python -m bench.bench_rounds --samples 76800 --device cuda --out rounds.json
     .venv/bin/python -m bench.bench_rounds --rows H20-uniform8bit,H500-uniform8bit
+    .venv/bin/python -m bench.bench_rounds --threads 1 --samples 51200 --section rounds_4bit \
+        --rows H20-topk0.05-sgd,H30-topk0.03q4-sgd                    # top-k with 4-bit values
 
 **Simulated** (one process, no hivemind networking): K = 2 workers train the digits run
 (examples/runs/digits.toml, model ``unet-digits-16``) in DiLoCo rounds as swarm/rounds.py does. Each round
@@ -47,7 +49,7 @@ from pathlib import Path
 import diffusers
 import torch
 from hivemind.averaging.partition import TensorPartContainer
-from hivemind.compression import CompressionBase, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
 from omi.models import (
     QualityScore,
     build_for_spec,
@@ -67,7 +69,7 @@ from omi.models.optimizer import optimizer_for
 from omi.models.quality import one_thread
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
-from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback  # also fixes hivemind's 8-bit decoder
+from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback, top_k_feedback  # also fixes the 8-bit decoder
 from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
@@ -99,34 +101,39 @@ class Row:
     inner_steps: int  # H
     compression: str  # a key of omi.swarm.compression.COMPRESSIONS
     overlap: bool = False  # the outer update lands one round late
-    density: float = 1.0  # < 1: top-k of Δ with error feedback (compression sparse8bit)
+    density: float = 1.0  # < 1: top-k of Δ with error feedback (compression sparse8bit or sparse4bit)
     sgd: bool = False  # outer plain SGD, lr 1, no momentum (SparseLoCo's: error feedback carries the history)
 
     @property
     def name(self) -> str:
-        kind = f"topk{self.density:g}" if self.density < 1 else self.compression
+        kind = (f"topk{self.density:g}" + ("q4" if self.compression == "sparse4bit" else "") if self.density < 1
+                else self.compression)
         return f"H{self.inner_steps}-{kind}" + ("-overlap" if self.overlap else "") + ("-sgd" if self.sgd else "")
 
     @classmethod
     def parse(cls, text: str) -> Row:
-        """``H20-uniform8bit``, ``H20-uniform8bit-overlap``, ``H20-topk0.02`` (2 % of Δ, sparse8bit) or any of
-        these with ``-sgd`` (outer SGD lr 1 without momentum instead of the RunSpec's Nesterov)."""
-        match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)|[a-z0-9_]+?)(-overlap)?(-sgd)?", text.strip())
-        dense = {name for name in COMPRESSIONS if name != "sparse8bit"}
+        """``H20-uniform8bit``, ``H20-uniform8bit-overlap``, ``H20-topk0.02`` (2 % of Δ, sparse8bit),
+        ``H20-topk0.02q4`` (2 % of Δ, sparse4bit: 4-bit values, their rounding error fed back) or any of these with
+        ``-sgd`` (outer SGD lr 1 without momentum instead of the RunSpec's Nesterov)."""
+        match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)(q4)?|[a-z0-9_]+?)(-overlap)?(-sgd)?", text.strip())
+        dense = {name for name in COMPRESSIONS if not name.startswith("sparse")}
         if not match or int(match[1]) <= 0 or not (match[3] and 0 < float(match[3]) < 1 or match[2] in dense):
-            raise ValueError(f"bad row {text!r}: expected H<inner steps>-<{'|'.join(sorted(dense))}|topk<density>>"
-                             f"[-overlap][-sgd], e.g. {DEFAULT_RUN_ROW} or H20-topk0.02")
+            raise ValueError(f"bad row {text!r}: expected H<inner steps>-<{'|'.join(sorted(dense))}|topk<density>"
+                             f"[q4]>[-overlap][-sgd] (q4: 4-bit values), e.g. {DEFAULT_RUN_ROW}, H20-topk0.02 or "
+                             "H30-topk0.03q4-sgd")
         if match[3]:
-            return cls(int(match[1]), "sparse8bit", bool(match[4]), float(match[3]), bool(match[5]))
-        return cls(int(match[1]), match[2], bool(match[4]), sgd=bool(match[5]))
+            compression = "sparse4bit" if match[4] else "sparse8bit"
+            return cls(int(match[1]), compression, bool(match[5]), float(match[3]), bool(match[6]))
+        return cls(int(match[1]), match[2], bool(match[5]), sgd=bool(match[6]))
 
 
 # ---------------------------------------------------------------- the wire
 
 
 def over_the_wire(part: torch.Tensor, compression: CompressionBase) -> tuple[torch.Tensor, int]:
-    """``part`` as its receiver decodes it, and the serialized bytes it took."""
-    message = serialize_torch_tensor(part, compression.compression_type)
+    """``part`` as its receiver decodes it, and the serialized bytes it took. Encoded by the compression object,
+    as hivemind's ``TensorPartContainer`` encodes a sender's parts and ``ExactResultMixin`` the averages."""
+    message = compression.compress(part, CompressionInfo.from_tensor(part))
     return deserialize_torch_tensor(message), message.ByteSize()
 
 
@@ -305,7 +312,7 @@ def train_rounds(spec: pb.RunSpec, row: Row, samples: int, device: torch.device,
         name = f"worker-{k}"
         workers.append(Worker(name, local, optimizer_for(training)(trainable_parameters(local)),
                               worker_order(len(source), training.seed, name, k, WORKERS),
-                              feedback=TopKErrorFeedback(row.density) if row.density < 1 else None))
+                              feedback=top_k_feedback(row.compression, row.density)))
     compression = COMPRESSIONS[row.compression]()
     steps_per_worker = samples // (WORKERS * training.micro_batch_size)
     done = rounds = sent = trained = 0

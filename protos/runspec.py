@@ -124,9 +124,12 @@ class RoundsSection(BaseModel):
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # outer SGD momentum (DiLoCo: 0.9)
     outer_nesterov: bool = True  # Nesterov momentum (DiLoCo's outer optimizer)
     overlap: bool = False  # average round r while round r+1 computes; its outer step lands one round late
-    compression: Literal["none", "float16", "scaled_float16", "uniform8bit", "sparse8bit"] = "uniform8bit"  # of Δ
+    # of Δ; sparse4bit: 4-bit values, their rounding error kept with the residual (see topk_density)
+    compression: Literal["none", "float16", "scaled_float16", "uniform8bit", "sparse8bit", "sparse4bit"] = \
+        "uniform8bit"
     # < 1: each node sends only this share of its pseudo-gradient's entries (the largest), the rest is kept and
-    # added to its next round's (error feedback); needs compression = "sparse8bit", which sends only nonzeros
+    # added to its next round's (error feedback); needs compression = "sparse8bit" or "sparse4bit", which send
+    # only nonzeros
     topk_density: Annotated[float, Field(gt=0, le=1)] = 1.0
     # > 0: a round also closes this many seconds after it began, however few samples the swarm trained (slow
     # volunteers); 0: it closes on samples only
@@ -187,9 +190,9 @@ class RunSpecFile(BaseModel):
         # Runs only once every key is valid, so it is the last check; its message names the key itself.
         if self.training.target_batch_size < self.training.micro_batch_size:
             raise ValueError("bad value for 'training.target_batch_size': smaller than training.micro_batch_size")
-        if (self.rounds.topk_density < 1) != (self.rounds.compression == "sparse8bit"):
-            raise ValueError("bad value for 'rounds.topk_density': top-k (topk_density < 1) and "
-                             "rounds.compression = \"sparse8bit\" go together")
+        if (self.rounds.topk_density < 1) != (self.rounds.compression in ("sparse8bit", "sparse4bit")):
+            raise ValueError("bad value for 'rounds.topk_density': top-k (topk_density < 1) and a sparse "
+                             "rounds.compression (\"sparse8bit\" or \"sparse4bit\") go together")
         return self
 
 

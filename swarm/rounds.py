@@ -20,10 +20,11 @@ compressed once, and use the decompressed copy for its own part too, so every me
 same bytes; the outer step runs on the CPU in float32 on the same inputs, so honest peers hold bitwise the same
 θ_{r+1} (tests/test_rounds.py checks the hashes).
 
-**Top-k with error feedback** (``[rounds] topk_density < 1``, ``compression = "sparse8bit"``; SparseLoCo,
-Deep Gradient Compression): each peer sends only the largest ``topk_density`` share of the entries of Δ + e, in
-8 bits with their positions, and keeps the rest as its residual e for the next round. The averages of sparse
-parts are sparse too (at most the group's union of positions), so both directions of the all-reduce shrink.
+**Top-k with error feedback** (``[rounds] topk_density < 1``, ``compression = "sparse8bit"`` or ``"sparse4bit"``;
+SparseLoCo, Deep Gradient Compression): each peer sends only the largest ``topk_density`` share of the entries of
+Δ + e, in 8 (4) bits with their positions, and keeps the rest as its residual e for the next round; with 4 bits
+the rounding error stays in e too. The averages of sparse parts are sparse too (at most the group's union of
+positions), so both directions of the all-reduce shrink.
 
 **Overlap** (``[rounds] overlap = true``; Streaming DiLoCo, Douillard et al. 2025, and the one-step-delayed outer
 update of INTELLECT-1): at the end of round r the all-reduce of Δ_r starts in the background and round r+1 begins
@@ -51,7 +52,7 @@ import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import amap_in_executor
@@ -60,7 +61,7 @@ from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledAveragerMixin, TrackedAllReduceRunner
-from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback
+from omi.swarm.compression import COMPRESSIONS, top_k_feedback
 from omi.swarm.reduce import CenteredClipAllReduceRunner
 
 logger = logging.getLogger(__name__)
@@ -83,21 +84,25 @@ class ExactResultMixin:
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.tensor_part_container.return_deltas = False
-        self._serialized: dict[tuple[int, int], asyncio.Future] = {}  # (part, compression) -> the average's message
+        self._serialized: dict[int, asyncio.Future] = {}  # part -> the average's message
 
-    def _serialized_average(self, part_index: int, averaged: torch.Tensor, compression: int) -> asyncio.Future:
+    def _serialized_average(self, part_index: int, averaged: torch.Tensor) -> asyncio.Future:
         """The message of a part's average, serialized **once** for every receiver, this peer included.
+
+        It is compressed by the run's compression object, as the senders' parts are (hivemind's runner serializes
+        by the sender's compression *type*, whose encoder is the one registered in that slot: ``Sparse8Bit`` for
+        ``sparse4bit`` too, which would send a 4-bit run's averages in 8 bits).
 
         Serializing it once per receiver is not safe: the 8-bit codecs reduce over the tensor (mean, norm), and
         threads of the executor may do so in another order than the event loop's thread (OpenMP's thread count is
         per calling thread), so two serializations of the same average may differ in the last bit of the scale
         and give two receivers two averages (seen: peers 1e-4 apart in loss after a round they averaged together).
         """
-        key = (part_index, compression)
-        if key not in self._serialized:
-            self._serialized[key] = asyncio.get_event_loop().run_in_executor(
-                None, functools.partial(serialize_torch_tensor, averaged, compression))
-        return self._serialized[key]
+        if part_index not in self._serialized:
+            self._serialized[part_index] = asyncio.get_event_loop().run_in_executor(
+                None, functools.partial(self.tensor_part_container.compression.compress, averaged,
+                                        CompressionInfo.from_tensor(averaged)))
+        return self._serialized[part_index]
 
     async def _communicate_with_peer(self, peer_id):
         if peer_id != self.peer_id:
@@ -105,11 +110,10 @@ class ExactResultMixin:
         # hivemind's AllReduceRunner._communicate_with_peer for the local part, registering the average as sent
         peer_index = self.ordered_peer_ids.index(peer_id)
         sender_index = self.sender_peer_ids.index(peer_id)
-        compression = self.tensor_part_container.compression.compression_type
         for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
             averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
                                                                       weight=self.weight)
-            message = await self._serialized_average(part_index, averaged, compression)
+            message = await self._serialized_average(part_index, averaged)
             self.tensor_part_container.register_processed_part(peer_index, part_index,
                                                                deserialize_torch_tensor(message))
 
@@ -123,8 +127,8 @@ class ExactResultMixin:
         # hivemind's AllReduceRunner._accumulate_parts_streaming, sending the average instead of the difference
         part_index = 0
         try:
-            async for tensor_part, weight, part_compression in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight, msg.tensor_part.compression),
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
                 stream, max_prefetch=self.tensor_part_container.prefetch,
             ):
                 try:
@@ -133,7 +137,7 @@ class ExactResultMixin:
                     part_index += 1
                 except BannedException:
                     break
-                serialized = await self._serialized_average(part_index - 1, averaged, part_compression)
+                serialized = await self._serialized_average(part_index - 1, averaged)
                 yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
@@ -264,8 +268,8 @@ class RoundOptimizer:
         self.samples_per_peer = rounds.inner_steps * training.micro_batch_size
         self.max_round_seconds = rounds.max_round_seconds
         self._round_started = time.monotonic()
-        density = rounds.topk_density or 1.0
-        self.feedback = TopKErrorFeedback(density) if density < 1 else None  # top-k of Δ, the rest kept for later
+        # top-k of Δ, the rest (and with sparse4bit the rounding error) kept for later; None: dense Δ
+        self.feedback = top_k_feedback(rounds.compression, rounds.topk_density or 1.0)
         self.load_state_timeout = load_state_timeout or 2 * averaging.averaging_timeout
         self.round = 0
         self.samples = self.inner_steps = 0  # this peer's, in the current round

@@ -93,6 +93,8 @@ def test_defaults_fill_every_section():
         ("[rounds]\ntopk_density = 1.5\n", "rounds.topk_density"),
         ("[rounds]\ntopk_density = 0.02\n", "rounds.topk_density"),  # dense compression: top-k is pointless
         ("[rounds]\ncompression = 'sparse8bit'\n", "rounds.topk_density"),  # dense Δ in a sparse codec
+        ("[rounds]\ncompression = 'sparse4bit'\n", "rounds.topk_density"),
+        ("[rounds]\ncompression = 'sparse2bit'\ntopk_density = 0.03\n", "rounds.compression"),
     ],
 )
 def test_wrong_type_or_value_is_named_and_never_coerced(extra, key):
@@ -111,6 +113,8 @@ def test_boundaries_are_accepted():
     spec = parse_runspec(BASE + "[training]\ntarget_batch_size = 32\nmax_epochs = 0\n[verification]\naudit_rate = 1\n")
     assert spec.training.target_batch_size == spec.training.micro_batch_size and spec.verification.audit_rate == 1.0
     assert parse_runspec(BASE + "[verification]\naudit_rate = 0\n").verification.audit_rate == 0.0
+    rounds = parse_runspec(BASE + "[rounds]\ncompression = 'sparse4bit'\ntopk_density = 0.03\n").rounds
+    assert (rounds.compression, rounds.topk_density) == ("sparse4bit", 0.03)
 
 
 def test_missing_run_table_and_non_table_section():
