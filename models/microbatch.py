@@ -1,4 +1,4 @@
-"""The one micro-batch function: DDPM loss and gradient from (parameters, samples, seed), with its record and sketch.
+"""The one micro-batch function: loss and gradient from (parameters, samples, seed), with its record and sketch.
 
 The node trainer, the validator and the checkpointer all call :func:`compute_micro_batch`; nothing else in the
 project draws diffusion noise or timesteps for training. Noise and timesteps come from a CPU ``torch.Generator``
@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+from omi.models.text_to_image import PREDICTION_TYPE as FLOW_PREDICTION
+from omi.models.text_to_image import LatentBatch, flow_matching_loss
 
 logger = logging.getLogger(__name__)
 
@@ -203,39 +205,17 @@ def diffusion_target(
     raise ValueError(f"unknown prediction_type '{prediction_type}' (known: epsilon, v_prediction)")
 
 
-def compute_micro_batch(
-    model: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    batch: torch.Tensor,
-    seed: int,
-    *,
-    prediction_type: str,
-    sketch: GradientSketch | None,
-    index: int = 0,
-) -> MicroBatchRecord:
-    """Forward and backward of the DDPM loss on one micro-batch; adds its gradient to ``param.grad``.
+def ddpm_loss(model: torch.nn.Module, scheduler: DDPMScheduler, batch: torch.Tensor, generator: torch.Generator,
+              prediction_type: str) -> torch.Tensor:
+    """The DDPM loss of one micro-batch of clean images ``(N, C, H, W)`` in [-1, 1].
 
-    Gradient semantics: this micro-batch's own gradient is computed with ``torch.autograd.grad`` (so it never
-    depends on what ``param.grad`` held before), the record's norm and sketch are taken from it, and then it is
-    ADDED to ``param.grad`` (set where it was ``None``). Callers accumulate micro-batches by calling this in a row
-    and zero the grads themselves when an optimizer step is done.
-
-    Randomness: a CPU generator seeded with ``seed`` draws first the noise (shape of ``batch``, standard normal),
-    then the timesteps (uniform in ``[0, num_train_timesteps)``); both are then moved to the model's device (and
-    the noise cast to the model's dtype).
-
-    :param model: the UNet; its parameters decide the gradient
-    :param scheduler: the DDPM scheduler (its noise schedule; ``add_noise`` and ``get_velocity``)
-    :param batch: clean samples, ``(N, C, H, W)`` in ``[-1, 1]``
-    :param seed: from :func:`micro_batch_seed`
-    :param prediction_type: ``epsilon`` or ``v_prediction`` (the RunSpec's; must match the scheduler's)
-    :param sketch: the run's gradient sketch, or ``None`` for an empty sketch in the record
-    :param index: the micro-batch index stored in the record
+    Randomness, from ``generator`` (CPU) in this order: the noise (shape of ``batch``, standard normal), then the
+    timesteps (uniform in ``[0, num_train_timesteps)``); both are then moved to the model's device (and the noise
+    cast to the model's dtype).
     """
     assert batch.dim() == 4, f"a micro-batch is (N, C, H, W), got shape {tuple(batch.shape)}"
-    params = trainable_parameters(model)
-    device, dtype = params[0].device, params[0].dtype
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     noise = torch.randn(batch.shape, generator=generator, dtype=torch.float32)
     timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.shape[0],), generator=generator)
     samples, noise, timesteps = batch.to(device, dtype), noise.to(device, dtype), timesteps.to(device)
@@ -243,7 +223,46 @@ def compute_micro_batch(
     noisy = scheduler.add_noise(samples, noise, timesteps)
     target = diffusion_target(scheduler, samples, noise, timesteps, prediction_type)
     prediction = model(noisy, timesteps).sample
-    loss = F.mse_loss(prediction.float(), target.float())
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def compute_micro_batch(
+    model: torch.nn.Module,
+    scheduler: DDPMScheduler | FlowMatchEulerDiscreteScheduler,
+    batch: torch.Tensor | LatentBatch,
+    seed: int,
+    *,
+    prediction_type: str,
+    sketch: GradientSketch | None,
+    index: int = 0,
+) -> MicroBatchRecord:
+    """Forward and backward of one micro-batch's loss; adds its gradient to ``param.grad``.
+
+    Gradient semantics: this micro-batch's own gradient is computed with ``torch.autograd.grad`` (so it never
+    depends on what ``param.grad`` held before), the record's norm and sketch are taken from it, and then it is
+    ADDED to ``param.grad`` (set where it was ``None``). Callers accumulate micro-batches by calling this in a row
+    and zero the grads themselves when an optimizer step is done.
+
+    Randomness: a CPU generator seeded with ``seed`` draws everything random the objective needs
+    (:func:`ddpm_loss`, :func:`omi.models.text_to_image.flow_matching_loss` say in which order).
+
+    :param model: the UNet or the text-to-image transformer; its parameters decide the gradient
+    :param scheduler: the DDPM scheduler of a UNet, the flow-matching scheduler of a transformer
+    :param batch: clean images ``(N, C, H, W)`` in ``[-1, 1]`` (a UNet), or a :class:`LatentBatch` (a transformer)
+    :param seed: from :func:`micro_batch_seed`
+    :param prediction_type: ``epsilon`` or ``v_prediction`` (a UNet), ``flow`` (a transformer); the RunSpec's
+    :param sketch: the run's gradient sketch, or ``None`` for an empty sketch in the record
+    :param index: the micro-batch index stored in the record
+    """
+    params = trainable_parameters(model)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    if isinstance(batch, LatentBatch):
+        if prediction_type != FLOW_PREDICTION:
+            raise ValueError(f"a text-to-image micro-batch trains with prediction_type '{FLOW_PREDICTION}', "
+                             f"not '{prediction_type}'")
+        loss = flow_matching_loss(model, scheduler, batch, generator)
+    else:
+        loss = ddpm_loss(model, scheduler, batch, generator, prediction_type)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
     segments = gradient_segments(list(grads), params)
@@ -261,5 +280,5 @@ def compute_micro_batch(
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
         logger.warning("micro-batch %d: non-finite loss %s", index, loss_value)
-    return MicroBatchRecord(index=int(index), samples=int(batch.shape[0]), loss=loss_value, grad_norm=grad_norm,
+    return MicroBatchRecord(index=int(index), samples=len(batch), loss=loss_value, grad_norm=grad_norm,
                             sketch=sketch_values)

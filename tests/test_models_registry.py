@@ -7,8 +7,8 @@ from omi.models import KNOWN_MODELS, build_model, model_info
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
 
 
-@pytest.mark.parametrize("name", KNOWN_MODELS)
-def test_every_model_builds_and_predicts_the_input_shape(name):
+@pytest.mark.parametrize("name", [name for name in KNOWN_MODELS if name.startswith("unet-")])
+def test_every_unet_builds_and_predicts_the_input_shape(name):
     info = model_info(name)
     model, scheduler = build_model(name, prediction_type="v_prediction", num_train_timesteps=500)
     assert sum(p.numel() for p in model.parameters()) == info.parameters
@@ -47,9 +47,13 @@ def test_same_seed_same_parameters_without_touching_global_rng():
 
 
 def test_unknown_model_and_prediction_type_are_refused():
-    with pytest.raises(ValueError, match=r"unknown model 'unet-huge' \(known: unet-digits-16, unet-32, unet-64\)"):
+    with pytest.raises(ValueError, match=r"unknown model 'unet-huge' \(known: unet-digits-16, unet-32, unet-64, sana-digits"):
         build_model("unet-huge")
     with pytest.raises(ValueError, match="unknown model"):
         model_info("unet-huge")
     with pytest.raises(ValueError, match="prediction_type"):
         build_model("unet-digits-16", prediction_type="sample-ish")
+    with pytest.raises(ValueError, match="prediction_type"):
+        build_model("unet-digits-16", prediction_type="flow")
+    with pytest.raises(ValueError, match="trained with prediction_type 'flow'"):
+        build_model("sana-digits", prediction_type="epsilon")
