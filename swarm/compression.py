@@ -160,7 +160,7 @@ class Sparse8Bit(CompressionBase):
             raise ValueError(f"a sparse tensor message of {numel} entries names position {positions[-1]} "
                              "or the same position twice")
         out = torch.zeros(numel, dtype=torch.float32)
-        out[torch.as_tensor(positions)] = torch.as_tensor(codes, dtype=torch.float32) * scale
+        out[torch.from_numpy(positions)] = torch.from_numpy(codes.astype(np.float32)) * scale
         return out.reshape(tuple(serialized_tensor.size)).to(getattr(torch, serialized_tensor.dtype))
 
     def estimate_compression_ratio(self, info) -> float:
