@@ -446,6 +446,7 @@ half of a seeded shuffle, its AdamW state kept across rounds), the pseudo-gradie
 sample-weighted mean compressed once), then the outer Nesterov SGD ({s['outer_learning_rate']} /
 {s['outer_momentum']}). Overlap: the outer step of a round's end applies the previous round's mean. Every row trains
 {s['samples']:,} samples (both workers together); train-local trains as many, one AdamW step per micro-batch.
+Seed {s['seed']} (`[training] seed`: initial weights, data order, noise, sampling).
 
 Bytes: the measured `ByteSize()` of every serialized part a butterfly all-reduce sends (each worker sends (K−1)/K of
 its Δ and receives (K−1)/K of the mean), per trained sample. "vs per-step": today's per-step mode, one float32
@@ -490,8 +491,13 @@ def main() -> None:
     parser.add_argument("--section", default="rounds", help="the section of docs/benchmarks.md to write")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch threads (1 is much faster when other jobs share the cores)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="replace the run's [training] seed (initial weights, data order, noise, sampling): "
+                             "a replicate of the table with other random draws")
     args = parser.parse_args()
     spec = load_runspec(RUN)
+    if args.seed is not None:
+        spec.training.seed = args.seed
     training = spec.training
     samples = args.samples or (QUICK_SAMPLES if args.quick else DEFAULT_SAMPLES)
     step_samples = WORKERS * training.micro_batch_size
@@ -540,6 +546,7 @@ def main() -> None:
     rows_figures = [asdict(r) for r in results]
     figures = dict(
         settings=dict(workers=WORKERS, samples=samples, model=spec.model, device=str(device), threads=args.threads,
+                      seed=training.seed,
                       micro_batch_size=training.micro_batch_size, target_batch_size=training.target_batch_size,
                       learning_rate=training.learning_rate, outer_learning_rate=spec.rounds.outer_learning_rate,
                       outer_momentum=spec.rounds.outer_momentum, quality_samples=quality[0],
