@@ -1,4 +1,5 @@
-"""Data sources named in the RunSpec: ``builtin:digits``, ``imagefolder:PATH``, ``webdataset:PATTERN``.
+"""Data sources named in the RunSpec: ``builtin:digits``, ``imagefolder:PATH``, ``webdataset:PATTERN``, and
+``manifest:FOLDER`` (a prepared text-to-image data set of latents and caption embeddings).
 
 Every source is a fixed, ordered list of samples: sample index -> image tensor ``(C, H, W)`` in ``[-1, 1]`` is
 deterministic, and the list splits into numbered shards of ``shard_size`` consecutive samples (the last one may be
@@ -15,10 +16,13 @@ shorter). Corrupt images are found when the source is opened, skipped (they get 
 """
 
 import glob
+import hashlib
 import io
+import json
 import logging
 import math
 import os
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -231,6 +235,85 @@ class WebDatasetSource(DataSource):
         return _to_unit_range(self.pixels[index])
 
 
+class LatentShardSource(DataSource):
+    """A prepared text-to-image data set (``omi-data prepare``): latents and caption embeddings, read by shard.
+
+    Opening reads only the manifest; a prepared shard is read (and its sha256 checked) the first time one of its
+    samples is asked for, and at most ``cache_shards`` of them stay in memory. ``get`` returns a
+    :class:`~omi.models.text_to_image.LatentBatch`; the run's work shards (``shard_size``) are independent of the
+    prepared ones.
+
+    :param folder: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``)
+    """
+
+    def __init__(self, folder: str | Path, shard_size: int, resolution: int, *, cache_shards: int = 8):
+        from omi.protos.dataset import ManifestError, read_manifest
+
+        self.folder = Path(folder).expanduser()
+        try:
+            self.manifest = read_manifest(self.folder)
+        except ManifestError as e:
+            raise DataSourceError(str(e)) from e
+        super().__init__(f"manifest:{folder}", shard_size, resolution, self.manifest.channels)
+        if resolution != self.manifest.resolution:
+            raise DataSourceError(f"{self.folder}: prepared at {self.manifest.resolution} px, the run asks for "
+                                  f"{resolution}")
+        self.starts = np.cumsum([0] + [shard.samples for shard in self.manifest.shards])
+        self.cache_shards = cache_shards
+        self._shards: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
+        self.null = torch.from_numpy(np.load(self._checked(self.manifest.null_caption)).astype(np.float32))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _checked(self, ref) -> io.BytesIO:
+        path = self.folder / ref.file
+        if not path.is_file():
+            raise DataSourceError(f"{path} is missing")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            raise DataSourceError(f"{path} does not match the manifest's sha256: corrupt or changed")
+        return io.BytesIO(data)
+
+    def _shard(self, shard_id: int) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:
+        if shard_id not in self._shards:
+            ref = self.manifest.shards[shard_id]
+            samples: dict[str, dict] = {}
+            with tarfile.open(fileobj=self._checked(ref)) as tar:
+                for member in tar.getmembers():
+                    key, _, kind = member.name.partition(".")
+                    samples.setdefault(key, {})[kind] = tar.extractfile(member).read()
+            rows = [(torch.from_numpy(np.load(io.BytesIO(s["latent.npy"])).astype(np.float32)),
+                     torch.from_numpy(np.load(io.BytesIO(s["caption.npy"])).astype(np.float32)),
+                     json.loads(s["json"])) for _, s in sorted(samples.items())]
+            if len(rows) != ref.samples:
+                raise DataSourceError(f"{self.folder / ref.file}: {len(rows)} samples, the manifest says {ref.samples}")
+            while len(self._shards) >= self.cache_shards:
+                self._shards.pop(next(iter(self._shards)))
+            self._shards[shard_id] = rows
+        return self._shards[shard_id]
+
+    def _row(self, index: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        shard_id = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self._shard(shard_id)[index - int(self.starts[shard_id])]
+
+    def get(self, indices):
+        from omi.models.text_to_image import LatentBatch
+
+        indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if not indices:
+            raise ValueError("no sample indices given")
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"{self.name}: sample {i} out of range (0..{len(self) - 1})")
+        rows = [self._row(i) for i in indices]
+        return LatentBatch.collate(torch.stack([r[0] for r in rows]), [r[1] for r in rows], self.null)
+
+    def caption(self, index: int) -> str:
+        """The caption of a sample, as it was written."""
+        return self._row(index)[2]["caption"]
+
+
 def open_source(data: pb.DataSpec, *, channels: int | None = None) -> DataSource:
     """Open the data source a RunSpec's DataSpec names.
 
@@ -239,8 +322,8 @@ def open_source(data: pb.DataSpec, *, channels: int | None = None) -> DataSource
     """
     kind, _, where = data.source.partition(":")
     if not where:
-        raise DataSourceError(f"data source '{data.source}' must be builtin:NAME, imagefolder:PATH or "
-                              "webdataset:PATTERN")
+        raise DataSourceError(f"data source '{data.source}' must be builtin:NAME, imagefolder:PATH, "
+                              "webdataset:PATTERN or manifest:FOLDER")
     shard_size, resolution = int(data.shard_size), int(data.resolution)
     if kind == "builtin":
         if where != "digits":
@@ -250,5 +333,7 @@ def open_source(data: pb.DataSpec, *, channels: int | None = None) -> DataSource
         return ImageFolderSource(where, shard_size, resolution, channels or 3)
     if kind == "webdataset":
         return WebDatasetSource(where, shard_size, resolution, channels or 3)
+    if kind == "manifest":
+        return LatentShardSource(where, shard_size, resolution)
     raise DataSourceError(f"unknown data source kind '{kind}' in '{data.source}' "
-                          "(known: builtin, imagefolder, webdataset)")
+                          "(known: builtin, imagefolder, webdataset, manifest)")

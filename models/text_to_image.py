@@ -38,8 +38,8 @@ from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeli
 logger = logging.getLogger(__name__)
 
 PREDICTION_TYPE = "flow"  # the transformer predicts the velocity noise - x0 of the straight path between them
-NUM_TRAIN_TIMESTEPS = 1000  # the scheduler's timestep scale: the transformer sees sigma * 1000, as SanaPipeline feeds it
-CAPTION_DROPOUT = 0.1  # share of training samples whose caption is replaced by the empty prompt (for guidance)
+NUM_TRAIN_TIMESTEPS = 1000  # timestep scale: the transformer sees sigma * 1000, as SanaPipeline feeds it
+CAPTION_DROPOUT = 0.1  # share of training samples whose caption is swapped for the empty prompt (for guidance)
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,8 @@ def flow_matching_loss(model: SanaTransformer2DModel, scheduler: FlowMatchEulerD
     noisy = (1 - s) * latents + s * noise
     target = noise - latents
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        prediction = model(noisy, encoder_hidden_states=embeds.to(device, dtype), encoder_attention_mask=mask.to(device),
+        prediction = model(noisy, encoder_hidden_states=embeds.to(device, dtype),
+                           encoder_attention_mask=mask.to(device),
                            timestep=sigmas * scheduler.config.num_train_timesteps).sample
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 

@@ -1,0 +1,426 @@
+"""Data preparation: licensed image-caption samples -> webdataset shards of latents and caption embeddings.
+
+The data working group's pipeline (``omi-data prepare``). Input is one of
+
+- ``builtin:digits``: scikit-learn's bundled digits, captioned "a handwritten digit seven" (UCI, CC BY 4.0);
+- an image folder: every ``NAME.png|jpg|jpeg|webp`` with ``NAME.json`` (``caption``, ``license``, optionally
+  ``source`` and ``attribution``) or ``NAME.txt`` (the caption; the licence then comes from ``--license``);
+- webdataset tars (a brace pattern or a glob): ``KEY.png|jpg|webp`` with ``KEY.json`` or ``KEY.txt`` as above.
+
+Samples without a known licence (:data:`omi.protos.dataset.KNOWN_LICENSES`), without a caption, or whose image does
+not decode are refused and counted by reason. The rest are encoded in batches with the frozen parts (the
+autoencoder's latents, the text encoder's caption embedding exactly as a stock ``SanaPipeline`` call embeds a
+prompt) and written as ``shards/shard-NNNNNN.tar``, each sample ``KEY.latent.npy`` (float16 ``(C, h, w)``),
+``KEY.caption.npy`` (float16 ``(tokens, width)``) and ``KEY.json`` (caption, licence, source, attribution).
+
+Resumable: after each shard, ``progress.json`` records the shards written (with sha256) and how far into the input
+they reach; a second run with the same input and parts checks those shards and carries on after them. The last
+step writes ``manifest.json`` (:class:`omi.protos.dataset.DatasetManifest`) and ``DATA_CARD.md``.
+"""
+
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from omi.models import text_to_image as t2i
+from omi.models.data import IMAGE_EXTENSIONS, expand_pattern, load_image
+from omi.models.quality import one_thread
+from omi.protos.dataset import (
+    MANIFEST_NAME,
+    DataCard,
+    DatasetManifest,
+    FileRef,
+    Parts,
+    Shard,
+    normalize_license,
+    shard_name,
+)
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_NAME = "progress.json"
+NULL_CAPTION_NAME = "null_caption.npy"
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_CARD = DataCard(
+    source="UCI ML hand-written digits (Alpaydin & Kaynak 1998), the 1,797 8x8 images bundled with scikit-learn",
+    license_terms="CC BY 4.0: training and redistribution allowed with attribution to the UCI repository",
+    filtering="none; every image kept, upscaled bilinearly to the model's resolution",
+    caption_origin="generated from the label: 'a handwritten digit <word>'",
+)
+_PARTS_FOLDERS = ("vae", "text_encoder", "tokenizer")
+
+
+class PreparationError(ValueError):
+    """Input or output that preparation cannot use; the message names it."""
+
+
+@dataclass
+class RawSample:
+    """One input sample before encoding: a key, how to decode its image, and its metadata."""
+
+    key: str
+    image: Callable[[], torch.Tensor]  # -> uint8 (C, R, R); raises on a corrupt image
+    caption: str | None
+    license: str | None
+    source: str = ""
+    attribution: str = ""
+
+
+def digit_caption(label: int) -> str:
+    """The caption of a digit's label.
+
+    >>> digit_caption(7)
+    'a handwritten digit seven'
+    """
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+def _sidecar(meta: dict | None, text: str | None, default_license: str | None) -> dict:
+    meta = dict(meta or {})
+    caption = meta.get("caption") if meta.get("caption") is not None else text
+    return dict(caption=caption.strip() if isinstance(caption, str) else None,
+                license=meta.get("license") or default_license, source=str(meta.get("source", "")),
+                attribution=str(meta.get("attribution", "")))
+
+
+def read_input(where: str, *, resolution: int, channels: int,
+               default_license: str | None = None) -> Iterator[RawSample]:
+    """The input samples in a fixed order (see the module docstring for the layouts)."""
+    if where == "builtin:digits":
+        from omi.models.data import DigitsSource
+
+        digits = DigitsSource(shard_size=1, resolution=resolution, channels=channels)
+        pixels = ((digits.images + 1) * 127.5).round().to(torch.uint8)
+        for i in range(len(digits)):
+            yield RawSample(key=f"digits-{i:05d}", image=lambda i=i: pixels[i], caption=digit_caption(digits.labels[i]),
+                            license="CC-BY-4.0", source="https://archive.ics.uci.edu/dataset/80",
+                            attribution="E. Alpaydin, C. Kaynak, UCI ML Repository")
+        return
+    root = Path(where).expanduser()
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not files:
+            raise PreparationError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for file in files:
+            meta_file, text_file = file.with_suffix(".json"), file.with_suffix(".txt")
+            try:
+                meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {"caption": None}
+            text = text_file.read_text() if text_file.is_file() else None
+            yield RawSample(key=file.relative_to(root).as_posix(),
+                            image=lambda file=file: load_image(file, resolution, channels),
+                            **_sidecar(meta if isinstance(meta, dict) else {}, text, default_license))
+        return
+    urls = expand_pattern(where)
+    if not urls or not all(os.path.isfile(u) for u in urls):
+        raise PreparationError(f"input {where!r} is not builtin:digits, an image folder, or tar files that exist")
+    for url in urls:
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
+                                     workersplitter=None):
+            image_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
+            try:
+                meta = json.loads(sample["json"]) if "json" in sample else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                meta = {"caption": None}
+            text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
+            data = sample.get(image_key) if image_key else None
+
+            def decode(data=data):
+                if data is None:
+                    raise ValueError("no image in sample")
+                return load_image(data, resolution, channels)
+
+            yield RawSample(key=f"{os.path.basename(url)}:{sample['__key__']}", image=decode,
+                            **_sidecar(meta if isinstance(meta, dict) else {}, text, default_license))
+
+
+def parts_hash(folder: str | Path) -> str:
+    """sha256 over the frozen parts' files (``vae/``, ``text_encoder/``, ``tokenizer/``: path and bytes)."""
+    folder = Path(folder)
+    digest = hashlib.sha256(b"omi-parts-v1")
+    for sub in _PARTS_FOLDERS:
+        for path in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix().encode()
+            digest.update(len(name).to_bytes(4, "big") + name)
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def save_frozen_parts(parts: t2i.FrozenParts, directory: str | Path) -> Path:
+    """Write the parts as a Sana pipeline folder would hold them (``vae/``, ``text_encoder/``, ``tokenizer/``)."""
+    directory = Path(directory)
+    parts.vae.save_pretrained(directory / "vae", safe_serialization=True)
+    parts.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+    parts.tokenizer.save_pretrained(directory / "tokenizer")
+    return directory
+
+
+def fit_toy_autoencoder(parts: t2i.FrozenParts, images: torch.Tensor, *, steps: int, seed: int = 0,
+                        batch_size: int = 64, lr: float = 2e-3) -> float:
+    """Fit a toy model's random autoencoder to reconstruct ``images`` ([-1, 1]), then scale its latents to unit
+    variance (``scaling_factor``, as Stable Diffusion's and Sana's autoencoders carry). Returns the last batch's
+    reconstruction MSE. A real model's autoencoder is a released one, never fitted here.
+
+    Seeded (batches from a CPU generator), so the same images, steps and thread count give the same weights.
+    """
+    if steps <= 0:
+        raise PreparationError(f"autoencoder steps must be > 0, got {steps}")
+    with one_thread():  # a toy: one thread is fastest, two wait on each other on a busy machine
+        return _fit(parts.vae, images, steps=steps, seed=seed, batch_size=batch_size, lr=lr)
+
+
+def _fit(vae, images: torch.Tensor, *, steps: int, seed: int, batch_size: int, lr: float) -> float:
+    vae = vae.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    loss = torch.tensor(float("nan"))
+    for _ in range(steps):
+        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
+        loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent).sample, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        std = torch.cat([vae.encode(chunk).latent for chunk in images.split(256)]).std()
+    vae.register_to_config(scaling_factor=float(1 / std))
+    return float(loss)
+
+
+def make_toy_parts(model: str, directory: str | Path, *, steps: int = 200, seed: int = 0) -> tuple[Path, float]:
+    """A toy model's frozen parts, built from config with its autoencoder fitted to the digits, saved to a folder
+    ``--parts`` can name. Returns the folder and the autoencoder's last reconstruction MSE."""
+    from omi.models.data import DigitsSource
+
+    config = t2i.latent_config(model)
+    parts = t2i.build_frozen_parts(model, seed=seed)
+    images = DigitsSource(shard_size=1, resolution=config.resolution, channels=config.channels).images
+    mse = fit_toy_autoencoder(parts, images, steps=steps, seed=seed)
+    return save_frozen_parts(parts, directory), mse
+
+
+@dataclass
+class _Progress:
+    """What ``progress.json`` keeps between runs."""
+
+    input: str
+    parts_sha256: str
+    model: str
+    shard_size: int
+    position: int = 0  # input samples consumed by the shards written
+    shards: list[Shard] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)
+
+    def save(self, out: Path) -> None:
+        data = dict(input=self.input, parts_sha256=self.parts_sha256, model=self.model, shard_size=self.shard_size,
+                    position=self.position, shards=[s.model_dump() for s in self.shards], refused=self.refused)
+        tmp = out / (PROGRESS_NAME + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, out / PROGRESS_NAME)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _resume(out: Path, fresh: _Progress) -> _Progress:
+    """The progress of an earlier run into ``out`` (its shards checked), or ``fresh``."""
+    path = out / PROGRESS_NAME
+    if not path.is_file():
+        if (out / MANIFEST_NAME).exists():
+            raise PreparationError(f"{out} already holds a finished data set ({MANIFEST_NAME}); use a new folder")
+        return fresh
+    data = json.loads(path.read_text())
+    for key in ("input", "parts_sha256", "model", "shard_size"):
+        if data[key] != getattr(fresh, key):
+            raise PreparationError(f"{out} holds a preparation of another {key.replace('_', ' ')} "
+                                   f"({data[key]!r}, not {getattr(fresh, key)!r}); use a new folder")
+    done = _Progress(**{**data, "shards": [Shard(**s) for s in data["shards"]]})
+    for shard in done.shards:
+        file = out / shard.file
+        if not file.is_file() or _sha256(file) != shard.sha256:
+            raise PreparationError(f"{file} is missing or changed since it was written (sha256); "
+                                   "remove the folder and prepare again")
+    logger.info("resuming %s: %d shards written, %d input samples done", out, len(done.shards), done.position)
+    return done
+
+
+def _write_shard(out: Path, shard_id: int, rows: list[dict]) -> Shard:
+    file = out / shard_name(shard_id)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tar.tmp")
+    with wds.TarWriter(str(tmp)) as writer:
+        for row in rows:
+            writer.write(row)
+    os.replace(tmp, file)
+    licenses: dict[str, int] = {}
+    for row in rows:
+        licenses[row["json"]["license"]] = licenses.get(row["json"]["license"], 0) + 1
+    return Shard(id=shard_id, file=shard_name(shard_id), sha256=_sha256(file), bytes=file.stat().st_size,
+                 samples=len(rows), licenses=licenses)
+
+
+def prepare(
+    where: str,
+    parts_folder: str | Path,
+    out: str | Path,
+    *,
+    model: str,
+    name: str = "",
+    card: DataCard | None = None,
+    shard_size: int = 256,
+    batch_size: int = 32,
+    default_license: str | None = None,
+    device: str | torch.device = "cpu",
+    on_sample: Callable[[int], None] | None = None,
+) -> DatasetManifest:
+    """Prepare a data set into ``out`` (see the module docstring); returns its manifest.
+
+    :param where: ``builtin:digits``, an image folder, or a tar pattern
+    :param parts_folder: the frozen parts (``vae/``, ``text_encoder/``, ``tokenizer/``) of ``model``
+    :param model: the text-to-image registry model the data is for (resolution, channels, latent shape)
+    :param card: the data card (``builtin:digits`` has its own)
+    :param shard_size: samples per shard (the last one may be shorter)
+    :param batch_size: samples encoded together
+    :param default_license: the licence of samples whose metadata names none
+    :param on_sample: called with the number of input samples consumed, for a progress bar
+    """
+    config = t2i.latent_config(model)
+    if shard_size <= 0 or batch_size <= 0:
+        raise PreparationError(f"shard_size and batch_size must be > 0, got {shard_size} and {batch_size}")
+    if where == "builtin:digits":
+        card = card or DIGITS_CARD
+    if card is None:
+        raise PreparationError("a data card is needed: say where the images come from and what the licences allow")
+    out, parts_folder = Path(out).expanduser(), Path(parts_folder).expanduser()
+    if not all((parts_folder / sub).is_dir() for sub in _PARTS_FOLDERS):
+        needs = ", ".join(f"{sub}/" for sub in _PARTS_FOLDERS)
+        raise PreparationError(f"{parts_folder} is not a frozen-parts folder (needs {needs})")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = t2i.load_frozen_parts(parts_folder)
+    parts.vae.to(device)
+    progress = _resume(out, _Progress(input=where, parts_sha256=parts_hash(parts_folder), model=model,
+                                      shard_size=shard_size))
+    null = t2i.null_caption(parts)
+    np.save(out / NULL_CAPTION_NAME, null.numpy().astype(np.float16))
+
+    rows: list[dict] = []
+    embedded: dict[str, torch.Tensor] = {}  # caption -> embedding: a repeated caption is encoded once
+    pending: list[tuple[RawSample, torch.Tensor]] = []
+    refused = dict(progress.refused)
+    position = progress.position
+
+    def refuse(reason: str) -> None:
+        refused[reason] = refused.get(reason, 0) + 1
+
+    def encode() -> None:
+        images = torch.stack([pixels for _, pixels in pending]).to(torch.float32) / 127.5 - 1
+        latents = t2i.encode_images(parts.vae, images)
+        new = sorted({sample.caption for sample, _ in pending} - set(embedded))
+        embedded.update(zip(new, t2i.encode_captions(parts, new), strict=True))
+        captions = [embedded[sample.caption] for sample, _ in pending]
+        for (sample, _), latent, caption in zip(pending, latents, captions, strict=True):
+            rows.append({"__key__": f"{len(progress.shards) * shard_size + len(rows):09d}",
+                         "latent.npy": latent.numpy().astype(np.float16),
+                         "caption.npy": caption.numpy().astype(np.float16),
+                         "json": dict(key=sample.key, caption=sample.caption, license=sample.license,
+                                      source=sample.source, attribution=sample.attribution)})
+        pending.clear()
+
+    def close_shard(consumed: int) -> None:
+        nonlocal rows
+        progress.shards.append(_write_shard(out, len(progress.shards), rows))
+        progress.position, progress.refused = consumed, dict(refused)
+        progress.save(out)
+        rows = []
+
+    consumed = 0
+    for consumed, sample in enumerate(read_input(where, resolution=config.resolution, channels=config.channels,
+                                                 default_license=default_license), start=1):
+        if consumed <= position:
+            continue
+        if on_sample:
+            on_sample(consumed)
+        license_id = normalize_license(sample.license)
+        if license_id is None:
+            refuse("no licence" if not sample.license else f"unknown licence {sample.license.strip()!r}")
+            continue
+        if not sample.caption:
+            refuse("no caption")
+            continue
+        try:
+            pixels = sample.image()
+        except Exception as e:  # PIL raises many types on corrupt data
+            logger.warning("refused %s: image does not decode (%s)", sample.key, type(e).__name__)
+            refuse("image does not decode")
+            continue
+        sample.license = license_id
+        pending.append((sample, pixels))
+        if len(pending) >= min(batch_size, shard_size - len(rows)):
+            encode()
+            if len(rows) == shard_size:
+                close_shard(consumed)
+    if pending:
+        encode()
+    if rows:
+        close_shard(consumed)
+    if not progress.shards:
+        raise PreparationError(f"no sample of {where} could be used (refused: {refused or 'none read'})")
+
+    licenses: dict[str, int] = {}
+    for shard in progress.shards:
+        for license_id, count in shard.licenses.items():
+            licenses[license_id] = licenses.get(license_id, 0) + count
+    latent_shape = list(np.load(io.BytesIO(_first_member(out / progress.shards[0].file, ".latent.npy"))).shape)
+    manifest = DatasetManifest(
+        name=name or Path(where.replace("builtin:", "")).name or "data", model=model, resolution=config.resolution,
+        channels=config.channels, latent_shape=latent_shape, caption_width=int(null.shape[-1]),
+        parts=Parts(source=str(parts_folder), sha256=progress.parts_sha256),
+        null_caption=FileRef(file=NULL_CAPTION_NAME, sha256=_sha256(out / NULL_CAPTION_NAME),
+                             bytes=(out / NULL_CAPTION_NAME).stat().st_size),
+        shards=progress.shards, licenses=licenses, refused=refused, card=card,
+    )
+    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
+    (out / "DATA_CARD.md").write_text(data_card_markdown(manifest))
+    (out / PROGRESS_NAME).unlink()
+    logger.info("prepared %s: %d samples in %d shards, %d refused", out, manifest.samples, len(manifest.shards),
+                sum(refused.values()))
+    return manifest
+
+
+def _first_member(tar_path: Path, suffix: str) -> bytes:
+    import tarfile
+
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
+        return tar.extractfile(member).read()
+
+
+def data_card_markdown(manifest: DatasetManifest) -> str:
+    """The human-readable data card written beside the manifest."""
+    card = manifest.card
+    lines = [f"# Data card: {manifest.name}", "",
+             f"- **Source**: {card.source}", f"- **Licence terms**: {card.license_terms}",
+             f"- **Filtering**: {card.filtering or 'not stated'}",
+             f"- **Captions**: {card.caption_origin or 'not stated'}",
+             f"- **Samples**: {manifest.samples:,} in {len(manifest.shards)} shards, for `{manifest.model}` "
+             f"({manifest.resolution}x{manifest.resolution}, latents {'x'.join(map(str, manifest.latent_shape))})",
+             "", "| licence | samples |", "|---|---|"]
+    lines += [f"| {name} | {count:,} |" for name, count in sorted(manifest.licenses.items())]
+    if manifest.refused:
+        lines += ["", "Refused at preparation:", "", "| reason | samples |", "|---|---|"]
+        lines += [f"| {reason} | {count:,} |" for reason, count in sorted(manifest.refused.items())]
+    return "\n".join(lines) + "\n"
