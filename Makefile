@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint codegen codegen-check bench clean
 
+# The captioned digits (examples/runs/digits-captioned.toml): toy frozen parts, then latent shards with a manifest.
+data/digits-captioned/manifest.json: $(STAMP)
+	$(BIN)/omi-data toy-parts --out data/sana-digits-parts
+	$(BIN)/omi-data prepare builtin:digits --parts data/sana-digits-parts --out data/digits-captioned
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -35,6 +40,8 @@ codegen-check: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+data/digits-captioned: data/digits-captioned/manifest.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

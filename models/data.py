@@ -122,6 +122,21 @@ class DataSource:
                 f"resolution={self.resolution}, channels={self.channels}, skipped={self.skipped})")
 
 
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def digit_caption(label: int) -> str:
+    """The caption of a digit's label (the captioned digits' text, and the prompts that score a text-to-image model).
+
+    >>> digit_caption(7)
+    'a handwritten digit seven'
+    """
+    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
+
+
+DIGIT_PROMPTS = tuple(digit_caption(label) for label in range(10))
+
+
 class DigitsSource(DataSource):
     """scikit-learn's bundled 8x8 digits (1,797 images, 0..16), upscaled bilinearly to ``resolution``."""
 
@@ -308,6 +323,22 @@ class LatentShardSource(DataSource):
                 raise IndexError(f"{self.name}: sample {i} out of range (0..{len(self) - 1})")
         rows = [self._row(i) for i in indices]
         return LatentBatch.collate(torch.stack([r[0] for r in rows]), [r[1] for r in rows], self.null)
+
+    def frozen_parts(self):
+        """The autoencoder, text encoder and tokenizer the data was prepared with (for sampling and checkpoints),
+        refused unless their files hash to the manifest's ``parts.sha256``."""
+        from omi.models.text_to_image import load_frozen_parts, parts_hash
+
+        where = Path(self.manifest.parts.source).expanduser()
+        if not where.is_absolute():
+            where = self.folder / where
+        if not where.is_dir():
+            raise DataSourceError(f"the frozen parts {self.manifest.parts.source} of {self.folder} are not a folder "
+                                  "here; prepare the data set with local parts or copy them")
+        if parts_hash(where) != self.manifest.parts.sha256:
+            raise DataSourceError(f"the frozen parts at {where} are not the ones {self.folder} was prepared with "
+                                  "(sha256 differs)")
+        return load_frozen_parts(where)
 
     def caption(self, index: int) -> str:
         """The caption of a sample, as it was written."""

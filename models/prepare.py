@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from omi.models import text_to_image as t2i
-from omi.models.data import IMAGE_EXTENSIONS, expand_pattern, load_image
+from omi.models.data import DIGIT_PROMPTS, IMAGE_EXTENSIONS, digit_caption, expand_pattern, load_image
 from omi.models.quality import one_thread
 from omi.protos.dataset import (
     MANIFEST_NAME,
@@ -47,15 +47,14 @@ from omi.protos.dataset import (
 logger = logging.getLogger(__name__)
 
 PROGRESS_NAME = "progress.json"
+PREVIEW_PROMPTS = 16  # distinct captions the manifest names for previews
 NULL_CAPTION_NAME = "null_caption.npy"
-DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_CARD = DataCard(
     source="UCI ML hand-written digits (Alpaydin & Kaynak 1998), the 1,797 8x8 images bundled with scikit-learn",
     license_terms="CC BY 4.0: training and redistribution allowed with attribution to the UCI repository",
     filtering="none; every image kept, upscaled bilinearly to the model's resolution",
     caption_origin="generated from the label: 'a handwritten digit <word>'",
 )
-_PARTS_FOLDERS = ("vae", "text_encoder", "tokenizer")
 
 
 class PreparationError(ValueError):
@@ -72,15 +71,6 @@ class RawSample:
     license: str | None
     source: str = ""
     attribution: str = ""
-
-
-def digit_caption(label: int) -> str:
-    """The caption of a digit's label.
-
-    >>> digit_caption(7)
-    'a handwritten digit seven'
-    """
-    return f"a handwritten digit {DIGIT_WORDS[int(label)]}"
 
 
 def _sidecar(meta: dict | None, text: str | None, default_license: str | None) -> dict:
@@ -143,18 +133,6 @@ def read_input(where: str, *, resolution: int, channels: int,
                             **_sidecar(meta if isinstance(meta, dict) else {}, text, default_license))
 
 
-def parts_hash(folder: str | Path) -> str:
-    """sha256 over the frozen parts' files (``vae/``, ``text_encoder/``, ``tokenizer/``: path and bytes)."""
-    folder = Path(folder)
-    digest = hashlib.sha256(b"omi-parts-v1")
-    for sub in _PARTS_FOLDERS:
-        for path in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
-            name = path.relative_to(folder).as_posix().encode()
-            digest.update(len(name).to_bytes(4, "big") + name)
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
-    return digest.hexdigest()
-
-
 def save_frozen_parts(parts: t2i.FrozenParts, directory: str | Path) -> Path:
     """Write the parts as a Sana pipeline folder would hold them (``vae/``, ``text_encoder/``, ``tokenizer/``)."""
     directory = Path(directory)
@@ -193,7 +171,7 @@ def _fit(vae, images: torch.Tensor, *, steps: int, seed: int, batch_size: int, l
     with torch.no_grad():
         std = torch.cat([vae.encode(chunk).latent for chunk in images.split(256)]).std()
     vae.register_to_config(scaling_factor=float(1 / std))
-    return float(loss)
+    return float(loss.detach())
 
 
 def make_toy_parts(model: str, directory: str | Path, *, steps: int = 200, seed: int = 0) -> tuple[Path, float]:
@@ -306,13 +284,13 @@ def prepare(
     if card is None:
         raise PreparationError("a data card is needed: say where the images come from and what the licences allow")
     out, parts_folder = Path(out).expanduser(), Path(parts_folder).expanduser()
-    if not all((parts_folder / sub).is_dir() for sub in _PARTS_FOLDERS):
-        needs = ", ".join(f"{sub}/" for sub in _PARTS_FOLDERS)
+    if not all((parts_folder / sub).is_dir() for sub in t2i.PARTS_FOLDERS):
+        needs = ", ".join(f"{sub}/" for sub in t2i.PARTS_FOLDERS)
         raise PreparationError(f"{parts_folder} is not a frozen-parts folder (needs {needs})")
     out.mkdir(parents=True, exist_ok=True)
     parts = t2i.load_frozen_parts(parts_folder)
     parts.vae.to(device)
-    progress = _resume(out, _Progress(input=where, parts_sha256=parts_hash(parts_folder), model=model,
+    progress = _resume(out, _Progress(input=where, parts_sha256=t2i.parts_hash(parts_folder), model=model,
                                       shard_size=shard_size))
     null = t2i.null_caption(parts)
     np.save(out / NULL_CAPTION_NAME, null.numpy().astype(np.float16))
@@ -392,6 +370,8 @@ def prepare(
         null_caption=FileRef(file=NULL_CAPTION_NAME, sha256=_sha256(out / NULL_CAPTION_NAME),
                              bytes=(out / NULL_CAPTION_NAME).stat().st_size),
         shards=progress.shards, licenses=licenses, refused=refused, card=card,
+        preview_prompts=(list(DIGIT_PROMPTS) if where == "builtin:digits"
+                         else _first_captions(out, progress.shards, PREVIEW_PROMPTS)),
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
     (out / "DATA_CARD.md").write_text(data_card_markdown(manifest))
@@ -399,6 +379,23 @@ def prepare(
     logger.info("prepared %s: %d samples in %d shards, %d refused", out, manifest.samples, len(manifest.shards),
                 sum(refused.values()))
     return manifest
+
+
+def _first_captions(out: Path, shards: list[Shard], count: int) -> list[str]:
+    """The first ``count`` distinct captions of the shards, in data order."""
+    import tarfile
+
+    captions: list[str] = []
+    for shard in shards:
+        with tarfile.open(out / shard.file) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    caption = json.loads(tar.extractfile(member).read())["caption"]
+                    if caption not in captions:
+                        captions.append(caption)
+                        if len(captions) == count:
+                            return captions
+    return captions
 
 
 def _first_member(tar_path: Path, suffix: str) -> bytes:

@@ -45,9 +45,11 @@ class QualityScore:
     confidence: float  # mean top-class probability, 0.1 (uniform) .. 1
     coverage: float  # fraction of the 10 digit classes among confidently classified samples
     fid: float  # Fréchet distance of classifier features to the real digits; lower is better
+    prompt_accuracy: float | None = None  # text-to-image: share of samples classified as the digit their prompt names
 
     def __str__(self) -> str:
-        return f"confidence {self.confidence:.3f}, coverage {self.coverage:.1f}, FID {self.fid:.2f}"
+        text = f"confidence {self.confidence:.3f}, coverage {self.coverage:.1f}, FID {self.fid:.2f}"
+        return text if self.prompt_accuracy is None else f"{text}, matches its prompt {self.prompt_accuracy:.1%}"
 
 
 class DigitClassifier(nn.Module):
@@ -172,8 +174,13 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
 
 @torch.no_grad()
-def quality_score(images: torch.Tensor, *, cache_dir: str | Path | None = None) -> QualityScore:
-    """Score generated digits ``(N, 1, H, W)`` in [-1, 1] (N >= 2; use a few hundred for a stable FID)."""
+def quality_score(images: torch.Tensor, *, labels: torch.Tensor | None = None,
+                  cache_dir: str | Path | None = None) -> QualityScore:
+    """Score generated digits ``(N, 1, H, W)`` in [-1, 1] (N >= 2; use a few hundred for a stable FID).
+
+    :param labels: for digits generated from prompts, the digit each one's prompt names: ``prompt_accuracy`` is then
+        the share the classifier assigns to that digit (10 % for a model that ignores its prompt)
+    """
     if images.dim() != 4 or images.shape[1] != 1 or images.shape[0] < 2:
         raise ValueError(f"expected at least 2 grayscale images (N, 1, H, W), got shape {tuple(images.shape)}")
     judge = _judge(cache_dir)
@@ -187,8 +194,11 @@ def quality_score(images: torch.Tensor, *, cache_dir: str | Path | None = None) 
     top, classes = probabilities.max(dim=1)
     covered = classes[top >= CONFIDENT].unique().numel()
     mu, sigma = _feature_stats(features)
+    if labels is not None and labels.shape != classes.shape:
+        raise ValueError(f"{len(labels)} labels for {len(classes)} images")
     return QualityScore(
         confidence=float(top.mean()),
         coverage=covered / 10,
         fid=frechet_distance(mu, sigma, judge.mu, judge.sigma),
+        prompt_accuracy=None if labels is None else float((classes == labels.to(classes)).float().mean()),
     )

@@ -26,6 +26,7 @@ vocabulary file to download), and 32x32 grayscale images become 8x8x4 latents.
 [(27, 64), (9, 64)]
 """
 
+import hashlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_TYPE = "flow"  # the transformer predicts the velocity noise - x0 of the straight path between them
 NUM_TRAIN_TIMESTEPS = 1000  # timestep scale: the transformer sees sigma * 1000, as SanaPipeline feeds it
+PARTS_FOLDERS = ("vae", "text_encoder", "tokenizer")  # the frozen parts' subfolders of a Sana pipeline folder
 CAPTION_DROPOUT = 0.1  # share of training samples whose caption is swapped for the empty prompt (for guidance)
 
 
@@ -201,6 +203,18 @@ def load_frozen_parts(where: str | Path) -> FrozenParts:
     return FrozenParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, source=where)
 
 
+def parts_hash(folder: str | Path) -> str:
+    """sha256 over the frozen parts' files (``vae/``, ``text_encoder/``, ``tokenizer/``: path and bytes)."""
+    folder = Path(folder)
+    digest = hashlib.sha256(b"omi-parts-v1")
+    for sub in PARTS_FOLDERS:
+        for path in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
+            name = path.relative_to(folder).as_posix().encode()
+            digest.update(len(name).to_bytes(4, "big") + name)
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
 def _default_instruction() -> list[str]:
     """The instruction ``SanaPipeline.__call__`` puts before every prompt by default (Sana's "complex human
     instruction"): captions are embedded the way a stock pipeline call embeds a prompt, so what was trained on is
@@ -352,3 +366,17 @@ def save_text_to_image(model: SanaTransformer2DModel, scheduler: FlowMatchEulerD
     parts.pipeline(model, scheduler).save_pretrained(directory, safe_serialization=True)
     logger.info("saved diffusers SanaPipeline checkpoint to %s", directory)
     return directory
+
+
+def load_text_to_image(directory: str | Path, *, device: str | torch.device = "cpu"
+                       ) -> tuple[SanaTransformer2DModel, FlowMatchEulerDiscreteScheduler, FrozenParts]:
+    """Load a folder written by :func:`save_text_to_image` (or any SanaPipeline folder)."""
+    directory = Path(directory)
+    if not (directory / "transformer").is_dir():
+        raise FileNotFoundError(f"{directory} is not a diffusers SanaPipeline folder (no transformer/)")
+    model = SanaTransformer2DModel.from_pretrained(directory, subfolder="transformer").to(device)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(directory, subfolder="scheduler")
+    parts = load_frozen_parts(directory)
+    parts.vae.to(device)
+    parts.text_encoder.to(device)
+    return model, scheduler, parts

@@ -19,13 +19,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omi.models.data import DataSource, open_source
+from omi.models.data import DIGIT_PROMPTS, DataSource, LatentShardSource, open_source
 from omi.models.device import pick_device
 from omi.models.microbatch import GradientSketch, compute_micro_batch, micro_batch_seed, trainable_parameters
 from omi.models.optimizer import optimizer_for
 from omi.models.quality import QualityScore, quality_score
 from omi.models.registry import build_for_spec, model_info
 from omi.models.sampling import generate, save_grid, save_pretrained
+from omi.models.text_to_image import generate_from_prompts, save_text_to_image
 from omi.protos import pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -46,7 +47,7 @@ class TrainResult:
     seconds: float  # wall time of the training loop (not the quality evaluation or saving)
     samples_per_second: float
     final_loss: float  # mean loss of the last FINAL_LOSS_WINDOW micro-batches
-    quality: QualityScore | None  # for builtin:digits; None for other sources
+    quality: QualityScore | None  # for builtin:digits and captioned digits; None for other sources
     optimizer_steps: int = 0
     extras: dict = field(default_factory=dict)  # run id, model, device, batch sizes: for the summary file
 
@@ -80,6 +81,17 @@ def _progress(enabled: bool) -> Progress:
         TextColumn("{task.fields[rate]:>6.0f}/s"), TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(),
         disable=not enabled,
     )
+
+
+def _prompted(model, scheduler, source: "LatentShardSource", seed: int, steps: int):
+    """Draw images for prompts with the data set's frozen parts (a stock SanaPipeline underneath)."""
+    parts = source.frozen_parts()
+
+    def draw(prompts: list[str]) -> torch.Tensor:
+        return torch.cat([generate_from_prompts(model, scheduler, parts, chunk, steps=steps, seed=seed + i)
+                          for i, chunk in enumerate(prompts[k:k + 128] for k in range(0, len(prompts), 128))])
+
+    return draw
 
 
 def train_local(
@@ -160,8 +172,16 @@ def train_local(
 
     # 3. quality of samples (digits only), then the checkpoint and a preview grid
     quality = None
-    if quality_samples and spec.data.source == "builtin:digits":
-        quality = quality_score(generate(model, scheduler, quality_samples, quality_steps, seed=training.seed))
+    if isinstance(source, LatentShardSource):
+        draw = _prompted(model, scheduler, source, training.seed, quality_steps)
+        if quality_samples and tuple(source.manifest.preview_prompts) == DIGIT_PROMPTS:
+            labels = torch.arange(quality_samples) % 10  # each digit's prompt in turn
+            quality = quality_score(draw([DIGIT_PROMPTS[label] for label in labels]), labels=labels)
+    else:
+        def draw(prompts_or_count):
+            return generate(model, scheduler, prompts_or_count, quality_steps, seed=training.seed)
+        if quality_samples and spec.data.source == "builtin:digits":
+            quality = quality_score(draw(quality_samples))
     window = losses[-FINAL_LOSS_WINDOW:]
     result = TrainResult(
         losses=losses, samples=trained, seconds=seconds, samples_per_second=trained / seconds,
@@ -171,8 +191,14 @@ def train_local(
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        save_pretrained(model.to("cpu"), scheduler, out_dir)
-        previews = generate(model, scheduler, spec.checkpoints.preview_samples, QUALITY_STEPS, seed=training.seed)
+        model.to("cpu")
+        if isinstance(source, LatentShardSource):
+            save_text_to_image(model, scheduler, source.frozen_parts(), out_dir)
+            prompts = list(source.manifest.preview_prompts)
+            previews = draw([prompts[i % len(prompts)] for i in range(spec.checkpoints.preview_samples)])
+        else:
+            save_pretrained(model, scheduler, out_dir)
+            previews = draw(spec.checkpoints.preview_samples)
         save_grid(previews, out_dir / "preview.png")
         summary = {k: v for k, v in asdict(result).items() if k != "losses"}
         (out_dir / "train_local.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -2,6 +2,7 @@
 
     omi-node train-local --run examples/runs/digits.toml --samples 20000 --out runs/digits-local
     omi-node sample runs/digits-local --n 16 --out grid.png
+    omi-node sample runs/captioned-local --prompt "a handwritten digit seven" --n 8 --out sevens.png
 """
 
 import logging
@@ -62,24 +63,44 @@ def train_local(
 
 @app.command("sample")
 def sample(
-    checkpoint: Path = typer.Argument(..., help="A diffusers DDPMPipeline folder (e.g. from train-local --out)."),
+    checkpoint: Path = typer.Argument(..., help="A diffusers DDPMPipeline or SanaPipeline folder (train-local --out, "
+                                                "omi-node download)."),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text-to-image checkpoints: a prompt (repeatable; "
+                                                                "the images cycle through them)."),
     n: int = typer.Option(16, "--n", min=1, help="Number of images."),
     out: Path = typer.Option(Path("grid.png"), "--out", help="PNG file for the image grid."),
-    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
+    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps (a UNet) or Euler steps (a text-to-image model)."),
+    guidance: float = typer.Option(4.5, "--guidance", min=1.0, help="Classifier-free guidance of prompts (1: off)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
-    """Generate images from a checkpoint and save them as one grid PNG."""
+    """Generate images from a checkpoint (from prompts, for a text-to-image one) and save them as one grid PNG."""
     from omi.models.device import pick_device
     from omi.models.sampling import generate, load_pretrained, save_grid
+    from omi.models.text_to_image import generate_from_prompts, load_text_to_image
 
+    text_to_image = (checkpoint / "transformer").is_dir()
+    if text_to_image and not prompt:
+        console.print(f"[red]error:[/red] {checkpoint} is a text-to-image checkpoint: give --prompt \"...\"")
+        raise typer.Exit(2)
+    if prompt and not text_to_image:
+        console.print(f"[red]error:[/red] {checkpoint} is not a text-to-image checkpoint: it takes no --prompt")
+        raise typer.Exit(2)
     try:
-        model, scheduler = load_pretrained(checkpoint, device=pick_device(device))
+        if text_to_image:
+            model, scheduler, parts = load_text_to_image(checkpoint, device=pick_device(device))
+        else:
+            model, scheduler = load_pretrained(checkpoint, device=pick_device(device))
     except (OSError, ValueError) as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(2) from e
-    images = generate(model, scheduler, n, steps, seed)
-    save_grid(images, out)
+    if text_to_image:
+        prompts = [prompt[i % len(prompt)] for i in range(n)]
+        images = generate_from_prompts(model, scheduler, parts, prompts, steps=steps, seed=seed,
+                                       guidance_scale=guidance)
+    else:
+        images = generate(model, scheduler, n, steps, seed)
+    save_grid(images, out, nrow=len(prompt) if 1 < len(prompt) <= 16 else None)
     console.print(f"{n} images from {checkpoint} -> {out}")
 
 

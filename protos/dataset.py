@@ -123,6 +123,7 @@ class DatasetManifest(BaseModel):
     licenses: dict[str, Count]  # licence -> samples
     refused: dict[str, Count] = {}  # reason -> samples left out
     card: DataCard
+    preview_prompts: list[str] = []  # captions of the data set that previews and the dashboard draw from
 
     @property
     def samples(self) -> int:

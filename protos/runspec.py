@@ -64,15 +64,16 @@ class DataSection(BaseModel):
 
     model_config = _SECTION
 
-    source: str = "builtin:digits"  # builtin:NAME | imagefolder:PATH | webdataset:PATTERN
+    source: str = "builtin:digits"  # builtin:NAME | imagefolder:PATH | webdataset:PATTERN | manifest:FOLDER
     shard_size: PositiveInt = 64  # samples per numbered shard
     resolution: PositiveInt = 16  # side of the square images fed to the model
 
     @field_validator("source")
     @classmethod
     def _source_has_a_known_kind(cls, value: str) -> str:
-        if ":" not in value or value.split(":", 1)[0] not in ("builtin", "imagefolder", "webdataset"):
-            raise ValueError("Input should be builtin:NAME, imagefolder:PATH or webdataset:PATTERN")
+        if ":" not in value or value.split(":", 1)[0] not in ("builtin", "imagefolder", "webdataset", "manifest"):
+            raise ValueError("Input should be builtin:NAME, imagefolder:PATH, webdataset:PATTERN or manifest:FOLDER "
+                             "(omi-data prepare)")
         return value
 
 
@@ -85,7 +86,8 @@ class TrainingSection(BaseModel):
     target_batch_size: PositiveInt = 256  # samples the swarm accumulates before one optimizer step
     learning_rate: PositiveFloat = 1e-3  # AdamW learning rate
     weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"  # what the UNet is trained to predict
+    # what the model predicts: a UNet the noise (epsilon) or v; a text-to-image transformer the flow (noise - x0)
+    prediction_type: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
     num_train_timesteps: PositiveInt = 1000  # T of the DDPM noise schedule
     max_epochs: NonNegativeInt = 0  # 0 = no limit
     shards_per_assignment: PositiveInt = 4  # shards handed to one node per epoch

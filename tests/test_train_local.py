@@ -54,3 +54,58 @@ def test_cli_refuses_bad_input(tmp_path):
     assert result.exit_code == 2 and "missing.toml" in result.output
     result = runner.invoke(app, ["sample", str(tmp_path), "--out", str(tmp_path / "g.png")])
     assert result.exit_code == 2 and "not a diffusers DDPMPipeline folder" in " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def captioned_digits(tmp_path_factory):
+    """The captioned digits prepared as examples/runs/digits-captioned.toml expects (a briefly fitted autoencoder)."""
+    from omi.models.prepare import make_toy_parts, prepare
+
+    root = tmp_path_factory.mktemp("captioned")
+    parts, _ = make_toy_parts("sana-digits", root / "parts", steps=20)
+    prepare("builtin:digits", parts, root / "data", model="sana-digits", shard_size=64)
+    return root / "data"
+
+
+def test_train_local_trains_a_text_to_image_run_and_saves_a_checkpoint_that_draws_from_prompts(
+        captioned_digits, tmp_path):
+    spec = load_runspec("examples/runs/digits-captioned.toml")
+    spec.data.source = f"manifest:{captioned_digits}"
+    spec.checkpoints.preview_samples = 10
+    out = tmp_path / "run"
+    result = train_local(spec, 40 * 32, device="cpu", progress=False, batch_size=32, quality_samples=20,
+                         quality_steps=4, out_dir=out)
+    early = sum(result.losses[:5]) / 5
+    assert result.samples == 1280 and result.final_loss < early
+    assert result.quality is not None and 0 <= result.quality.prompt_accuracy <= 1
+    assert (out / "transformer").is_dir() and (out / "vae").is_dir() and (out / "preview.png").exists()
+
+    runner = CliRunner()
+    grid = tmp_path / "sevens.png"
+    result = runner.invoke(app, ["sample", str(out), "--prompt", "a handwritten digit seven", "--n", "2",
+                                 "--steps", "2", "--out", str(grid), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert grid.exists()
+    result = runner.invoke(app, ["sample", str(out), "--n", "2", "--out", str(grid)])
+    assert result.exit_code == 2 and "give --prompt" in result.output
+
+
+def test_a_text_to_image_run_refuses_frozen_parts_that_are_not_the_ones_its_data_was_made_with(
+        captioned_digits, tmp_path):
+    import shutil
+
+    from omi.models.data import DataSourceError, LatentShardSource
+
+    copy = tmp_path / "data"
+    shutil.copytree(captioned_digits, copy)
+    source = LatentShardSource(copy, shard_size=64, resolution=32)
+    assert source.frozen_parts().vae is not None
+    manifest = json.loads((copy / "manifest.json").read_text())
+    parts = tmp_path / "parts"
+    shutil.copytree(manifest["parts"]["source"], parts)
+    config = parts / "vae" / "config.json"
+    config.write_text(config.read_text().replace('"scaling_factor": ', '"scaling_factor": 2.0, "x": '))
+    manifest["parts"]["source"] = str(parts)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataSourceError, match="not the ones .* was prepared with"):
+        LatentShardSource(copy, shard_size=64, resolution=32).frozen_parts()
