@@ -80,7 +80,7 @@ def _stall(epoch: int) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epoch: int, run_folder: Path,
-                     checkpoints: Checkpoints, key, preview: bool = True) -> tuple[Path, dict]:
+                     checkpoints: Checkpoints, key, preview: bool = True, source=None) -> tuple[Path, dict]:
     """Write the checkpoint of ``model`` at ``epoch`` under ``run_folder`` atomically; returns (folder, manifest).
 
     Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
@@ -95,17 +95,24 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param checkpoints: reads the ledger for the manifest
     :param key: the coordinator's Ed25519 key, which signs the manifest
     :param preview: also draw the preview grid
+    :param source: the run's data source (opened from the RunSpec if not given); a text-to-image data set gives the
+        frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
     """
-    from omi.models import generate, params_hash, save_grid, save_pretrained
+    from omi.models import open_source, params_hash, save_grid
+    from omi.models.sampling import draw, run_drawing, save_model
 
     final = run_folder / folder_name(epoch)
     tmp = run_folder / f"{TMP_PREFIX}{folder_name(epoch)}-{os.getpid()}"
     run_folder.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    save_pretrained(model, scheduler, tmp)
+    source = source if source is not None else (open_source(spec.data) if spec.data.source.startswith("manifest:")
+                                                else None)
+    parts, prompts = run_drawing(source)
+    save_model(model, scheduler, tmp, parts=parts)
     _stall(epoch)
     if preview:
-        images = generate(model, scheduler, spec.checkpoints.preview_samples, steps=PREVIEW_STEPS, seed=PREVIEW_SEED)
+        images = draw(model, scheduler, spec.checkpoints.preview_samples, PREVIEW_STEPS, PREVIEW_SEED, parts=parts,
+                      prompts=prompts)
         save_grid(images, tmp / PREVIEW_FILENAME)
     files = [dict(path=path.relative_to(tmp).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
              for path in sorted(tmp.rglob("*")) if path.is_file()]
@@ -116,6 +123,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
         params_hash=params_hash(model).hex(), files=files, contributors=summary.contributors,
         data_shards=summary.data_shards, data_source=spec.data.source,
         coordinator_public_key=signing.public_bytes(key).hex(),
+        **({"data": source.provenance(summary.data_shards)} if parts is not None else {}),
     ), key)
     (tmp / MANIFEST_FILENAME).write_bytes(manifest_to_bytes(manifest))
     _fsync_tree(tmp)

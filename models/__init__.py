@@ -8,7 +8,7 @@ One import place for the rest of the project::
 from omi.models.assignment import assignment_indices, micro_batch_samples, micro_batches
 from omi.models.commitment import MerkleProof, merkle_proof, merkle_root, record_bytes, verify_proof
 from omi.models.data import DataSource, DataSourceError, open_source
-from omi.models.device import pick_device
+from omi.models.device import pick_device, place_model
 from omi.models.microbatch import (
     GradientSketch,
     MicroBatchRecord,
@@ -28,7 +28,7 @@ __all__ = [
     "ModelInfo", "QualityScore", "Tolerances", "TrainResult", "assignment_indices", "audited_record",
     "build_for_spec", "build_model", "compare", "compute_micro_batch", "generate", "load_pretrained", "make_grid",
     "merkle_proof", "merkle_root", "micro_batch_samples", "micro_batch_seed", "micro_batches", "model_info",
-    "open_source", "params_hash", "pick_device", "proof_of", "quality_score", "recompute", "record_bytes",
-    "record_from_proto", "record_to_proto", "save_grid", "save_pretrained", "sent_sketch", "train_local",
-    "verify_proof",
+    "open_source", "params_hash", "pick_device", "place_model", "proof_of", "quality_score", "recompute",
+    "record_bytes", "record_from_proto", "record_to_proto", "save_grid", "save_pretrained", "sent_sketch",
+    "train_local", "verify_proof",
 ]

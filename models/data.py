@@ -340,6 +340,29 @@ class LatentShardSource(DataSource):
                                   "(sha256 differs)")
         return load_frozen_parts(where)
 
+    def provenance(self, work_shards: list[list[int]]) -> dict:
+        """What a checkpoint trained on, for its signed manifest: the data set (its manifest's sha256), the prepared
+        shards holding the samples of the run's work shards (``[first, last]`` runs of ids, as the ledger gives
+        them) with their sha256, and the licence tally of those prepared shards (exact when the run's shard size is
+        the data set's, a superset of the samples trained otherwise)."""
+        touched: set[int] = set()
+        for first, last in work_shards:
+            for work_shard in range(first, last + 1):
+                if work_shard < self.num_shards:
+                    start, end = self.shard_range(work_shard)
+                    lo = int(np.searchsorted(self.starts, start, side="right")) - 1
+                    hi = int(np.searchsorted(self.starts, end - 1, side="right")) - 1
+                    touched.update(range(lo, hi + 1))
+        shards = [self.manifest.shards[i] for i in sorted(touched)]
+        licenses: dict[str, int] = {}
+        for shard in shards:
+            for name, count in shard.licenses.items():
+                licenses[name] = licenses.get(name, 0) + count
+        manifest_bytes = (self.folder / "manifest.json").read_bytes()
+        return dict(dataset=self.manifest.name, manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+                    shards=[dict(id=s.id, file=s.file, sha256=s.sha256, samples=s.samples) for s in shards],
+                    licenses=licenses)
+
     def caption(self, index: int) -> str:
         """The caption of a sample, as it was written."""
         return self._row(index)[2]["caption"]

@@ -36,3 +36,18 @@ def pick_device(name: str = "auto") -> torch.device:
         logger.info("training on %s (%s), TF32 off", device, torch.cuda.get_device_name(device))
         return device
     raise ValueError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
+
+
+def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Move a model to the device it trains on, in training mode.
+
+    On CUDA a text-to-image transformer also turns on gradient checkpointing (diffusers'
+    ``enable_gradient_checkpointing``: activations of each block are recomputed in the backward pass, so a 0.6-1.6 B
+    transformer fits a volunteer's GPU; the gradient is the same computation, so audits are unaffected); its forward
+    runs under bfloat16 autocast (:func:`omi.models.text_to_image.flow_matching_loss`).
+    """
+    model.to(device).train()
+    if device.type == "cuda" and type(model).__name__ == "SanaTransformer2DModel":
+        model.enable_gradient_checkpointing()
+        logger.info("gradient checkpointing on for %s", type(model).__name__)
+    return model

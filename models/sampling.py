@@ -117,3 +117,45 @@ def load_pretrained(directory: str | Path, *, device: str | torch.device = "cpu"
     model = UNet2DModel.from_pretrained(directory, subfolder="unet").to(device)
     scheduler = DDPMScheduler.from_pretrained(directory, subfolder="scheduler")
     return model, scheduler
+
+
+def save_model(model: torch.nn.Module, scheduler: Any, directory: str | Path, *, parts=None) -> Path:
+    """A run's model as a stock diffusers folder: a ``DDPMPipeline`` (a UNet), or a ``SanaPipeline`` with the data
+    set's frozen ``parts`` (a text-to-image transformer)."""
+    if parts is None:
+        return save_pretrained(model, scheduler, directory)
+    from omi.models.text_to_image import save_text_to_image
+
+    return save_text_to_image(model, scheduler, parts, directory)
+
+
+def load_model(directory: str | Path, *, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any]:
+    """The trained model and scheduler of a folder :func:`save_model` wrote (a UNet's or a transformer's)."""
+    if (Path(directory) / "transformer").is_dir():
+        from omi.models.text_to_image import load_text_to_image
+
+        model, scheduler, _ = load_text_to_image(directory, device=device)
+        return model, scheduler
+    return load_pretrained(directory, device=device)
+
+
+def draw(model: torch.nn.Module, scheduler: Any, n: int, steps: int, seed: int, *, parts=None,
+         prompts: tuple[str, ...] | list[str] = ()) -> torch.Tensor:
+    """``n`` preview images: DDIM samples of a UNet, or a text-to-image model's samples of ``prompts`` in turn."""
+    if parts is None:
+        return generate(model, scheduler, n, steps, seed)
+    from omi.models.text_to_image import generate_from_prompts
+
+    if not prompts:
+        raise ValueError("a text-to-image model draws from prompts: none given")
+    return generate_from_prompts(model, scheduler, parts, [prompts[i % len(prompts)] for i in range(n)],
+                                 steps=steps, seed=seed)
+
+
+def run_drawing(source) -> tuple[Any, tuple[str, ...]]:
+    """The frozen parts and preview prompts of a run's data source: ``(None, ())`` for image sources."""
+    from omi.models.data import LatentShardSource
+
+    if not isinstance(source, LatentShardSource):
+        return None, ()
+    return source.frozen_parts(), tuple(source.manifest.preview_prompts)

@@ -19,14 +19,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from omi.models.data import DIGIT_PROMPTS, DataSource, LatentShardSource, open_source
-from omi.models.device import pick_device
+from omi.models.data import DIGIT_PROMPTS, DataSource, open_source
+from omi.models.device import pick_device, place_model
 from omi.models.microbatch import GradientSketch, compute_micro_batch, micro_batch_seed, trainable_parameters
 from omi.models.optimizer import optimizer_for
 from omi.models.quality import QualityScore, quality_score
 from omi.models.registry import build_for_spec, model_info
-from omi.models.sampling import generate, save_grid, save_pretrained
-from omi.models.text_to_image import generate_from_prompts, save_text_to_image
+from omi.models.sampling import draw, generate, run_drawing, save_grid, save_model
 from omi.protos import pb
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -83,17 +82,6 @@ def _progress(enabled: bool) -> Progress:
     )
 
 
-def _prompted(model, scheduler, source: "LatentShardSource", seed: int, steps: int):
-    """Draw images for prompts with the data set's frozen parts (a stock SanaPipeline underneath)."""
-    parts = source.frozen_parts()
-
-    def draw(prompts: list[str]) -> torch.Tensor:
-        return torch.cat([generate_from_prompts(model, scheduler, parts, chunk, steps=steps, seed=seed + i)
-                          for i, chunk in enumerate(prompts[k:k + 128] for k in range(0, len(prompts), 128))])
-
-    return draw
-
-
 def train_local(
     spec: pb.RunSpec,
     samples: int,
@@ -132,7 +120,7 @@ def train_local(
 
     # 1. the model, built from config with the run's seed, and the data source
     model, scheduler = build_for_spec(spec)
-    model.to(device).train()
+    place_model(model, device)
     source = open_source(spec.data, channels=info.channels)
     sketch = GradientSketch(model, spec.verification.sketch_size, seed=training.seed)
     params = trainable_parameters(model)
@@ -170,18 +158,16 @@ def train_local(
     seconds = time.perf_counter() - started
     model.eval()
 
-    # 3. quality of samples (digits only), then the checkpoint and a preview grid
+    # 3. quality of samples (digits, and captioned digits drawn from their prompts), then the checkpoint and previews
     quality = None
-    if isinstance(source, LatentShardSource):
-        draw = _prompted(model, scheduler, source, training.seed, quality_steps)
-        if quality_samples and tuple(source.manifest.preview_prompts) == DIGIT_PROMPTS:
-            labels = torch.arange(quality_samples) % 10  # each digit's prompt in turn
-            quality = quality_score(draw([DIGIT_PROMPTS[label] for label in labels]), labels=labels)
-    else:
-        def draw(prompts_or_count):
-            return generate(model, scheduler, prompts_or_count, quality_steps, seed=training.seed)
-        if quality_samples and spec.data.source == "builtin:digits":
-            quality = quality_score(draw(quality_samples))
+    parts, prompts = run_drawing(source)
+    if quality_samples and parts is not None and prompts == DIGIT_PROMPTS:
+        labels = torch.arange(quality_samples) % 10  # each digit's prompt in turn
+        images = torch.cat([draw(model, scheduler, len(chunk), quality_steps, training.seed + i, parts=parts,
+                                 prompts=prompts) for i, chunk in enumerate(labels.split(100))])
+        quality = quality_score(images, labels=labels)
+    elif quality_samples and spec.data.source == "builtin:digits":
+        quality = quality_score(generate(model, scheduler, quality_samples, quality_steps, seed=training.seed))
     window = losses[-FINAL_LOSS_WINDOW:]
     result = TrainResult(
         losses=losses, samples=trained, seconds=seconds, samples_per_second=trained / seconds,
@@ -191,14 +177,9 @@ def train_local(
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        model.to("cpu")
-        if isinstance(source, LatentShardSource):
-            save_text_to_image(model, scheduler, source.frozen_parts(), out_dir)
-            prompts = list(source.manifest.preview_prompts)
-            previews = draw([prompts[i % len(prompts)] for i in range(spec.checkpoints.preview_samples)])
-        else:
-            save_pretrained(model, scheduler, out_dir)
-            previews = draw(spec.checkpoints.preview_samples)
+        save_model(model.to("cpu"), scheduler, out_dir, parts=parts)
+        previews = draw(model, scheduler, spec.checkpoints.preview_samples, QUALITY_STEPS, training.seed, parts=parts,
+                        prompts=prompts)
         save_grid(previews, out_dir / "preview.png")
         summary = {k: v for k, v in asdict(result).items() if k != "losses"}
         (out_dir / "train_local.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -285,7 +285,7 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
     :returns: the epoch the node resumed at, or None if it did not resume
     """
     import grpc
-    from omi.models import load_pretrained
+    from omi.models.sampling import load_model
 
     try:
         checkpoints = client.list_checkpoints(spec.run_id)
@@ -321,7 +321,7 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
     except DownloadError as e:  # never train on weights that do not verify; hivemind's own start is still sound
         logger.error("could not resume from checkpoint epoch %d: %s", latest.epoch, e)
         return None
-    loaded, _ = load_pretrained(result.folder)
+    loaded, _ = load_model(result.folder)
     epoch = max(latest.epoch, run_epoch)
     load_into_optimizer(optimizer, model, loaded, epoch)
     logger.info("the swarm had no state past epoch %d: resumed from checkpoint epoch %d (verified, %d bytes "

@@ -44,6 +44,7 @@ from omi.models import (
     model_info,
     open_source,
     params_hash,
+    place_model,
     proof_of,
     record_from_proto,
 )
@@ -160,7 +161,7 @@ class Recomputer:
     @classmethod
     def for_spec(cls, spec: pb.RunSpec, device: str = "cpu") -> Recomputer:
         model, scheduler = build_for_spec(spec)
-        model.to(device).train()
+        place_model(model, device)
         source = open_source(spec.data, channels=model_info(spec.model).channels)
         return cls(spec, model, scheduler, source, GradientSketch(model, spec.verification.sketch_size,
                                                                   seed=spec.training.seed))

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omi.models import build_for_spec, model_info, open_source, pick_device
+from omi.models import build_for_spec, model_info, open_source, pick_device, place_model
 from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import NodeStatus, RunStopped, Trainer
 from omi.protos import pb
@@ -93,7 +93,7 @@ class VolunteerNode:
             torch.set_num_threads(config.threads)
         info = model_info(spec.model)
         model, scheduler = build_for_spec(spec)
-        model.to(device).train()
+        place_model(model, device)
         source = open_source(spec.data, channels=info.channels)
         micro_batch_size = config.batch_size or spec.training.micro_batch_size
         logger.info("model %s (%d parameters) on %s; data %s", spec.model, info.parameters, device, source)
@@ -175,12 +175,13 @@ class VolunteerNode:
 
     def _save(self, folder: Path) -> None:
         """The model as this node holds it, in diffusers format, with the epoch it is at (written atomically)."""
-        from omi.models import save_pretrained
+        from omi.models.sampling import run_drawing, save_model
 
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(self.trainer.model.to("cpu"), self.trainer.scheduler, tmp)
+        parts, _ = run_drawing(self.trainer.source)
+        save_model(self.trainer.model.to("cpu"), self.trainer.scheduler, tmp, parts=parts)
         (tmp / "omi_node.json").write_text(json.dumps({"run_id": self.status.run_id, "node_id": self.status.node_id,
                                                        "epoch": self.optimizer.local_epoch}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)

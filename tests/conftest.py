@@ -88,3 +88,15 @@ def db_url(request):
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("postgres_server").new_database()
+
+
+@pytest.fixture(scope="session")
+def captioned_digits(tmp_path_factory):
+    """The captioned digits as examples/runs/digits-captioned.toml expects them: toy frozen parts (the autoencoder
+    fitted briefly) and latent shards of 64 samples; prepared once per session (~25 s)."""
+    from omi.models.prepare import make_toy_parts, prepare
+
+    root = tmp_path_factory.mktemp("captioned")
+    parts, _ = make_toy_parts("sana-digits", root / "parts", steps=20)
+    prepare("builtin:digits", parts, root / "data", model="sana-digits", shard_size=64)
+    return root / "data"

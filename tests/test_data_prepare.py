@@ -1,6 +1,7 @@
 """Data preparation (``omi-data prepare``): licensed samples in, latent shards with a manifest and data card out;
 refused samples counted, an interrupted run resumed, a changed shard caught, the shards read back as training data."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -194,6 +195,25 @@ def test_the_command_line_prepares_and_shows_a_data_set(folder, parts_folder, tm
     missing = cli("prepare", str(folder), "--parts", str(tmp_path), "--out", str(tmp_path / "x"), "--card-source", "x")
     assert missing.returncode == 2 and "not a frozen-parts folder" in missing.stdout
     assert cli("show", str(tmp_path)).returncode == 2
+
+
+def test_data_provenance_names_the_prepared_shards_of_the_work_shards_trained(folder, parts_folder, tmp_path):
+    prepare(str(folder), parts_folder, tmp_path / "data", model="sana-digits", card=CARD, shard_size=2,
+            default_license="CC0-1.0")
+    source = LatentShardSource(tmp_path / "data", shard_size=3, resolution=32)
+    dataset = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    # prepared shards hold samples 0-1, 2-3, 4-5, 6; work shard 0 (samples 0-2) lies in prepared shards 0 and 1,
+    # work shard 2 (sample 6) in prepared shard 3
+    provenance = source.provenance([[0, 0], [2, 2]])
+    assert [s["id"] for s in provenance["shards"]] == [0, 1, 3]
+    assert [s["sha256"] for s in provenance["shards"]] == [dataset["shards"][i]["sha256"] for i in (0, 1, 3)]
+    tally = {}
+    for i in (0, 1, 3):
+        for name, count in dataset["shards"][i]["licenses"].items():
+            tally[name] = tally.get(name, 0) + count
+    assert provenance["licenses"] == tally and sum(tally.values()) == 5
+    assert provenance["manifest_sha256"] == hashlib.sha256((tmp_path / "data" / "manifest.json").read_bytes()
+                                                           ).hexdigest()
 
 
 def test_the_digits_get_their_captions():

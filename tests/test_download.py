@@ -19,19 +19,19 @@ from omi.coordinator.core import Coordinator
 from omi.models import build_model
 from omi.protos import signing
 from omi.protos.manifest import verify_manifest
-from processes import FAST_RUN, ServeProcess, kill_group, run_node, wait_until
+from processes import FAST_RUN, ROOT, ServeProcess, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16"):
+def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16", run_id="digits"):
     """Write and list checkpoints of the run at ``epochs`` the way the checkpointer does."""
     coordinator = Coordinator.open(state_dir)
     coordinator.checkpoints.state_dir = state_dir
     coordinator.runs.create(run_file.read_text(), start=True)
-    spec = coordinator.runs.spec_for_nodes("digits")
+    spec = coordinator.runs.spec_for_nodes(run_id)
     unet, scheduler = build_model(model)
     for epoch in epochs:
         with torch.no_grad():
@@ -39,9 +39,9 @@ def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16"):
                 p.add_(0.01 * epoch)
         folder, manifest = write_checkpoint(unet, scheduler, spec=spec, epoch=epoch,
                                             checkpoints=coordinator.checkpoints,
-                                            run_folder=coordinator.checkpoints.run_folder("digits"),
-                                            key=coordinator.key, preview=model == "unet-digits-16")
-        coordinator.checkpoints.publish("digits", epoch, folder, manifest)
+                                            run_folder=coordinator.checkpoints.run_folder(run_id),
+                                            key=coordinator.key, preview=model in ("unet-digits-16", "sana-digits"))
+        coordinator.checkpoints.publish(run_id, epoch, folder, manifest)
     coordinator.close()
     return signing.public_bytes(coordinator.key)
 
@@ -229,3 +229,39 @@ def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_text_to_image_checkpoint_names_its_data_and_loads_in_a_stock_sana_pipeline(captioned_digits, tmp_path):
+    """Provenance: the signed manifest names the data set, the shards trained from (sha256) and their licences; the
+    downloaded folder is a SanaPipeline that draws from a prompt."""
+    data = captioned_digits
+    run_file = tmp_path / "run.toml"
+    text = (ROOT / "examples/runs/digits-captioned.toml").read_text()
+    run_file.write_text(text.replace('source = "manifest:data/digits-captioned"', f'source = "manifest:{data}"'))
+    state = tmp_path / "coordinator"
+    key = publish_checkpoints(state, run_file, [1], model="sana-digits", run_id="digits-captioned")
+    manifest = json.loads((state / CHECKPOINTS_DIR / "digits-captioned" / folder_name(1) / "manifest.json")
+                          .read_text())
+    assert verify_manifest(manifest, key)
+    assert {f["path"].split("/")[0] for f in manifest["files"]} >= {"transformer", "vae", "text_encoder",
+                                                                    "tokenizer", "preview.png"}
+    provenance = manifest["data"]
+    dataset = json.loads((data / "manifest.json").read_text())
+    assert provenance["manifest_sha256"] == sha256(data / "manifest.json")
+    assert provenance["dataset"] == dataset["name"]
+    # no contribution is in the ledger yet: no shard was trained from, no licence counted
+    assert provenance["shards"] == [] and provenance["licenses"] == {}
+
+    server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file, extra=("--swarm-host", ""))
+    try:
+        out = tmp_path / "out"
+        result = run_node("download", "digits-captioned", "--out", out, "--coordinator", server.address)
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        kill_group(server.proc)
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(out)
+    image = pipe("a handwritten digit three", num_inference_steps=2, height=32, width=32,
+                 use_resolution_binning=False).images[0]
+    assert image.size == (32, 32)

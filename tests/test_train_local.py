@@ -56,17 +56,6 @@ def test_cli_refuses_bad_input(tmp_path):
     assert result.exit_code == 2 and "not a diffusers DDPMPipeline folder" in " ".join(result.output.split())
 
 
-@pytest.fixture(scope="module")
-def captioned_digits(tmp_path_factory):
-    """The captioned digits prepared as examples/runs/digits-captioned.toml expects (a briefly fitted autoencoder)."""
-    from omi.models.prepare import make_toy_parts, prepare
-
-    root = tmp_path_factory.mktemp("captioned")
-    parts, _ = make_toy_parts("sana-digits", root / "parts", steps=20)
-    prepare("builtin:digits", parts, root / "data", model="sana-digits", shard_size=64)
-    return root / "data"
-
-
 def test_train_local_trains_a_text_to_image_run_and_saves_a_checkpoint_that_draws_from_prompts(
         captioned_digits, tmp_path):
     spec = load_runspec("examples/runs/digits-captioned.toml")
