@@ -59,7 +59,7 @@ class Coordinator:
         self.store, self.key = store, key
         self.config = config or CoordinatorConfig()
         self.public_key = signing.public_bytes(key)
-        self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers)
+        self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers, public_url=public_url)
         self.liveness = Liveness(store)
         self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
         self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout, config=self.config.work)

@@ -4,15 +4,18 @@ The parsed RunSpec is stored once; what nodes receive is that spec plus the coor
 and the swarm's initial peers, which belong to the running server (the ``swarm_peers`` argument).
 """
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from omi.coordinator.states import RUN_STATE_NAMES
 from omi.coordinator.store import Run, Store
 from omi.protos import pb
 from omi.protos.clock import now_ms
+from omi.protos.dataset import MANIFEST_NAME
 from omi.protos.runspec import RunSpecError, parse_runspec
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
@@ -40,6 +43,11 @@ class RunInfo:
     created_at_ms: int
 
 
+def data_url_path(run_id: str) -> str:
+    """Where the coordinator's HTTP port serves a run's prepared data set."""
+    return f"/runs/{run_id}/data"
+
+
 class Runs:
     """All runs of this coordinator.
 
@@ -49,8 +57,9 @@ class Runs:
     """
 
     def __init__(self, store: Store, coordinator_public_key: bytes, *,
-                 swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None):
+                 swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None, public_url: str = ""):
         self.store, self.coordinator_public_key, self.swarm_peers = store, coordinator_public_key, swarm_peers
+        self.public_url = public_url.rstrip("/")  # the HTTP port nodes fetch a prepared data set's shards from
         # A cache of the runs table: a spec never changes once stored; state, epoch and samples follow this
         # process's own writes as they commit, and :meth:`refresh` (every flush interval) re-reads them and picks
         # up runs created elsewhere, so a change by another coordinator process on the same database shows here
@@ -126,6 +135,12 @@ class Runs:
         spec.coordinator_public_key = self.coordinator_public_key
         if self.swarm_peers is not None:
             spec.initial_peers.extend(self.swarm_peers(spec))
+        kind, _, folder = spec.data.source.partition(":")
+        if kind == "manifest" and self.public_url and "://" not in folder:
+            # a prepared data set in a folder here: nodes fetch the shards they are assigned from this coordinator's
+            # HTTP port, and the manifest's sha256 pins what they may accept
+            digest = hashlib.sha256((Path(folder).expanduser() / MANIFEST_NAME).read_bytes()).hexdigest()
+            spec.data.source = f"manifest:{self.public_url}{data_url_path(run_id)}#sha256:{digest}"
         return spec
 
     def observe_epoch(self, run_id: str, epoch: int) -> None:

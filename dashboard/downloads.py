@@ -3,6 +3,8 @@
     GET /runs/{run}/checkpoints                           the run's checkpoints (JSON, oldest first)
     GET /runs/{run}/checkpoints/{epoch|latest}/manifest.json
     GET /runs/{run}/checkpoints/{epoch|latest}/{file}     a file the manifest lists; ``Range`` requests honoured
+    GET /runs/{run}/data/{file}                           a text-to-image run's prepared data set: its
+                                                          manifest.json and the files it lists (shards)
 
 Only checkpoints listed in the ``checkpoints`` table are served, and of them only the files their manifest
 names, so a checkpoint being written (a temporary folder) or a path outside it is never reachable. Byte ranges
@@ -12,6 +14,7 @@ are Starlette's ``FileResponse`` (206 with ``Content-Range``, 416 past the end),
 
 import json
 import logging
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
@@ -19,6 +22,7 @@ from google.protobuf import json_format
 from omi.coordinator.core import Coordinator
 from omi.coordinator.errors import NotFound
 from omi.protos import pb
+from omi.protos.dataset import MANIFEST_NAME, ManifestError, read_manifest
 from omi.protos.manifest import MANIFEST_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,25 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
             raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone") from None
         if file_path not in listed:
             raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} has no file {file_path!r}")
+        return FileResponse(folder / file_path, media_type="application/octet-stream")
+
+    @router.get("/runs/{run_id}/data/{file_path:path}")
+    def data_file(run_id: str, file_path: str) -> FileResponse:
+        try:
+            source = coordinator.runs.get(run_id).spec.data.source
+        except NotFound as e:
+            raise HTTPException(404, str(e)) from None
+        kind, _, where = source.partition(":")
+        if kind != "manifest" or "://" in where:
+            raise HTTPException(404, f"run {run_id!r} has no prepared data set here")
+        folder = Path(where).expanduser()
+        try:
+            manifest = read_manifest(folder)
+        except ManifestError as e:
+            raise HTTPException(404, str(e)) from None
+        listed = {MANIFEST_NAME, manifest.null_caption.file, *(shard.file for shard in manifest.shards)}
+        if file_path not in listed:
+            raise HTTPException(404, f"the data set of run {run_id!r} has no file {file_path!r}")
         return FileResponse(folder / file_path, media_type="application/octet-stream")
 
     return router

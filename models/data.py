@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tarfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -250,44 +251,145 @@ class WebDatasetSource(DataSource):
         return _to_unit_range(self.pixels[index])
 
 
+DATA_CACHE_BYTES = 10 << 30  # default bound of a node's cache of fetched shards
+FETCH_ATTEMPTS = 3  # tries over the coordinator and the mirrors before a shard is given up
+FETCH_BACKOFF = 1.0  # seconds before the second try; doubled each time
+MAX_MANIFEST_BYTES = 64 << 20
+MANIFEST_NAME = "manifest.json"
+
+
+def data_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where fetched data sets are cached: ``cache_dir``, else ``$OMI_SWARM_CACHE/data`` or
+    ``~/.cache/omi-swarm/data``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("OMI_SWARM_CACHE") or Path.home() / ".cache" / "omi-swarm") / "data"
+
+
 class LatentShardSource(DataSource):
     """A prepared text-to-image data set (``omi-data prepare``): latents and caption embeddings, read by shard.
 
     Opening reads only the manifest; a prepared shard is read (and its sha256 checked) the first time one of its
-    samples is asked for, and at most ``cache_shards`` of them stay in memory. ``get`` returns a
+    samples is asked for, and at most ``cache_shards`` of them stay in memory. From a URL (``http://coordinator/runs/
+    RUN/data``, as the coordinator hands a run to nodes, with ``#sha256:`` pinning the manifest) only the shards
+    asked for are fetched: resumably, sha256-checked, from the coordinator or the manifest's mirrors, with retries,
+    into a disk cache kept under ``max_cache_bytes`` (least recently used shards go first). ``get`` returns a
     :class:`~omi.models.text_to_image.LatentBatch`; the run's work shards (``shard_size``) are independent of the
     prepared ones.
 
-    :param folder: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``)
+    :param where: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``) or base URL
+    :param cache_dir: where a fetched data set is cached (default :func:`data_cache_dir`)
+    :param max_cache_bytes: bound of the shard files cached on disk
     """
 
-    def __init__(self, folder: str | Path, shard_size: int, resolution: int, *, cache_shards: int = 8):
-        from omi.protos.dataset import ManifestError, read_manifest
+    def __init__(self, where: str | Path, shard_size: int, resolution: int, *, cache_shards: int = 8,
+                 cache_dir: str | Path | None = None, max_cache_bytes: int = DATA_CACHE_BYTES):
+        from omi.protos.dataset import ManifestError, parse_manifest
 
-        self.folder = Path(folder).expanduser()
+        location, _, pin = str(where).partition("#sha256:")
+        self.url = location.rstrip("/") if "://" in location else ""
+        self.max_cache_bytes = max_cache_bytes
+        if self.url:  # fetched over HTTP into a cache folder of its own
+            self.folder = data_cache_dir(cache_dir) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.folder.mkdir(parents=True, exist_ok=True)
+            manifest_bytes = self._fetch_manifest()
+        else:
+            self.folder = Path(location).expanduser()
+            path = self.folder / MANIFEST_NAME
+            if not path.is_file():
+                raise DataSourceError(f"no dataset manifest at {path}")
+            manifest_bytes = path.read_bytes()
+        if pin and hashlib.sha256(manifest_bytes).hexdigest() != pin:
+            raise DataSourceError(f"{where}: the manifest is not the one the run names (sha256 differs)")
         try:
-            self.manifest = read_manifest(self.folder)
+            self.manifest = parse_manifest(manifest_bytes)
         except ManifestError as e:
-            raise DataSourceError(str(e)) from e
-        super().__init__(f"manifest:{folder}", shard_size, resolution, self.manifest.channels)
+            raise DataSourceError(f"{where}: {e}") from e
+        if self.url:
+            (self.folder / MANIFEST_NAME).write_bytes(manifest_bytes)
+        super().__init__(f"manifest:{where}", shard_size, resolution, self.manifest.channels)
         if resolution != self.manifest.resolution:
             raise DataSourceError(f"{self.folder}: prepared at {self.manifest.resolution} px, the run asks for "
                                   f"{resolution}")
         self.starts = np.cumsum([0] + [shard.samples for shard in self.manifest.shards])
         self.cache_shards = cache_shards
+        self.fetched_bytes = 0  # bytes this source downloaded
         self._shards: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
         self.null = torch.from_numpy(np.load(self._checked(self.manifest.null_caption)).astype(np.float32))
+
+    def _fetch_manifest(self) -> bytes:
+        from omi.models.fetch import DownloadError, open_url
+
+        last = None
+        for attempt in range(FETCH_ATTEMPTS):
+            try:
+                with open_url(f"{self.url}/{MANIFEST_NAME}") as response:
+                    data = response.read(MAX_MANIFEST_BYTES + 1)
+                if len(data) > MAX_MANIFEST_BYTES:
+                    raise DataSourceError(f"{self.url}/{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
+                return data
+            except DownloadError as e:
+                last = e
+                if e.exit_code == 4:
+                    break
+                time.sleep(FETCH_BACKOFF * 2**attempt)
+        cached = self.folder / MANIFEST_NAME
+        if cached.is_file():
+            logger.warning("%s unreachable (%s): using the manifest fetched before", self.url, last)
+            return cached.read_bytes()
+        raise DataSourceError(f"cannot fetch the data set's manifest from {self.url}: {last}")
+
+    def _fetch(self, ref) -> None:
+        """Download one file of the data set into the cache (resumed, sha256-checked), from the coordinator or a
+        mirror, retrying; then keep the cache under its size bound."""
+        from omi.models.fetch import DownloadError, fetch_file
+
+        bases = [self.url, *(mirror.rstrip("/") for mirror in self.manifest.mirrors)]
+        target = self.folder / ref.file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        errors = []
+        for attempt in range(FETCH_ATTEMPTS):
+            for base in bases:
+                try:
+                    self.fetched_bytes += fetch_file(f"{base}/{ref.file}", target, ref.bytes, ref.sha256,
+                                                     lambda n: None)
+                    logger.info("fetched %s from %s (%d bytes)", ref.file, base, ref.bytes)
+                    self._evict(keep=target)
+                    return
+                except DownloadError as e:
+                    errors.append(f"{base}: {e}")
+                    target.with_name(target.name + ".corrupt").unlink(missing_ok=True)
+            time.sleep(FETCH_BACKOFF * 2**attempt)
+        raise DataSourceError(f"cannot fetch {ref.file} ({FETCH_ATTEMPTS} tries): {errors[-1]}")
+
+    def _evict(self, keep: Path) -> None:
+        """Delete the least recently used shard files until the cache holds at most ``max_cache_bytes``."""
+        files = sorted((p for p in (self.folder / "shards").glob("*.tar") if p != keep),
+                       key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files) + keep.stat().st_size
+        while files and total > self.max_cache_bytes:
+            oldest = files.pop(0)
+            total -= oldest.stat().st_size
+            oldest.unlink()
+            logger.info("data cache over %d bytes: removed %s", self.max_cache_bytes, oldest.name)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def _checked(self, ref) -> io.BytesIO:
         path = self.folder / ref.file
+        if self.url and not path.is_file():
+            self._fetch(ref)
         if not path.is_file():
             raise DataSourceError(f"{path} is missing")
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != ref.sha256:
-            raise DataSourceError(f"{path} does not match the manifest's sha256: corrupt or changed")
+            if not self.url:
+                raise DataSourceError(f"{path} does not match the manifest's sha256: corrupt or changed")
+            path.unlink()  # a cached copy that changed on disk: fetch it again
+            self._fetch(ref)
+            data = path.read_bytes()
+        os.utime(path)  # recently used: the cache keeps it longest
         return io.BytesIO(data)
 
     def _shard(self, shard_id: int) -> list[tuple[torch.Tensor, torch.Tensor, dict]]:

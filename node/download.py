@@ -15,17 +15,14 @@ user back to an older (still validly signed) checkpoint.
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import logging
 import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from omi.models.fetch import DownloadError, fetch_file, open_url, sha256_of
 from omi.protos import pb
 from omi.protos.manifest import MANIFEST_FILENAME, verify_manifest
 from rich.console import Console
@@ -33,18 +30,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # bytes per read
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest names files and contributors: far below this
-HTTP_TIMEOUT = 30.0  # seconds without data before a request fails
-
-
-class DownloadError(RuntimeError):
-    """A download that failed or was refused; ``exit_code``: 1 refused (bad signature or hash), 2 bad input,
-    3 coordinator unreachable or transfer interrupted (run again to resume), 4 not found."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -57,20 +43,9 @@ class DownloadResult:
     seconds: float
 
 
-def _open(url: str, headers: dict | None = None):
-    try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=HTTP_TIMEOUT)
-    except urllib.error.HTTPError as e:
-        if e.code == 404:
-            raise DownloadError(f"not found: {url}", 4) from None
-        raise DownloadError(f"{url}: HTTP {e.code}", 3) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"cannot reach {url}: {getattr(e, 'reason', e)}", 3) from None
-
-
 def fetch_manifest(folder_url: str, public_key: bytes, run_id: str, epoch: int | None) -> tuple[dict, bytes]:
     """The checkpoint's manifest, refused unless signed by ``public_key`` for ``run_id`` (and ``epoch`` if given)."""
-    with _open(f"{folder_url}/{MANIFEST_FILENAME}") as response:
+    with open_url(f"{folder_url}/{MANIFEST_FILENAME}") as response:
         data = response.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
         raise DownloadError(f"refused: {folder_url}/{MANIFEST_FILENAME} is larger than {MAX_MANIFEST_BYTES} bytes")
@@ -89,64 +64,6 @@ def fetch_manifest(folder_url: str, public_key: bytes, run_id: str, epoch: int |
         if path.is_absolute() or ".." in path.parts or entry["path"] == MANIFEST_FILENAME:
             raise DownloadError(f"refused: the manifest lists an unsafe path {entry['path']!r}")
     return manifest, data
-
-
-def _sha256_of(path: Path) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest
-
-
-def _fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
-    """Download ``url`` into ``target`` through ``target.part`` (resumed if present); returns bytes fetched."""
-    part = target.with_name(target.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    if have > size:
-        part.unlink()
-        have = 0
-    digest = _sha256_of(part) if have else hashlib.sha256()
-    advance(have)
-    fetched = 0
-    if have < size:
-        response = _open(url, {"Range": f"bytes={have}-"} if have else None)
-        with response:
-            if have and response.status != 206:  # the server ignored the range: start over
-                advance(-have)
-                have, digest = 0, hashlib.sha256()
-            with open(part, "ab" if have else "wb") as f:
-                try:
-                    # never more than the signed size: a server that sends more fills no disk
-                    while (remaining := size - have - fetched) > 0 and (chunk := response.read(min(CHUNK, remaining))):
-                        f.write(chunk)
-                        digest.update(chunk)
-                        fetched += len(chunk)
-                        advance(len(chunk))
-                    longer = remaining <= 0 and bool(response.read(1))
-                except (OSError, http.client.HTTPException) as e:
-                    raise DownloadError(f"transfer of {target.name} interrupted after {have + fetched} of {size} "
-                                        f"bytes ({e}); run the same command again to resume", 3) from None
-                finally:
-                    f.flush()
-                    os.fsync(f.fileno())
-            if longer:
-                corrupt = target.with_name(target.name + ".corrupt")
-                os.replace(part, corrupt)
-                raise DownloadError(f"refused: the server sends more of {target.name} than the {size} bytes the "
-                                    f"signed manifest names (the first {size} kept as {corrupt.name})")
-    got = part.stat().st_size
-    if got < size:  # the connection ended early without an error: keep the part to resume from
-        raise DownloadError(f"transfer of {target.name} ended after {got} of {size} bytes; run the same command "
-                            "again to resume", 3)
-    if got != size or digest.hexdigest() != sha256:
-        corrupt = target.with_name(target.name + ".corrupt")
-        os.replace(part, corrupt)
-        raise DownloadError(f"refused: {target.name} does not match the signed manifest (sha256 "
-                            f"{digest.hexdigest()[:16]}… instead of {sha256[:16]}…, {got} bytes); kept as "
-                            f"{corrupt.name}")
-    os.replace(part, target)
-    return fetched
 
 
 class SeenCheckpoints:
@@ -220,11 +137,11 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
             target = out / entry["path"]
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.exists() and target.stat().st_size == entry["size"] and \
-                    _sha256_of(target).hexdigest() == entry["sha256"]:
+                    sha256_of(target).hexdigest() == entry["sha256"]:
                 bar.advance(task, entry["size"])
                 continue
             target.unlink(missing_ok=True)
-            fetched += _fetch_file(f"{folder_url}/{entry['path']}", target, entry["size"], entry["sha256"],
+            fetched += fetch_file(f"{folder_url}/{entry['path']}", target, entry["size"], entry["sha256"],
                                    lambda n: bar.advance(task, n))
     tmp = out / (MANIFEST_FILENAME + ".part")
     tmp.write_bytes(manifest_bytes)

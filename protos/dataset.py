@@ -124,6 +124,7 @@ class DatasetManifest(BaseModel):
     refused: dict[str, Count] = {}  # reason -> samples left out
     card: DataCard
     preview_prompts: list[str] = []  # captions of the data set that previews and the dashboard draw from
+    mirrors: list[str] = []  # base URLs that serve the same files (tried after the coordinator)
 
     @property
     def samples(self) -> int:

@@ -171,7 +171,7 @@ def test_a_file_longer_than_the_manifest_says_is_refused_at_its_size(tmp_path):
     import os
     from functools import partial
 
-    from omi.node.download import DownloadError, _fetch_file
+    from omi.models.fetch import DownloadError, fetch_file
 
     served = tmp_path / "served"
     served.mkdir()
@@ -184,7 +184,7 @@ def test_a_file_longer_than_the_manifest_says_is_refused_at_its_size(tmp_path):
         target.parent.mkdir()
         head = (served / "big.bin").read_bytes()[:10]
         with pytest.raises(DownloadError, match="more of big.bin than the 10 bytes"):
-            _fetch_file(f"http://127.0.0.1:{server.server_address[1]}/big.bin", target, 10,
+            fetch_file(f"http://127.0.0.1:{server.server_address[1]}/big.bin", target, 10,
                         hashlib.sha256(head).hexdigest(), lambda n: None)
     finally:
         server.shutdown()
