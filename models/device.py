@@ -38,7 +38,7 @@ def pick_device(name: str = "auto") -> torch.device:
     raise ValueError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
 
 
-def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def place_model(model: torch.nn.Module, device: str | torch.device) -> torch.nn.Module:
     """Move a model to the device it trains on, in training mode.
 
     On CUDA a text-to-image transformer also turns on gradient checkpointing (diffusers'
@@ -46,6 +46,7 @@ def place_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     transformer fits a volunteer's GPU; the gradient is the same computation, so audits are unaffected); its forward
     runs under bfloat16 autocast (:func:`omi.models.text_to_image.flow_matching_loss`).
     """
+    device = torch.device(device)
     model.to(device).train()
     if device.type == "cuda" and type(model).__name__ == "SanaTransformer2DModel":
         model.enable_gradient_checkpointing()
