@@ -103,15 +103,19 @@ class DataSource:
         start = shard_id * self.shard_size
         return start, min(start + self.shard_size, len(self))
 
-    def get(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """The samples at ``indices`` as one float32 ``(N, C, R, R)`` tensor in [-1, 1]."""
+    def _indices(self, indices: Sequence[int] | torch.Tensor) -> list[int]:
+        """``indices`` as ints, refused if empty or out of range."""
         indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
         if not indices:
             raise ValueError("no sample indices given")
         for i in indices:
             if not 0 <= i < len(self):
                 raise IndexError(f"{self.name}: sample {i} out of range (0..{len(self) - 1})")
-        return torch.stack([self._load(i) for i in indices])
+        return indices
+
+    def get(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The samples at ``indices`` as one float32 ``(N, C, R, R)`` tensor in [-1, 1]."""
+        return torch.stack([self._load(i) for i in self._indices(indices)])
 
     def _log_skipped(self, total: int, examples: list[str]) -> None:
         if self.skipped:
@@ -415,15 +419,10 @@ class LatentShardSource(DataSource):
         return self._shard(shard_id)[index - int(self.starts[shard_id])]
 
     def get(self, indices):
+        """The samples at ``indices`` as one :class:`~omi.models.text_to_image.LatentBatch`."""
         from omi.models.text_to_image import LatentBatch
 
-        indices = [int(i) for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
-        if not indices:
-            raise ValueError("no sample indices given")
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"{self.name}: sample {i} out of range (0..{len(self) - 1})")
-        rows = [self._row(i) for i in indices]
+        rows = [self._row(i) for i in self._indices(indices)]
         return LatentBatch.collate(torch.stack([r[0] for r in rows]), [r[1] for r in rows], self.null)
 
     def frozen_parts(self):
