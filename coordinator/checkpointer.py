@@ -155,13 +155,13 @@ class Checkpointer:
         self.spec = self.runs.spec_for_nodes(run_id)
         self.spec.initial_peers.extend(initial_peers)
         self._stop = threading.Event()
-        self.dht = self.follower = None
+        self.dht = self.follower = self.source = None
 
     def stop(self) -> None:
         self._stop.set()
 
     def _start_swarm_peer(self) -> None:
-        from omi.models import build_for_spec
+        from omi.models import build_for_spec, open_source
         from omi.swarm import (
             MintingTokenProvider,
             SwarmFollower,
@@ -181,6 +181,8 @@ class Checkpointer:
         self.dht = make_dht(spec, tokens, swarm_key, initial_peers=list(spec.initial_peers),
                             identity_path=str(folder / "p2p.id"), host=self.host)
         self.model, self.scheduler = build_for_spec(spec)
+        # a prepared data set is opened once: its frozen parts are hashed and loaded at the first checkpoint only
+        self.source = open_source(spec.data) if spec.data.source.startswith("manifest:") else None
         self.follower = SwarmFollower(self.dht, spec, self.model)
         logger.info("run %s: checkpointer peer %s joined the swarm", self.run_id, peer_id)
 
@@ -211,7 +213,7 @@ class Checkpointer:
             pulled = time.perf_counter()
             folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
                                                 run_folder=self.checkpoints.run_folder(self.run_id),
-                                                checkpoints=self.checkpoints, key=self.key)
+                                                checkpoints=self.checkpoints, key=self.key, source=self.source)
             written = time.perf_counter()
             self.checkpoints.publish(self.run_id, epoch, folder, manifest)
             last_epoch = epoch

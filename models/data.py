@@ -262,12 +262,14 @@ MAX_MANIFEST_BYTES = 64 << 20
 MANIFEST_NAME = "manifest.json"
 
 
+def cache_root() -> Path:
+    """The project's cache folder: ``$OMI_SWARM_CACHE``, else ``~/.cache/omi-swarm``."""
+    return Path(os.environ.get("OMI_SWARM_CACHE", Path.home() / ".cache" / "omi-swarm"))
+
+
 def data_cache_dir(cache_dir: str | Path | None = None) -> Path:
-    """Where fetched data sets are cached: ``cache_dir``, else ``$OMI_SWARM_CACHE/data`` or
-    ``~/.cache/omi-swarm/data``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("OMI_SWARM_CACHE") or Path.home() / ".cache" / "omi-swarm") / "data"
+    """Where fetched data sets are cached: ``cache_dir``, else ``data/`` under :func:`cache_root`."""
+    return Path(cache_dir) if cache_dir is not None else cache_root() / "data"
 
 
 class LatentShardSource(DataSource):
@@ -318,6 +320,7 @@ class LatentShardSource(DataSource):
         self.starts = np.cumsum([0] + [shard.samples for shard in self.manifest.shards])
         self.cache_shards = cache_shards
         self.fetched_bytes = 0  # bytes this source downloaded
+        self._parts = None  # the frozen parts, once asked for
         self._shards: dict[int, list[tuple[torch.Tensor, torch.Tensor, dict]]] = {}
         self.null = torch.from_numpy(np.load(self._checked(self.manifest.null_caption)).astype(np.float32))
 
@@ -427,7 +430,12 @@ class LatentShardSource(DataSource):
 
     def frozen_parts(self):
         """The autoencoder, text encoder and tokenizer the data was prepared with (for sampling and checkpoints),
-        refused unless their files hash to the manifest's ``parts.sha256``."""
+        refused unless their files hash to the manifest's ``parts.sha256``; checked and loaded once per source."""
+        if self._parts is None:
+            self._parts = self._load_frozen_parts()
+        return self._parts
+
+    def _load_frozen_parts(self):
         from omi.models.text_to_image import load_frozen_parts, parts_hash
 
         where = Path(self.manifest.parts.source).expanduser()

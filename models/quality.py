@@ -84,9 +84,9 @@ def one_thread() -> Iterator[None]:
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("OMI_SWARM_CACHE", Path.home() / ".cache" / "omi-swarm"))
+    from omi.models.data import cache_root
+
+    return Path(cache_dir) if cache_dir is not None else cache_root()
 
 
 def _real_digits() -> tuple[torch.Tensor, torch.Tensor]:
