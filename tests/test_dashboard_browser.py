@@ -100,6 +100,9 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     wait_for(browser, "document.querySelectorAll('#checkpoints tbody tr').length > 0", 120, "a checkpoint row")
     listed = api(server, "/api/runs/digits/checkpoints")
     latest = listed[-1]
+    # the API may already list a checkpoint newer than the page's last poll: wait for the page to catch up
+    wait_for(browser, f"document.querySelector(\"#checkpoints tbody tr[data-epoch='{latest['epoch']}']\")", 30,
+             f"the row of checkpoint {latest['epoch']}")
     row = browser.find_element("css selector", f"#checkpoints tbody tr[data-epoch='{latest['epoch']}']")
     assert latest["manifest_sha256"] in row.text
     link = row.find_element("link text", "manifest.json").get_attribute("href")
