@@ -85,7 +85,9 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
 
     Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
     temporary folder that is fsynced and renamed to ``epoch-<E>``. Until the rename nothing is at the final name,
-    and nothing is listed until the caller publishes the folder.
+    and nothing is listed until the caller publishes the folder. The manifest of a text-to-image run's preview also
+    says what each cell shows: ``preview_prompts`` (one per cell, left to right, top to bottom) and
+    ``preview_columns`` (cells per row), which the dashboard prints under the grid.
 
     :param model: the UNet holding the swarm's parameters
     :param scheduler: the run's DDPM scheduler
@@ -99,7 +101,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
         frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
     """
     from omi.models import open_source, params_hash, save_grid
-    from omi.models.sampling import draw, run_drawing, save_model
+    from omi.models.sampling import cell_prompts, draw, grid_columns, run_drawing, save_model
 
     final = run_folder / folder_name(epoch)
     tmp = run_folder / f"{TMP_PREFIX}{folder_name(epoch)}-{os.getpid()}"
@@ -110,10 +112,14 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     parts, prompts = run_drawing(source)
     save_model(model, scheduler, tmp, parts=parts)
     _stall(epoch)
+    shown = {}  # a grid drawn from prompts: what each of its cells shows
     if preview:
-        images = draw(model, scheduler, spec.checkpoints.preview_samples, PREVIEW_STEPS, PREVIEW_SEED, parts=parts,
-                      prompts=prompts)
-        save_grid(images, tmp / PREVIEW_FILENAME)
+        n = spec.checkpoints.preview_samples
+        columns = grid_columns(n)
+        images = draw(model, scheduler, n, PREVIEW_STEPS, PREVIEW_SEED, parts=parts, prompts=prompts)
+        save_grid(images, tmp / PREVIEW_FILENAME, nrow=columns)
+        if prompts:
+            shown = dict(preview_prompts=cell_prompts(prompts, n), preview_columns=columns)
     files = [dict(path=path.relative_to(tmp).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
              for path in sorted(tmp.rglob("*")) if path.is_file()]
     summary = checkpoints.ledger_summary(spec.run_id, epoch)
@@ -123,7 +129,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
         params_hash=params_hash(model).hex(), files=files, contributors=summary.contributors,
         data_shards=summary.data_shards, data_source=spec.data.source,
         coordinator_public_key=signing.public_bytes(key).hex(),
-        **({"data": source.provenance(summary.data_shards)} if parts is not None else {}),
+        **({"data": source.provenance(summary.data_shards)} if parts is not None else {}), **shown,
     ), key)
     (tmp / MANIFEST_FILENAME).write_bytes(manifest_to_bytes(manifest))
     _fsync_tree(tmp)

@@ -135,13 +135,20 @@ class Runs:
         spec.coordinator_public_key = self.coordinator_public_key
         if self.swarm_peers is not None:
             spec.initial_peers.extend(self.swarm_peers(spec))
-        kind, _, folder = spec.data.source.partition(":")
-        if kind == "manifest" and self.public_url and "://" not in folder:
+        folder = self.data_folder(run_id)
+        if folder is not None and self.public_url:
             # a prepared data set in a folder here: nodes fetch the shards they are assigned from this coordinator's
             # HTTP port, and the manifest's sha256 pins what they may accept
-            digest = hashlib.sha256((Path(folder).expanduser() / MANIFEST_NAME).read_bytes()).hexdigest()
+            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
             spec.data.source = f"manifest:{self.public_url}{data_url_path(run_id)}#sha256:{digest}"
         return spec
+
+    def data_folder(self, run_id: str) -> Path | None:
+        """The folder of the run's prepared data set when it is on this machine (``manifest:FOLDER``), which the
+        HTTP port serves under :func:`data_url_path`; None for any other data source (a built-in one, or a
+        ``manifest:URL`` this coordinator does not hold)."""
+        kind, _, where = self.get(run_id).spec.data.source.partition(":")
+        return Path(where).expanduser() if kind == "manifest" and "://" not in where else None
 
     def observe_epoch(self, run_id: str, epoch: int) -> None:
         """A node reports being at ``epoch``; the run's epoch follows, one step at a time so one liar cannot

@@ -1,4 +1,5 @@
-"""Read-only views of a run for the dashboard: status, history, contributors and checkpoints, as plain dataclasses.
+"""Read-only views of a run for the dashboard: status, history, contributors, checkpoints and the data card, as
+plain dataclasses.
 
 Every function here only reads: the coordinator's in-memory state (runs, heartbeats) and the store. The
 dashboard's JSON API and its Prometheus ``/metrics`` both build on these, so the two always agree.
@@ -12,17 +13,22 @@ dashboard's JSON API and its Prometheus ``/metrics`` both build on these, so the
 ('running', [])
 """
 
+import hashlib
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from omi.coordinator.core import Coordinator
+from omi.coordinator.errors import NotFound
+from omi.coordinator.runs import data_url_path
 from omi.coordinator.states import OPEN_AUDIT_STATES, RUN_STATE_NAMES, AuditState, ContributionStatus
 from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token, int_sum
 from omi.protos import pb
 from omi.protos.clock import now_ms
+from omi.protos.dataset import DATA_CARD_NAME, MANIFEST_NAME, ManifestError, parse_manifest
 from sqlalchemy import case, func, select
 
 logger = logging.getLogger(__name__)
@@ -62,6 +68,9 @@ class CheckpointView:
     manifest_url: str  # /runs/{run}/checkpoints/{epoch}/manifest.json
     preview_url: str | None = None  # the preview grid PNG listed in the manifest, if any
     files: list[CheckpointFile] = field(default_factory=list)  # from the manifest, when it is readable here
+    # a text-to-image preview: the prompt of each cell (left to right, top to bottom) and the cells per row
+    preview_prompts: list[str] = field(default_factory=list)
+    preview_columns: int | None = None
 
 
 @dataclass
@@ -123,6 +132,29 @@ class ContributorView:
     utilization: float | None = None
     micro_batches_per_contribution: float | None = None  # rounds: inner steps per round (recent contributions)
     bytes_per_sample: float | None = None  # rounds: all-reduce bytes it reports per sample (recent contributions)
+
+
+@dataclass
+class DataCardView:
+    """A text-to-image run's prepared data set, as its ``manifest.json`` (a
+    :class:`~omi.protos.dataset.DatasetManifest`) describes it."""
+
+    run_id: str
+    name: str                 # the data set's name
+    model: str                # the model whose frozen parts made its latents and caption embeddings
+    resolution: int           # side of the images, in pixels
+    source: str               # the data card: where the images come from
+    license_terms: str        # what the licences allow and require
+    filtering: str            # what was left out, and why ("" if not stated)
+    caption_origin: str       # who or what wrote the captions ("" if not stated)
+    samples: int
+    shards: int               # prepared shards
+    licenses: dict[str, int]  # licence (SPDX id) -> samples
+    refused: dict[str, int]   # reason -> samples left out at preparation
+    parts_sha256: str         # the frozen autoencoder and text encoder the data set was made with
+    manifest_sha256: str      # what a checkpoint's manifest names as ``data.manifest_sha256``
+    manifest_url: str         # /runs/{run}/data/manifest.json
+    card_url: str | None      # /runs/{run}/data/DATA_CARD.md, when the data set has one
 
 
 def state_name(state: int) -> str:
@@ -261,22 +293,35 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
     views = []
     for r in rows:
         base = f"/runs/{run_id}/checkpoints/{r.epoch}"
-        listed = manifest_files(str(coordinator.checkpoints.folder(run_id, r.epoch)), r.manifest_sha256) \
-            if has_folders else ()
-        files = [CheckpointFile(name, f"{base}/{name}", sha, size) for name, sha, size in listed]
+        listed = read_checkpoint_manifest(str(coordinator.checkpoints.folder(run_id, r.epoch)), r.manifest_sha256) \
+            if has_folders else UNREADABLE
+        files = [CheckpointFile(name, f"{base}/{name}", sha, size) for name, sha, size in listed.files]
         preview = next((f.url for f in files if f.name.lower().endswith(".png")), None)
         views.append(CheckpointView(epoch=r.epoch, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
                                     size_bytes=r.size_bytes, created_at_ms=r.created_at_ms, milestone=r.milestone,
-                                    manifest_url=f"{base}/manifest.json", preview_url=preview, files=files))
+                                    manifest_url=f"{base}/manifest.json", preview_url=preview, files=files,
+                                    preview_prompts=list(listed.preview_prompts),
+                                    preview_columns=listed.preview_columns))
     return views
 
 
-# (folder, manifest sha256) -> files: keyed by the manifest's hash, so an entry is never stale, in any process
-_MANIFESTS: dict[tuple[str, str], tuple[tuple[str, str, int], ...]] = {}
+class CheckpointListing(NamedTuple):
+    """What the dashboard shows of a checkpoint's ``manifest.json``."""
+
+    files: tuple[tuple[str, str, int], ...]  # (name, sha256, size) of every file it lists, by name
+    preview_prompts: tuple[str, ...]  # the prompt of each preview cell, in grid order (text-to-image runs)
+    preview_columns: int | None  # cells per row of the preview grid, when the manifest says
 
 
-def manifest_files(folder: str, manifest_sha256: str) -> tuple[tuple[str, str, int], ...]:
-    """(name, sha256, size) of every file a checkpoint's ``manifest.json`` lists; () if it is not readable here.
+UNREADABLE = CheckpointListing((), (), None)
+
+# (folder, manifest sha256) -> listing: keyed by the manifest's hash, so an entry is never stale, in any process
+_MANIFESTS: dict[tuple[str, str], CheckpointListing] = {}
+
+
+def read_checkpoint_manifest(folder: str, manifest_sha256: str) -> CheckpointListing:
+    """The files and preview prompts a checkpoint's ``manifest.json`` lists; :data:`UNREADABLE` if it is not
+    readable here.
 
     A manifest read once is kept by its hash: a checkpoint never changes once written. ``files`` may be
     a mapping ``name -> {sha256, size}`` or a list of ``{path|name, sha256, size}``.
@@ -287,8 +332,10 @@ def manifest_files(folder: str, manifest_sha256: str) -> tuple[tuple[str, str, i
     try:
         manifest = json.loads((Path(folder) / "manifest.json").read_text())
     except (OSError, ValueError):
-        return ()
-    files = manifest.get("files", ()) if isinstance(manifest, dict) else ()
+        return UNREADABLE
+    if not isinstance(manifest, dict):
+        manifest = {}
+    files = manifest.get("files", ())
     if isinstance(files, dict):
         files = [{"path": name, **(meta if isinstance(meta, dict) else {})} for name, meta in files.items()]
     listed = []
@@ -297,5 +344,31 @@ def manifest_files(folder: str, manifest_sha256: str) -> tuple[tuple[str, str, i
         if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
             continue
         listed.append((name, str(entry.get("sha256", "")), int(entry.get("size", entry.get("size_bytes", 0)) or 0)))
-    _MANIFESTS[key] = tuple(sorted(listed))
+    prompts = manifest.get("preview_prompts", [])
+    prompts = tuple(prompts) if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) else ()
+    columns = manifest.get("preview_columns")
+    columns = columns if isinstance(columns, int) and columns > 0 else None
+    _MANIFESTS[key] = CheckpointListing(tuple(sorted(listed)), prompts, columns)
     return _MANIFESTS[key]
+
+
+def data_card(coordinator: Coordinator, run_id: str) -> DataCardView:
+    """The prepared data set of a text-to-image run, from its ``manifest.json``; ``NotFound`` for an unknown run
+    and for a run without a prepared data set on this coordinator (a built-in source, or a ``manifest:URL``)."""
+    folder = coordinator.runs.data_folder(run_id)
+    if folder is None:
+        source = coordinator.runs.get(run_id).spec.data.source
+        raise NotFound(f"run '{run_id}' has no prepared data set on this coordinator (its data: {source})")
+    try:
+        raw = (folder / MANIFEST_NAME).read_bytes()
+        manifest = parse_manifest(raw)
+    except (OSError, ManifestError) as e:
+        raise NotFound(f"the data set of run '{run_id}' is not readable: {e}") from None
+    card, base = manifest.card, data_url_path(run_id)
+    return DataCardView(
+        run_id=run_id, name=manifest.name, model=manifest.model, resolution=manifest.resolution,
+        source=card.source, license_terms=card.license_terms, filtering=card.filtering,
+        caption_origin=card.caption_origin, samples=manifest.samples, shards=len(manifest.shards),
+        licenses=dict(manifest.licenses), refused=dict(manifest.refused), parts_sha256=manifest.parts.sha256,
+        manifest_sha256=hashlib.sha256(raw).hexdigest(), manifest_url=f"{base}/{MANIFEST_NAME}",
+        card_url=f"{base}/{DATA_CARD_NAME}" if (folder / DATA_CARD_NAME).is_file() else None)

@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, Response
 from omi.coordinator import views
 from omi.coordinator.core import Coordinator
+from omi.coordinator.errors import NotFound
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,9 @@ MAX_ENTRIES = 1024    # cached answers kept at most (the oldest go first)
 MAX_BYTES = 64 << 20  # and at most this much JSON: one history answer can be megabytes, and every `since` differs
 NOT_FOUND = {404: {"description": "no such run", "content": {"application/json": {"example": {
     "detail": "no run 'x'"}}}}}
+NO_DATA_SET = {404: {"description": "no such run, or the run has no prepared data set on this coordinator",
+                     "content": {"application/json": {"example": {"detail": (
+                         "run 'x' has no prepared data set on this coordinator (its data: builtin:digits)")}}}}}
 
 
 def _clean(value: Any) -> Any:
@@ -137,5 +141,15 @@ def create_router(coordinator: Coordinator, snapshots: Snapshots) -> APIRouter:
     async def run_checkpoints(run: str) -> Response:
         known(run)
         return await answer(("checkpoints", run), lambda: views.checkpoint_views(coordinator, run))
+
+    @router.get("/runs/{run}/data-card", response_model=views.DataCardView, responses=NO_DATA_SET,
+                summary="A text-to-image run's prepared data set: its data card, licence tally, refusals, sizes and "
+                        "hashes, with links to its manifest.json and DATA_CARD.md")
+    async def run_data_card(run: str) -> Response:
+        known(run)
+        try:
+            return await answer(("data-card", run), lambda: views.data_card(coordinator, run))
+        except NotFound as e:
+            raise HTTPException(status_code=404, detail=str(e)) from None
 
     return router

@@ -4,7 +4,8 @@
     GET /runs/{run}/checkpoints/{epoch|latest}/manifest.json
     GET /runs/{run}/checkpoints/{epoch|latest}/{file}     a file the manifest lists; ``Range`` requests honoured
     GET /runs/{run}/data/{file}                           a text-to-image run's prepared data set: its
-                                                          manifest.json and the files it lists (shards)
+                                                          manifest.json, the files it lists (shards) and
+                                                          DATA_CARD.md
 
 Only checkpoints listed in the ``checkpoints`` table are served, and of them only the files their manifest
 names, so a checkpoint being written (a temporary folder) or a path outside it is never reachable. Byte ranges
@@ -14,7 +15,6 @@ are Starlette's ``FileResponse`` (206 with ``Content-Range``, 416 past the end),
 
 import json
 import logging
-from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from omi.coordinator.core import Coordinator
 from omi.coordinator.errors import NotFound
 from omi.protos import pb
-from omi.protos.dataset import MANIFEST_NAME, ManifestError, read_manifest
+from omi.protos.dataset import DATA_CARD_NAME, MANIFEST_NAME, ManifestError, read_manifest
 from omi.protos.manifest import MANIFEST_FILENAME
 
 logger = logging.getLogger(__name__)
@@ -79,20 +79,20 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
     @router.get("/runs/{run_id}/data/{file_path:path}")
     def data_file(run_id: str, file_path: str) -> FileResponse:
         try:
-            source = coordinator.runs.get(run_id).spec.data.source
+            folder = coordinator.runs.data_folder(run_id)
         except NotFound as e:
             raise HTTPException(404, str(e)) from None
-        kind, _, where = source.partition(":")
-        if kind != "manifest" or "://" in where:
+        if folder is None:
             raise HTTPException(404, f"run {run_id!r} has no prepared data set here")
-        folder = Path(where).expanduser()
         try:
             manifest = read_manifest(folder)
         except ManifestError as e:
             raise HTTPException(404, str(e)) from None
-        listed = {MANIFEST_NAME, manifest.null_caption.file, *(shard.file for shard in manifest.shards)}
-        if file_path not in listed:
+        listed = {MANIFEST_NAME, DATA_CARD_NAME, manifest.null_caption.file, *(shard.file for shard in manifest.shards)}
+        if file_path not in listed or not (folder / file_path).is_file():
             raise HTTPException(404, f"the data set of run {run_id!r} has no file {file_path!r}")
+        if file_path == DATA_CARD_NAME:  # text, so that the dashboard's link opens it in the browser
+            return FileResponse(folder / file_path, media_type="text/plain; charset=utf-8")
         return FileResponse(folder / file_path, media_type="application/octet-stream")
 
     return router

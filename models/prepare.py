@@ -34,6 +34,7 @@ from omi.models import text_to_image as t2i
 from omi.models.data import DIGIT_PROMPTS, IMAGE_EXTENSIONS, digit_caption, expand_pattern, load_image
 from omi.models.quality import one_thread
 from omi.protos.dataset import (
+    DATA_CARD_NAME,
     MANIFEST_NAME,
     DataCard,
     DatasetManifest,
@@ -374,7 +375,7 @@ def prepare(
                          else _first_captions(out, progress.shards, PREVIEW_PROMPTS)),
     )
     (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
-    (out / "DATA_CARD.md").write_text(data_card_markdown(manifest))
+    (out / DATA_CARD_NAME).write_text(data_card_markdown(manifest))
     (out / PROGRESS_NAME).unlink()
     logger.info("prepared %s: %d samples in %d shards, %d refused", out, manifest.samples, len(manifest.shards),
                 sum(refused.values()))

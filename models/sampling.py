@@ -80,7 +80,7 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, *, padding: int = 2
     :param scale: nearest-neighbour upscaling factor, to make 16x16 digits visible
     """
     n, channels, height, width = images.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = nrow or grid_columns(n)
     rows = math.ceil(n / nrow)
     pixels = to_uint8(images)
     grid = np.zeros((rows * (height + padding) + padding, nrow * (width + padding) + padding, channels), np.uint8)
@@ -91,6 +91,11 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, *, padding: int = 2
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     return picture
+
+
+def grid_columns(n: int) -> int:
+    """Images per row of a square-ish grid of ``n``: :func:`make_grid`'s default."""
+    return math.ceil(math.sqrt(n))
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
@@ -148,8 +153,16 @@ def draw(model: torch.nn.Module, scheduler: Any, n: int, steps: int, seed: int, 
 
     if not prompts:
         raise ValueError("a text-to-image model draws from prompts: none given")
-    return generate_from_prompts(model, scheduler, parts, [prompts[i % len(prompts)] for i in range(n)],
-                                 steps=steps, seed=seed)
+    return generate_from_prompts(model, scheduler, parts, cell_prompts(prompts, n), steps=steps, seed=seed)
+
+
+def cell_prompts(prompts: tuple[str, ...] | list[str], n: int) -> list[str]:
+    """The prompt of each of ``n`` preview images, in grid order: ``prompts`` in turn (what :func:`draw` draws).
+
+    >>> cell_prompts(("a zero", "a one", "a two"), 4)
+    ['a zero', 'a one', 'a two', 'a zero']
+    """
+    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 def run_drawing(source) -> tuple[Any, tuple[str, ...]]:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 FORMAT = "omi-dataset-v1"
 MANIFEST_NAME = "manifest.json"
+DATA_CARD_NAME = "DATA_CARD.md"  # the data card for people, beside the manifest
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -14,11 +14,16 @@ import urllib.request
 import pytest
 import torch
 from coordinator_helpers import ServerThread, contribution_for, run_toml
+from omi.coordinator.checkpointer import write_checkpoint
 from omi.coordinator.store import Checkpoint
 from omi.coordinator.views import AuditCounts
 from omi.dashboard.api import Snapshots
-from omi.models import MicroBatchRecord, merkle_root
-from omi.protos import pb
+from omi.models import MicroBatchRecord, build_model, merkle_root
+from omi.models.data import DIGIT_PROMPTS
+from omi.protos import pb, signing
+from omi.protos.manifest import verify_manifest
+from PIL import Image
+from processes import ROOT
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
@@ -155,6 +160,12 @@ def test_unknown_run_is_404_json(swarm):
         assert json.loads(body) == {"detail": "no run 'nope'"}
     assert get(swarm.http, "/runs/nope")[0] == 404
     assert get(swarm.http, "/runs/t")[0] == 200
+    status, body, _ = get(swarm.http, "/api/runs/nope/data-card")
+    assert status == 404 and json.loads(body) == {"detail": "no run 'nope'"}
+    # a run that trains on a built-in source has no data card: the page hides its Data section
+    status, body, _ = get(swarm.http, "/api/runs/t/data-card")
+    assert status == 404 and json.loads(body) == {
+        "detail": "run 't' has no prepared data set on this coordinator (its data: builtin:digits)"}
 
 
 def test_api_is_read_only_and_documented(swarm):
@@ -171,7 +182,7 @@ def test_api_is_read_only_and_documented(swarm):
     assert swarm.store.row_counts() == before
     schema = get_json(swarm.http, "/openapi.json")
     for path in ("/api/runs", "/api/runs/{run}/status", "/api/runs/{run}/history", "/api/runs/{run}/contributors",
-                 "/api/runs/{run}/checkpoints", "/metrics"):
+                 "/api/runs/{run}/checkpoints", "/api/runs/{run}/data-card", "/metrics"):
         assert set(schema["paths"][path]) == {"get"}, path
     status_schema = schema["paths"]["/api/runs/{run}/status"]["get"]["responses"]
     assert status_schema["200"]["content"]["application/json"]["schema"]["$ref"].endswith("RunStatusView")
@@ -224,11 +235,50 @@ def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
     assert checkpoint["preview_url"] == "/runs/t/checkpoints/1/preview.png"
     assert {f["name"]: f["sha256"] for f in checkpoint["files"]} == {
         name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    assert checkpoint["preview_prompts"] == [] and checkpoint["preview_columns"] is None  # an unconditional run
     assert get_json(swarm.http, "/api/runs/t/status")["latest_checkpoint"]["epoch"] == 1
     _, body, _ = get(swarm.http, "/metrics")
     ages = [s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
             if s.name == "omi_checkpoint_age_seconds"]
     assert len(ages) == 1 and 29 <= ages[0] < 120
+
+
+def test_a_text_to_image_run_shows_its_data_card_and_the_prompts_of_its_preview(captioned_digits, tmp_path,
+                                                                                 one_torch_thread):
+    """The data card is the prepared data set's manifest.json (its DATA_CARD.md served beside it); a checkpoint's
+    preview names the prompt of each cell, in the order the grid was drawn and laid out."""
+    run_id, data = "digits-captioned", captioned_digits
+    spec_toml = (ROOT / "examples/runs/digits-captioned.toml").read_text()
+    spec_toml = spec_toml.replace('source = "manifest:data/digits-captioned"', f'source = "manifest:{data}"')
+    spec_toml = spec_toml.replace("preview_samples = 16", "preview_samples = 12")  # 10 prompts: row 3 wraps around
+    dataset = json.loads((data / "manifest.json").read_text())
+    with ServerThread(tmp_path / "state", spec_toml, http=True) as server:
+        card = get_json(server.http, f"/api/runs/{run_id}/data-card")
+        assert (card["run_id"], card["name"], card["model"], card["resolution"]) == (
+            run_id, dataset["name"], "sana-digits", 32)
+        assert {k: card[k] for k in dataset["card"]} == dataset["card"]
+        assert card["licenses"] == dataset["licenses"] == {"CC-BY-4.0": 1797}
+        assert (card["samples"], card["shards"], card["refused"]) == (1797, len(dataset["shards"]), {})
+        assert card["parts_sha256"] == dataset["parts"]["sha256"]
+        assert card["manifest_sha256"] == hashlib.sha256((data / "manifest.json").read_bytes()).hexdigest()
+        assert get(server.http, card["manifest_url"])[1] == (data / "manifest.json").read_bytes()
+        status, body, headers = get(server.http, card["card_url"])
+        assert status == 200 and body == (data / "DATA_CARD.md").read_bytes()
+        assert headers["content-type"].startswith("text/plain")  # opens in the browser
+
+        coordinator = server.coordinator
+        model, scheduler = build_model("sana-digits")
+        folder, manifest = write_checkpoint(model, scheduler, spec=coordinator.runs.spec_for_nodes(run_id), epoch=1,
+                                            run_folder=coordinator.checkpoints.run_folder(run_id),
+                                            checkpoints=coordinator.checkpoints, key=coordinator.key)
+        coordinator.checkpoints.publish(run_id, 1, folder, manifest)
+        [checkpoint] = get_json(server.http, f"/api/runs/{run_id}/checkpoints")
+    cells = [DIGIT_PROMPTS[i % 10] for i in range(12)]
+    assert manifest["preview_prompts"] == checkpoint["preview_prompts"] == cells
+    assert manifest["preview_columns"] == checkpoint["preview_columns"] == 4
+    assert verify_manifest(manifest, signing.public_bytes(coordinator.key))
+    # 4 cells of 32 pixels per row, 3 rows, 2 pixels apart, upscaled twice: the grid the prompts describe
+    assert Image.open(folder / "preview.png").size == ((4 * 34 + 2) * 2, (3 * 34 + 2) * 2)
 
 
 def test_snapshots_reuse_an_answer_for_ttl_seconds():

@@ -13,6 +13,7 @@ const fmt1 = new Intl.NumberFormat("en-US", {maximumFractionDigits: 1});
 
 const omi = window.omiDashboard = {
   run: null, status: null, contributors: [], checkpoints: [],
+  dataCard: undefined,  // the run's data card once asked for: an object, or null for a run without one
   history: {since: 0, t: [], loss: [], throughput: [], volunteers: []},
   charts: {}, sort: {key: "samples", dir: -1}, polls: 0, failures: 0, lastOk: 0,
 };
@@ -225,22 +226,73 @@ function renderCheckpoints() {
     el("img", {src: c.preview_url, alt: `samples at epoch ${c.epoch}`, loading: "lazy"}),
     el("figcaption", {text: `${i === 0 ? "latest · " : ""}epoch ${fmtInt.format(c.epoch)}`}))));
   $("previews-empty").hidden = withPreview.length > 0;
+  renderPreviewPrompts(withPreview[0]);
+}
+
+// The prompts of a text-to-image grid, one table row per grid row, so each sits where its image does.
+function renderPreviewPrompts(checkpoint) {
+  const prompts = checkpoint ? checkpoint.preview_prompts : [];
+  const columns = (checkpoint && checkpoint.preview_columns) || prompts.length;
+  const rows = [];
+  for (let i = 0; i < prompts.length; i += columns) {
+    rows.push(el("tr", {}, ...prompts.slice(i, i + columns).map((prompt) => el("td", {text: prompt}))));
+  }
+  $("preview-prompts").querySelector("tbody").replaceChildren(...rows);
+  if (checkpoint) setText("preview-prompts-epoch", `epoch ${fmtInt.format(checkpoint.epoch)}`);
+  $("preview-prompts").hidden = prompts.length === 0;
+}
+
+// A run without a prepared data set answers 404 here (null): its Data section stays hidden.
+async function getDataCard(run) {
+  const response = await fetch(`/api/runs/${run}/data-card`, {cache: "no-store"});
+  if (response.status === 404) return null;
+  if (!response.ok) throw new Error(`data card: HTTP ${response.status}`);
+  return response.json();
+}
+
+function renderDataCard() {
+  const d = omi.dataCard;
+  $("data").hidden = !d;
+  if (!d) return;
+  setText("data-name", d.name);
+  setText("data-source", d.source);
+  setText("data-license-terms", d.license_terms);
+  setText("data-filtering", d.filtering || "not stated");
+  setText("data-caption-origin", d.caption_origin || "not stated");
+  setText("data-size", `${fmtInt.format(d.samples)} samples in ${fmtInt.format(d.shards)} shards, ` +
+                       `${d.resolution}×${d.resolution} pixels, prepared for ${d.model}`);
+  setText("data-parts", d.parts_sha256);
+  setText("data-manifest-sha", d.manifest_sha256);
+  const licenses = Object.entries(d.licenses).sort((a, b) => b[1] - a[1] || a[0].localeCompare(b[0]));
+  $("data-licenses").tBodies[0].replaceChildren(...licenses.map(([license, n]) => el("tr", {},
+    el("td", {text: license}), el("td", {class: "num", text: fmtInt.format(n)}),
+    el("td", {class: "num", text: `${fmt1.format(100 * n / Math.max(d.samples, 1))} %`}))));
+  const refused = Object.entries(d.refused).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+  $("data-refused").tBodies[0].replaceChildren(...refused.map(([reason, n]) => el("tr", {},
+    el("td", {text: reason}), el("td", {class: "num", text: fmtInt.format(n)}))));
+  $("data-refused").hidden = refused.length === 0;
+  $("data-refused-none").hidden = refused.length > 0;
+  $("data-card-link").href = d.card_url || "#";
+  $("data-card-link").hidden = !d.card_url;
+  $("data-manifest-link").href = d.manifest_url;
 }
 
 async function pollRun() {
   const run = encodeURIComponent(omi.run);
   const slow = omi.polls % SLOW_EVERY === 0;
-  const [status, history, contributors, checkpoints] = await Promise.all([
+  const [status, history, contributors, checkpoints, dataCard] = await Promise.all([
     getJSON(`/api/runs/${run}/status`),
     getJSON(`/api/runs/${run}/history?since=${omi.history.since}`),
     slow ? getJSON(`/api/runs/${run}/contributors`) : null,
     slow ? getJSON(`/api/runs/${run}/checkpoints`) : null,
+    omi.dataCard === undefined ? getDataCard(run) : undefined,  // a run's data set never changes: asked once
   ]);
   omi.status = status;
   renderStatus(status);
   renderHistory(history);
   if (contributors) { omi.contributors = contributors; renderContributors(); }
   if (checkpoints) { omi.checkpoints = checkpoints; renderCheckpoints(); }
+  if (dataCard !== undefined) { omi.dataCard = dataCard; renderDataCard(); }
 }
 
 // ------------------------------------------------------------------ polling loop
