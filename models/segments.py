@@ -26,9 +26,13 @@ True
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import struct
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omi.models.data import DataSource
@@ -36,6 +40,7 @@ from omi.models.microbatch import GradientSketch, MicroBatchRecord
 from omi.models.replay import recompute
 from omi.protos import pb
 
+SPILL_BYTES = 256 << 20  # a training state larger than this is kept on disk, not in memory (RoundStates)
 SEPARATOR = "|"  # between a parameter's name and the name of one of its optimizer statistics
 DEFAULT_SEGMENT_STEPS = 5  # a RunSpec built in code without verification.segment_steps
 
@@ -68,6 +73,79 @@ def state_hash(state: dict[str, torch.Tensor]) -> bytes:
         digest.update(struct.pack("<I", len(header)) + header)
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.digest()
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+class RoundStates:
+    """The training states a node commits to in one round (start, every k inner steps, end), kept until it learns
+    whether the round is audited: in memory, or as safetensors files in ``folder`` once one state is larger than
+    ``spill_bytes`` (a 0.6 B model with AdamW is ~7 GB per state, a round holds H/k + 1 of them).
+
+    >>> states = RoundStates(folder=None)
+    >>> digest = states.add({"w": torch.zeros(2)})
+    >>> states.hashes == [digest] and isinstance(states.held(digest), dict)
+    True
+
+    :param folder: where spilled states go (a temporary folder of this round is made in it); None: in memory only
+    :param spill_bytes: states larger than this go to disk when ``folder`` is set
+    """
+
+    def __init__(self, folder: Path | None, spill_bytes: int = SPILL_BYTES):
+        self.folder, self.spill_bytes = folder, spill_bytes
+        self._held: dict[bytes, dict[str, torch.Tensor] | Path] = {}
+        self.hashes: list[bytes] = []  # in the order they were taken (the contribution's segment_hashes)
+        self._dir: Path | None = None
+
+    @staticmethod
+    def clean(folder: Path) -> None:
+        """Delete the rounds' states a node killed mid-round left in ``folder``."""
+        for stale in folder.glob("round-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def add(self, state: dict[str, torch.Tensor]) -> bytes:
+        """Keep ``state``; returns its :func:`state_hash`."""
+        from safetensors.torch import save_file
+
+        digest = state_hash(state)
+        self.hashes.append(digest)
+        if digest in self._held:
+            return digest
+        if self.folder is not None and state_bytes(state) > self.spill_bytes:
+            if self._dir is None:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                self._dir = Path(tempfile.mkdtemp(prefix="round-", dir=self.folder))
+            path = self._dir / f"{digest.hex()}.safetensors"
+            save_file({name: t.contiguous() for name, t in state.items()}, str(path))
+            self._held[digest] = path
+        else:
+            self._held[digest] = state
+        return digest
+
+    def held(self, digest: bytes) -> dict[str, torch.Tensor] | Path:
+        """The state with ``digest``: the tensors, or the safetensors file they were spilled to."""
+        return self._held[digest]
+
+    def items(self) -> Iterator[tuple[bytes, dict[str, torch.Tensor] | Path]]:
+        return iter(list(self._held.items()))
+
+    def release(self, digest: bytes) -> None:
+        """Forget ``digest`` without deleting its file (whoever took the file owns it now)."""
+        self._held.pop(digest, None)
+
+    def discard(self) -> None:
+        """Drop every state still held; spilled files are deleted."""
+        for held in self._held.values():
+            if isinstance(held, Path):
+                held.unlink(missing_ok=True)
+        self._held.clear()
+        if self._dir is not None:
+            try:
+                os.rmdir(self._dir)
+            except OSError:  # files handed over to a server still live there
+                pass
 
 
 def load_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

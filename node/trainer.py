@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import torch
@@ -37,7 +38,7 @@ from omi.models import (
     sent_sketch,
 )
 from omi.models.data import DataSource
-from omi.models.segments import segment_steps, state_hash, training_state
+from omi.models.segments import RoundStates, segment_steps, training_state
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsServer, snapshot
@@ -90,12 +91,14 @@ class Trainer:
     :param status: the node's status, updated after every micro-batch
     :param on_status: called with the status after every change (the live view)
     :param stop: set to stop after the current micro-batch
+    :param segments_dir: where a round's training states go when they are too large for memory
+        (:class:`omi.models.segments.RoundStates`); None keeps them in memory
     """
 
     def __init__(self, session: NodeSession, spec: pb.RunSpec, *, model: torch.nn.Module, scheduler,
                  source: DataSource, optimizer, params_server: ParamsServer, micro_batch_size: int,
                  status: NodeStatus | None = None, on_status: Callable[[NodeStatus], None] | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None, segments_dir: Path | None = None):
         self.session, self.client, self.spec = session, session.client, spec
         self.model, self.scheduler, self.source, self.optimizer = model, scheduler, source, optimizer
         self.params_server, self.micro_batch_size = params_server, micro_batch_size
@@ -105,6 +108,9 @@ class Trainer:
         self.stop = stop or threading.Event()
         self.records: dict[int, list[MicroBatchRecord]] = {}  # epoch -> records, for audits
         self._epoch_started: float | None = None  # when the swarm's current epoch began (for swarm samples/s)
+        self.segments_dir = segments_dir
+        if segments_dir is not None:
+            RoundStates.clean(segments_dir)  # states a killed node left behind
 
     # ---------------------------------------------------------------- work
 
@@ -154,16 +160,23 @@ class Trainer:
         ``verification.segment_steps`` inner steps and at the end (``segment_hashes``), the states a segment audit
         replays from.
         """
-        opt, training = self.optimizer, self.spec.training
-        round_number = opt.begin_round()
+        round_number = self.optimizer.begin_round()
         assignment = self._get_work(round_number)
         if self.stop.is_set():
             return
         self.set_state("training")
         self.status.epoch = round_number
+        segments = RoundStates(self.segments_dir)  # the training state at step 0, k, 2k, ..., the end
+        try:
+            self._train_round(round_number, assignment, segments)
+        finally:
+            segments.discard()  # what an audit needs was handed to the params server
+
+    def _train_round(self, round_number: int, assignment: pb.WorkAssignment, segments: RoundStates) -> None:
+        opt, training = self.optimizer, self.spec.training
         started_hash, started_params = params_hash(self.model), snapshot(self.model)
         steps_per_segment = segment_steps(self.spec)
-        segments = [training_state(self.model, opt.inner)]  # the training state at step 0, k, 2k, ..., the end
+        segments.add(training_state(self.model, opt.inner))
         records: list[MicroBatchRecord] = []
         compute_seconds, started = 0.0, time.perf_counter()
         order = assignment_indices(assignment)  # empty when every shard of the round is taken
@@ -182,14 +195,14 @@ class Trainer:
             compute_seconds += time.perf_counter() - tick
             records.append(record)
             if len(records) % steps_per_segment == 0:
-                segments.append(training_state(self.model, opt.inner))
+                segments.add(training_state(self.model, opt.inner))
             self._update_status(records, compute_seconds, started)
         else:
             opt.wait_for_round_end(self.stop)
         if self.stop.is_set():
             return
         if len(records) % steps_per_segment:
-            segments.append(training_state(self.model, opt.inner))
+            segments.add(training_state(self.model, opt.inner))
         end_hash = params_hash(self.model)
         result = opt.end_round()
         self.status.last_group_size = result.group_size
@@ -267,11 +280,15 @@ class Trainer:
         """The coordinator audits ``epoch``: keep the parameters it started from for validators to fetch."""
         self.params_server.hold(started_hash, started_params)
 
-    def _hold_segments(self, round_number: int, segments: list[dict[str, torch.Tensor]]) -> None:
+    def _hold_segments(self, round_number: int, segments: RoundStates) -> None:
         """The coordinator audits ``round_number``: keep its training states for the validator, which replays one
         segment from its start state."""
-        for state in segments:
-            self.params_server.hold(state_hash(state), state)
+        for digest, held in segments.items():
+            if isinstance(held, Path):  # spilled to disk: the server takes the file over
+                self.params_server.hold_file(digest, held)
+                segments.release(digest)
+            else:
+                self.params_server.hold(digest, held)
 
     def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
         opt, status = self.optimizer, self.status
@@ -293,7 +310,7 @@ class Trainer:
     def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
                 records: list[MicroBatchRecord], compute_seconds: float,
                 started_params: dict[str, torch.Tensor], round_result: RoundResult | None = None,
-                end_hash: bytes = b"", segments: list[dict[str, torch.Tensor]] = ()) -> None:
+                end_hash: bytes = b"", segments: RoundStates | None = None) -> None:
         records = self._commit(epoch, records)
         if not records:  # no data this epoch (every shard was taken): nothing to report
             return
@@ -305,7 +322,7 @@ class Trainer:
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
         )
         if round_result is not None:
-            contribution.segment_hashes.extend(state_hash(state) for state in segments)
+            contribution.segment_hashes.extend(segments.hashes)
             contribution.end_params_hash = end_hash
             contribution.bytes_sent = round_result.bytes_sent
             contribution.delta_sketch.extend(self.sketch.of_grads(round_result.delta, round_result.delta).tolist())

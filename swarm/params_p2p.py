@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, AsyncIterator  # noqa: UP035 (hivemind matches typing.AsyncIterator)
 
 import hivemind
@@ -95,7 +97,7 @@ class ParamsServer(ServicerBase):
 
     def __init__(self, dht: hivemind.DHT, access: PeerAccessGate, keep: int = HELD_EPOCHS):
         self.dht, self.access, self.keep = dht, access, keep
-        self._held: OrderedDict[bytes, bytes] = OrderedDict()  # params_hash -> safetensors bytes
+        self._held: OrderedDict[bytes, bytes | Path] = OrderedDict()  # params_hash -> safetensors bytes or file
         self._lock = threading.Lock()
         self._loop: EventLoopThread | None = None
         self._p2p = None
@@ -116,12 +118,23 @@ class ParamsServer(ServicerBase):
 
     def hold(self, digest: bytes, state: dict[str, torch.Tensor]) -> None:
         """Keep ``state`` (parameters hashing to ``digest``) for validators."""
-        data = save_safetensors(state)
+        self._keep(digest, save_safetensors(state))
+
+    def hold_file(self, digest: bytes, path: Path) -> None:
+        """Keep the safetensors file ``path`` (a state too large for memory) for validators; the server owns the file
+        from now on and deletes it when it drops it."""
+        self._keep(digest, Path(path))
+
+    def _keep(self, digest: bytes, data: bytes | Path) -> None:
         with self._lock:
+            previous = self._held.pop(digest, None)
+            if isinstance(previous, Path) and previous != data:
+                _delete(previous)
             self._held[digest] = data
-            self._held.move_to_end(digest)
             while len(self._held) > self.keep:
-                self._held.popitem(last=False)
+                _, dropped = self._held.popitem(last=False)
+                if isinstance(dropped, Path):
+                    _delete(dropped)
 
     def held(self) -> list[bytes]:
         with self._lock:
@@ -130,28 +143,69 @@ class ParamsServer(ServicerBase):
     def get(self, digest: bytes) -> bytes | None:
         """The safetensors bytes of the parameters with ``digest``, if held."""
         with self._lock:
-            return self._held.get(digest)
+            data = self._held.get(digest)
+        if isinstance(data, Path):
+            try:
+                return data.read_bytes()
+            except OSError:
+                return None
+        return data
+
+    def _chunks(self, digest: bytes) -> tuple[int, Iterator[bytes]] | None:
+        """The size of the held state and its bytes in chunks of CHUNK_BYTES (read from disk as they are sent)."""
+        with self._lock:
+            data = self._held.get(digest)
+        if data is None:
+            return None
+        if isinstance(data, bytes):
+            return len(data), (data[offset:offset + CHUNK_BYTES] for offset in range(0, len(data), CHUNK_BYTES))
+        try:
+            handle = data.open("rb")
+        except OSError:
+            return None
+
+        def read() -> Iterator[bytes]:
+            with handle:
+                while chunk := handle.read(CHUNK_BYTES):
+                    yield chunk
+
+        return os.fstat(handle.fileno()).st_size, read()
 
     async def rpc_get_params(self, request: pb.ParamsRequest, context: P2PContext) -> AsyncIterator[pb.ParamsChunk]:
         if not await self.access.is_allowed(self.dht, context.remote_id):
             yield pb.ParamsChunk(error="no valid access token for this run")
             return
-        data = self.get(request.params_hash)
-        if data is None:
+        held = self._chunks(request.params_hash)
+        if held is None:
             logger.warning("peer %s asked for parameters %s, which this node does not hold", context.remote_id,
                            request.params_hash.hex()[:12])
             yield pb.ParamsChunk(error="parameters not held (not an audited epoch, or dropped)")
             return
+        total, chunks = held
         logger.info("serving the parameters %s (%d bytes) to validator peer %s", request.params_hash.hex()[:12],
-                    len(data), context.remote_id)
+                    total, context.remote_id)
         self.served += 1
-        for offset in range(0, len(data), CHUNK_BYTES):
-            yield pb.ParamsChunk(data=data[offset:offset + CHUNK_BYTES], total_bytes=len(data))
+        for chunk in chunks:
+            yield pb.ParamsChunk(data=chunk, total_bytes=total)
 
     def shutdown(self) -> None:
         if self._loop is not None:
             self._loop.stop(self._p2p)
             self._loop = None
+        with self._lock:
+            for data in self._held.values():
+                if isinstance(data, Path):
+                    _delete(data)
+            self._held.clear()
+
+
+def _delete(path: Path) -> None:
+    """Delete a held state's file and its round folder once that is empty."""
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:  # other states of the round are still there
+        pass
 
 
 class ParamsUnavailable(Exception):

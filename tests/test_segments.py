@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from omi.models import GradientSketch, build_for_spec, micro_batch_seed, model_info, open_source
 from omi.models.optimizer import optimizer_for
 from omi.models.replay import recompute
-from omi.models.segments import SegmentStep, load_training_state, replay_segment, state_hash, training_state
+from omi.models.segments import (
+    SPILL_BYTES,
+    RoundStates,
+    SegmentStep,
+    load_training_state,
+    replay_segment,
+    state_hash,
+    training_state,
+)
 from omi.protos.runspec import parse_runspec
 
 SPEC = parse_runspec('[run]\nid = "seg"\nmodel = "unet-digits-16"\n[training]\nmicro_batch_size = 8\n'
@@ -122,7 +132,7 @@ def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes,
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("cheat", ["honest", "skips_a_step", "other_data", "end_elsewhere", "delta_elsewhere"])
-def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht, parts, cheat):
+def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht, parts, cheat, tmp_path):
     from omi.models import micro_batch_samples, params_hash
     from omi.node.validator import ParameterHistory, Recomputer
     from omi.swarm.params_p2p import ParamsFetcher, ParamsServer
@@ -139,8 +149,20 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
     server = ParamsServer.start(node_dht, swarm_spec, keep=8)
     fetcher = ParamsFetcher(validator_dht, swarm_spec, timeout=20)
     try:
-        for state in states:  # the node holds its audited round's states
-            server.hold(state_hash(state), state)
+        # the node holds its audited round's states; the honest one as a node with a large model does: spilled to
+        # disk during the round, the files handed to the server, which streams them from disk
+        held = RoundStates(tmp_path / "segments", spill_bytes=0 if cheat == "honest" else SPILL_BYTES)
+        for state in states:
+            held.add(state)
+        for digest, state in held.items():
+            if isinstance(state, Path):
+                server.hold_file(digest, state)
+                held.release(digest)
+            else:
+                server.hold(digest, state)
+        held.discard()
+        assert len(list((tmp_path / "segments").glob("round-*/*.safetensors"))) == (
+            len({state_hash(s) for s in states}) if cheat == "honest" else 0)
         # every task carries the round's committed Δ sketch; "delta_elsewhere" commits to (and would send) 2 × Δ
         delta_sketch = _delta_sketch(states, 2.0 if cheat == "delta_elsewhere" else 1.0)
         task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta), delta_sketch)
@@ -165,3 +187,42 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
         assert "differs" in verdict.reason, verdict.reason
         failed = [c.index for c in verdict.checks if not c.passed]
         assert failed == ([5] if cheat == "skips_a_step" else [3, 4, 5])
+
+
+def test_round_states_spill_to_disk_and_the_params_server_deletes_what_it_drops(tmp_path):
+    from omi.swarm.params_p2p import ParamsServer
+    from safetensors.torch import load
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    small = RoundStates(tmp_path, spill_bytes=SPILL_BYTES)
+    assert isinstance(small.held(small.add(training_state(model, optimizer))), dict)  # a toy stays in memory
+    states = RoundStates(tmp_path, spill_bytes=0)
+    digests = []
+    for _ in range(3):
+        model(torch.ones(1, 4)).sum().backward()
+        optimizer.step()
+        digests.append(states.add(training_state(model, optimizer)))
+    files = sorted(tmp_path.glob("round-*/*.safetensors"))
+    assert len(files) == 3 and states.hashes == digests
+    server = ParamsServer(dht=None, access=None, keep=2)
+    for digest, path in states.items():
+        server.hold_file(digest, path)
+        states.release(digest)
+    states.discard()  # handed over: the files stay with the server
+    # keep=2: the oldest state was dropped and its file deleted; the others load and hash as committed
+    assert server.get(digests[0]) is None and not _spilled(tmp_path, digests[0])
+    for digest in digests[1:]:
+        assert _spilled(tmp_path, digest) and state_hash(load(server.get(digest))) == digest
+    server.shutdown()  # a node that ends leaves no state on disk
+    assert list(tmp_path.glob("round-*")) == []
+
+    killed = RoundStates(tmp_path / "segments", spill_bytes=0)  # a node killed mid-round leaves its states behind
+    killed.add(training_state(model, optimizer))
+    assert list((tmp_path / "segments").glob("round-*/*"))
+    RoundStates.clean(tmp_path / "segments")  # what the node's trainer does when it starts again
+    assert list((tmp_path / "segments").glob("round-*")) == []
+
+
+def _spilled(folder, digest: bytes) -> bool:
+    return bool(list(folder.glob(f"round-*/{digest.hex()}.safetensors")))
