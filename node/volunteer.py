@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +75,7 @@ class VolunteerNode:
         self.session = NodeSession(config.coordinator, config.state_dir, identity=config.identity,
                                    connect_attempts=config.connect_attempts)
         self.stop_event = threading.Event()
+        self._leaving = threading.Event()  # set when the node leaves: heartbeats and token renewals end
         self.dht = self.optimizer = self.params_server = self.trainer = None
         self.reinstall_signals: Callable[[], None] | None = None  # what install_stop_signals returned
 
@@ -120,7 +122,8 @@ class VolunteerNode:
         self.trainer = self.trainer_class(self.session, spec, model=model, scheduler=scheduler, source=source,
                                           optimizer=self.optimizer, params_server=self.params_server,
                                           micro_batch_size=micro_batch_size, status=self.status,
-                                          on_status=self.on_status, stop=self.stop_event)
+                                          on_status=self.on_status, stop=self.stop_event,
+                                          segments_dir=config.state_dir / "segments")
 
     def _beat(self) -> dict:
         status = self.status
@@ -138,7 +141,10 @@ class VolunteerNode:
         self._build(spec, device)
         if self.reinstall_signals is not None:
             self.reinstall_signals()  # hivemind's averagers just set SIGINT to "ignore"
-        self.session.start_heartbeats(spec.liveness.heartbeat_interval, self.stop_event, self._beat,
+        # until the node leaves, not until it is asked to stop: the epoch it finishes after a Ctrl-C is reported with
+        # a token that must still be valid (seen: a SIGTERM during an all-reduce, the report 18 s later refused as
+        # "access token expired" with a 30 s token)
+        self.session.start_heartbeats(spec.liveness.heartbeat_interval, self._leaving, self._beat,
                                       on_refused=self.stop)
         try:
             while not self.stop_event.is_set():
@@ -157,19 +163,32 @@ class VolunteerNode:
     def shutdown(self) -> None:
         """Leave gracefully: tell the coordinator, then shut the optimizer and the DHT down."""
         self.stop_event.set()
+        self._leaving.set()
         self.session.leave(self.status.run_id)
+        timings, tick = [], time.perf_counter()  # a slow leave says where its time went
+
+        def took(what: str) -> None:
+            nonlocal tick
+            now = time.perf_counter()
+            timings.append(f"{what} {now - tick:.1f} s")
+            tick = now
+
         if self.optimizer is not None:
             if self.config.save_dir is not None and self.trainer is not None:
                 self._save(self.config.save_dir)
-            self.optimizer.shutdown()
+            self.optimizer.shutdown()  # hivemind says goodbye, may finish an all-reduce others started with us
             self.optimizer = None
+            took("optimizer")
         if self.params_server is not None:
             self.params_server.shutdown()
             self.params_server = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+            took("DHT")
         self.session.close()
+        if timings:
+            logger.info("left the swarm (%s)", ", ".join(timings))
         if self.trainer is not None:
             self.trainer.set_state("left")
 
