@@ -84,11 +84,18 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
 
     # every volunteer left: a new one starts from the latest checkpoint, at its epoch (the run's never goes back)
     newcomer = NodeProcess(server.address, tmp_path / "newcomer", "--max-epochs", 1)
-    assert newcomer.wait(timeout=240) == 0, newcomer.output()[-3000:]
+    old_nodes = {c.node_id for c in server.contributions()}
+
+    def newcomers_contributions():
+        assert newcomer.proc.poll() in (None, 0), newcomer.output()[-3000:]
+        return [c for c in server.contributions() if c.node_id not in old_nodes]
+
+    # its first contribution is what this checks (its graceful leave afterwards may wait ~20 s for hivemind)
+    first = min(wait_until(newcomers_contributions, 240, "the newcomer's first contribution", 1),
+                key=lambda c: c.epoch)
+    kill_group(newcomer.proc)
     said = " ".join(newcomer.output().split())  # rich wraps log lines
     assert f"resumed from checkpoint epoch {latest.epoch}" in said, newcomer.output()[-3000:]
-    first = min((c for c in server.contributions() if c.node_id not in {b.node_id for b in before}),
-                key=lambda c: c.epoch)
     assert first.epoch == max(latest.epoch, run_epoch)
     assert first.params_hash.hex() == manifest["params_hash"]  # it trained from the checkpoint's weights
     assert client.get_run_status("digits").summary.epoch >= first.epoch

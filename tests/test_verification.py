@@ -452,17 +452,18 @@ def test_centered_clip_keeps_a_x1000_sender_among_four_within_5_percent_in_locks
 # ---------------------------------------------------------------- tolerances
 
 
-@pytest.mark.slow  # 2,000 micro-batches: ~1 min on an idle 2-core machine, several under load
+@pytest.mark.slow  # 1,000 micro-batches: ~45 s on an idle 2-core machine
 @pytest.mark.timeout(900)
-def test_a_thousand_honest_recomputations_pass_across_thread_counts():
-    """Honest records computed with 1 torch thread, recomputed with 2: all within the exact-parameter tolerances."""
+def test_five_hundred_honest_recomputations_pass_across_thread_counts():
+    """Honest records computed with 1 torch thread, recomputed with 2: all within the exact-parameter tolerances.
+    (500 here to keep the suite short; bench/bench_audit_cost.py runs 1,000 honest segment audits.)"""
     model, scheduler = build_model("unet-digits-16", seed=0)
     spec_data = pb.DataSpec(source="builtin:digits", shard_size=64, resolution=16)
     source = open_source(spec_data, channels=1)
     sketch = GradientSketch(model, 256, seed=0)
     assignment = pb.WorkAssignment(shards=[pb.ShardRange(shard_id=0, start=0, end=1797)], seed=7)
     failures, worst, audits, started = 0, 0.0, 0, time.perf_counter()
-    for step in range(10):  # ten parameter states, a hundred micro-batches of 2 samples each
+    for step in range(5):  # five parameter states, a hundred micro-batches of 2 samples each
         records = []
         torch.set_num_threads(1)
         for index in range(100):
@@ -481,6 +482,6 @@ def test_a_thousand_honest_recomputations_pass_across_thread_counts():
         with torch.no_grad():  # the next parameter state
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 1e-3)
-    assert audits >= 1000 and failures == 0, (failures, worst)
+    assert audits == 500 and failures == 0, (failures, worst)
     print(f"{audits} honest recomputations, 0 failed, worst sketch difference {worst:.2e}, "
           f"{time.perf_counter() - started:.0f} s")

@@ -1,6 +1,7 @@
 """Verification with real peers on loopback: CenteredClip against a x(-1000) sign-flipper, and a cheater banned
 by the built-in validator in a real swarm (coordinator, volunteers and an adversary as separate processes)."""
 
+import signal
 import sqlite3
 import statistics
 
@@ -40,18 +41,29 @@ def _swarm_loss(tmp_path, reducer: str, flipper: bool, rounds: int = 7) -> float
 CLIP_TAU = 0.1  # a radius on the scale of one peer's pseudo-gradient part (5 AdamW steps of lr 0.01)
 
 
-@pytest.mark.timeout(600)
+def _initial_loss() -> float:
+    """The evaluation loss every peer of ``_swarm_loss`` starts from (the same model, the same batch)."""
+    import torch
+    from swarm_helpers import regression_batch, tiny_model
+
+    eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
+    with torch.no_grad():
+        return torch.nn.functional.mse_loss(tiny_model()(eval_x), eval_y).item()
+
+
+@pytest.mark.timeout(480)
 def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp_path):
-    clean = _swarm_loss(tmp_path / "clean", "mean", flipper=False)
+    initial = _initial_loss()
     mean = _swarm_loss(tmp_path / "mean", "mean", flipper=True)
     clipped = _swarm_loss(tmp_path / "clip", "centered_clip", flipper=True)
-    print(f"final loss: clean {clean:.4f}, mean with a x-1000 flipper {mean:.4f}, centered_clip {clipped:.4f}")
-    # measured (2026-12-03, outer step = the plain average): clean 4.22 → 0.22 in 6 rounds; the mean with the
-    # flipper 1953 → 828474 (2 rounds were too few: the four did not always average together); CenteredClip 4.58 →
-    # 0.19, a round behind the clean run early on (its center starts at the coordinate-wise median of four and the
-    # flipper's clipped pull holds it back) and level with it at the end
-    assert mean > 100 * clean, (clean, mean)
-    assert clipped < 2 * clean, (clean, mean, clipped)
+    print(f"loss: initial {initial:.4f}; final: mean with a x-1000 flipper {mean:.4f}, centered_clip {clipped:.4f}")
+    # measured (2026-12-03, outer step = the plain average): the swarm without the flipper went from 4.22 to 0.22
+    # in 6 rounds; the mean with the flipper 1953 → 828474 (2 rounds were too few: the four did not always average
+    # together); CenteredClip 4.58 → 0.19, a round behind the clean swarm early on (its center starts at the
+    # coordinate-wise median of four and the flipper's clipped pull holds it back) and level with it at the end.
+    # The clean swarm is no longer run (it cost a third of this test): the bounds are against the start instead.
+    assert mean > 100 * initial, (initial, mean)
+    assert clipped < 0.1 * initial, (initial, mean, clipped)
 
 
 CHEAT_RUN = FAST_RUN.replace("token_ttl = 600.0", "token_ttl = 30.0") + """
@@ -76,8 +88,15 @@ def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_pa
         said = cheater.output()
         assert cheater.proc.returncode == 5, said[-2000:]
         assert "is banned" in said and ("refused this node" in said or "refused to renew" in said), said[-2000:]
+        # the honest nodes were never refused: asked to leave now (SIGTERM: a graceful leave), they exit with 0, not
+        # with 5 as a refused node does (waiting for their --max-epochs cost this test a minute)
         for node in honest:
-            assert node.wait(timeout=300) == 0, node.output()[-2000:]
+            if node.proc.poll() is None:
+                node.proc.send_signal(signal.SIGTERM)
+        for node in honest:
+            assert node.wait(timeout=120) == 0, node.output()[-2000:]
+            said = node.output()
+            assert "contribution refused" not in said and "refused this node" not in said, said[-2000:]
         validator_log = (tmp_path / "coordinator" / "validator" / "digits" / "validator.log").read_text()
         assert "FAILED" in validator_log
         with sqlite3.connect(tmp_path / "coordinator" / "coordinator.db") as db:
