@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -185,16 +186,20 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 def test_the_command_line_prepares_and_shows_a_data_set(folder, parts_folder, tmp_path):
     out = tmp_path / "data"
-    result = cli("prepare", str(folder), "--parts", str(parts_folder), "--out", str(out),
-                 "--shard-size", "4", "--license", "CC0-1.0", "--card-source", "the test", "--card-license-terms",
-                 "CC0 and CC BY", "--device", "cpu")
+    with ThreadPoolExecutor(3) as pool:  # three CLI starts side by side (each imports torch and diffusers)
+        prepared = pool.submit(cli, "prepare", str(folder), "--parts", str(parts_folder), "--out", str(out),
+                               "--shard-size", "4", "--license", "CC0-1.0", "--card-source", "the test",
+                               "--card-license-terms", "CC0 and CC BY", "--device", "cpu")
+        missing = pool.submit(cli, "prepare", str(folder), "--parts", str(tmp_path), "--out",
+                              str(tmp_path / "x"), "--card-source", "x")
+        not_a_data_set = pool.submit(cli, "show", str(folder))
+        result = prepared.result()
     assert result.returncode == 0, result.stderr + result.stdout
     assert "7 samples in 2 shards" in result.stdout and "3 refused" in result.stdout
     shown = cli("show", str(out))
     assert shown.returncode == 0 and "| CC0-1.0 | 4 |" in shown.stdout
-    missing = cli("prepare", str(folder), "--parts", str(tmp_path), "--out", str(tmp_path / "x"), "--card-source", "x")
-    assert missing.returncode == 2 and "not a frozen-parts folder" in missing.stdout
-    assert cli("show", str(tmp_path)).returncode == 2
+    assert missing.result().returncode == 2 and "not a frozen-parts folder" in missing.result().stdout
+    assert not_a_data_set.result().returncode == 2
 
 
 def test_data_provenance_names_the_prepared_shards_of_the_work_shards_trained(folder, parts_folder, tmp_path):
