@@ -50,6 +50,16 @@ def segment_steps(spec: pb.RunSpec) -> int:
     return spec.verification.segment_steps or DEFAULT_SEGMENT_STEPS
 
 
+def held_states(spec: pb.RunSpec) -> int:
+    """How many audited states a node keeps for validators: the start parameters of each audited epoch of the audit
+    window, or in round mode each audited round's training states (one every ``segment_steps`` of up to 2H inner
+    steps, and the start and end)."""
+    held = spec.verification.audit_window_epochs + 1
+    if spec.rounds.inner_steps:
+        held *= 2 * spec.rounds.inner_steps // max(segment_steps(spec), 1) + 2
+    return held
+
+
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """The model's parameters (by name) and, for each, its optimizer statistics (``name|exp_avg``, ...), copied to
     the CPU."""

@@ -42,7 +42,7 @@ from omi.models.segments import RoundStates, segment_steps, training_state
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsServer, snapshot
-from omi.swarm.rounds import RoundOptimizer, RoundResult
+from omi.swarm.rounds import RoundResult
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Trainer:
 
     def train_epoch(self) -> None:
         """One epoch (per-step mode) or one round (``[rounds] inner_steps > 0``), reported to the coordinator."""
-        if isinstance(self.optimizer, RoundOptimizer):
+        if self.spec.rounds.inner_steps > 0:  # the optimizer is a RoundOptimizer (or the lock-step harness's)
             self.train_round()
         else:
             self.train_step_epoch()

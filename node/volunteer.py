@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omi.models import build_for_spec, model_info, open_source, pick_device, place_model
+from omi.models.segments import held_states
 from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import NodeStatus, RunStopped, Trainer
 from omi.protos import pb
@@ -113,10 +114,7 @@ class VolunteerNode:
         else:
             self.optimizer = make_optimizer(model, spec, self.dht, batch_size_per_step=micro_batch_size,
                                             verbose=logger.isEnabledFor(logging.DEBUG))
-        held = spec.verification.audit_window_epochs + 1  # audited epochs, or rounds, whose states are kept
-        if spec.rounds.inner_steps:  # a round holds its training state every segment_steps (up to 2H steps)
-            held *= 2 * spec.rounds.inner_steps // max(spec.verification.segment_steps, 1) + 2
-        self.params_server = ParamsServer.start(self.dht, spec, keep=held)
+        self.params_server = ParamsServer.start(self.dht, spec, keep=held_states(spec))
         # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
         resume_from_checkpoint(self.session.client, spec, model, self.optimizer, config.state_dir / "checkpoints")
         self.trainer = self.trainer_class(self.session, spec, model=model, scheduler=scheduler, source=source,

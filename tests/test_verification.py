@@ -16,7 +16,7 @@ from coordinator_helpers import ServerThread, contribution_for, run_toml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.audit import check_records
 from omi.coordinator.registry import RegistryConfig
-from omi.coordinator.store import Audit, Contribution, Node
+from omi.coordinator.store import Audit, Ban, Contribution, Node
 from omi.models import (
     MicroBatchRecord,
     build_model,
@@ -365,6 +365,33 @@ def test_every_attack_is_caught_and_honest_nodes_never_fail(tmp_path):
         assert credit.pop("honest-0") == credit.pop("honest-1") == 4 * 2 * 8
         # stale and replay behave honestly in their first epoch (nothing to replay yet): that epoch is real work
         assert credit == {"stale": 16, "replay": 16}, credit
+
+
+@pytest.mark.timeout(240)
+def test_every_attack_is_caught_in_rounds_by_segment_audits_and_honest_nodes_never_fail(tmp_path):
+    # the same attacks, each overriding one hook of the real trainer, in DiLoCo rounds of 4 inner steps audited by
+    # replaying one random segment of 2 steps from the training state the node serves; send_scaled (honest records,
+    # a scaled step) is caught here too: the replayed steps do not reach the state it committed to
+    torch.set_num_threads(1)
+    with ServerThread(tmp_path / "state", sim_run_toml(audit_rate=1.0, audit_window=1, inner_steps=4,
+                                                       segment_steps=2), per_address=0) as server:
+        spec = server.coordinator.runs.spec_for_nodes("sim")
+        swarm = LockstepSwarm(server, spec, {"honest-0": HONEST, "honest-1": HONEST, **ATTACKS}, tmp_path)
+        result = swarm.run(3)
+        swarm.close()
+        with server.store.session() as s:
+            names = {n.node_id: n.display_name for n in s.query(Node)}
+            by_node = {}
+            for audit in s.query(Audit):
+                by_node.setdefault(names[audit.node_id], []).append(audit.state)
+            banned = {names[ban.node_id] for ban in s.query(Ban)}
+    # stale and replay behave honestly in their first round (nothing to copy yet): banned after their third, the
+    # others after their second (and refused work in their third)
+    assert banned == set(ATTACKS), f"not banned: {set(ATTACKS) - banned}"
+    assert set(result.banned) == set(ATTACKS) - {"stale", "replay"}, result.banned
+    assert result.contributions["honest-0"] == result.contributions["honest-1"] == 3
+    assert by_node["honest-0"] == by_node["honest-1"] == ["passed"] * 3, by_node
+    assert result.losses[-1] < result.losses[0], result.losses  # the honest rounds train the shared model
 
 
 @pytest.mark.timeout(240)

@@ -7,7 +7,9 @@ hand-over when audited — and the validator (``omi.node.validator.Recomputer``)
 reports signed verdicts. What is simulated: hivemind. :class:`LockstepOptimizer` stands in for
 ``hivemind.Optimizer``: each node steps ``micro_batches`` times per epoch, then :class:`LockstepSwarm` reduces what
 the nodes sent (``mean`` or :func:`omi.swarm.centered_clip`, weighted by samples as hivemind does) and applies
-AdamW to one shared copy of the parameters, which every node then holds bitwise (the ideal swarm). A banned node
+AdamW to one shared copy of the parameters, which every node then holds bitwise (the ideal swarm); in round mode
+(``[rounds] inner_steps > 0``) :class:`LockstepRoundOptimizer` stands in for ``RoundOptimizer`` and the swarm
+reduces the nodes' pseudo-gradients and takes the outer step instead. A banned node
 gets PERMISSION_DENIED from the coordinator and leaves the swarm (peers refuse it once its token expires; that
 refusal is tested with real peers in test_swarm_access.py / test_verification_swarm.py).
 """
@@ -26,6 +28,7 @@ import torch
 from omi.models import GradientSketch, build_for_spec, model_info, open_source
 from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_parameters
 from omi.models.optimizer import optimizer_for
+from omi.models.segments import held_states
 from omi.node.client import CoordinatorClient
 from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import Trainer
@@ -35,6 +38,7 @@ from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
 from omi.swarm import centered_clip
 from omi.swarm.params_p2p import ParamsRefused, ParamsServer, ParamsUnavailable
+from omi.swarm.rounds import RoundResult
 
 logger = logging.getLogger(__name__)
 
@@ -57,15 +61,24 @@ micro_batches_per_audit = {micro_batches_per_audit}
 max_strikes = {max_strikes}
 audit_window_epochs = {audit_window}
 sketch_size = 256
+segment_steps = {segment_steps}
+[rounds]
+inner_steps = {inner_steps}
+outer_learning_rate = 1.0
+outer_momentum = 0.0
+outer_nesterov = false
 """
 
 
 def sim_run_toml(*, micro_batch_size: int = 8, learning_rate: float = 2e-3, reducer: str = "mean",
                  clip_tau: float = 1.0, audit_rate: float = 0.2, micro_batches_per_audit: int = 2,
-                 max_strikes: int = 2, audit_window: int = 2) -> str:
+                 max_strikes: int = 2, audit_window: int = 2, inner_steps: int = 0, segment_steps: int = 2) -> str:
+    """The lock-step run; ``inner_steps > 0``: DiLoCo rounds of that many inner steps (plain outer SGD at lr 1, so
+    θ_{r+1} = θ_r − the reduced pseudo-gradient), audited by segments of ``segment_steps``."""
     return SIM_RUN.format(micro_batch_size=micro_batch_size, learning_rate=learning_rate, reducer=reducer,
                           clip_tau=clip_tau, audit_rate=audit_rate, micro_batches_per_audit=micro_batches_per_audit,
-                          max_strikes=max_strikes, audit_window=audit_window)
+                          max_strikes=max_strikes, audit_window=audit_window, inner_steps=inner_steps,
+                          segment_steps=segment_steps)
 
 
 class LockstepOptimizer:
@@ -100,6 +113,61 @@ class LockstepOptimizer:
             self._sum, self._steps, self._samples = None, 0, 0
             self.local_epoch += 1
             self.grad_group_size = len(self.swarm.nodes)
+
+    def shutdown(self) -> None:
+        pass
+
+
+class LockstepRoundOptimizer:
+    """What the trainer uses of ``omi.swarm.rounds.RoundOptimizer``, for one node of a :class:`LockstepSwarm` in
+    round mode: inner AdamW steps on the node's model (its state kept across rounds, as the real one does) until
+    ``inner_steps``; ``end_round`` sends the pseudo-gradient θ_r − θ_local to the swarm, which reduces them all and
+    applies the outer step once every node has trained (the ideal all-reduce: every peer holds θ_{r+1} bitwise)."""
+
+    def __init__(self, swarm: LockstepSwarm, model: torch.nn.Module):
+        self.swarm, self.model = swarm, model
+        self.params = trainable_parameters(model)
+        self.inner = optimizer_for(swarm.spec.training)(self.params)
+        self.round = swarm.epoch
+        self.state_loads = 0
+        self.grad_group_size = 0
+        self.tracker = SimpleNamespace(global_progress=SimpleNamespace(num_peers=0, target_batch_size=0))
+        self._steps = self._samples = 0
+
+    @property
+    def local_epoch(self) -> int:
+        return self.round
+
+    @local_epoch.setter
+    def local_epoch(self, value: int) -> None:
+        self.round = value
+
+    def begin_round(self) -> int:
+        self.round, self._steps, self._samples = self.swarm.epoch, 0, 0
+        return self.round
+
+    def zero_grad(self) -> None:
+        self.inner.zero_grad(set_to_none=True)
+
+    def inner_step(self, batch_size: int) -> None:
+        self.inner.step()
+        self._steps += 1
+        self._samples += batch_size
+
+    def round_closed(self) -> bool:
+        return self._steps >= self.swarm.spec.rounds.inner_steps
+
+    def wait_for_round_end(self, stop) -> None:
+        pass
+
+    def end_round(self) -> RoundResult:
+        theta = trainable_parameters(self.swarm.model)
+        delta = [start.detach() - p.detach() for start, p in zip(theta, self.params, strict=True)]
+        self.swarm.submit(flatten_grads(delta, self.params), self._samples)
+        self.grad_group_size = len(self.swarm.nodes)
+        return RoundResult(round=self.round, samples=self._samples, inner_steps=self._steps,
+                           group_size=self.grad_group_size, applied=True, bytes_sent=0, sync_seconds=0.0,
+                           delta=delta)
 
     def shutdown(self) -> None:
         pass
@@ -154,7 +222,11 @@ class LockstepSwarm:
         training = spec.training
         self.model, self.scheduler = build_for_spec(spec)
         self.init = [p.detach().clone() for p in self.model.parameters()]
-        self.opt = optimizer_for(training)(self.model.parameters())  # the swarm's step, as hivemind.Optimizer's
+        self.rounds = spec.rounds.inner_steps > 0
+        if self.rounds:  # the outer step: θ_{r+1} = θ_r − lr × the reduced pseudo-gradient
+            self.opt = torch.optim.SGD(self.model.parameters(), lr=spec.rounds.outer_learning_rate)
+        else:  # the swarm's step, as hivemind.Optimizer's
+            self.opt = optimizer_for(training)(self.model.parameters())
         self.source = open_source(spec.data, channels=model_info(spec.model).channels)
         self.epoch = 0
         self.nodes: dict[str, Trainer] = {}
@@ -165,9 +237,9 @@ class LockstepSwarm:
             node_spec = session.open(display_name=name)
             model = copy.deepcopy(self.model)
             node = cls(session, node_spec, model=model, scheduler=self.scheduler, source=self.source,
-                       optimizer=LockstepOptimizer(self, model), micro_batch_size=training.micro_batch_size,
-                       params_server=ParamsServer(dht=None, access=None,
-                                                  keep=spec.verification.audit_window_epochs + 1))
+                       optimizer=(LockstepRoundOptimizer if self.rounds else LockstepOptimizer)(self, model),
+                       micro_batch_size=training.micro_batch_size,
+                       params_server=ParamsServer(dht=None, access=None, keep=held_states(spec)))
             self.nodes[name] = node
             self.names[id(node)] = name
         self.validator = CoordinatorClient(server.address, generate_key(), attempts=1)
