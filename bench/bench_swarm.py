@@ -217,6 +217,8 @@ def main() -> None:
     parser.add_argument("--wan", type=float, default=None, metavar="MBIT",
                         help="each volunteer on a host of its own (network namespace) capped at MBIT Mbit/s each way "
                              "(needs root); writes the 'swarm_wan' section instead of 'swarm'")
+    parser.add_argument("--section", default=None,
+                        help="the section of docs/benchmarks.md to write (default: 'swarm', or 'swarm_wan' with --wan)")
     args = parser.parse_args()
 
     rows = []
@@ -271,10 +273,10 @@ Goal: swarm within 5 % of local at equal samples (loss and quality). On 2 shared
 each other and the coordinator for CPU, so wall time and utilization here understate what separate machines do.
 """
     if args.wan is None:
-        write_section("swarm", "Swarm vs one process (quality, utilization, bytes)", body)
+        write_section(args.section or "swarm", "Swarm vs one process (quality, utilization, bytes)", body)
     else:
-        write_section("swarm_wan", f"Swarm across emulated WAN links of {args.wan:g} Mbit/s (quality, utilization, "
-                      "bytes)", body)
+        write_section(args.section or "swarm_wan", f"Swarm across emulated WAN links of {args.wan:g} Mbit/s "
+                      "(quality, utilization, bytes)", body)
 
 
 if __name__ == "__main__":
