@@ -145,6 +145,16 @@ class RoundStates:
         """Forget ``digest`` without deleting its file (whoever took the file owns it now)."""
         self._held.pop(digest, None)
 
+    def hand_over(self, server) -> None:
+        """Give every state to ``server`` (an :class:`omi.swarm.params_p2p.ParamsServer`): tensors are copied, a
+        spilled file is taken over by the server (which deletes it when it drops it)."""
+        for digest, held in self.items():
+            if isinstance(held, Path):
+                server.hold_file(digest, held)
+                self.release(digest)
+            else:
+                server.hold(digest, held)
+
     def discard(self) -> None:
         """Drop every state still held; spilled files are deleted."""
         for held in self._held.values():

@@ -283,12 +283,7 @@ class Trainer:
     def _hold_segments(self, round_number: int, segments: RoundStates) -> None:
         """The coordinator audits ``round_number``: keep its training states for the validator, which replays one
         segment from its start state."""
-        for digest, held in segments.items():
-            if isinstance(held, Path):  # spilled to disk: the server takes the file over
-                self.params_server.hold_file(digest, held)
-                segments.release(digest)
-            else:
-                self.params_server.hold(digest, held)
+        segments.hand_over(self.params_server)
 
     def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
         opt, status = self.optimizer, self.status

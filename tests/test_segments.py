@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from omi.models import GradientSketch, build_for_spec, micro_batch_seed, model_info, open_source
@@ -154,12 +152,7 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
         held = RoundStates(tmp_path / "segments", spill_bytes=0 if cheat == "honest" else SPILL_BYTES)
         for state in states:
             held.add(state)
-        for digest, state in held.items():
-            if isinstance(state, Path):
-                server.hold_file(digest, state)
-                held.release(digest)
-            else:
-                server.hold(digest, state)
+        held.hand_over(server)
         held.discard()
         assert len(list((tmp_path / "segments").glob("round-*/*.safetensors"))) == (
             len({state_hash(s) for s in states}) if cheat == "honest" else 0)
@@ -206,9 +199,7 @@ def test_round_states_spill_to_disk_and_the_params_server_deletes_what_it_drops(
     files = sorted(tmp_path.glob("round-*/*.safetensors"))
     assert len(files) == 3 and states.hashes == digests
     server = ParamsServer(dht=None, access=None, keep=2)
-    for digest, path in states.items():
-        server.hold_file(digest, path)
-        states.release(digest)
+    states.hand_over(server)
     states.discard()  # handed over: the files stay with the server
     # keep=2: the oldest state was dropped and its file deleted; the others load and hash as committed
     assert server.get(digests[0]) is None and not _spilled(tmp_path, digests[0])
