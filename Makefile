@@ -26,8 +26,11 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Two phases: the in-process tests on 2 pytest-xdist workers, then the multi-process swarms (marked slow) one at a
+# time, as each of them uses both cores. The first phase that fails stops the target.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow" -n 2
+	$(BIN)/python -m pytest -q --durations=15 -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

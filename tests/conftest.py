@@ -9,11 +9,19 @@ import pytest
 import torch
 from processes import reap_all
 
-os.environ.setdefault("OMI_HOME", tempfile.mkdtemp(prefix="omi-home-"))  # inherited by every CLI a test starts
+# inherited by every CLI a test starts. One per pytest process: pytest-xdist's workers inherit the environment of the
+# controller, which loaded this file first; a worker makes its own (known coordinators and node keys are not shared).
+# An OMI_HOME set by whoever runs the tests is kept.
+_home_owner = os.environ.get("OMI_TEST_HOME_OWNER")  # the pid of the pytest process that made OMI_HOME, if one did
+if "OMI_HOME" not in os.environ or _home_owner not in (None, str(os.getpid())):
+    os.environ["OMI_HOME"] = tempfile.mkdtemp(prefix="omi-home-")
+    os.environ["OMI_TEST_HOME_OWNER"] = str(os.getpid())
 
 
 @pytest.fixture(autouse=True)
 def _reap_processes():
+    """Kill what the test started: the processes this pytest process keeps in its own list (tests/processes.py),
+    never a search by name, so a pytest-xdist worker leaves the other worker's processes alone."""
     yield
     reap_all()
 

@@ -1,8 +1,9 @@
 """A throwaway PostgreSQL server on 127.0.0.1 for the store and API tests (Debian's ``postgresql`` package).
 
-The server runs from a temporary data folder on a free port, as the ``postgres`` user when the tests run as root
-(PostgreSQL refuses to run as root), and is stopped and removed at the end of the session. Each test gets a
-database of its own (:meth:`PostgresServer.new_database`). Where PostgreSQL is not installed the PostgreSQL tests
+The server runs from a temporary folder (data and Unix socket) on a free port, as the ``postgres`` user when the
+tests run as root (PostgreSQL refuses to run as root), and is stopped and removed at the end of the session: one per
+pytest process, so each pytest-xdist worker has its own. Each test gets a database of its own
+(:meth:`PostgresServer.new_database`). Where PostgreSQL is not installed the PostgreSQL tests
 skip, unless ``OMI_REQUIRE_POSTGRES=1`` (set by ``.ci/run``, which installs it) makes that a failure.
 """
 
@@ -19,6 +20,13 @@ import uuid
 from pathlib import Path
 
 STARTUP_SECONDS = 60
+PORT_ATTEMPTS = 3  # start on another free port when the chosen one was taken in between
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def find_bin_dir() -> Path | None:
@@ -37,9 +45,7 @@ class PostgresServer:
         self.bin_dir = bin_dir
         self.folder = Path(tempfile.mkdtemp(prefix="omi-pg-"))
         self.data = self.folder / "data"
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = _free_port()
         self._user = None
         if os.geteuid() == 0:
             self._user = pwd.getpwnam("postgres")
@@ -56,12 +62,21 @@ class PostgresServer:
         done = self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
         if done.returncode:
             raise RuntimeError(f"initdb failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-        done = self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "server.log"),
-                         "-w", "-t", str(STARTUP_SECONDS), "start")
-        if done.returncode:
-            log = (self.folder / "server.log").read_text() if (self.folder / "server.log").exists() else ""
-            raise RuntimeError(f"pg_ctl start failed: {done.stdout[-1000:]}{done.stderr[-1000:]}{log[-2000:]}")
+        log_file = self.folder / "server.log"
+        for attempt in range(PORT_ATTEMPTS):
+            # the port was free when chosen; another process (a parallel pytest-xdist worker) may have taken it since
+            if attempt:
+                self.port = _free_port()
+            options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+            done = self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(log_file),
+                             "-w", "-t", str(STARTUP_SECONDS), "start")
+            if not done.returncode:
+                return
+            log = log_file.read_text() if log_file.exists() else ""
+            if "could not bind" not in log and "already in use" not in log:
+                break
+            log_file.unlink()
+        raise RuntimeError(f"pg_ctl start failed: {done.stdout[-1000:]}{done.stderr[-1000:]}{log[-2000:]}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
