@@ -80,7 +80,8 @@ def _stall(epoch: int) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epoch: int, run_folder: Path,
-                     checkpoints: Checkpoints, key, preview: bool = True, source=None) -> tuple[Path, dict]:
+                     checkpoints: Checkpoints, key, preview: bool = True, source=None,
+                     state_hash: str | None = None) -> tuple[Path, dict]:
     """Write the checkpoint of ``model`` at ``epoch`` under ``run_folder`` atomically; returns (folder, manifest).
 
     Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
@@ -99,6 +100,8 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param preview: also draw the preview grid
     :param source: the run's data source (opened from the RunSpec if not given); a text-to-image data set gives the
         frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
+    :param state_hash: the witness's hash of θ at ``epoch`` (:func:`omi.swarm.rounds.state_hash`), signed in the
+        manifest as ``state_hash`` (rounds runs)
     """
     from omi.models import open_source, params_hash, save_grid
     from omi.models.sampling import cell_prompts, draw, grid_columns, run_drawing, save_model
@@ -130,6 +133,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
         data_shards=summary.data_shards, data_source=spec.data.source,
         coordinator_public_key=signing.public_bytes(key).hex(),
         **({"data": source.provenance(summary.data_shards)} if parts is not None else {}), **shown,
+        **({"state_hash": state_hash} if state_hash else {}),
     ), key)
     (tmp / MANIFEST_FILENAME).write_bytes(manifest_to_bytes(manifest))
     _fsync_tree(tmp)
@@ -161,7 +165,7 @@ class Checkpointer:
         self.spec = self.runs.spec_for_nodes(run_id)
         self.spec.initial_peers.extend(initial_peers)
         self._stop = threading.Event()
-        self.dht = self.follower = self.source = None
+        self.dht = self.follower = self.witness = self.source = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -170,6 +174,7 @@ class Checkpointer:
         from omi.models import build_for_spec, open_source
         from omi.swarm import (
             MintingTokenProvider,
+            RoundWitness,
             SwarmFollower,
             load_or_create_peer_identity,
             load_or_create_swarm_key,
@@ -189,8 +194,12 @@ class Checkpointer:
         self.model, self.scheduler = build_for_spec(spec)
         # a prepared data set is opened once: its frozen parts are hashed and loaded at the first checkpoint only
         self.source = open_source(spec.data) if spec.data.source.startswith("manifest:") else None
-        self.follower = SwarmFollower(self.dht, spec, self.model)
-        logger.info("run %s: checkpointer peer %s joined the swarm", self.run_id, peer_id)
+        if spec.rounds.inner_steps > 0:  # the run's round and its checkpoints come from what the witness holds
+            self.witness = RoundWitness(self.dht, spec, self.model)
+        else:
+            self.follower = SwarmFollower(self.dht, spec, self.model)
+        logger.info("run %s: checkpointer peer %s joined the swarm%s", self.run_id, peer_id,
+                    " as the rounds' witness" if self.witness is not None else "")
 
     def _run_row(self) -> tuple[int, int]:
         with self.store.session() as s:
@@ -198,38 +207,85 @@ class Checkpointer:
         return state, epoch
 
     def run(self) -> None:
-        """Repair, join the swarm, then checkpoint every ``every_epochs`` epochs until :meth:`stop`."""
+        """Repair, join the swarm, then move the run's epoch and checkpoint every ``every_epochs``, until stopped."""
         self.checkpoints.repair(self.run_id, signing.public_bytes(self.key))
         self._start_swarm_peer()
-        every = self.spec.checkpoints.every_epochs
         latest = self.checkpoints.get(self.run_id)
-        last_epoch = latest.epoch if latest is not None else 0
-        retry_at = 0.0
+        self._last_epoch = latest.epoch if latest is not None else 0
+        if self.witness is not None:
+            threading.Thread(target=self._witness, name="witness", daemon=True).start()
+        self._retry_at = 0.0
         while not self._stop.wait(POLL_INTERVAL):
-            state, run_epoch = self._run_row()
-            due = (max(last_epoch, self.follower.epoch) // every + 1) * every
-            if state != pb.RUN_STATE_RUNNING or run_epoch < due or time.monotonic() < retry_at:
+            if self._run_row()[0] != pb.RUN_STATE_RUNNING or time.monotonic() < self._retry_at:
                 continue
-            started = time.perf_counter()
-            epoch = self.follower.pull(timeout=LOAD_TIMEOUT)
-            if epoch < due:
-                logger.info("run %s: no swarm state at epoch >= %d yet (have %d); retrying", self.run_id, due, epoch)
-                retry_at = time.monotonic() + RETRY_INTERVAL
+            if self.witness is not None:
+                self._checkpoint_witnessed()
+            else:
+                self._follow_steps()
+
+    def _witness(self) -> None:
+        """The witness's loop (a thread): each round it saw moves the run's epoch; a confirmed one publishes θ's
+        hash."""
+        while not self._stop.is_set():
+            try:
+                seen = self.witness.follow_round(self._stop)
+            except Exception:
+                logger.exception("run %s: the witness failed; retrying", self.run_id)
+                self._stop.wait(RETRY_INTERVAL)
                 continue
-            pulled = time.perf_counter()
-            folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
-                                                run_folder=self.checkpoints.run_folder(self.run_id),
-                                                checkpoints=self.checkpoints, key=self.key, source=self.source)
-            written = time.perf_counter()
-            self.checkpoints.publish(self.run_id, epoch, folder, manifest)
-            last_epoch = epoch
-            logger.info("run %s: checkpoint epoch %d written (state pulled in %.1f s, written in %.1f s, "
-                        "%d samples, loss %s)", self.run_id, epoch, pulled - started, written - pulled,
-                        manifest["total_samples"], manifest["loss"])
+            if seen is not None:
+                self.runs.advance(self.run_id, seen.round, seen.state_hash if seen.confirmed else None)
+
+    def _checkpoint_witnessed(self) -> None:
+        """Rounds runs: checkpoint the θ the witness holds once it is confirmed at a due round."""
+        seen = self.witness.snapshot()
+        if not seen.confirmed or seen.round < self._due():
+            return
+        started = time.perf_counter()
+        seen = self.witness.copy_into(self.model)  # the round may have moved on since the snapshot
+        self._write(seen.round, time.perf_counter() - started, state_hash=seen.state_hash)
+
+    def _follow_steps(self) -> None:
+        """Per-step runs: the run's epoch is the one at least half the trainers report; the state is pulled from
+        the swarm."""
+        from omi.swarm import swarm_round, trainer_rounds
+
+        observed = swarm_round(trainer_rounds(self.dht, self.spec))
+        if observed is not None:
+            self.runs.advance(self.run_id, observed)
+        due = self._due(self.follower.epoch)
+        if (observed or 0) < due:
+            return
+        started = time.perf_counter()
+        epoch = self.follower.pull(timeout=LOAD_TIMEOUT)
+        if epoch < due:
+            logger.info("run %s: no swarm state at epoch >= %d yet (have %d); retrying", self.run_id, due, epoch)
+            self._retry_at = time.monotonic() + RETRY_INTERVAL
+            return
+        self._write(epoch, time.perf_counter() - started)
+
+    def _due(self, held: int = 0) -> int:
+        every = self.spec.checkpoints.every_epochs
+        return (max(self._last_epoch, held) // every + 1) * every
+
+    def _write(self, epoch: int, pulled_seconds: float, state_hash: str | None = None) -> None:
+        started = time.perf_counter()
+        folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
+                                            run_folder=self.checkpoints.run_folder(self.run_id),
+                                            checkpoints=self.checkpoints, key=self.key, source=self.source,
+                                            state_hash=state_hash)
+        written = time.perf_counter()
+        self.checkpoints.publish(self.run_id, epoch, folder, manifest)
+        self._last_epoch = epoch
+        logger.info("run %s: checkpoint epoch %d written (state %s in %.1f s, written in %.1f s, %d samples, "
+                    "loss %s)", self.run_id, epoch, "witnessed" if state_hash else "pulled", pulled_seconds,
+                    written - started, manifest["total_samples"], manifest["loss"])
 
     def shutdown(self) -> None:
-        if self.follower is not None:
-            self.follower.shutdown()
+        self._stop.set()
+        for peer in (self.follower, self.witness):
+            if peer is not None:
+                peer.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
         self.store.close()

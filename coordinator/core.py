@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 # a heartbeat's self-reported figures are shown (as claims) beside the measured ones: bounded, finite, non-negative
 MAX_SAMPLES_PER_SECOND = 1e7
 MAX_LOSS = 1e6
+MAX_EPOCH = 2**31 - 1  # a node's epoch is stored as a signed 32-bit integer (PostgreSQL's INTEGER)
 
 T = TypeVar("T")
 
@@ -92,12 +93,11 @@ class Coordinator:
 
     def heartbeat(self, caller: Caller, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         for name, value, most in (("samples_per_second", request.samples_per_second, MAX_SAMPLES_PER_SECOND),
-                                  ("loss", request.loss, MAX_LOSS)):
+                                  ("loss", request.loss, MAX_LOSS), ("epoch", request.epoch, MAX_EPOCH)):
             if not 0.0 <= value <= most:  # also NaN: SQLite would store it as NULL and every later flush fail
                 raise InvalidArgument(f"heartbeat {name} must be a number from 0 to {most:g}, not {value!r}")
         self.liveness.beat(caller.run_id, caller.node_id, Beat(request.epoch, request.samples_per_second,
                                                                request.swarm_peers, request.loss, now_ms()))
-        self.runs.observe_epoch(caller.run_id, request.epoch)
         run = self.runs.get(caller.run_id)
         return pb.HeartbeatResponse(run_state=run.state, epoch=run.epoch,
                                     token_expires_at_ms=caller.token.expires_at_ms)

@@ -108,7 +108,6 @@ class Ledger:
         except IntegrityError as e:  # a concurrent duplicate got in first
             raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}") from e
         self.runs.samples_committed(caller.run_id, contribution.samples)
-        self.runs.observe_epoch(caller.run_id, contribution.epoch)
         self.auditor.close_windows(caller.run_id)
         return row.contribution_id, audit.task_id if audit is not None else ""
 

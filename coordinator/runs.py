@@ -12,17 +12,18 @@ from pathlib import Path
 
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from omi.coordinator.states import RUN_STATE_NAMES
-from omi.coordinator.store import Run, Store
+from omi.coordinator.store import RoundState, Run, Store
 from omi.protos import pb
 from omi.protos.clock import now_ms
 from omi.protos.dataset import MANIFEST_NAME
 from omi.protos.runspec import RunSpecError, parse_runspec
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 logger = logging.getLogger(__name__)
 
 S = pb.RunState
+KEPT_ROUND_STATES = 64  # published round state hashes kept per run
 
 # action -> (states it may start from, state it leads to)
 TRANSITIONS = {
@@ -135,6 +136,8 @@ class Runs:
         spec.coordinator_public_key = self.coordinator_public_key
         if self.swarm_peers is not None:
             spec.initial_peers.extend(self.swarm_peers(spec))
+            # this server's checkpointer process witnesses every round's all-reduce (omi.swarm.witness)
+            spec.witnessed = spec.rounds.inner_steps > 0
         folder = self.data_folder(run_id)
         if folder is not None and self.public_url:
             # a prepared data set in a folder here: nodes fetch the shards they are assigned from this coordinator's
@@ -150,14 +153,27 @@ class Runs:
         kind, _, where = self.get(run_id).spec.data.source.partition(":")
         return Path(where).expanduser() if kind == "manifest" and "://" not in where else None
 
-    def observe_epoch(self, run_id: str, epoch: int) -> None:
-        """A node reports being at ``epoch``; the run's epoch follows, one step at a time so one liar cannot
-        jump it far (hivemind keeps honest peers within one epoch of each other)."""
+    def advance(self, run_id: str, epoch: int, state_hash: str | None = None) -> None:
+        """The coordinator's own swarm peer observed the run at ``epoch``: the run's epoch (round) follows, never
+        backwards. Only the checkpointer process calls this (its witness of each round's all-reduce, or in
+        per-step runs the round most trainers report); no node's claim moves the run. ``state_hash``: the hash of
+        θ at that round, as the witness computed it (published for late joiners; the newest
+        :data:`KEPT_ROUND_STATES` are kept)."""
         info = self.get(run_id)
-        if epoch > info.epoch:
-            info.epoch += 1
-            with self.store.transaction() as s:
-                s.get(Run, run_id).epoch = info.epoch
+        with self.store.transaction() as s:
+            row = s.get(Run, run_id, with_for_update=True)
+            row.epoch = max(row.epoch, epoch)
+            if state_hash is not None:
+                s.merge(RoundState(run_id=run_id, round=epoch, state_hash=state_hash, at_ms=now_ms()))
+                s.execute(delete(RoundState).where(RoundState.run_id == run_id,
+                                                   RoundState.round <= epoch - KEPT_ROUND_STATES))
+            info.epoch = max(info.epoch, row.epoch)
+
+    def round_state(self, run_id: str, epoch: int) -> str | None:
+        """The published hash of round ``epoch``'s start state θ (None: not witnessed, or long ago)."""
+        with self.store.session() as s:
+            return s.scalar(select(RoundState.state_hash).where(RoundState.run_id == run_id,
+                                                                RoundState.round == epoch))
 
     def add_samples(self, session, run_id: str, samples: int) -> None:
         """Add to the run's sample count inside the caller's transaction; ``samples_committed`` once it is."""

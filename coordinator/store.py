@@ -225,6 +225,16 @@ class Checkpoint(Base):
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
+class RoundState(Base):
+    """The hash of a round's start state θ_r, as the coordinator's witness computed it (the newest rounds only)."""
+
+    __tablename__ = "round_states"
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    state_hash: Mapped[str] = mapped_column(String(64))
+    at_ms: Mapped[int] = mapped_column(BigInteger)
+
+
 class RunMetric(Base):
     """One point of a run's history, for the dashboard's charts."""
 

@@ -34,7 +34,8 @@ def with_retries(call: Callable[[], T], *, attempts: int = 5, backoff: float = 1
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == attempts:
                 raise
-            logger.warning("coordinator unreachable, retrying in %gs (attempt %d of %d)", delay, attempt, attempts)
+            logger.warning("coordinator unavailable (%s), retrying in %gs (attempt %d of %d)",
+                           e.details() or "unreachable", delay, attempt, attempts)
             time.sleep(delay)
             delay = min(delay * 2, max_backoff)
     raise AssertionError("unreachable")

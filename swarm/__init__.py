@@ -39,12 +39,15 @@ from omi.swarm.tokens import (
     from_hivemind_token,
     to_hivemind_token,
 )
+from omi.swarm.witness import RoundWitness, Witnessed, swarm_round, trainer_rounds
 
 __all__ = [
     "AccessControlledAveragerMixin", "AccessControlledGradientAverager", "AccessControlledTrainingStateAverager",
     "AccessDenied", "AllReduceRefused", "COMPRESSIONS", "CenteredClipAllReduceRunner", "CenteredClipReducer",
     "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused", "ParamsServer",
-    "ParamsUnavailable", "PeerAccessGate", "RevocationValidator", "RoundOptimizer", "RoundResult", "SwarmFollower",
+    "ParamsUnavailable", "PeerAccessGate", "RevocationValidator", "RoundOptimizer", "RoundResult", "RoundWitness",
+    "SwarmFollower", "Witnessed",
+    "swarm_round", "trainer_rounds",
     "SwarmOptimizer", "TokenFile", "TokenProvider", "TokenRegistryValidator", "centered_clip", "exit_with_parent",
     "from_hivemind_token", "install_stop_signals", "is_valid_access_token", "load_or_create_peer_identity",
     "load_or_create_swarm_key", "make_dht", "make_optimizer", "mint_access_token", "publish_revocations",

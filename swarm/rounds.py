@@ -44,6 +44,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -54,9 +55,12 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.partition import AllreduceException, BannedException
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import amap_in_executor
-from hivemind.utils.timed_storage import get_dht_time
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
@@ -170,6 +174,46 @@ class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
         metadata, tensors = self._state()
         return metadata, tensors, [CompressionInfo.from_tensor(t, key=i) for i, t in enumerate(tensors)]
 
+    def load_state_checked(self, *, timeout: float, count: int, expect: str | None = None,
+                           skip: frozenset[str] = frozenset()):
+        """hivemind's ``load_state_from_peers``, trying the peers in order of priority but skipping those in ``skip``
+        (base58 peer ids) and, with ``expect``, every peer whose θ (the first ``count`` tensors) does not hash to
+        it; returns ``(metadata, tensors, peer id)`` of the first state accepted, or None."""
+        future = MPFuture()
+        self._outer_pipe.send(("_load_state_checked", [], dict(future=future, count=count, expect=expect,
+                                                                skip=sorted(skip))))
+        return future.result(timeout=timeout)
+
+    async def _load_state_checked(self, future: MPFuture, count: int, expect: str | None, skip: list[str]):
+        # hivemind's DecentralizedAverager._load_state_from_peers, with the skip list and the hash check
+        timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
+        try:
+            found, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) \
+                or ({}, None)
+            priority = {PeerID(peer): (float(info.value), random.random()) for peer, info in found.items()
+                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))} \
+                if isinstance(found, dict) else {}
+            for peer in sorted(priority, key=priority.get, reverse=True):
+                if peer == self.peer_id or peer.to_base58() in skip:
+                    continue
+                try:
+                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                    metadata, tensors = await _read_state(stream, self.serializer, timeout)
+                except Exception as e:
+                    logger.warning("could not download the state of peer %s: %r", peer, e)
+                    continue
+                if not metadata or len(tensors) < count:
+                    continue
+                if expect is not None and state_hash(tensors[:count]) != expect:
+                    logger.warning("peer %s serves a state whose θ does not hash to %s…; refused", peer, expect[:12])
+                    continue
+                future.set_result((metadata, tensors, peer.to_base58()))
+                return
+        finally:
+            if not future.done():
+                future.set_result(None)
+
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         # a failed all-reduce leaves the inputs as they were, so hivemind's retry (a new group) starts from them
         inputs = [t.clone() for t in tensors]
@@ -179,6 +223,30 @@ class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
             for t, original in zip(tensors, inputs, strict=True):
                 t.copy_(original)
             raise
+
+
+async def _read_state(stream, serializer, timeout: float) -> tuple[object, list[torch.Tensor]]:
+    """(metadata, tensors) of a peer's ``rpc_download_state`` stream (as hivemind's loader reads it)."""
+    metadata, parts, tensors = None, [], []
+    async for message in aiter_with_timeout(stream, timeout=timeout):
+        if message.metadata:
+            metadata = serializer.loads(message.metadata)
+        if message.tensor_part.dtype and parts:  # the start of the next tensor
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            parts = []
+        parts.append(message.tensor_part)
+    if parts:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+    return metadata, tensors
+
+
+def state_hash(params: list[torch.Tensor]) -> str:
+    """SHA-256 (hex) of float32 CPU parameters θ, in order: what a round's members gather as ``theta`` and the
+    coordinator publishes for each round it witnessed."""
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def rounds_prefix(spec: pb.RunSpec) -> str:
@@ -199,6 +267,38 @@ def min_group_size(spec: pb.RunSpec) -> int:
     one attacker would own its honest partner's round: seen, a x-1000 sign-flipper paired with one honest peer
     blew its loss from 0.2 to 73,000), 2 otherwise."""
     return 3 if spec.averaging.reducer == "centered_clip" else 2
+
+
+@dataclass
+class GroupOutcome:
+    """What every member of one all-reduce concludes from the group's gathered data (the same on each member).
+
+    :param canonical: the (round, θ_r hash) the group trained from: the newest round, then the θ most *trainers*
+        hold (the witness's own entry is not a vote)
+    :param trainers: members that sent a pseudo-gradient (the witness sends none: weight 0)
+    :param usable: whether the average may be applied: CenteredClip needs at least 3 trainers (with two the median
+        is the mean, and one attacker owns its partner's round), counted without the weight-0 witness
+    """
+
+    canonical: tuple[int, str] | None
+    trainers: int
+    usable: bool
+
+
+def group_outcome(gathered: dict, spec: pb.RunSpec) -> GroupOutcome:
+    """The :class:`GroupOutcome` of an all-reduce from its gathered data (peer -> ``dict(round, theta[, witness])``).
+
+    >>> spec = pb.RunSpec(averaging=pb.AveragingSpec(reducer="centered_clip"))
+    >>> group_outcome({"a": dict(round=3, theta="x"), "b": dict(round=3, theta="x"),
+    ...                "w": dict(round=3, theta="x", witness=True)}, spec)
+    GroupOutcome(canonical=(3, 'x'), trainers=2, usable=False)
+    """
+    entries = [g for g in gathered.values() if isinstance(g, dict)]
+    trainers = [g for g in entries if not g.get("witness")]
+    starts = [(g.get("round", -1), g.get("theta", "")) for g in trainers]
+    canonical = max(starts, key=lambda start: (start[0], starts.count(start), start[1]), default=None)
+    fewest = 3 if spec.averaging.reducer == "centered_clip" else 1
+    return GroupOutcome(canonical, len(trainers), len(trainers) >= fewest)
 
 
 def _cancel(control) -> None:
@@ -284,6 +384,9 @@ class RoundOptimizer:
         self._scheduled_round = -1
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self._canonical = True  # this peer held the group's θ in its last all-reduce (it serves state first)
+        # a lone trainer of a witnessed run averages with the coordinator's witness (weight 0: the mean is its own Δ),
+        # so the witness sees every round; without a witness a lone peer skips the all-reduce
+        self._fewest_peers = 1 if spec.witnessed else 2
         self._started = time.perf_counter()
         self.averager = RoundAverager(
             [torch.zeros_like(p) for p in self.global_params], state=self._current_state,
@@ -402,7 +505,7 @@ class RoundOptimizer:
                                            and not self._pending.control.done()):
             return  # one all-reduce at a time per averager
         progress, averaging = self.tracker.global_progress, self.spec.averaging
-        if progress.num_peers <= 1 or progress.epoch != self.round:
+        if progress.num_peers < self._fewest_peers or progress.epoch != self.round:
             return
         rate = self.tracker.performance_ema.samples_per_second * progress.num_peers
         eta = max(self.samples_per_peer * progress.num_peers - progress.samples_accumulated, 0) / max(rate, 1e-9)
@@ -475,11 +578,8 @@ class RoundOptimizer:
     def start_hash(self) -> str:
         """SHA-256 of the global parameters θ_r (hex): equal on two peers exactly when they hold the same θ_r."""
         if self._start_hash is None:
-            digest = hashlib.sha256()
             with self._lock:
-                for p in self.global_params:
-                    digest.update(p.numpy().tobytes())
-            self._start_hash = digest.hexdigest()
+                self._start_hash = state_hash(self.global_params)
         return self._start_hash
 
     def _bytes_since_last_round(self) -> int:
@@ -491,10 +591,11 @@ class RoundOptimizer:
         """Start the all-reduce of ``delta`` in the background (alone: nothing to start)."""
         pending = _Average(round=self.round, delta=delta, start_hash=self.start_hash)
         scheduled, self._scheduled = self._scheduled, None
-        if scheduled is not None and (scheduled.done() or self._scheduled_round != self.round or peers <= 1):
+        if scheduled is not None and (scheduled.done() or self._scheduled_round != self.round
+                                      or peers < self._fewest_peers):
             _cancel(scheduled)
             scheduled = None
-        if peers <= 1:
+        if peers < self._fewest_peers:
             return pending
         with self.averager.get_tensors() as tensors:
             for t, d in zip(tensors, delta, strict=True):
@@ -537,17 +638,20 @@ class RoundOptimizer:
             return None, 0
         with self.averager.get_tensors() as tensors:
             averaged = [t.clone() for t in tensors]
-        # Every member computes the same canonical θ_r from the same gathered data: the newest round, then the θ
-        # most members hold. A member whose θ_r differs (it averaged alone while others were there) loads the
-        # state at the next round start, from a canonical peer (they announce a higher priority).
-        starts = [(g.get("round", -1), g.get("theta", "")) for g in gathered.values() if isinstance(g, dict)]
-        canonical = max(starts, key=lambda start: (start[0], starts.count(start), start[1]), default=None)
-        self._canonical = canonical == (pending.round, pending.start_hash)
+        # Every member computes the same outcome from the same gathered data (group_outcome). A member whose θ_r
+        # differs from the group's (it averaged alone while others were there) loads the state at the next round
+        # start, from a canonical peer (they announce a higher priority).
+        outcome = group_outcome(gathered, self.spec)
+        self._canonical = outcome.canonical == (pending.round, pending.start_hash)
         if not self._canonical:
             logger.warning("round %d: this peer's θ differs from the group's; it loads the state next round",
                            pending.round)
             self._needs_sync = True
-        return averaged, len(gathered)
+        if not outcome.usable:
+            logger.warning("round %d: %d trainer(s) in the group, fewer than %s needs; no outer step from it",
+                           pending.round, outcome.trainers, self.spec.averaging.reducer)
+            return None, outcome.trainers
+        return averaged, outcome.trainers
 
     def shutdown(self) -> None:
         for control in (self._scheduled, self._pending.control if self._pending is not None else None):

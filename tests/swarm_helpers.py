@@ -131,8 +131,9 @@ class PeerProcess:
 
 
 def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: list[dict],
-                role: str = "trainer") -> tuple[list[PeerProcess], list[PeerFiles]]:
-    """A bootstrap peer and one trainer process per dict in ``trainers``; returns [bootstrap, *trainers] and files.
+                role: str = "trainer", witness: bool = False) -> tuple[list[PeerProcess], list[PeerFiles]]:
+    """A bootstrap peer and one trainer process per dict in ``trainers``; returns [bootstrap, *trainers] and files
+    (with ``witness``, the coordinator's round witness last: [bootstrap, *trainers, witness]).
 
     Each dict is the trainer's extra config (see ``run_trainer``), plus ``token_peer_id`` (its token names another
     peer) and ``intruder`` (the honest trainers do not wait for it to show up).
@@ -143,6 +144,12 @@ def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: li
                          spec_path=str(directory / "spec.bin"))]
     files = []
     maddrs = procs[0].wait_ready()["maddrs"]
+    if witness:  # up before the trainers, as the coordinator's is
+        f = make_peer_files(directory / "witness", coordinator_key, spec)
+        watcher = PeerProcess("witness", directory / "witness", spec_path=str(directory / "spec.bin"),
+                              token_path=f.token_path, identity_path=f.identity_path,
+                              swarm_key_path=f.swarm_key_path, initial_peers=maddrs)
+        watcher.wait_ready()
     for i, extra in enumerate(trainers):
         files.append(make_peer_files(directory / f"peer{i}", coordinator_key, spec,
                                      token_peer_id=extra.pop("token_peer_id", None)))
@@ -153,6 +160,8 @@ def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: li
                                  token_path=f.token_path, identity_path=f.identity_path,
                                  swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
                                  expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
+    if witness:
+        procs.append(watcher)
     return procs, files
 
 
@@ -352,8 +361,35 @@ def run_round_trainer(config: dict) -> None:
         dht.shutdown()
 
 
+def run_witness(config: dict) -> None:
+    """The coordinator's witness of a rounds run (omi.swarm.witness) beside the trainers; after every round it saw
+    it rewrites the result file with everything it held so far, until stdin closes."""
+    import dataclasses
+    import threading
+
+    import torch
+    from omi.swarm.witness import RoundWitness
+
+    torch.set_num_threads(1)
+    spec, dht = _trainer_peer(config)
+    witness = RoundWitness(dht, spec, tiny_model())
+    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58()))
+    stop, seen = threading.Event(), []
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    try:
+        while not stop.is_set():
+            held = witness.follow_round(stop)
+            if held is not None:
+                seen.append(dataclasses.asdict(held))
+                _write_json(config["result_path"], dict(rounds=seen))
+    finally:
+        witness.shutdown()
+        dht.shutdown()
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     role, config_path = sys.argv[1], sys.argv[2]
-    roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer}
+    roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer,
+             "witness": run_witness}
     roles[role](json.loads(Path(config_path).read_text()))

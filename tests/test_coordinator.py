@@ -309,7 +309,26 @@ def test_no_shard_is_assigned_twice_in_an_epoch(server):
     assert len(next_epoch.shards) == expected_shards(next_epoch)  # the next epoch has its own pool
     with pytest.raises(grpc.RpcError) as info:
         nodes[0].get_work(5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ahead" in info.value.details()
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "ahead" in info.value.details()  # retry later
+
+
+def test_no_node_moves_the_runs_epoch_only_the_coordinators_witness_does(server):
+    # issue 12, point 3: 20 heartbeats naming epoch 4e9 moved the run from 0 to 20 in 0.02 s, each move handing out
+    # a fresh assignment and closing audit windows early; the run's epoch is now what the coordinator's own witness
+    # of the rounds observed (omi.swarm.witness, in the checkpointer process: Runs.advance), never a node's claim
+    liar = server.node(name="liar")
+    for _ in range(20):
+        liar.heartbeat(epoch=2**31 - 1)
+    assert code_of(lambda: liar.heartbeat(epoch=4_000_000_000)) == grpc.StatusCode.INVALID_ARGUMENT  # > INTEGER
+    work = liar.get_work(2)  # work for a round the witness may not have written yet (MAX_AHEAD)
+    assert liar.report_contribution(contribution_for(work)).accepted
+    assert liar.get_run_status().summary.epoch == 0
+    assert code_of(lambda: liar.get_work(3)) == grpc.StatusCode.UNAVAILABLE  # no hoarding of future rounds
+    server.coordinator.runs.advance("t", 7, "ab" * 32)  # the witness saw round 7 start from θ with this hash
+    server.coordinator.runs.advance("t", 5)  # a late, older observation never moves it back
+    assert liar.get_run_status().summary.epoch == 7
+    runs = server.coordinator.runs
+    assert runs.round_state("t", 7) == "ab" * 32 and runs.round_state("t", 5) is None
 
 
 def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path, db_url):
@@ -469,7 +488,7 @@ def test_run_status_and_views(server):
     assert a.report_contribution(contribution).accepted
     status = a.get_run_status()
     assert status.samples_per_second == pytest.approx(contribution.samples / 60)
-    assert abs(status.last_loss - 0.4) < 1e-9 and status.summary.epoch == 1
+    assert abs(status.last_loss - 0.4) < 1e-9 and status.summary.epoch == 0  # b's epoch 1 is only its word
     assert a.list_checkpoints() == []
     assert a.get_run_spec().coordinator_public_key == server.coordinator.public_key
     assert code_of(lambda: a.get_run_status("nope")) == grpc.StatusCode.NOT_FOUND

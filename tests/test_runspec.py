@@ -66,7 +66,7 @@ def test_defaults_fill_every_section():
                          "audit_window_epochs": 5, "sketch_size": 1024, "segment_steps": 5},
         "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
         "liveness": {"heartbeat_interval": 5.0, "heartbeat_timeout": 30.0, "token_ttl": 3600.0},
-        "coordinator_public_key": "", "initial_peers": [], "dht_prefix": "omi-demo",
+        "coordinator_public_key": "", "initial_peers": [], "dht_prefix": "omi-demo", "witnessed": False,
     }
 
 

@@ -181,6 +181,7 @@ def test_a_new_identity_is_audited_at_twice_the_rate_until_its_work_is_verified(
 
         def report(epoch: int) -> bool:
             records = fake_records(2, seed=epoch)
+            server.coordinator.runs.advance("t", epoch)  # as the coordinator's witness of the swarm does
             reply = node.report_contribution(committed(node.get_work(epoch), records))
             if reply.audit_task_id:
                 assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
@@ -256,7 +257,7 @@ def test_nothing_is_verified_while_no_audit_runs(tmp_path):
                     audited.append(reply.audit_task_id)
         assert audited, "audit_rate 0.5 over 18 contributions drew no audit"
         for epoch in range(3, 12):  # every window closes; nobody validates
-            server.coordinator.runs.observe_epoch("t", epoch)
+            server.coordinator.runs.advance("t", epoch)
         server.coordinator.auditor.close_windows("t")
         status = nodes[0].get_run_status()
         assert status.verified_samples == 0 and status.provisional_samples == 18 * 64, status
@@ -290,7 +291,7 @@ def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_recor
         status = validator.get_run_status()  # a passed audit is credit at once; the others wait for the window
         assert status.verified_samples == 96 and status.provisional_samples == 2 * 96
         for epoch in range(1, 7):  # the run moves on; the window of epoch 0 closes at epoch 5
-            server.coordinator.runs.observe_epoch("t", epoch)
+            server.coordinator.runs.advance("t", epoch)
         server.coordinator.auditor.close_windows("t")
         status = validator.get_run_status()
         assert status.verified_samples == 2 * 96 and status.provisional_samples == 0
@@ -306,7 +307,7 @@ def test_a_node_is_not_struck_when_the_window_closes_while_its_report_is_on_its_
         node, records = server.node(name="n"), fake_records(3)
         reply = node.report_contribution(committed(node.get_work(0), records))
         for epoch in range(1, 7):  # the window of epoch 0 closes at epoch 5
-            server.coordinator.runs.observe_epoch("t", epoch)
+            server.coordinator.runs.advance("t", epoch)
         server.coordinator.auditor.close_windows("t")
         assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
         with server.store.session() as s:

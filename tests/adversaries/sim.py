@@ -345,6 +345,7 @@ class LockstepSwarm:
                 result.contributions[name] = result.contributions.get(name, 0) + (node.status.contributions - before)
             self._apply()
             self.epoch += 1
+            self.server.coordinator.runs.advance(self.spec.run_id, self.epoch)  # as the coordinator's witness does
             self.validate_all()
             result.losses.append(self.eval_loss())
             result.epochs = self.epoch

@@ -131,7 +131,7 @@ class LivenessSpec(_message.Message):
     def __init__(self, heartbeat_interval: _Optional[float] = ..., heartbeat_timeout: _Optional[float] = ..., token_ttl: _Optional[float] = ...) -> None: ...
 
 class RunSpec(_message.Message):
-    __slots__ = ("run_id", "name", "description", "model", "data", "training", "averaging", "verification", "checkpoints", "liveness", "coordinator_public_key", "initial_peers", "dht_prefix", "rounds")
+    __slots__ = ("run_id", "name", "description", "model", "data", "training", "averaging", "verification", "checkpoints", "liveness", "coordinator_public_key", "initial_peers", "dht_prefix", "rounds", "witnessed")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class RunSpec(_message.Message):
     INITIAL_PEERS_FIELD_NUMBER: _ClassVar[int]
     DHT_PREFIX_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    WITNESSED_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     name: str
     description: str
@@ -160,7 +161,8 @@ class RunSpec(_message.Message):
     initial_peers: _containers.RepeatedScalarFieldContainer[str]
     dht_prefix: str
     rounds: RoundsSpec
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., averaging: _Optional[_Union[AveragingSpec, _Mapping]] = ..., verification: _Optional[_Union[VerificationSpec, _Mapping]] = ..., checkpoints: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., liveness: _Optional[_Union[LivenessSpec, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., rounds: _Optional[_Union[RoundsSpec, _Mapping]] = ...) -> None: ...
+    witnessed: bool
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., averaging: _Optional[_Union[AveragingSpec, _Mapping]] = ..., verification: _Optional[_Union[VerificationSpec, _Mapping]] = ..., checkpoints: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., liveness: _Optional[_Union[LivenessSpec, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., rounds: _Optional[_Union[RoundsSpec, _Mapping]] = ..., witnessed: _Optional[bool] = ...) -> None: ...
 
 class RunSummary(_message.Message):
     __slots__ = ("run_id", "name", "model", "state", "epoch", "total_samples", "volunteers_online", "created_at_ms")

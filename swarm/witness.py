@@ -1,0 +1,238 @@
+"""The coordinator's witness of a rounds run: a weight-0 member of every round's all-reduce.
+
+A node's word moves nothing: not the run's round, not what a checkpoint holds. The witness, run by the
+coordinator's checkpointer process, takes part in each round's all-reduce like a volunteer but sends a zero
+pseudo-gradient with weight 0 (client mode: it reduces no part either), so the average every member receives is
+the trainers' alone — and it receives the same bytes they do. It applies the same outer step to the θ_r it holds
+and so holds θ_{r+1} itself::
+
+    witness = RoundWitness(dht, spec, model)
+    while not stop.is_set():
+        seen = witness.follow_round(stop)          # one round: join, receive Δ̄, apply the outer step
+        if seen is not None and seen.confirmed:
+            publish(seen.round, seen.state_hash)   # the run's round and the state hash late joiners check
+
+**Confirmed state.** The witness starts from θ_0 (every peer builds it from the RunSpec's seed). A round's group
+gathers each member's (round, hash of θ_r); when the group's canonical θ_r (the one most trainers hold,
+:func:`omi.swarm.rounds.group_outcome`) is the witness's own, the θ_{r+1} it computes is *confirmed*: the run's
+round moves to r+1 and its hash is published. When the witness missed a round (restarted, not matched, the swarm
+split) or its θ is not the group's, it loads the state of the round at least half the trainers report (the lower
+median of their progress records: one liar cannot move it) from a peer, skipping peers whose state a group
+refuted before, and holds it unconfirmed until a group trained from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import hivemind
+import torch
+from hivemind.averaging.control import AveragingStage
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.schema import SchemaValidator
+from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
+from hivemind.utils.timed_storage import get_dht_time
+from omi.protos import pb
+from omi.swarm.access import PeerAccessGate
+from omi.swarm.compression import COMPRESSIONS
+from omi.swarm.rounds import RoundAverager, _cancel, group_outcome, make_runner, rounds_prefix, state_hash
+
+logger = logging.getLogger(__name__)
+
+POLL = 0.5  # seconds between two looks at the step and the swarm's progress
+READ_TIMEOUT = 30.0  # seconds one read of the progress records may take
+
+
+def progress_records(dht: hivemind.DHT, spec: pb.RunSpec) -> list[LocalTrainingProgress]:
+    """The progress record each training peer's hivemind ``ProgressTracker`` publishes (records expire 60 s after
+    their last refresh); [] when none can be read."""
+    try:
+        found = dht.get(f"{spec.dht_prefix}_progress", latest=True, return_future=True).result(READ_TIMEOUT)
+    except Exception as e:  # a DHT that does not answer now may answer at the next call
+        logger.warning("could not read the swarm's progress: %r", e)
+        return []
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for entry in found.value.values():
+        try:
+            records.append(LocalTrainingProgress.parse_obj(entry.value))
+        except Exception:  # a malformed record says nothing about the swarm
+            continue
+    return records
+
+
+def trainer_rounds(dht: hivemind.DHT, spec: pb.RunSpec) -> list[int]:
+    """The round (epoch) each training peer reports in its progress record."""
+    return [int(record.epoch) for record in progress_records(dht, spec)]
+
+
+def seconds_to_round_end(records: list[LocalTrainingProgress], spec: pb.RunSpec, round_number: int) -> float:
+    """When the trainers' records say round ``round_number`` closes (as each trainer estimates it: H micro-batches
+    per trainer at the rates they report); inf when no trainer reports that round."""
+    at_round = [r for r in records if r.epoch == round_number]
+    if not at_round:
+        return float("inf")
+    now = get_dht_time()
+    target = spec.rounds.inner_steps * spec.training.micro_batch_size * len(at_round)
+    done = sum(r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second for r in at_round)
+    return max(target - done, 0.0) / max(sum(r.samples_per_second for r in at_round), 1e-9)
+
+
+def swarm_round(rounds: list[int]) -> int | None:
+    """The round at least half the trainers reached (the lower median): one peer's record cannot move it.
+
+    >>> swarm_round([5, 6, 4_000_000_000]), swarm_round([5, 4_000_000_000]), swarm_round([])
+    (6, 5, None)
+    """
+    return sorted(rounds)[(len(rounds) - 1) // 2] if rounds else None
+
+
+@dataclass
+class Witnessed:
+    """What the witness holds after :meth:`RoundWitness.follow_round`."""
+
+    round: int  # the round whose start state θ the witness now holds
+    state_hash: str  # SHA-256 of that θ (omi.swarm.rounds.state_hash)
+    confirmed: bool  # computed from a θ_r the round's group trained from (else: loaded from a peer, unconfirmed)
+    trainers: int  # trainers in the group the witness averaged with (0: it loaded the state instead)
+
+
+class RoundWitness:
+    """The coordinator's weight-0 member of a rounds run's all-reduces; create it in the main thread.
+
+    :param dht: the witness's DHT of the run (its token is the coordinator's own)
+    :param spec: the run (``[rounds]``, ``[averaging]``)
+    :param model: built with ``omi.models.build_for_spec``: its parameters are θ_0
+    :param wait: seconds one attempt to join a round's group may take before it is retried
+    """
+
+    def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module, *, wait: float | None = None):
+        rounds, averaging = spec.rounds, spec.averaging
+        self.dht, self.spec = dht, spec
+        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
+        self.params = [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad]
+        self.outer = torch.optim.SGD(self.params, lr=rounds.outer_learning_rate, momentum=rounds.outer_momentum,
+                                     nesterov=rounds.outer_nesterov)
+        for p in self.params:
+            self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.lock = threading.Lock()  # guards params while a checkpoint copies them
+        self.round, self.confirmed, self.hash = 0, True, state_hash(self.params)
+        self.refuted: set[str] = set()  # peers that served a θ no group trained from
+        self._loaded_from: str | None = None
+        self._round_began, self._round_seconds = time.monotonic(), float("inf")  # when round `self.round` began
+        self.wait = wait or 4 * (averaging.matchmaking_time + averaging.averaging_timeout)
+        self.averager = RoundAverager(
+            [torch.zeros_like(p) for p in self.params],
+            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix),
+            allreduce_runner=make_runner(spec), dht=dht, prefix=rounds_prefix(spec), start=True,
+            min_matchmaking_time=averaging.matchmaking_time, request_timeout=min(3.0, averaging.matchmaking_time / 2),
+            allreduce_timeout=averaging.averaging_timeout,
+            next_chunk_timeout=max(averaging.matchmaking_time, averaging.averaging_timeout / 2),
+            compression=COMPRESSIONS[rounds.compression or "none"](), client_mode=True)
+
+    def snapshot(self) -> Witnessed:
+        return Witnessed(self.round, self.hash, self.confirmed, 0)
+
+    def copy_into(self, model: torch.nn.Module) -> Witnessed:
+        """Put the θ the witness holds into ``model`` (for a checkpoint); returns which θ that is."""
+        with self.lock, torch.no_grad():
+            for target, p in zip([p for p in model.parameters() if p.requires_grad], self.params, strict=True):
+                target.copy_(p.to(target.device, target.dtype))
+            return self.snapshot()
+
+    def follow_round(self, stop: threading.Event) -> Witnessed | None:
+        """Take part in the current round's all-reduce (or catch up with the swarm); returns what it holds then,
+        or None when nothing changed (no group yet, or ``stop`` was set)."""
+        r, held = self.round, self.hash
+        # matchmaking starts when the trainers' does (once the round is within matchmaking_time of its end): a search
+        # begun earlier looks for leaders only every matchmaking_time, and may find this round's one too late
+        while True:
+            records = progress_records(self.dht, self.spec)
+            ahead = swarm_round([int(record.epoch) for record in records])
+            if ahead is not None and ahead > r:
+                logger.warning("round %d closed without the witness; the swarm is at round %d", r, ahead)
+                return self._catch_up(ahead)
+            # the trainers' records of a new round appear only after their first inner steps: until then the last
+            # round's length says when this one ends
+            eta = min(seconds_to_round_end(records, self.spec, r),
+                      self._round_began + self._round_seconds - time.monotonic())
+            if eta <= 2 * self.spec.averaging.matchmaking_time + POLL:
+                break
+            if stop.wait(POLL):
+                return None
+        self.averager.set_group_bits(format(r % 256, "08b"))
+        control = self.averager.step(gather=dict(round=r, theta=held, witness=True), weight=0.0,
+                                     scheduled_time=get_dht_time() + self.wait - 1.0, timeout=self.wait, wait=False)
+        while not control.done():
+            if stop.wait(POLL):
+                _cancel(control)
+                return None
+            if control.stage != AveragingStage.LOOKING_FOR_GROUP:
+                continue  # in a group: the trainers may finish the all-reduce before this (client) peer does
+            ahead = swarm_round(trainer_rounds(self.dht, self.spec))
+            if ahead is not None and ahead > r:  # the round closed without the witness
+                _cancel(control)
+                logger.warning("round %d closed without the witness; the swarm is at round %d", r, ahead)
+                return self._catch_up(ahead)
+        try:
+            gathered = control.result()
+        except Exception as e:  # no group within the wait: try again (the swarm may not have started)
+            logger.info("round %d: the witness found no group (%r); trying again", r, e)
+            return None
+        outcome = group_outcome(gathered or {}, self.spec)
+        if outcome.canonical != (r, held):
+            logger.warning("round %d: the group trained from θ %s…, the witness holds %s…", r,
+                           (outcome.canonical or (r, "?"))[1][:12], held[:12])
+            if self._loaded_from is not None:
+                self.refuted.add(self._loaded_from)
+            return self._catch_up(r + 1)
+        with self.averager.get_tensors() as tensors:
+            averaged = [t.clone() for t in tensors]
+        with self.lock:
+            if outcome.usable:
+                for p, d in zip(self.params, averaged, strict=True):
+                    p.grad = d
+                self.outer.step()
+                for p in self.params:
+                    p.grad = None
+            self.round, self.hash, self.confirmed = r + 1, state_hash(self.params), True
+        self._loaded_from = None
+        now = time.monotonic()
+        self._round_seconds, self._round_began = now - self._round_began, now
+        logger.info("round %d witnessed: %d trainer(s)%s; round %d starts from θ %s…", r, outcome.trainers,
+                    "" if outcome.usable else " (too few for the reducer: no outer step)", self.round, self.hash[:12])
+        return Witnessed(self.round, self.hash, True, outcome.trainers)
+
+    def _catch_up(self, least: int) -> Witnessed | None:
+        """Load the state of the round the trainers are at (≥ ``least``) from a peer no group refuted."""
+        target = swarm_round(trainer_rounds(self.dht, self.spec))
+        if target is None or target < least:
+            return None
+        count = len(self.params)
+        loaded = self.averager.load_state_checked(timeout=self.wait, count=count, skip=frozenset(self.refuted))
+        if loaded is None:
+            logger.warning("no peer served the state of round %d", target)
+            return None
+        metadata, tensors, peer = loaded
+        served = int(metadata.get("round", -1)) if isinstance(metadata, dict) else -1
+        if served != target or len(tensors) != 2 * count or any(
+                t.shape != p.shape for t, p in zip(tensors, self.params * 2, strict=True)):
+            logger.warning("peer %s served round %s, the trainers are at round %d; not taken", peer, served, target)
+            return None
+        with self.lock:
+            for p, t in zip(self.params, tensors[:count], strict=True):
+                p.copy_(t)
+            for p, m in zip(self.params, tensors[count:], strict=True):
+                self.outer.state[p]["momentum_buffer"].copy_(m)
+            self.round, self.hash, self.confirmed = served, state_hash(self.params), False
+        self._loaded_from = peer
+        self._round_began = time.monotonic()
+        logger.info("loaded round %d's state from peer %s (unconfirmed until a group trains from it)", served, peer)
+        return Witnessed(self.round, self.hash, False, 0)
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
