@@ -159,9 +159,10 @@ class WorkPlanner:
             stored = s.scalar(select(WorkAssignment.message).where(
                 WorkAssignment.run_id == caller.run_id, WorkAssignment.epoch == epoch,
                 WorkAssignment.node_id == caller.node_id, WorkAssignment.released_at_ms.is_(None)))
-        if stored is not None:
-            return pb.WorkAssignment.FromString(stored)
-        return self._assign(caller, epoch, source)
+        assignment = pb.WorkAssignment.FromString(stored) if stored is not None else self._assign(caller, epoch, source)
+        if run.spec.rounds.inner_steps > 0:  # what the witness holds at this round's start, once it is published
+            assignment.state_hash = self.runs.round_state(caller.run_id, epoch) or ""
+        return assignment
 
     def _assign(self, caller: Caller, epoch: int, source: str) -> pb.WorkAssignment:
         run = self.runs.get(caller.run_id)

@@ -164,6 +164,8 @@ class Trainer:
         assignment = self._get_work(round_number)
         if self.stop.is_set():
             return
+        if assignment.state_hash and hasattr(self.optimizer, "check_state"):  # (the lock-step harness has none)
+            self.optimizer.check_state(assignment.state_hash)  # a late joiner refuses a θ the witness did not see
         self.set_state("training")
         self.status.epoch = round_number
         segments = RoundStates(self.segments_dir)  # the training state at step 0, k, 2k, ..., the end

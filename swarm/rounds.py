@@ -384,6 +384,8 @@ class RoundOptimizer:
         self._scheduled_round = -1
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self._canonical = True  # this peer held the group's θ in its last all-reduce (it serves state first)
+        self._loaded_from: str | None = None  # the peer whose state this one loaded last
+        self.refuted: set[str] = set()  # peers that served a θ the coordinator did not witness: not asked again
         # a lone trainer of a witnessed run averages with the coordinator's witness (weight 0: the mean is its own Δ),
         # so the witness sees every round; without a witness a lone peer skips the all-reduce
         self._fewest_peers = 1 if spec.witnessed else 2
@@ -437,10 +439,11 @@ class RoundOptimizer:
         (retrying while peers still serve older rounds, for at most ``load_state_timeout``); True if loaded."""
         deadline = time.monotonic() + self.load_state_timeout
         while True:
-            loaded = self.averager.load_state_from_peers(timeout=self.load_state_timeout)
+            loaded = self.averager.load_state_checked(timeout=self.load_state_timeout, count=len(self.global_params),
+                                                      skip=frozenset(self.refuted))
             if loaded is None:
                 return False
-            metadata, tensors = loaded
+            metadata, tensors, self._loaded_from = loaded
             count = len(self.global_params)
             if not isinstance(metadata, dict) or len(tensors) != 2 * count or any(
                     t.shape != p.shape for t, p in zip(tensors, self.global_params * 2, strict=True)):
@@ -462,6 +465,30 @@ class RoundOptimizer:
         # part in it cannot, and loads the state once more after its first round (keeping that round's all-reduce)
         self._missing_update = self.spec.rounds.overlap and self.round > 0 and self._pending is None
         logger.info("loaded round %d's state from a peer", self.round)
+        return True
+
+    def check_state(self, expected: str) -> bool:
+        """The coordinator published ``expected`` as the hash of this round's θ (its witness computed it): keep θ
+        if it matches, else load the state from a peer that serves exactly that θ (the peer this one loaded from
+        before is not asked again). True if this peer now holds it."""
+        if not expected or self.start_hash == expected:
+            return True
+        logger.warning("round %d: this peer's θ %s… is not the one the coordinator witnessed (%s…); loading that one",
+                       self.round, self.start_hash[:12], expected[:12])
+        if self._loaded_from is not None:
+            self.refuted.add(self._loaded_from)
+        count = len(self.global_params)
+        loaded = self.averager.load_state_checked(timeout=self.load_state_timeout, count=count, expect=expected,
+                                                  skip=frozenset(self.refuted))
+        if loaded is None or not isinstance(loaded[0], dict) or int(loaded[0].get("round", -1)) != self.round \
+                or len(loaded[1]) != 2 * count:
+            logger.error("round %d: no peer serves the witnessed θ %s…; training from this peer's own",
+                         self.round, expected[:12])
+            return False
+        metadata, tensors, self._loaded_from = loaded
+        self.set_state(self.round, tensors[:count], tensors[count:])
+        self.state_loads += 1
+        logger.info("round %d: loaded the witnessed θ from peer %s", self.round, self._loaded_from)
         return True
 
     def _reset_model(self) -> None:

@@ -305,12 +305,30 @@ def run_trainer(config: dict) -> None:
         dht.shutdown()
 
 
+def _confirmed_hash(path: str, round_number: int, timeout: float = 15.0) -> str:
+    """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            held = json.loads(Path(path).read_text())["rounds"]
+        except (OSError, ValueError, KeyError):
+            held = []
+        for entry in held:
+            if entry["round"] == round_number and entry["confirmed"]:
+                return entry["state_hash"]
+        time.sleep(0.2)
+    return ""
+
+
 def run_round_trainer(config: dict) -> None:
     """Train ``tiny_model`` with RoundOptimizer until round ``rounds``; report each round's θ hash and group size.
 
     ``start_delay`` seconds before joining makes a late joiner (it loads the state from the others).
     ``delta_scale`` != 1 makes an attacker: before each round's end it moves its parameters so that its
     pseudo-gradient θ_r − θ_local is ``delta_scale`` times the one it trained (-1000: a x-1000 sign-flipper).
+    ``forge_state`` makes another: it trains honestly but serves late joiners a θ shifted by 1, announcing the top
+    priority. ``witness_file`` (a witness's result file) stands in for the coordinator's published hashes: each
+    round starts with ``check_state`` against the hash the witness confirmed for it.
     """
     import hashlib
 
@@ -322,6 +340,9 @@ def run_round_trainer(config: dict) -> None:
     spec, dht = _trainer_peer(config)
     model = tiny_model()
     opt = RoundOptimizer(model, spec, dht)
+    if config.get("forge_state"):
+        honest_state = opt.averager._state
+        opt.averager._state = lambda: (lambda meta, tensors: (meta, [tensors[0] + 1.0, *tensors[1:]]))(*honest_state())
     _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58()))
     if not config.get("start_delay"):
         _wait_for_trainers(dht, spec, config)
@@ -335,6 +356,10 @@ def run_round_trainer(config: dict) -> None:
 
     while opt.round < config["rounds"] and time.monotonic() < deadline:
         started = opt.begin_round()
+        if config.get("witness_file"):
+            opt.check_state(_confirmed_hash(config["witness_file"], started))
+        if config.get("forge_state"):
+            opt.averager.state_sharing_priority = 1e9
         log.append(dict(round=started, start_hash=theta_hash()))
         while not opt.round_closed() and time.monotonic() < deadline:
             x, y = regression_batch(generator, batch_size)
@@ -347,6 +372,8 @@ def run_round_trainer(config: dict) -> None:
                 for p, start in zip(model.parameters(), opt.global_params, strict=True):
                     p.copy_(start - config["delta_scale"] * (start - p))
         result = opt.end_round()
+        if config.get("forge_state"):
+            opt.averager.state_sharing_priority = 1e9  # end_round announced the honest priority again
         with torch.no_grad():
             loss = torch.nn.functional.mse_loss(model(eval_x), eval_y).item()
         rounds.append(dict(round=result.round, group_size=result.group_size, applied=result.applied,

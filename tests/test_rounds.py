@@ -116,3 +116,27 @@ def test_the_coordinators_witness_holds_the_trainers_theta_after_every_round(tmp
         assert h["state_hash"] in (starts.get(h["round"], set()) | {ends.get(h["round"])}), (h, starts, ends)
     # the trainers averaged with the witness there, and each round's average only counts them
     assert all(e["group_size"] <= 2 for result in results for e in result["rounds"])
+
+
+def test_a_late_joiner_refuses_a_forged_state_and_loads_the_one_the_witness_confirmed(tmp_path, coordinator_key):
+    # issue 12, point 7: hivemind's load_state_from_peers takes the state of the peer announcing the highest
+    # priority; a forger announcing the top one handed every late joiner its θ. The joiner now checks θ against the
+    # hash the coordinator's witness published for the round, refuses the forger's and loads an honest peer's.
+    spec = make_spec(coordinator_key, matchmaking_time=1.5, averaging_timeout=10.0, inner_steps=5)
+    spec.witnessed = True
+    witness_file = str(tmp_path / "witness" / "result.json")
+    trainers = [dict(rounds=10), dict(rounds=10, forge_state=True),
+                dict(rounds=10, start_delay=6.0, intruder=True, witness_file=witness_file)]
+    procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers, role="round_trainer", witness=True)
+    try:
+        joiner = procs[3].wait_result(timeout=150)
+        said = procs[3].tail(400)
+        held = procs[4].wait_result(5)["rounds"]
+    finally:
+        for p in procs:
+            p.stop()
+    confirmed = {h["round"]: h["state_hash"] for h in held if h["confirmed"]}
+    first = joiner["starts"][0]
+    assert first["round"] > 0 and joiner["state_loads"] >= 2, (joiner, said)  # it joined late: loaded, refused, loaded
+    assert "is not the one the coordinator witnessed" in said and "loaded the witnessed θ" in said, said
+    assert first["start_hash"] == confirmed[first["round"]], (first, confirmed)

@@ -321,7 +321,7 @@ class ShardRange(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class WorkAssignment(_message.Message):
-    __slots__ = ("assignment_id", "run_id", "epoch", "node_id", "shards", "seed", "micro_batch_size", "run_state", "signature")
+    __slots__ = ("assignment_id", "run_id", "epoch", "node_id", "shards", "seed", "micro_batch_size", "run_state", "state_hash", "signature")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,7 @@ class WorkAssignment(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
+    STATE_HASH_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     run_id: str
@@ -339,8 +340,9 @@ class WorkAssignment(_message.Message):
     seed: int
     micro_batch_size: int
     run_state: RunState
+    state_hash: str
     signature: bytes
-    def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., state_hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Contribution(_message.Message):
     __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "segment_hashes", "signature")
