@@ -150,6 +150,30 @@ async def _publish_token_periodically(registry_key: str, period: float, dht: hiv
 
 
 
+async def _watch_revocations(spec: pb.RunSpec, period: float, dht: hivemind.DHT, node) -> None:
+    """Runs inside the DHT process: read the coordinator's revocations every ``period`` seconds and hand the revoked
+    peer ids to this peer's token authorizer, which then refuses their DHT requests and responses."""
+    authorizer: CoordinatorTokenAuthorizer = node.protocol.authorizer
+    key = revocation_key(spec.dht_prefix)
+    while True:
+        try:
+            found = await node.get(key, latest=True)
+            if found is not None and isinstance(found.value, dict):
+                for peer_id, item in found.value.items():
+                    if (isinstance(peer_id, str) and peer_id not in authorizer.revoked and is_valid_revocation(
+                            item.value, spec.coordinator_public_key, spec.run_id, peer_id)):
+                        authorizer.revoked.add(peer_id)
+                        logger.info("peer %s is revoked (its node is banned): its DHT requests are refused", peer_id)
+        except Exception:
+            logger.exception("reading the revocations failed")
+        await asyncio.sleep(period)
+
+
+def start_revocation_watch(dht: hivemind.DHT, spec: pb.RunSpec, period: float = RECHECK_SECONDS) -> None:
+    """Keep this DHT peer's authorizer refusing the peers the coordinator revoked (read every ``period`` s)."""
+    dht.run_coroutine(functools.partial(_watch_revocations, spec, period), return_future=True)
+
+
 def start_token_publisher(dht: hivemind.DHT, dht_prefix: str, period: float = PUBLISH_PERIOD) -> None:
     """Publish (and keep re-publishing, picking up renewals) this node's token in the run's token registry."""
     dht.run_coroutine(functools.partial(_publish_token_periodically, token_registry_key(dht_prefix), period),

@@ -19,7 +19,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hivemind.utils.crypto import RSAPrivateKey
 from omi.protos import pb, signing
 from omi.protos.tokens import TokenProvider, is_valid_access_token
-from omi.swarm.access import RevocationValidator, TokenRegistryValidator, start_token_publisher
+from omi.swarm.access import (
+    RevocationValidator,
+    TokenRegistryValidator,
+    start_revocation_watch,
+    start_token_publisher,
+)
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 from omi.swarm.lifetime import end_with_parent
 from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer, MintingTokenProvider
@@ -78,6 +83,7 @@ def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPriv
         announce_maddrs=[f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None,
     )
     exit_with_parent(dht)
+    start_revocation_watch(dht, spec)
     if publish_token:
         start_token_publisher(dht, spec.dht_prefix)
     return dht

@@ -88,6 +88,9 @@ class CoordinatorTokenAuthorizer(TokenAuthorizerBase):
         self.run_id = run_id
         self.refresh_margin = refresh_margin
         self._local_swarm_public_key = swarm_public_key(local_private_key)
+        # peer ids the coordinator revoked (banned nodes'), kept current inside the DHT process by
+        # omi.swarm.access.start_revocation_watch: their still-unexpired tokens are refused on every DHT RPC
+        self.revoked: set[str] = set()
 
     async def get_token(self) -> HivemindAccessToken:
         token = self.token_provider()
@@ -99,7 +102,8 @@ class CoordinatorTokenAuthorizer(TokenAuthorizerBase):
 
     def is_token_valid(self, access_token: HivemindAccessToken) -> bool:
         token = from_hivemind_token(access_token)
-        return token is not None and is_valid_access_token(token, self.coordinator_public_key, self.run_id)
+        return (token is not None and token.peer_id not in self.revoked
+                and is_valid_access_token(token, self.coordinator_public_key, self.run_id))
 
     def does_token_need_refreshing(self, access_token: HivemindAccessToken) -> bool:
         token = from_hivemind_token(access_token)

@@ -225,6 +225,13 @@ def test_a_banned_nodes_peer_is_refused_by_averagers_within_a_minute(tmp_path):
         cheater, cheater_peer = nodes["cheater"]
         wait_until(lambda: allowed(cheater_peer), 30, "the gate to let the registered cheater in")
 
+        def cheaters_write_reaches_the_swarm() -> bool:  # a fresh key each time: nothing cached anywhere
+            key = f"{spec.dht_prefix}_probe{time.monotonic_ns()}"
+            peers[1].store(key, "from-the-cheater", get_dht_time() + 600)
+            return honest_dht.get(key, latest=True) is not None
+
+        wait_until(cheaters_write_reaches_the_swarm, 30, "the cheater's DHT writes to reach the honest node")
+
         # a token holder cannot revoke someone else: the DHT refuses a revocation not signed by the coordinator
         forged = signing.sign_bytes(swarm.access.revocation_bytes(spec.run_id, nodes["honest"][1]),
                                     signing.generate_key())
@@ -241,6 +248,15 @@ def test_a_banned_nodes_peer_is_refused_by_averagers_within_a_minute(tmp_path):
         fresh = swarm.PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
         assert not allowed(cheater_peer, fresh)
         assert allowed(nodes["honest"][1]) and allowed(nodes["honest"][1], fresh)
+        # the DHT too: every peer's token authorizer refuses the revoked peer's requests and answers (session 8 left
+        # this open: a banned node could read and write the DHT until its token expired)
+        wait_until(lambda: not cheaters_write_reaches_the_swarm(), 60, "the DHT peers to refuse the banned node",
+                   interval=1.0)
+        print(f"DHT refuses it {time.monotonic() - banned_at:.1f} s after the ban")
+        assert time.monotonic() - banned_at < 90
+        probe = f"{spec.dht_prefix}_honest"
+        assert honest_dht.store(probe, "from-honest", get_dht_time() + 600)
+        assert peers[0].get(probe, latest=True).value == "from-honest"
     finally:
         for dht in peers:
             dht.shutdown()
