@@ -70,6 +70,7 @@ from omi.models.quality import one_thread
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
 from omi.swarm.compression import COMPRESSIONS, TopKErrorFeedback, top_k_feedback  # also fixes the 8-bit decoder
+from omi.swarm.rounds import outer_optimizer, outer_step
 from rich import get_console
 from rich.console import Console
 from rich.logging import RichHandler
@@ -233,23 +234,6 @@ class Worker:
         delta = [g - p.detach().to("cpu", torch.float32) for g, p in zip(theta, trainable_parameters(self.model),
                                                                           strict=True)]
         return self.feedback(delta) if self.feedback is not None else delta
-
-
-def outer_optimizer(theta: list[torch.Tensor], rounds: pb.RoundsSpec) -> torch.optim.SGD:
-    """The outer Nesterov SGD on the global parameters, momentum buffers created up front as RoundOptimizer does."""
-    outer = torch.optim.SGD(theta, lr=rounds.outer_learning_rate, momentum=rounds.outer_momentum,
-                            nesterov=rounds.outer_nesterov)
-    for p in theta:
-        outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
-    return outer
-
-
-def outer_step(outer: torch.optim.SGD, theta: list[torch.Tensor], averaged: list[torch.Tensor]) -> None:
-    for p, d in zip(theta, averaged, strict=True):
-        p.grad = d
-    outer.step()
-    for p in theta:
-        p.grad = None
 
 
 # ---------------------------------------------------------------- one row

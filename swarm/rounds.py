@@ -249,6 +249,25 @@ def state_hash(params: list[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def outer_optimizer(params: list[torch.Tensor], rounds: pb.RoundsSpec) -> torch.optim.SGD:
+    """The outer optimizer of the global parameters θ (``[rounds]``: SGD, momentum, Nesterov), its momentum buffers
+    made at once so the state served to late joiners never changes shape."""
+    outer = torch.optim.SGD(params, lr=rounds.outer_learning_rate, momentum=rounds.outer_momentum,
+                            nesterov=rounds.outer_nesterov)
+    for p in params:
+        outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return outer
+
+
+def outer_step(outer: torch.optim.SGD, params: list[torch.Tensor], averaged: list[torch.Tensor]) -> None:
+    """θ_{r+1} = OuterStep(θ_r, Δ̄): the same step on every peer that holds θ_r and received Δ̄."""
+    for p, d in zip(params, averaged, strict=True):
+        p.grad = d
+    outer.step()
+    for p in params:
+        p.grad = None
+
+
 def rounds_prefix(spec: pb.RunSpec) -> str:
     """The hivemind prefix of a run's round averager (its all-reduce and its state for late joiners)."""
     return f"{spec.dht_prefix}_rounds"
@@ -361,10 +380,7 @@ class RoundOptimizer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.inner = optimizer_for(training)(self.params)
         self.global_params = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
-        self.outer = torch.optim.SGD(self.global_params, lr=rounds.outer_learning_rate,
-                                     momentum=rounds.outer_momentum, nesterov=rounds.outer_nesterov)
-        for p in self.global_params:  # momentum buffers exist from the start, so the state shape never changes
-            self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.outer = outer_optimizer(self.global_params, spec.rounds)
         self.samples_per_peer = rounds.inner_steps * training.micro_batch_size
         self.max_round_seconds = rounds.max_round_seconds
         self._round_started = time.monotonic()
@@ -586,11 +602,7 @@ class RoundOptimizer:
         self._group_size = group_size
         if averaged is not None:
             with self._lock:
-                for p, d in zip(self.global_params, averaged, strict=True):
-                    p.grad = d
-                self.outer.step()
-                for p in self.global_params:
-                    p.grad = None
+                outer_step(self.outer, self.global_params, averaged)
                 self._start_hash = None
         self.round = closed + 1
         self.averager.state_sharing_priority = self.round + (0.5 if self._canonical else 0.0)

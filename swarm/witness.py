@@ -38,7 +38,16 @@ from hivemind.utils.timed_storage import get_dht_time
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.compression import COMPRESSIONS
-from omi.swarm.rounds import RoundAverager, _cancel, group_outcome, make_runner, rounds_prefix, state_hash
+from omi.swarm.rounds import (
+    RoundAverager,
+    _cancel,
+    group_outcome,
+    make_runner,
+    outer_optimizer,
+    outer_step,
+    rounds_prefix,
+    state_hash,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,10 +124,7 @@ class RoundWitness:
         self.dht, self.spec = dht, spec
         dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
         self.params = [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad]
-        self.outer = torch.optim.SGD(self.params, lr=rounds.outer_learning_rate, momentum=rounds.outer_momentum,
-                                     nesterov=rounds.outer_nesterov)
-        for p in self.params:
-            self.outer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        self.outer = outer_optimizer(self.params, spec.rounds)
         self.lock = threading.Lock()  # guards params while a checkpoint copies them
         self.round, self.confirmed, self.hash = 0, True, state_hash(self.params)
         self.refuted: set[str] = set()  # peers that served a θ no group trained from
@@ -194,11 +200,7 @@ class RoundWitness:
             averaged = [t.clone() for t in tensors]
         with self.lock:
             if outcome.usable:
-                for p, d in zip(self.params, averaged, strict=True):
-                    p.grad = d
-                self.outer.step()
-                for p in self.params:
-                    p.grad = None
+                outer_step(self.outer, self.params, averaged)
             self.round, self.hash, self.confirmed = r + 1, state_hash(self.params), True
         self._loaded_from = None
         now = time.monotonic()
