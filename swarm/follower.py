@@ -42,6 +42,31 @@ def progress_key(spec: pb.RunSpec) -> str:
     return f"{spec.dht_prefix}_progress"
 
 
+def add_progress_validators(dht: hivemind.DHT, spec: pb.RunSpec) -> None:
+    """The validators hivemind's ProgressTracker adds: its records are signed, and without these a DHT that tracks
+    no progress of its own cannot decode them."""
+    dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
+
+
+def read_progress(dht: hivemind.DHT, spec: pb.RunSpec) -> list[LocalTrainingProgress]:
+    """The progress record each training peer's hivemind ``ProgressTracker`` publishes (records expire 60 s after
+    their last refresh); [] when none can be read."""
+    try:
+        found = dht.get(progress_key(spec), latest=True, return_future=True).result(READ_TIMEOUT)
+    except Exception as e:  # a DHT that does not answer now may answer at the next call
+        logger.warning("could not read the swarm's progress: %r", e)
+        return []
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for entry in found.value.values():
+        try:
+            records.append(LocalTrainingProgress.parse_obj(entry.value))
+        except Exception:  # a malformed record says nothing about the swarm
+            continue
+    return records
+
+
 class SwarmFollower:
     """A non-training peer's view of the swarm state; create it in the main thread of its process.
 
@@ -52,9 +77,7 @@ class SwarmFollower:
 
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module):
         self.dht, self.spec, self.model = dht, spec, model
-        # the validators hivemind's ProgressTracker adds: its records are signed, and without these this DHT
-        # cannot decode them
-        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
+        add_progress_validators(dht, spec)
         self._swarm_epoch = 0
         access = PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
         self.rounds = spec.rounds.inner_steps > 0
@@ -78,19 +101,7 @@ class SwarmFollower:
     def swarm_epoch(self) -> int:
         """The newest epoch a training peer reports in the DHT (0 when none ever did; the last one read when the
         DHT does not answer)."""
-        try:
-            found = self.dht.get(progress_key(self.spec), latest=True, return_future=True).result(READ_TIMEOUT)
-        except Exception as e:  # a DHT that does not answer now may answer at the next call
-            logger.warning("could not read the swarm's progress: %r", e)
-            return self._swarm_epoch
-        if found is None or not isinstance(found.value, dict):
-            return self._swarm_epoch
-        epochs = []
-        for entry in found.value.values():
-            try:
-                epochs.append(LocalTrainingProgress.parse_obj(entry.value).epoch)
-            except Exception:  # a malformed record says nothing about the swarm
-                continue
+        epochs = [record.epoch for record in read_progress(self.dht, self.spec)]
         self._swarm_epoch = max([self._swarm_epoch, *epochs])
         return self._swarm_epoch
 

@@ -31,13 +31,12 @@ from dataclasses import dataclass
 import hivemind
 import torch
 from hivemind.averaging.control import AveragingStage
-from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.dht.schema import SchemaValidator
-from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
+from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.timed_storage import get_dht_time
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.compression import COMPRESSIONS
+from omi.swarm.follower import add_progress_validators, read_progress
 from omi.swarm.rounds import (
     RoundAverager,
     _cancel,
@@ -52,31 +51,11 @@ from omi.swarm.rounds import (
 logger = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between two looks at the step and the swarm's progress
-READ_TIMEOUT = 30.0  # seconds one read of the progress records may take
-
-
-def progress_records(dht: hivemind.DHT, spec: pb.RunSpec) -> list[LocalTrainingProgress]:
-    """The progress record each training peer's hivemind ``ProgressTracker`` publishes (records expire 60 s after
-    their last refresh); [] when none can be read."""
-    try:
-        found = dht.get(f"{spec.dht_prefix}_progress", latest=True, return_future=True).result(READ_TIMEOUT)
-    except Exception as e:  # a DHT that does not answer now may answer at the next call
-        logger.warning("could not read the swarm's progress: %r", e)
-        return []
-    if found is None or not isinstance(found.value, dict):
-        return []
-    records = []
-    for entry in found.value.values():
-        try:
-            records.append(LocalTrainingProgress.parse_obj(entry.value))
-        except Exception:  # a malformed record says nothing about the swarm
-            continue
-    return records
 
 
 def trainer_rounds(dht: hivemind.DHT, spec: pb.RunSpec) -> list[int]:
     """The round (epoch) each training peer reports in its progress record."""
-    return [int(record.epoch) for record in progress_records(dht, spec)]
+    return [int(record.epoch) for record in read_progress(dht, spec)]
 
 
 def seconds_to_round_end(records: list[LocalTrainingProgress], spec: pb.RunSpec, round_number: int) -> float:
@@ -122,7 +101,7 @@ class RoundWitness:
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module, *, wait: float | None = None):
         rounds, averaging = spec.rounds, spec.averaging
         self.dht, self.spec = dht, spec
-        dht.add_validators([SchemaValidator(TrainingProgressSchema, prefix=spec.dht_prefix), RSASignatureValidator()])
+        add_progress_validators(dht, spec)
         self.params = [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad]
         self.outer = outer_optimizer(self.params, spec.rounds)
         self.lock = threading.Lock()  # guards params while a checkpoint copies them
@@ -157,7 +136,7 @@ class RoundWitness:
         # matchmaking starts when the trainers' does (once the round is within matchmaking_time of its end): a search
         # begun earlier looks for leaders only every matchmaking_time, and may find this round's one too late
         while True:
-            records = progress_records(self.dht, self.spec)
+            records = read_progress(self.dht, self.spec)
             ahead = swarm_round([int(record.epoch) for record in records])
             if ahead is not None and ahead > r:
                 logger.warning("round %d closed without the witness; the swarm is at round %d", r, ahead)
