@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
 RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits (at least the audit window)
+STATE_CHECKS = 3  # tries to start a round from the θ the coordinator witnessed (each one a state load)
 
 
 class RunStopped(Exception):
@@ -160,12 +161,19 @@ class Trainer:
         ``verification.segment_steps`` inner steps and at the end (``segment_hashes``), the states a segment audit
         replays from.
         """
-        round_number = self.optimizer.begin_round()
-        assignment = self._get_work(round_number)
-        if self.stop.is_set():
-            return
-        if assignment.state_hash and hasattr(self.optimizer, "check_state"):  # (the lock-step harness has none)
-            self.optimizer.check_state(assignment.state_hash)  # a late joiner refuses a θ the witness did not see
+        for attempt in range(STATE_CHECKS):
+            round_number = self.optimizer.begin_round()
+            assignment = self._get_work(round_number)
+            if self.stop.is_set():
+                return
+            # a late joiner refuses a θ the witness did not see; if the swarm moved on meanwhile, it catches up and
+            # checks that round's θ (after STATE_CHECKS tries it trains from what it holds, and says so)
+            if not assignment.state_hash or not hasattr(self.optimizer, "check_state") \
+                    or self.optimizer.check_state(assignment.state_hash):  # (the lock-step harness has no check)
+                break
+            if attempt == STATE_CHECKS - 1:
+                logger.error("round %d: no peer served the witnessed θ in %d tries; training from this peer's own",
+                             round_number, STATE_CHECKS)
         self.set_state("training")
         self.status.epoch = round_number
         segments = RoundStates(self.segments_dir)  # the training state at step 0, k, 2k, ..., the end

@@ -486,7 +486,9 @@ class RoundOptimizer:
     def check_state(self, expected: str) -> bool:
         """The coordinator published ``expected`` as the hash of this round's θ (its witness computed it): keep θ
         if it matches, else load the state from a peer that serves exactly that θ (the peer this one loaded from
-        before is not asked again). True if this peer now holds it."""
+        before is not asked again). True if this peer now holds it; False: no peer serves it any more (the swarm
+        moved on), and the next :meth:`begin_round` loads the swarm's newest state from the peers not refuted, to be
+        checked against that round's published hash (do not train from a refused θ)."""
         if not expected or self.start_hash == expected:
             return True
         logger.warning("round %d: this peer's θ %s… is not the one the coordinator witnessed (%s…); loading that one",
@@ -498,8 +500,9 @@ class RoundOptimizer:
                                                   skip=frozenset(self.refuted))
         if loaded is None or not isinstance(loaded[0], dict) or int(loaded[0].get("round", -1)) != self.round \
                 or len(loaded[1]) != 2 * count:
-            logger.error("round %d: no peer serves the witnessed θ %s…; training from this peer's own",
-                         self.round, expected[:12])
+            logger.warning("round %d: no peer serves the witnessed θ %s… any more; catching up with the swarm",
+                           self.round, expected[:12])
+            self._needs_sync = True
             return False
         metadata, tensors, self._loaded_from = loaded
         self.set_state(self.round, tensors[:count], tensors[count:])

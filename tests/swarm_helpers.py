@@ -356,8 +356,10 @@ def run_round_trainer(config: dict) -> None:
 
     while opt.round < config["rounds"] and time.monotonic() < deadline:
         started = opt.begin_round()
-        if config.get("witness_file"):
-            opt.check_state(_confirmed_hash(config["witness_file"], started))
+        for _ in range(2):  # as the node's trainer does: a refused θ is not trained from, the swarm's newest is checked
+            if not config.get("witness_file") or opt.check_state(_confirmed_hash(config["witness_file"], started)):
+                break
+            started = opt.begin_round()
         if config.get("forge_state"):
             opt.averager.state_sharing_priority = 1e9
         log.append(dict(round=started, start_hash=theta_hash()))

@@ -113,9 +113,10 @@ def test_the_witness_follows_the_rounds_and_a_late_joiner_refuses_a_forged_state
     for round_number, state in confirmed.items():
         assert state in starts.get(round_number, {state}), (round_number, state, starts)
     assert all(e["group_size"] <= 3 for e in joiner["rounds"]), joiner  # the witness is not counted as a trainer
-    # it joined late (loaded, refused the forger's θ, loaded the witnessed one) and then trained from the confirmed θ.
-    # With rounds of ~1.7 s the honest peer may be a round further by the time the check runs (seen once): that
-    # round the joiner trains from what it has, and its next state load is checked again.
+    # it joined late (loaded, refused the forger's θ, loaded the witnessed one) and trained only from confirmed θs.
+    # With rounds of ~1.7 s the honest peer may be a round further by the time the check runs (seen on CI): the
+    # joiner then catches up with the swarm's newest state from the peers not refuted and checks that round's θ.
     assert joiner["starts"][0]["round"] > 0 and joiner["state_loads"] >= 2, (joiner, said)
-    assert "is not the one the coordinator witnessed" in said and "loaded the witnessed θ" in said, said
-    assert [s for s in joiner["starts"] if confirmed.get(s["round"]) == s["start_hash"]], (joiner["starts"], confirmed)
+    assert "is not the one the coordinator witnessed" in said, said
+    checked = [s for s in joiner["starts"] if s["round"] in confirmed]
+    assert checked and all(confirmed[s["round"]] == s["start_hash"] for s in checked), (joiner["starts"], confirmed)
