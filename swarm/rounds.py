@@ -401,6 +401,7 @@ class RoundOptimizer:
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self._canonical = True  # this peer held the group's θ in its last all-reduce (it serves state first)
         self._loaded_from: str | None = None  # the peer whose state this one loaded last
+        self._loaded: tuple[int, str] | None = None  # (round, θ hash) as loaded from it
         self.refuted: set[str] = set()  # peers that served a θ the coordinator did not witness: not asked again
         # a lone trainer of a witnessed run averages with the coordinator's witness (weight 0: the mean is its own Δ),
         # so the witness sees every round; without a witness a lone peer skips the all-reduce
@@ -473,6 +474,7 @@ class RoundOptimizer:
                 return False
             time.sleep(1.0)
         self.set_state(served, tensors[:count], tensors[count:])
+        self._loaded = (served, self.start_hash)
         self.state_loads += 1
         if self._pending is not None and self._pending.round != self.round - 1:
             _cancel(self._pending.control)
@@ -493,8 +495,9 @@ class RoundOptimizer:
             return True
         logger.warning("round %d: this peer's θ %s… is not the one the coordinator witnessed (%s…); loading that one",
                        self.round, self.start_hash[:12], expected[:12])
-        if self._loaded_from is not None:
-            self.refuted.add(self._loaded_from)
+        if self._loaded_from is not None and self._loaded == (self.round, self.start_hash):
+            self.refuted.add(self._loaded_from)  # the θ it served (not one this peer stepped to since: seen, a
+            # joiner's own outer step after a round it missed blamed the honest peer it had loaded from)
         count = len(self.global_params)
         loaded = self.averager.load_state_checked(timeout=self.load_state_timeout, count=count, expect=expected,
                                                   skip=frozenset(self.refuted))
@@ -506,6 +509,7 @@ class RoundOptimizer:
             return False
         metadata, tensors, self._loaded_from = loaded
         self.set_state(self.round, tensors[:count], tensors[count:])
+        self._loaded = (self.round, self.start_hash)
         self.state_loads += 1
         logger.info("round %d: loaded the witnessed θ from peer %s", self.round, self._loaded_from)
         return True
@@ -602,6 +606,10 @@ class RoundOptimizer:
             self._pending = self._start_average(sent, samples, peers)
         else:
             averaged, group_size = self._finish_average(self._start_average(sent, samples, peers))
+        if averaged is not None and samples == 0 and group_size <= 1 and not self.spec.rounds.overlap:
+            # it trained nothing and averaged with no one (a joiner whose first round closed at once): an outer step
+            # of its own would move θ by the momentum alone, to a θ no other peer holds; it loads the swarm's instead
+            averaged, self._needs_sync = None, True
         self._group_size = group_size
         if averaged is not None:
             with self._lock:

@@ -27,7 +27,8 @@ _STARTED: list[subprocess.Popen] = []
 # one torch thread per process (several share 2 cores); unbuffered, so a killed process's log is complete
 PROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-# a digits run sized for 2 shared cores: short matchmaking, frequent heartbeats, a small swarm step
+# a digits run sized for 2 shared cores: short matchmaking, frequent heartbeats, a small swarm step (per-step mode;
+# tried in rounds of 4 inner steps on 2026-12-04: no faster here, ~9 s a round with three nodes on 2 cores)
 FAST_RUN = """
 [run]
 id = "digits"
@@ -44,6 +45,9 @@ heartbeat_interval = 1.0
 heartbeat_timeout = 6.0
 token_ttl = 600.0
 """
+# what the tests that do not look at checkpoints add: none is drawn (each costs the checkpointer a state download
+# and a 16-image preview on the same 2 cores)
+NO_CHECKPOINTS = "[checkpoints]\nevery_epochs = 100000\n"
 
 
 def _popen(args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:

@@ -106,7 +106,9 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
 
 
 @pytest.mark.timeout(420)
-def test_coordinator_killed_mid_checkpoint_keeps_the_previous_one(run_file, tmp_path, monkeypatch):
+def test_coordinator_killed_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    run_file = tmp_path / "run.toml"
+    run_file.write_text(FAST_RUN + CHECKPOINTS)
     state = tmp_path / "coordinator"
     monkeypatch.setenv("OMI_CHECKPOINT_STALL", "3:600")  # the checkpointer's hook: hang once weights are written
     server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file)

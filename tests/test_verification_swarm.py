@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 from omi.protos import signing
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, wait_until
+from processes import FAST_RUN, NO_CHECKPOINTS, NodeProcess, ServeProcess, kill_group, wait_until
 from swarm_helpers import make_spec, start_swarm
 
 pytestmark = [pytest.mark.slow]
@@ -54,8 +54,10 @@ def _initial_loss() -> float:
 @pytest.mark.timeout(480)
 def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp_path):
     initial = _initial_loss()
-    mean = _swarm_loss(tmp_path / "mean", "mean", flipper=True)
-    clipped = _swarm_loss(tmp_path / "clip", "centered_clip", flipper=True)
+    # (measured 2026-12-04: the mean passed 100x the start in its first round with the flipper, 2288 vs 6.05;
+    # CenteredClip went 4.64, 3.18, 1.90, 0.83, 0.28, 0.18: six rounds reach the bound below, the mean needs few)
+    mean = _swarm_loss(tmp_path / "mean", "mean", flipper=True, rounds=3)
+    clipped = _swarm_loss(tmp_path / "clip", "centered_clip", flipper=True, rounds=6)
     print(f"loss: initial {initial:.4f}; final: mean with a x-1000 flipper {mean:.4f}, centered_clip {clipped:.4f}")
     # measured (2026-12-03, outer step = the plain average): the swarm without the flipper went from 4.22 to 0.22
     # in 6 rounds; the mean with the flipper 1953 → 828474 (2 rounds were too few: the four did not always average
@@ -66,16 +68,18 @@ def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp
     assert clipped < 0.1 * initial, (initial, mean, clipped)
 
 
-CHEAT_RUN = FAST_RUN.replace("token_ttl = 600.0", "token_ttl = 30.0") + """
+CHEAT_RUN = FAST_RUN.replace("token_ttl = 600.0", "token_ttl = 30.0") + NO_CHECKPOINTS + """
 [verification]
 audit_rate = 1.0
-max_strikes = 2
+max_strikes = 1
 audit_window_epochs = 3
 """
 
 
 @pytest.mark.timeout(600)
 def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_path):
+    # one strike bans here (strikes adding up to max_strikes are checked in process, tests/test_verification.py):
+    # the second strike cost this test 40 s, one more epoch of a three-node swarm
     run_file = tmp_path / "run.toml"
     run_file.write_text(CHEAT_RUN)
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file,

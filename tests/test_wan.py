@@ -17,7 +17,7 @@ from coordinator_helpers import free_port
 from omi.coordinator.states import ContributionStatus
 from omi.models import build_model, load_pretrained
 from omi.protos import pb
-from processes import BIN, FAST_RUN, _popen, kill_group, serving, wait_until
+from processes import BIN, FAST_RUN, NO_CHECKPOINTS, _popen, kill_group, serving, wait_until
 from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
 
 UNAVAILABLE = unavailable()  # not root, or no iproute2
@@ -141,7 +141,7 @@ def contributions(state_dir: Path) -> list[pb.Contribution]:
 def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(tmp_path):
     epochs = 2
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN)
+    run_file.write_text(FAST_RUN + NO_CHECKPOINTS)
     state_dir, logs = tmp_path / "coordinator", [tmp_path / f"node-{i}.log" for i in range(3)]
     with wan(3, rate_mbit=100) as net:  # on exit the harness kills whatever still runs in the hosts
         address = f"{net.gateway}:{free_port()}"
