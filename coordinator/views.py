@@ -353,22 +353,35 @@ def read_checkpoint_manifest(folder: str, manifest_sha256: str) -> CheckpointLis
 
 
 def data_card(coordinator: Coordinator, run_id: str) -> DataCardView:
-    """The prepared data set of a text-to-image run, from its ``manifest.json``; ``NotFound`` for an unknown run
-    and for a run without a prepared data set on this coordinator (a built-in source, or a ``manifest:URL``)."""
+    """The prepared data set of a text-to-image run, from its ``manifest.json``: the one in the run's folder
+    (``manifest:FOLDER``, served by this coordinator), or for a ``manifest:URL`` run the manifest this coordinator
+    fetched (and checked against the run's pin) when it opened the run; ``NotFound`` for an unknown run and for a
+    run without a prepared data set (a built-in source)."""
+    from omi.models.data import fetched_manifest  # imported late: it pulls in torch and the data libraries
+
     folder = coordinator.runs.data_folder(run_id)
-    if folder is None:
-        source = coordinator.runs.get(run_id).spec.data.source
-        raise NotFound(f"run '{run_id}' has no prepared data set on this coordinator (its data: {source})")
+    source = coordinator.runs.get(run_id).spec.data.source
+    kind, _, where = source.partition(":")
+    fetched = fetched_manifest(where) if folder is None and kind == "manifest" else None
+    if folder is None and fetched is None:
+        raise NotFound(f"run '{run_id}' has no prepared data set this coordinator holds (its data: {source})")
     try:
-        raw = (folder / MANIFEST_NAME).read_bytes()
+        raw = fetched[1] if fetched is not None else (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(raw)
     except (OSError, ManifestError) as e:
         raise NotFound(f"the data set of run '{run_id}' is not readable: {e}") from None
-    card, base = manifest.card, data_url_path(run_id)
+    if fetched is not None:  # the mirror serves the manifest; whether it has a DATA_CARD.md is not known here
+        return _card_view(run_id, manifest, raw, manifest_url=f"{fetched[0]}/{MANIFEST_NAME}", card_url=None)
+    base = data_url_path(run_id)
+    return _card_view(run_id, manifest, raw, manifest_url=f"{base}/{MANIFEST_NAME}",
+                      card_url=f"{base}/{DATA_CARD_NAME}" if (folder / DATA_CARD_NAME).is_file() else None)
+
+
+def _card_view(run_id: str, manifest, raw: bytes, *, manifest_url: str, card_url: str | None) -> DataCardView:
+    card = manifest.card
     return DataCardView(
         run_id=run_id, name=manifest.name, model=manifest.model, resolution=manifest.resolution,
         source=card.source, license_terms=card.license_terms, filtering=card.filtering,
         caption_origin=card.caption_origin, samples=manifest.samples, shards=len(manifest.shards),
         licenses=dict(manifest.licenses), refused=dict(manifest.refused), parts_sha256=manifest.parts.sha256,
-        manifest_sha256=hashlib.sha256(raw).hexdigest(), manifest_url=f"{base}/{MANIFEST_NAME}",
-        card_url=f"{base}/{DATA_CARD_NAME}" if (folder / DATA_CARD_NAME).is_file() else None)
+        manifest_sha256=hashlib.sha256(raw).hexdigest(), manifest_url=manifest_url, card_url=card_url)

@@ -272,6 +272,28 @@ def data_cache_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir) if cache_dir is not None else cache_root() / "data"
 
 
+def _url_cache_folder(url: str, cache_dir: str | Path | None = None) -> Path:
+    """The cache folder of the data set at ``url`` (its base URL, no trailing slash)."""
+    return data_cache_dir(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def fetched_manifest(where: str, cache_dir: str | Path | None = None) -> tuple[str, bytes] | None:
+    """``(base URL, manifest bytes)`` of the ``manifest:URL[#sha256:PIN]`` data set ``where`` as this machine fetched
+    it last (opening a :class:`LatentShardSource` caches it); None if never fetched, or if it is not the pinned one.
+    Reads nothing over the network."""
+    location, _, pin = where.partition("#sha256:")
+    url = location.rstrip("/")
+    if "://" not in url:
+        return None
+    try:
+        data = (_url_cache_folder(url, cache_dir) / MANIFEST_NAME).read_bytes()
+    except OSError:
+        return None
+    if pin and hashlib.sha256(data).hexdigest() != pin:
+        return None
+    return url, data
+
+
 class LatentShardSource(DataSource):
     """A prepared text-to-image data set (``omi-data prepare``): latents and caption embeddings, read by shard.
 
@@ -296,7 +318,7 @@ class LatentShardSource(DataSource):
         self.url = location.rstrip("/") if "://" in location else ""
         self.max_cache_bytes = max_cache_bytes
         if self.url:  # fetched over HTTP into a cache folder of its own
-            self.folder = data_cache_dir(cache_dir) / hashlib.sha256(self.url.encode()).hexdigest()[:16]
+            self.folder = _url_cache_folder(self.url, cache_dir)
             self.folder.mkdir(parents=True, exist_ok=True)
             manifest_bytes = self._fetch_manifest()
         else:

@@ -281,6 +281,43 @@ def test_a_text_to_image_run_shows_its_data_card_and_the_prompts_of_its_preview(
     assert Image.open(folder / "preview.png").size == ((4 * 34 + 2) * 2, (3 * 34 + 2) * 2)
 
 
+def test_a_run_whose_data_is_a_manifest_url_shows_the_data_card_it_fetched(captioned_digits, tmp_path):
+    """A ``manifest:URL`` run (a mirror serves the prepared data set): the card is the manifest the coordinator
+    fetched and checked against the run's pin when it opened the run; the links point at the mirror."""
+    import http.server
+    import threading
+    from functools import partial
+
+    data, requested = captioned_digits, []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requested.append(self.path)
+
+    mirror = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(data)))
+    threading.Thread(target=mirror.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{mirror.server_address[1]}/"
+    raw = (data / "manifest.json").read_bytes()
+    pinned = f"{url}#sha256:{hashlib.sha256(raw).hexdigest()}"
+    spec_toml = (ROOT / "examples/runs/digits-captioned.toml").read_text()
+    try:
+        for run_id, source in (("by-url", url), ("pinned", pinned)):
+            text = spec_toml.replace('source = "manifest:data/digits-captioned"', f'source = "manifest:{source}"')
+            text = text.replace('id = "digits-captioned"', f'id = "{run_id}"')
+            with ServerThread(tmp_path / run_id, text, http=True) as server:
+                card = get_json(server.http, f"/api/runs/{run_id}/data-card")
+                assert card["manifest_sha256"] == hashlib.sha256(raw).hexdigest()
+                assert card["manifest_url"] == url + "manifest.json" and card["card_url"] is None
+                dataset = json.loads(raw)
+                assert {k: card[k] for k in dataset["card"]} == dataset["card"]
+                assert card["licenses"] == {"CC-BY-4.0": 1797} and card["samples"] == 1797
+    finally:
+        mirror.shutdown()
+        mirror.server_close()
+    # the coordinator read the manifest (and the empty prompt's embedding), never a shard
+    assert requested and not [path for path in requested if "shard" in path], requested
+
+
 def test_snapshots_reuse_an_answer_for_ttl_seconds():
     now = [100.0]
     snapshots = Snapshots(ttl=1.0, clock=lambda: now[0])
