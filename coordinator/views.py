@@ -364,7 +364,7 @@ def data_card(coordinator: Coordinator, run_id: str) -> DataCardView:
     kind, _, where = source.partition(":")
     fetched = fetched_manifest(where) if folder is None and kind == "manifest" else None
     if folder is None and fetched is None:
-        raise NotFound(f"run '{run_id}' has no prepared data set this coordinator holds (its data: {source})")
+        raise NotFound(f"run '{run_id}' has no prepared data set on this coordinator (its data: {source})")
     try:
         raw = fetched[1] if fetched is not None else (folder / MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(raw)
