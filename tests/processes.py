@@ -123,15 +123,18 @@ class NodeProcess:
 
     :param attack: run this adversary of ``tests/adversaries`` instead (``python -m tests.adversaries ATTACK``,
       which parses the same options as ``omi-node join``)
+    :param env: environment variables of the process, beside this one's
     """
 
-    def __init__(self, coordinator: str, state_dir: Path, *args, name: str = "", attack: str | None = None):
+    def __init__(self, coordinator: str, state_dir: Path, *args, name: str = "", attack: str | None = None,
+                 env: dict | None = None):
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.log = state_dir.parent / f"{state_dir.name}.log"
         command = [sys.executable, "-m", "tests.adversaries", attack] if attack else [BIN / "omi-node", "join"]
         self.proc = _popen([*command, "--coordinator", coordinator, "--state-dir", state_dir,
-                            "--quiet", "--name", name or state_dir.name, *args], self.log, cwd=ROOT if attack else None)
+                            "--quiet", "--name", name or state_dir.name, *args], self.log, env=env,
+                            cwd=ROOT if attack else None)
 
     def wait(self, timeout: float) -> int:
         try:

@@ -1,0 +1,95 @@
+"""A text-to-image run end to end, all real processes on loopback: `omi-coordinator serve` opens the prepared
+captioned digits (reading only their manifest), two `omi-node join` volunteers fetch only the shards they are
+assigned over HTTP and train Sana in DiLoCo rounds, the coordinator's checkpointer writes a signed checkpoint that
+names the data shards and their licences, and `omi-node download` gives a folder a stock diffusers ``SanaPipeline``
+loads and prompts."""
+
+import json
+
+import pytest
+from omi.models.data import MANIFEST_NAME
+from omi.node.client import CoordinatorClient
+from omi.protos import signing
+from omi.protos.dataset import parse_manifest
+from omi.protos.manifest import verify_manifest
+from processes import ROOT, NodeProcess, ServeProcess, kill_group, run_node, wait_until
+
+pytestmark = [pytest.mark.slow]
+
+RUN_ID = "digits-captioned"
+# the example run, sized for 2 shared cores: rounds of 4 inner steps, a checkpoint every round with a 4-cell preview
+SIZED = {
+    "inner_steps = 20": "inner_steps = 4",
+    "segment_steps = 2": "segment_steps = 2",
+    "matchmaking_time = 3.0": "matchmaking_time = 2.0",
+    "averaging_timeout = 30.0": "averaging_timeout = 20.0",
+    "every_epochs = 5": "every_epochs = 1",
+    "preview_samples = 16": "preview_samples = 4",
+    "heartbeat_interval = 5.0": "heartbeat_interval = 1.0",
+    "heartbeat_timeout = 30.0": "heartbeat_timeout = 6.0",
+}
+
+
+@pytest.fixture
+def run_file(captioned_digits, tmp_path):
+    text = (ROOT / "examples/runs/digits-captioned.toml").read_text()
+    text = text.replace('source = "manifest:data/digits-captioned"', f'source = "manifest:{captioned_digits}"')
+    for old, new in SIZED.items():
+        assert old in text, old  # the example changed: size this test again
+        text = text.replace(old, new)
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.timeout(420)
+def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_pipeline(run_file, captioned_digits,
+                                                                                         tmp_path):
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    client = CoordinatorClient(server.address, signing.generate_key(), attempts=3)
+    spec = client.get_run_spec(RUN_ID)
+    assert spec.data.source.startswith(f"manifest:{server.http}/")  # nodes get the data set as a pinned URL
+
+    caches = [tmp_path / f"cache-{i}" for i in range(2)]
+    nodes = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 2, env={"OMI_SWARM_CACHE": str(cache)})
+             for i, cache in enumerate(caches)]
+    for node in nodes:
+        assert node.wait(timeout=300) == 0, node.output()[-3000:]
+    contributions = server.contributions(RUN_ID)
+    assert {c.node_id for c in contributions} and all(c.samples > 0 for c in contributions)
+
+    # each volunteer fetched only shards of the data set (each checked against the manifest), not the data set
+    manifest = parse_manifest((captioned_digits / MANIFEST_NAME).read_bytes())
+    data_set_bytes = sum(s.bytes for s in manifest.shards)
+    for cache in caches:
+        [folder] = (cache / "data").iterdir()  # the data set's folder in the node's cache
+        fetched = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*.tar")}
+        assert fetched, f"{cache} fetched nothing"
+        assert set(fetched) <= {s.file for s in manifest.shards}
+        assert len(fetched) < len(manifest.shards) / 2
+        assert sum(p.stat().st_size for p in fetched.values()) < data_set_bytes / 2
+        for name, path in fetched.items():
+            assert path.read_bytes() == (captioned_digits / name).read_bytes()
+
+    # the checkpointer wrote a checkpoint of the swarm's state, with the data it trained on in its signed manifest
+    wait_until(lambda: client.list_checkpoints(RUN_ID), 120, "a checkpoint of the text-to-image run")
+    out = tmp_path / "latest"
+    result = run_node("download", RUN_ID, "--out", out, "--coordinator", server.address, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    signed = json.loads((out / "manifest.json").read_text())
+    assert verify_manifest(signed, spec.coordinator_public_key)
+    data = signed["data"]
+    assert data["dataset"] == manifest.name and data["shards"]
+    assert {(s["file"], s["sha256"]) for s in data["shards"]} <= {(s.file, s.sha256) for s in manifest.shards}
+    assert sum(data["licenses"].values()) == sum(s["samples"] for s in data["shards"])
+    assert len(signed["preview_prompts"]) == 4 and (out / "preview.png").stat().st_size > 0
+
+    # no code of ours from here on: a stock pipeline loads the checkpoint and draws from a prompt
+    import torch
+    from diffusers import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(out)
+    image = pipe("a handwritten digit seven", num_inference_steps=2, height=32, width=32,
+                 use_resolution_binning=False, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)
+    kill_group(server.proc)
