@@ -7,11 +7,14 @@ Every DHT peer of a run carries the token authorizer (:mod:`omi.swarm.tokens`) a
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import gc
 import logging
 import multiprocessing as mp
 import os
 import signal
 import tempfile
+import time
 from collections.abc import Sequence
 
 import hivemind
@@ -30,6 +33,8 @@ from omi.swarm.lifetime import end_with_parent
 from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer, MintingTokenProvider
 
 logger = logging.getLogger(__name__)
+
+DHT_START_TIMEOUT = 180.0  # seconds a DHT process may take to come up (its libp2p daemon too) on a loaded machine
 
 
 class _DHT(hivemind.DHT):
@@ -66,6 +71,28 @@ def exit_with_parent(dht: hivemind.DHT) -> None:
 
 
 
+def _start(dht: hivemind.DHT, timeout: float = DHT_START_TIMEOUT) -> None:
+    """Fork ``dht``'s process and wait until it serves; a process that dies while starting, or does not come up in
+    ``timeout`` seconds, is a clear error here rather than a wait without end (hivemind waits with no bound).
+
+    Garbage is collected before the fork: gRPC objects do not survive a fork, and a cycle holding one (a finished
+    coordinator call) collected in the child crashed it (seen in the test suite: a segfault in the child's garbage
+    collection, after gRPC servers and channels had run in the parent)."""
+    gc.collect()
+    dht.run_in_background(await_ready=False)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dht.wait_until_ready(timeout=1.0)
+            return
+        except concurrent.futures.TimeoutError:
+            if not dht.is_alive() or time.monotonic() > deadline:
+                code = dht.exitcode
+                dht.terminate()
+                raise RuntimeError(f"the DHT process did not start (exit code {code})" if code is not None else
+                                   f"the DHT process did not start within {timeout:.0f} s") from None
+
+
 def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPrivateKey, *,
              initial_peers: Sequence[str] = (), identity_path: str | None = None, host: str = "127.0.0.1",
              port: int = 0, client_mode: bool = False, announce_host: str | None = None,
@@ -77,11 +104,12 @@ def make_dht(spec: pb.RunSpec, token_provider: TokenProvider, swarm_key: RSAPriv
     validators = [TokenRegistryValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix),
                   RevocationValidator(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)]
     dht = _DHT(
-        initial_peers=list(initial_peers) or None, start=True, client_mode=client_mode, authorizer=authorizer,
+        initial_peers=list(initial_peers) or None, start=False, client_mode=client_mode, authorizer=authorizer,
         record_validators=validators, identity_path=identity_path,
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
         announce_maddrs=[f"/ip4/{announce_host}/tcp/{port}"] if announce_host else None,
     )
+    _start(dht)
     exit_with_parent(dht)
     start_revocation_watch(dht, spec)
     if publish_token:

@@ -71,7 +71,7 @@ def test_register_gives_signed_token_and_runspec(server):
 
 
 def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
-    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=0.3),
+    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=3.0),
                       db_url=db_url) as server:
         key = generate_key()
         challenge = server.stub.GetChallenge(pb.GetChallengeRequest())
@@ -86,7 +86,7 @@ def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
         refused(server, lambda: register(challenge.nonce), grpc.StatusCode.UNAUTHENTICATED, "already used")
         refused(server, lambda: register(b"\x00" * 32), grpc.StatusCode.UNAUTHENTICATED)
         late = server.stub.GetChallenge(pb.GetChallengeRequest())
-        time.sleep(0.4)
+        time.sleep(3.1)
         refused(server, lambda: register(late.nonce), grpc.StatusCode.UNAUTHENTICATED, "expired")
 
 

@@ -1,6 +1,7 @@
 """Access control of the swarm: token checks, the hivemind DHT authorizer, and the DHT token registry."""
 
 import asyncio
+import os
 import time
 
 import hivemind
@@ -261,3 +262,17 @@ def test_a_banned_nodes_peer_is_refused_by_averagers_within_a_minute(tmp_path):
         for dht in peers:
             dht.shutdown()
         kill_group(server.proc)
+
+
+class _DiesWhileStarting(hivemind.DHT):
+    def run(self) -> None:
+        os._exit(3)
+
+
+def test_a_dht_process_that_dies_while_starting_is_a_clear_error_not_a_wait_without_end():
+    # seen in the suite: the DHT child crashed in its first second and hivemind's wait for it had no bound
+    from omi.swarm.dht import _start
+
+    dht = _DiesWhileStarting(start=False)
+    with pytest.raises(RuntimeError, match=r"the DHT process did not start \(exit code 3\)"):  # not the timeout's
+        _start(dht, timeout=600)
