@@ -458,14 +458,18 @@ class LatentShardSource(DataSource):
         return self._parts
 
     def _load_frozen_parts(self):
-        from omi.models.text_to_image import load_frozen_parts, parts_hash
+        from omi.models.text_to_image import PartsNotFoundError, load_frozen_parts, parts_hash, resolve_parts
 
-        where = Path(self.manifest.parts.source).expanduser()
-        if not where.is_absolute():
-            where = self.folder / where
-        if not where.is_dir():
-            raise DataSourceError(f"the frozen parts {self.manifest.parts.source} of {self.folder} are not a folder "
-                                  "here; prepare the data set with local parts or copy them")
+        source = self.manifest.parts.source
+        beside = Path(source).expanduser()
+        if not beside.is_absolute():
+            beside = self.folder / beside
+        try:
+            # a relative folder beside the data set first; otherwise the source as it was given to preparation (a
+            # folder, or a hub id pinned to a commit); the hash below decides whether what was found is theirs
+            where, _ = resolve_parts(beside if beside.exists() else source)
+        except PartsNotFoundError as e:
+            raise DataSourceError(f"the frozen parts of {self.folder}: {e}") from e
         if parts_hash(where) != self.manifest.parts.sha256:
             raise DataSourceError(f"the frozen parts at {where} are not the ones {self.folder} was prepared with "
                                   "(sha256 differs)")

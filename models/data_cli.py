@@ -2,8 +2,8 @@
 
     omi-data toy-parts --out data/sana-digits-parts
     omi-data prepare builtin:digits --parts data/sana-digits-parts --out data/digits-captioned
-    omi-data prepare ~/pd12m-sample --parts ~/Sana_600M --model sana-600m --out data/pd12m \\
-        --card-source "PD12M" --card-license-terms "CC0 / public domain"
+    omi-data prepare ~/pd12m-sample --parts Efficient-Large-Model/Sana_600M_1024px_diffusers --model sana-600m \\
+        --out data/pd12m --card-source "PD12M" --card-license-terms "CC0 / public domain"
     omi-data show data/digits-captioned
 """
 
@@ -52,7 +52,8 @@ def toy_parts(
 @app.command("prepare")
 def prepare(
     source: str = typer.Argument(..., help="builtin:digits, an image folder (NAME.png + NAME.json/.txt) or tars."),
-    parts: Path = typer.Option(..., "--parts", help="Frozen parts folder (vae/, text_encoder/, tokenizer/)."),
+    parts: str = typer.Option(..., "--parts", help="Frozen parts: a folder (vae/, text_encoder/, tokenizer/) or a "
+                              "hub id (ORG/NAME or ORG/NAME@REVISION, fetched into the hub cache)."),
     out: Path = typer.Option(..., "--out", help="Folder for the shards, manifest.json and DATA_CARD.md."),
     model: str = typer.Option("sana-digits", "--model", help="The text-to-image model the data is for."),
     name: str = typer.Option("", "--name", help="Data set name (default: the source's)."),

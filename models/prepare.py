@@ -254,7 +254,7 @@ def _write_shard(out: Path, shard_id: int, rows: list[dict]) -> Shard:
 
 def prepare(
     where: str,
-    parts_folder: str | Path,
+    parts_source: str | Path,
     out: str | Path,
     *,
     model: str,
@@ -269,7 +269,9 @@ def prepare(
     """Prepare a data set into ``out`` (see the module docstring); returns its manifest.
 
     :param where: ``builtin:digits``, an image folder, or a tar pattern
-    :param parts_folder: the frozen parts (``vae/``, ``text_encoder/``, ``tokenizer/``) of ``model``
+    :param parts_source: the frozen parts of ``model``: a folder with ``vae/``, ``text_encoder/``, ``tokenizer/``, or
+        a hub id (``ORG/NAME`` or ``ORG/NAME@REVISION``, see :func:`~omi.models.text_to_image.resolve_parts`), which
+        the manifest records pinned to the commit used
     :param model: the text-to-image registry model the data is for (resolution, channels, latent shape)
     :param card: the data card (``builtin:digits`` has its own)
     :param shard_size: samples per shard (the last one may be shorter)
@@ -284,10 +286,11 @@ def prepare(
         card = card or DIGITS_CARD
     if card is None:
         raise PreparationError("a data card is needed: say where the images come from and what the licences allow")
-    out, parts_folder = Path(out).expanduser(), Path(parts_folder).expanduser()
-    if not all((parts_folder / sub).is_dir() for sub in t2i.PARTS_FOLDERS):
-        needs = ", ".join(f"{sub}/" for sub in t2i.PARTS_FOLDERS)
-        raise PreparationError(f"{parts_folder} is not a frozen-parts folder (needs {needs})")
+    out = Path(out).expanduser()
+    try:
+        parts_folder, pinned = t2i.resolve_parts(parts_source)
+    except t2i.PartsNotFoundError as e:
+        raise PreparationError(str(e)) from e
     out.mkdir(parents=True, exist_ok=True)
     parts = t2i.load_frozen_parts(parts_folder)
     parts.vae.to(device)
@@ -367,7 +370,7 @@ def prepare(
     manifest = DatasetManifest(
         name=name or Path(where.replace("builtin:", "")).name or "data", model=model, resolution=config.resolution,
         channels=config.channels, latent_shape=latent_shape, caption_width=int(null.shape[-1]),
-        parts=Parts(source=str(parts_folder), sha256=progress.parts_sha256),
+        parts=Parts(source=pinned, sha256=progress.parts_sha256),
         null_caption=FileRef(file=NULL_CAPTION_NAME, sha256=_sha256(out / NULL_CAPTION_NAME),
                              bytes=(out / NULL_CAPTION_NAME).stat().st_size),
         shards=progress.shards, licenses=licenses, refused=refused, card=card,

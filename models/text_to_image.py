@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 PREDICTION_TYPE = "flow"  # the transformer predicts the velocity noise - x0 of the straight path between them
 NUM_TRAIN_TIMESTEPS = 1000  # timestep scale: the transformer sees sigma * 1000, as SanaPipeline feeds it
 PARTS_FOLDERS = ("vae", "text_encoder", "tokenizer")  # the frozen parts' subfolders of a Sana pipeline folder
+PARTS_PATTERNS = [*(f"{sub}/*" for sub in PARTS_FOLDERS), "model_index.json"]  # what a hub id's snapshot fetches
 CAPTION_DROPOUT = 0.1  # share of training samples whose caption is swapped for the empty prompt (for guidance)
 
 
@@ -206,6 +207,67 @@ def load_frozen_parts(where: str | Path) -> FrozenParts:
     text_encoder.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
     return FrozenParts(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, source=where)
+
+
+class PartsNotFoundError(FileNotFoundError):
+    """Frozen parts that cannot be had: not a frozen-parts folder here, nor a hub id the cache or the hub gives."""
+
+
+def resolve_parts(where: str | Path) -> tuple[Path, str]:
+    """The local folder of the frozen parts ``where`` names, and ``where`` pinned for a manifest.
+
+    An existing path is taken as it is (pinned as itself). Anything else is a hub id, ``ORG/NAME`` or
+    ``ORG/NAME@REVISION`` (a branch, tag or commit): ``huggingface_hub.snapshot_download`` resolves it to its snapshot
+    of ``vae/``, ``text_encoder/`` and ``tokenizer/`` in the local hub cache (``HF_HUB_CACHE``), downloading what is
+    missing unless the hub is off (``HF_HUB_OFFLINE=1``), and it is pinned as ``ORG/NAME@<commit>``, so that a later
+    reader gets exactly those files whatever the branch says by then.
+
+    Raises :class:`PartsNotFoundError` naming ``where`` and what to do when the folder lacks a part or the hub id
+    cannot be resolved (not cached while offline, no such repository or revision, no network).
+    """
+    needs = ", ".join(f"{sub}/" for sub in PARTS_FOLDERS)
+    folder = Path(where).expanduser()
+    if folder.exists():
+        if not all((folder / sub).is_dir() for sub in PARTS_FOLDERS):
+            raise PartsNotFoundError(f"{folder} is not a frozen-parts folder (needs {needs})")
+        return folder, str(folder)
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = str(where).partition("@")
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=PARTS_PATTERNS))
+    except (OSError, ValueError) as e:  # what huggingface_hub raises for a bad id, a missing repo, revision or network
+        raise PartsNotFoundError(f"frozen parts {str(where)!r}: no such folder here, and as a hub id "
+                                 f"{_hub_failure(e, repo_id, revision)}") from e
+    pinned = f"{repo_id}@{snapshot.name}"  # the snapshot folder of the hub cache is named by its commit
+    if not all((snapshot / sub).is_dir() for sub in PARTS_FOLDERS):
+        raise PartsNotFoundError(f"hub id {pinned} is not a Sana pipeline repository (needs {needs})")
+    logger.info("frozen parts %s: %s", pinned, snapshot)
+    return snapshot, pinned
+
+
+def _hub_failure(error: Exception, repo_id: str, revision: str) -> str:
+    """Why ``snapshot_download`` could not give a hub id, and what to do, for :func:`resolve_parts`'s error."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    local = "pass a local folder with vae/, text_encoder/ and tokenizer/"
+    if isinstance(error, HFValidationError):
+        return f"it is not valid (ORG/NAME or ORG/NAME@REVISION); {local}"
+    if isinstance(error, RevisionNotFoundError):
+        return f"the hub has no revision {revision!r} of {repo_id}; name a branch, tag or commit it has"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the hub has no repository {repo_id} you may read (a gated one needs `hf auth login`); {local}"
+    if isinstance(error, LocalEntryNotFoundError):  # also a cached snapshot missing files
+        return (f"it is not in the hub cache ({constants.HF_HUB_CACHE}), or only in part, and the hub cannot be "
+                f"reached (offline, or HF_HUB_OFFLINE=1); run once online to fetch it into the cache, or {local}")
+    first_line = (str(error).splitlines() or [""])[0]
+    return f"the hub cannot give it ({type(error).__name__}: {first_line}); {local}"
 
 
 def parts_hash(folder: str | Path) -> str:

@@ -4,8 +4,10 @@ refused samples counted, an interrupted run resumed, a changed shard caught, the
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +221,74 @@ def test_data_provenance_names_the_prepared_shards_of_the_work_shards_trained(fo
     assert provenance["licenses"] == tally and sum(tally.values()) == 5
     assert provenance["manifest_sha256"] == hashlib.sha256((tmp_path / "data" / "manifest.json").read_bytes()
                                                            ).hexdigest()
+
+
+HUB_REPO = "omi-test/tiny-sana-parts"  # made up: only the test's hub cache holds it
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(parts_folder, tmp_path, monkeypatch):
+    """A hub cache whose ``HUB_REPO`` main is the toy parts, laid out as huggingface_hub writes one
+    (``models--ORG--NAME/refs/main`` names the commit, ``snapshots/<commit>/`` links each file to ``blobs/``), with
+    the hub offline: nothing is fetched. Returns the snapshot folder."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--omi-test--tiny-sana-parts"
+    for file in sorted(p for p in parts_folder.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / HUB_COMMIT / file.relative_to(parts_folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    # huggingface_hub reads its environment at import: the constants for this process, the variables for commands
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return repo / "snapshots" / HUB_COMMIT
+
+
+def test_parts_named_by_a_hub_id_are_pinned_to_their_commit_and_loaded_from_it(folder, hub_cache, tmp_path):
+    out = tmp_path / "data"
+    manifest = prepare(str(folder), HUB_REPO, out, model="sana-digits", card=CARD, shard_size=4,
+                       default_license="CC0-1.0")
+    assert manifest.parts.source == f"{HUB_REPO}@{HUB_COMMIT}"
+    assert manifest.parts.sha256 == t2i.parts_hash(hub_cache) and manifest.samples == 7
+
+    # main moves on after preparation: the data set still gets the commit it was prepared with
+    (hub_cache.parent.parent / "refs" / "main").write_text("f" * 40)
+    parts = LatentShardSource(out, shard_size=4, resolution=32).frozen_parts()
+    assert Path(parts.source).resolve() == hub_cache.resolve()
+    assert parts.vae.config.latent_channels == 4
+
+    tampered = hub_cache / "tokenizer" / "tokenizer.json"
+    tampered.write_bytes(tampered.read_bytes() + b" ")  # still valid JSON; written through the link, into the blob
+    with pytest.raises(DataSourceError, match="not the ones .* was prepared with"):
+        LatentShardSource(out, shard_size=4, resolution=32).frozen_parts()
+    shutil.rmtree(hub_cache)
+    with pytest.raises(DataSourceError, match="not in the hub cache") as refused:
+        LatentShardSource(out, shard_size=4, resolution=32).frozen_parts()
+    assert f"'{HUB_REPO}@{HUB_COMMIT}'" in str(refused.value)
+
+
+def test_a_hub_id_the_cache_lacks_offline_is_a_clear_error(folder, hub_cache, tmp_path):
+    with pytest.raises(PreparationError, match="'omi-test/absent': no such folder here, and as a hub id it is not in "
+                                               "the hub cache .* run once online"):
+        prepare(str(folder), "omi-test/absent", tmp_path / "a", model="sana-digits", card=CARD)
+    with pytest.raises(t2i.PartsNotFoundError, match="not in the hub cache"):
+        t2i.resolve_parts(f"{HUB_REPO}@{'e' * 40}")  # a commit the cache does not hold
+    with pytest.raises(t2i.PartsNotFoundError, match="not valid .*pass a local folder"):
+        t2i.resolve_parts("no//such parts")
+    assert not (tmp_path / "a").exists()
+    result = cli("prepare", str(folder), "--parts", "omi-test/absent", "--out", str(tmp_path / "b"),
+                 "--card-source", "x")
+    assert result.returncode == 2 and "as a hub id it is not in the hub cache" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_the_digits_get_their_captions():
