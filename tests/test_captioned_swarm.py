@@ -4,6 +4,7 @@ assigned over HTTP and train Sana in DiLoCo rounds, the coordinator's checkpoint
 names the data shards and their licences, and `omi-node download` gives a folder a stock diffusers ``SanaPipeline``
 loads and prompts."""
 
+import hashlib
 import json
 
 import pytest
@@ -78,8 +79,11 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
     assert result.returncode == 0, result.stdout + result.stderr
     signed = json.loads((out / "manifest.json").read_text())
     assert verify_manifest(signed, spec.coordinator_public_key)
+    assert {f["path"].split("/")[0] for f in signed["files"]} >= {"transformer", "vae", "text_encoder", "tokenizer",
+                                                                  "scheduler", "preview.png"}
     data = signed["data"]
     assert data["dataset"] == manifest.name and data["shards"]
+    assert data["manifest_sha256"] == hashlib.sha256((captioned_digits / MANIFEST_NAME).read_bytes()).hexdigest()
     assert {(s["file"], s["sha256"]) for s in data["shards"]} <= {(s.file, s.sha256) for s in manifest.shards}
     assert sum(data["licenses"].values()) == sum(s["samples"] for s in data["shards"])
     assert len(signed["preview_prompts"]) == 4 and (out / "preview.png").stat().st_size > 0

@@ -231,9 +231,9 @@ def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
         server.server_close()
 
 
-def test_a_text_to_image_checkpoint_names_its_data_and_loads_in_a_stock_sana_pipeline(captioned_digits, tmp_path):
-    """Provenance: the signed manifest names the data set, the shards trained from (sha256) and their licences; the
-    downloaded folder is a SanaPipeline that draws from a prompt."""
+def test_a_text_to_image_checkpoint_names_its_data_before_any_shard_was_trained(captioned_digits, tmp_path):
+    """Provenance: the signed manifest names the data set (its manifest's sha256) and the shards trained from, none
+    before the first contribution."""
     data = captioned_digits
     run_file = tmp_path / "run.toml"
     text = (ROOT / "examples/runs/digits-captioned.toml").read_text()
@@ -249,19 +249,6 @@ def test_a_text_to_image_checkpoint_names_its_data_and_loads_in_a_stock_sana_pip
     dataset = json.loads((data / "manifest.json").read_text())
     assert provenance["manifest_sha256"] == sha256(data / "manifest.json")
     assert provenance["dataset"] == dataset["name"]
-    # no contribution is in the ledger yet: no shard was trained from, no licence counted
+    # no contribution is in the ledger yet: no shard was trained from, no licence counted (a checkpoint of a run
+    # that trained, downloaded and loaded in a stock SanaPipeline: tests/test_captioned_swarm.py)
     assert provenance["shards"] == [] and provenance["licenses"] == {}
-
-    server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file, extra=("--swarm-host", ""))
-    try:
-        out = tmp_path / "out"
-        result = run_node("download", "digits-captioned", "--out", out, "--coordinator", server.address)
-        assert result.returncode == 0, result.stdout + result.stderr
-    finally:
-        kill_group(server.proc)
-    from diffusers import SanaPipeline
-
-    pipe = SanaPipeline.from_pretrained(out)
-    image = pipe("a handwritten digit three", num_inference_steps=2, height=32, width=32,
-                 use_resolution_binning=False).images[0]
-    assert image.size == (32, 32)
