@@ -1,5 +1,6 @@
 """Data preparation (``omi-data prepare``): licensed samples in, latent shards with a manifest and data card out;
-refused samples counted, an interrupted run resumed, a changed shard caught, the shards read back as training data."""
+refused samples counted, an interrupted run resumed, a changed shard caught, the shards read back as training data,
+frozen parts named by a hub id resolved in a local hub cache (offline: nothing is downloaded) and pinned to a commit."""
 
 import hashlib
 import json
