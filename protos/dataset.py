@@ -93,7 +93,7 @@ class Parts(BaseModel):
     """The frozen autoencoder, text encoder and tokenizer the latents and embeddings were made with."""
 
     model_config = _STRICT
-    source: str = Field(min_length=1)  # a folder, a hub id, or built:<model>:<seed>
+    source: str = Field(min_length=1)  # a folder, a hub id pinned to its commit (ORG/NAME@COMMIT), built:<model>:<seed>
     sha256: Sha256  # over their weight and config files (see omi.models.prepare.parts_hash)
 
 
