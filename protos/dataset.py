@@ -94,7 +94,7 @@ class Parts(BaseModel):
 
     model_config = _STRICT
     source: str = Field(min_length=1)  # a folder, a hub id pinned to its commit (ORG/NAME@COMMIT), built:<model>:<seed>
-    sha256: Sha256  # over their weight and config files (see omi.models.prepare.parts_hash)
+    sha256: Sha256  # over their weight and config files (see omi.models.text_to_image.parts_hash)
 
 
 class DataCard(BaseModel):
