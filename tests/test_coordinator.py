@@ -406,7 +406,11 @@ def test_leave_puts_unfinished_shards_back(server):
         server.node(name="filler").get_work(0)
     assert len(work.shards) == expected_shards(work) and not other.get_work(0).shards
     leaver.leave()
-    assert sorted(s.shard_id for s in other.get_work(0).shards) == sorted(s.shard_id for s in work.shards)
+    back = other.get_work(0)
+    # the leaver's shards are free again: the other node's step's worth comes from them (4 of 64 samples, or 5 with
+    # the short last shard: which ones it takes first is random; seen: all 5 of the leaver's but the short one)
+    assert {s.shard_id for s in back.shards} <= {s.shard_id for s in work.shards}
+    assert len(back.shards) == expected_shards(back)
 
 
 # ---------------------------------------------------------------- ledger and audits
