@@ -84,9 +84,14 @@ def test_three_token_holders_average_gradients_and_agree(tmp_path):
     params = torch.tensor([r["params"] for r in in_step])
     # Not bitwise: hivemind's runner sends each peer average − its own part in float16 and the peer adds that to its
     # own part, so each keeps its own rounding error (1e-7 to 6e-6 here), and AdamW's per-coordinate normalisation
-    # can turn a tiny gradient's difference into up to a step (seen: 2e-4 after 3 epochs, CI 2026-11-30). Peers that
-    # did not average would lie ~lr x epochs = 3e-2 apart. (The rounds' runner returns the average itself: bitwise.)
-    assert (params - params[0]).abs().max() < 2e-3, "peers' parameters diverged"
+    # can turn a tiny gradient's difference into up to a step on that coordinate: its first step moves each
+    # coordinate by ±lr whatever the gradient's size, so a coordinate whose averaged gradient is ~0 can go opposite
+    # ways on two peers (seen: 2e-4 after 3 epochs, CI 2026-11-30; 1.2e-2 on a fresh clone 2026-12-04). Peers that
+    # did not average lie ~lr x epochs = 3e-2 apart on nearly every coordinate. (The rounds' runner returns the
+    # average itself: bitwise.)
+    apart = ((params - params[0]).abs() > 2e-3).float().mean().item()
+    print(f"share of coordinates more than 2e-3 apart: {apart:.2e}; largest gap {(params - params[0]).abs().max():.2e}")
+    assert apart < 0.01, f"peers' parameters diverged: {apart:.1%} of the coordinates are more than 2e-3 apart"
     losses = [r["eval_losses"] for r in results]
     assert all(run[-1] < run[0] for run in losses), f"loss did not fall: {losses}"
 
