@@ -1,8 +1,8 @@
 """CenteredClip's radius (``averaging.clip_tau``) for the captioned digits' Sana transformer, as
 tests/test_verification.py calibrated it for the UNet digits: a lock-step swarm of four nodes (the real trainer,
-coordinator and records; the ideal all-reduce) in which one node sends its pseudo-gradient x(-1000) while committing
-the honest one (``send_scaled``: no audit sees it; audits are off). For each tau the honest nodes' final loss is
-compared with the clean run's (the same identities, so the same samples and noise: paired); the plain mean is shown
+coordinator and records; the ideal all-reduce) in which one node steps on its gradient x(-1000) while committing
+honest records (``send_scaled``; audits are off). For each tau the honest nodes' final loss is compared with the
+clean run's (the same identities, so the same samples and noise: paired); the plain mean is shown
 beside it, and each radius in a swarm without the attacker (what clipping costs honest nodes). Goal: within 5 % of
 the clean run.
 
@@ -53,7 +53,7 @@ def final_loss(workdir: Path, data: Path, *, reducer: str, clip_tau: float, atta
         for name in classes:  # the same identities in every run: the same samples and noise (paired)
             key = hashlib.sha256(f"{seed}-{name}".encode()).digest()
             signing.save_key(Ed25519PrivateKey.from_private_bytes(key), workdir / name / "node_key.pem")
-        swarm = LockstepSwarm(server, spec, classes, workdir, micro_batches=inner_steps or 4)
+        swarm = LockstepSwarm(server, spec, classes, workdir)
         try:
             return swarm.run(rounds).losses
         finally:
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="a prepared captioned digits folder (default: prepare one)")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.05, 0.1, 0.25, 0.5, 1.0])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--inner-steps", type=int, default=4, help="0: per-step mode")
+    parser.add_argument("--inner-steps", type=int, default=4, help="inner steps per round")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="identity seeds (pairings)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -79,9 +79,9 @@ def main() -> None:
             data = Path(scratch) / "data"
             prepare("builtin:digits", parts, data, model=MODEL, shard_size=64)
         data = data.resolve()
-        mode = f"rounds of {args.inner_steps} inner steps" if args.inner_steps else "per-step mode"
-        print(f"## CenteredClip radius for {MODEL} (lock-step swarm of 4, one x-1000 send_scaled node, {mode}, "
-              f"{args.rounds} rounds, final loss of the honest nodes vs the clean run)\n")
+        print(f"## CenteredClip radius for {MODEL} (lock-step swarm of 4, one x-1000 send_scaled node, "
+              f"{args.rounds} rounds of {args.inner_steps} inner steps, final loss of the honest nodes vs the clean "
+              f"run)\n")
         print("| seed | run | final loss | vs clean |\n|---|---|---|---|")
         for seed in args.seeds:
             runs = [("clean", "mean", 1.0, HONEST), ("mean", "mean", 1.0, ATTACKS["send_scaled"])]

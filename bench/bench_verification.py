@@ -1,19 +1,18 @@
 """Verification figures: detection per attack, contributions until ban, false positives, compute share, loss vs clean.
 
     python -m bench.bench_verification            # writes the figures section of docs/verification.md
-    python -m bench.bench_verification --quick    # fewer epochs and runs (a smoke test)
+    python -m bench.bench_verification --quick    # fewer rounds and runs (a smoke test)
 
 Three experiments, each driven by the real code (see docs/verification.md for what is simulated):
 
 1. **Detection and tolerances**: every attack of ``tests/adversaries`` and honest nodes in the lock-step swarm of
-   ``tests/adversaries/sim.py`` (real nodes, real coordinator over gRPC, real validator recomputation), every
-   contribution audited, no bans; once with the validator holding the nodes' exact parameters, once with a copy
-   drifted by 1e-2 of the distance trained (the spread measured between honest hivemind peers), on which the
-   validator asks the audited node for its own parameters (``omi.swarm.params_p2p``; read in process here).
+   ``tests/adversaries/sim.py`` (real nodes training rounds, real coordinator over gRPC, real segment audits: the
+   validator replays one segment from the training state the audited node serves, read in process here), every
+   round audited, no bans.
 2. **Contributions until ban**: many runs of one always-cheating identity through the real ``Ledger``/``Auditor``/
    ``Registry`` at the RunSpec's audit rate; each audit's outcome is drawn with the detection rate measured in 1.
 3. **Loss vs clean and compute share**: lock-step runs with 30 % attackers (sign flip x-1, x-1000 and a node that
-   commits honestly but sends x-1000), ``mean`` vs ``centered_clip``, audits at 20 %.
+   commits honest records but steps on its gradient x-1000), ``mean`` vs ``centered_clip``, audits at 20 %.
 """
 
 from __future__ import annotations
@@ -48,6 +47,9 @@ logger = logging.getLogger(__name__)
 DOC = ROOT / "docs" / "verification.md"
 CLIP_TAU = 0.25  # examples/runs/digits.toml's, calibrated in tests/test_verification.py
 BEGIN, END = "<!-- figures: bench/bench_verification.py -->", "<!-- end of figures -->"
+INNER_STEPS = 4  # inner steps per round of the detection runs (tests/test_verification.py's)
+TRAINING_INNER_STEPS = 8  # inner steps per round of the training runs
+SEGMENT_STEPS = 2  # inner steps per audited segment
 
 
 def _node_names(server) -> dict[str, str]:
@@ -55,15 +57,15 @@ def _node_names(server) -> dict[str, str]:
         return {n.node_id: n.display_name for n in s.query(Node)}
 
 
-def detection(workdir: Path, epochs: int, drift: float) -> dict[str, dict]:
-    """Per class: audits, failed audits, worst honest differences (every contribution audited, nobody banned)."""
-    toml = sim_run_toml(audit_rate=1.0, max_strikes=1000, audit_window=1)
-    classes = {"honest-0": HONEST, "honest-1": HONEST, "honest-2": HONEST,
-                **{name: cls for name, cls in ATTACKS.items() if name != "send_scaled"}}
+def detection(workdir: Path, rounds: int) -> dict[str, dict]:
+    """Per class: audits, failed audits, worst honest differences (every round audited, nobody banned)."""
+    toml = sim_run_toml(audit_rate=1.0, max_strikes=1000, audit_window=1, inner_steps=INNER_STEPS,
+                        segment_steps=SEGMENT_STEPS)
+    classes = {"honest-0": HONEST, "honest-1": HONEST, "honest-2": HONEST, **ATTACKS}
     with ServerThread(workdir / "state", toml, per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
-        swarm = LockstepSwarm(server, spec, classes, workdir, micro_batches=2, drift=drift)
-        result = swarm.run(epochs)
+        swarm = LockstepSwarm(server, spec, classes, workdir)
+        result = swarm.run(rounds)
         swarm.close()
         names = _node_names(server)
         verdicts = {v.task_id: v for v in result.verdicts}
@@ -72,11 +74,11 @@ def detection(workdir: Path, epochs: int, drift: float) -> dict[str, dict]:
             for audit in s.query(Audit):
                 name = names[audit.node_id]
                 key = "honest" if name.startswith("honest") else name
-                row = rows.setdefault(key, dict(audits=0, failed=0, first_epoch_skipped=0, max_diff=[0.0, 0.0, 0.0]))
+                row = rows.setdefault(key, dict(audits=0, failed=0, first_round_skipped=0, max_diff=[0.0, 0.0, 0.0]))
                 if audit.state not in ("passed", "failed"):
                     continue  # still open when the run ended (e.g. records withheld, window not closed yet)
                 if key in ("stale", "replay") and audit.epoch == 0:
-                    row["first_epoch_skipped"] += 1  # nothing to replay yet: honest work
+                    row["first_round_skipped"] += 1  # nothing to replay yet: honest work
                     continue
                 row["audits"] += 1
                 row["failed"] += audit.state == "failed"
@@ -101,8 +103,8 @@ def contributions_until_ban(detect: float, *, runs: int, audit_rate: float, max_
     rng = random.Random(seed)
     coordinator = Coordinator(Store("sqlite://"), signing.generate_key())
     coordinator.runs.create(f"""[run]\nid = "mc"\nmodel = "unet-digits-16"\n[training]\nshards_per_assignment = 1
-target_batch_size = 32\n[verification]\naudit_rate = {audit_rate}\nmax_strikes = {max_strikes}
-audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
+[rounds]\ninner_steps = 2\n[verification]\naudit_rate = {audit_rate}\nmax_strikes = {max_strikes}
+audit_window_epochs = 2\nsketch_size = 8\nsegment_steps = 2\n""", start=True)
     validator_key = signing.generate_key()
     validator = Caller("v" * 64, "mc", "peer-v", signing.public_bytes(validator_key), pb.AccessToken())
     coordinator.auditor.grant(validator.node_id, "the bench's validator")
@@ -122,11 +124,12 @@ audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
                                            assignment_id=work.assignment_id, samples=64, mean_loss=0.5,
                                            compute_seconds=1.0, params_hash=b"p" * 32,
                                            commitment=merkle_root(records), micro_batches=2,
-                                           gradient_sketch=sent_sketch(records).tolist())
+                                           gradient_sketch=sent_sketch(records).tolist(),
+                                           segment_hashes=[b"s" * 32, b"e" * 32])  # a round of one segment
             _, task_id = coordinator.ledger.report(caller, signing.sign(contribution, key))
             reported += 1
             epoch += 1
-            coordinator.runs.observe_epoch("mc", epoch)
+            coordinator.runs.advance("mc", epoch)  # as the coordinator's witness does
             if task_id:
                 coordinator.auditor.submit_records(caller, pb.SubmitAuditRecordsRequest(
                     task_id=task_id, records=[record_to_proto(r) for r in records]))
@@ -139,16 +142,16 @@ audit_window_epochs = 2\nsketch_size = 8\n""", start=True)
     return counts
 
 
-def training(workdir: Path, epochs: int, reducer: str, attackers: list[str], honest: int = 7,
+def training(workdir: Path, rounds: int, reducer: str, attackers: list[str], honest: int = 7,
              audit_rate: float = 0.2) -> dict:
     toml = sim_run_toml(audit_rate=audit_rate, reducer=reducer, clip_tau=CLIP_TAU, audit_window=2,
-                        micro_batch_size=8)
+                        micro_batch_size=8, inner_steps=TRAINING_INNER_STEPS, segment_steps=SEGMENT_STEPS)
     classes = {f"honest-{i}": HONEST for i in range(honest)}
     classes.update({name: ATTACKS[name] for name in attackers})
     with ServerThread(workdir / "state", toml, per_address=0) as server:
         spec = server.coordinator.runs.spec_for_nodes("sim")
-        swarm = LockstepSwarm(server, spec, classes, workdir, micro_batches=8)
-        result = swarm.run(epochs)
+        swarm = LockstepSwarm(server, spec, classes, workdir)
+        result = swarm.run(rounds)
         swarm.close()
     return dict(loss=result.losses[-1], losses=result.losses, banned=result.banned,
                 train_seconds=result.train_seconds, verify_seconds=result.verify_seconds,
@@ -157,20 +160,19 @@ def training(workdir: Path, epochs: int, reducer: str, attackers: list[str], hon
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer epochs and runs")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and runs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     torch.set_num_threads(1)
-    epochs, runs, train_epochs = (3, 40, 3) if args.quick else (6, 500, 6)
+    rounds, runs, train_rounds = (3, 40, 3) if args.quick else (6, 500, 6)
     figures: dict = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        figures["exact"] = detection(tmp / "exact", epochs, drift=0.0)
-        figures["drift"] = detection(tmp / "drift", epochs, drift=1e-2)
-        print(json.dumps({k: {n: (r["audits"], r["failed"]) for n, r in v.items()} for k, v in figures.items()}))
+        figures["detection"] = detection(tmp / "detection", rounds)
+        print(json.dumps({n: (r["audits"], r["failed"]) for n, r in figures["detection"].items()}))
         figures["until_ban"], by_rate = {}, {}
-        for name, row in figures["exact"].items():
+        for name, row in figures["detection"].items():
             if name == "honest":
                 continue
             rate = round(row["failed"] / max(row["audits"], 1), 3)
@@ -187,7 +189,7 @@ def main() -> None:
                                           ("30% attackers, mean", "mean", ["sign_flip", "flip_1000", "send_scaled"]),
                                           ("30% attackers, centered_clip", "centered_clip",
                                            ["sign_flip", "flip_1000", "send_scaled"])]:
-            figures["training"][label] = training(tmp / label.replace(" ", "_").replace("%", ""), train_epochs,
+            figures["training"][label] = training(tmp / label.replace(" ", "_").replace("%", ""), train_rounds,
                                                   reducer, attackers, honest=10 - len(attackers) if attackers else 10)
             print(label, {k: v for k, v in figures["training"][label].items() if k != "losses"})
     figures["seconds"] = time.perf_counter() - started
@@ -201,26 +203,23 @@ def _fmt(x: float) -> str:
 def write_report(f: dict, *, quick: bool) -> None:
     lines = [BEGIN, "", f"Produced by `python -m bench.bench_verification{' --quick' if quick else ''}` "
              f"({f['seconds'] / 60:.0f} min on the 2-core machine shared with other jobs; torch 1 thread).", ""]
-    lines += ["### Detection per audited contribution (lock-step swarm, every contribution audited, "
-              "2 of 2 micro-batches per epoch recomputed)", "",
-              "| node | audits | failed (exact parameters) | audits | failed (validator's copy drifted by 1e-2; "
-              "the node's own parameters fetched) |",
-              "|---|---|---|---|---|"]
-    for name in f["exact"]:
-        e, d = f["exact"][name], f["drift"].get(name, dict(audits=0, failed=0))
-        rate = lambda r: f"{r['failed']}/{r['audits']} = {r['failed'] / max(r['audits'], 1):.0%}"  # noqa: E731
-        lines.append(f"| {name} | {e['audits']} | {rate(e)} | {d['audits']} | {rate(d)} |")
-    he, hd = f["exact"]["honest"]["max_diff"], f["drift"]["honest"]["max_diff"]
-    lines += ["", f"Largest honest differences (loss, norm, sketch): exact parameters {', '.join(map(_fmt, he))}; "
-              f"drifted copy {', '.join(map(_fmt, hd))}.", "",
+    lines += [f"### Detection per audited round (lock-step swarm, rounds of {INNER_STEPS} inner steps, every round "
+              f"audited, one segment of {SEGMENT_STEPS} replayed from the state the node serves)", "",
+              "| node | audits | failed |", "|---|---|---|"]
+    for name, row in f["detection"].items():
+        lines.append(f"| {name} | {row['audits']} | {row['failed']}/{row['audits']} = "
+                     f"{row['failed'] / max(row['audits'], 1):.0%} |")
+    lines += ["", f"Largest honest differences (loss, norm, sketch): "
+              f"{', '.join(map(_fmt, f['detection']['honest']['max_diff']))}.", "",
               "### Contributions until ban (real Ledger/Auditor/Registry, audit_rate 0.2, max_strikes 2, "
               "a struck node audited on every contribution)", "",
               "| attack | detection per audit | median | worst | banned within 25 |", "|---|---|---|---|---|"]
     for name, row in f["until_ban"].items():
         lines.append(f"| {name} | {row['rate']:.0%} | {row['median']:.0f} | {row['worst']} | {row['within_25']:.1%} |")
     lines += ["", f"Honest identities banned in 20 runs of 50 contributions each: {f['honest_bans']}.", "",
-              "### Training with 30 % attackers (lock-step swarm of 10, audit_rate 0.2, 8 micro-batches of 8 per "
-              f"node per epoch, 2 recomputed per audit, clip_tau {CLIP_TAU})", "",
+              f"### Training with 30 % attackers (lock-step swarm of 10, audit_rate 0.2, rounds of "
+              f"{TRAINING_INNER_STEPS} inner steps of 8 samples per node, one segment of {SEGMENT_STEPS} replayed per "
+              f"audit, clip_tau {CLIP_TAU})", "",
               "| run | final eval loss | vs clean | banned (contributions before the ban) | validator / node compute |",
               "|---|---|---|---|---|"]
     clean = f["training"]["clean"]["loss"]

@@ -4,18 +4,19 @@ An audit goes through these states (``Audit.state``):
 
 1. ``awaiting_records`` — when a contribution arrives (its Merkle ``commitment`` is in it), the auditor draws
    with ``secrets`` whether to audit it (``verification.audit_rate``; every contribution of a node that already
-   has a strike), which ``micro_batches_per_audit`` micro-batches a validator will recompute and the audit seed.
-   The node is told only *that* it is audited (``ReportContributionResponse.audit_task_id``) and hands over all
-   records of the epoch (``SubmitAuditRecords``); it never learns which ones get recomputed.
+   has a strike), which segment of the round (``verification.segment_steps`` inner steps between two committed
+   training states) a validator will replay, and the audit seed. The node is told only *that* it is audited
+   (``ReportContributionResponse.audit_task_id``) and hands over all records of the round (``SubmitAuditRecords``);
+   it never learns which segment gets replayed.
 2. The coordinator checks the records without recomputing anything (:func:`check_records`): their Merkle root
    is the commitment, their count is ``micro_batches``, their samples add up to ``samples``, their losses to
    ``mean_loss``, and their sketches' sample-weighted combination is the ``gradient_sketch`` the node said it
    sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
    proofs) are kept and the audit becomes ``pending``.
-3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator recomputes the chosen micro-batches
-   (``omi.node.validator``) and returns a signed verdict. Only nodes an admin granted the role take tasks. The
-   coordinator's own (built-in) validators are trusted: their verdict decides. A volunteer validator's verdict is
-   an *opinion* (``audit_opinions``): a failing one always, and a passing one with probability
+3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator replays the chosen segment from the start state
+   the node serves (``omi.node.validator``) and returns a signed verdict. Only nodes an admin granted the role take
+   tasks. The coordinator's own (built-in) validators are trusted: their verdict decides. A volunteer validator's
+   verdict is an *opinion* (``audit_opinions``): a failing one always, and a passing one with probability
    :data:`CROSS_CHECK_RATE`, goes back to ``pending`` for a second validator; two that agree decide; two that
    disagree make the audit ``disputed``, which only the coordinator's own validator takes. A validator whose opinion
    the trusted verdict overturns loses the role, and every audit its opinion decided is reopened for the
@@ -36,7 +37,7 @@ import torch
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from omi.coordinator.registry import Caller, Registry
 from omi.coordinator.runs import Runs
-from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
+from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, BanKind, ContributionStatus
 from omi.coordinator.store import (
     Audit,
     AuditOpinion,
@@ -64,7 +65,7 @@ PROBATION_AUDIT_FACTOR = 2.0  # a node without verified work in the run is audit
 CROSS_CHECK_RATE = 0.25  # share of a volunteer validator's passing verdicts a second validator checks (failing: all)
 TASK_CANDIDATES = 50  # open audits a validator's request looks through for one it may take
 SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
-MAX_VERDICT_CHECKS = 4096  # micro-batch checks in one verdict: far above micro_batches_per_audit or a segment
+MAX_VERDICT_CHECKS = 4096  # inner-step checks in one verdict: far above any segment's segment_steps
 
 
 def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord], sketch_size: int) -> str:
@@ -136,9 +137,8 @@ class Auditor:
     def maybe_queue(self, session, contribution: Contribution, micro_batches: int) -> Audit | None:
         """Inside the ledger's transaction: draw whether to audit ``contribution``; if so, ask for its records.
 
-        Per-step mode: ``micro_batches_per_audit`` random micro-batches, recomputed at the epoch's parameters.
-        Rounds: one random segment (``verification.segment_steps`` inner steps between two committed training
-        states), replayed from its start state (:mod:`omi.models.segments`).
+        An audit replays one random segment of the round (``verification.segment_steps`` inner steps between two
+        committed training states) from its start state (:mod:`omi.models.segments`).
         """
         run_spec = self.runs.get(contribution.run_id).spec
         spec = run_spec.verification
@@ -150,13 +150,9 @@ class Auditor:
             rate = min(1.0, PROBATION_AUDIT_FACTOR * rate)  # new identities earn trust with verified work
         if secrets.randbelow(1_000_000) >= int(rate * 1_000_000):
             return None
-        if run_spec.rounds.inner_steps > 0:
-            k = segment_steps(run_spec)
-            segment = secrets.randbelow(-(-micro_batches // k))
-            indices = list(range(segment * k, min((segment + 1) * k, micro_batches)))
-        else:
-            count = min(spec.micro_batches_per_audit, micro_batches)
-            indices = sorted(secrets.SystemRandom().sample(range(micro_batches), count))
+        k = segment_steps(run_spec)
+        segment = secrets.randbelow(-(-micro_batches // k))
+        indices = list(range(segment * k, min((segment + 1) * k, micro_batches)))
         audit = Audit(task_id=uuid.uuid4().hex, contribution_id=contribution.contribution_id,
                       run_id=contribution.run_id, node_id=contribution.node_id, epoch=contribution.epoch,
                       micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63),
@@ -386,7 +382,7 @@ class Auditor:
         node.strikes = max(0, node.strikes - 1)
         max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
         ban = session.get(Ban, node.node_id)
-        if ban is not None and node.strikes < max_strikes and ban.reason.endswith("failed audits"):
+        if ban is not None and node.strikes < max_strikes and ban.kind == BanKind.FAILED_AUDITS:
             session.delete(ban)
             unbanned.append(node.node_id)
             logger.warning("node %s: ban lifted while its failed audit is re-examined", node.node_id[:12])
@@ -458,7 +454,8 @@ class Auditor:
         max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
         logger.warning("node %s failed an audit of epoch %d (%s): strike %d of %d", node.node_id[:12], audit.epoch,
                        reason or "no reason", node.strikes, max_strikes)
-        if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits"):
+        if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits",
+                                                                BanKind.FAILED_AUDITS):
             for provisional in session.scalars(select(Contribution).where(
                     Contribution.node_id == node.node_id, Contribution.status == ContributionStatus.ACCEPTED)):
                 voided += self._void(session, provisional)

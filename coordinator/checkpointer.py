@@ -1,16 +1,16 @@
-"""The checkpointer: a non-training swarm peer that pulls the run's state and publishes signed diffusers checkpoints.
+"""The checkpointer: the run's witness (a weight-0 member of every round) that publishes signed diffusers checkpoints.
 
 ``omi-coordinator serve`` starts one checkpointer process per running run (:class:`CheckpointerSupervisor`):
 
     python -c "from omi.coordinator.checkpointer import main; main()" --state-dir state --run digits \
         --initial-peer /ip4/127.0.0.1/tcp/...
 
-It runs in its own process because hivemind's ``load_state_from_peers`` blocks (and hivemind must be created in
-a main thread), while the coordinator's main thread runs the gRPC API's event loop. The process joins the run's
-swarm with a token the coordinator mints for it (it holds the coordinator's key), builds the run's model and
-follows the swarm's state with a :class:`omi.swarm.SwarmFollower` (as validators do).
-It follows the run's epoch in the database; every ``checkpoints.every_epochs`` epochs it downloads the swarm's
-state and writes a checkpoint folder atomically (:func:`write_checkpoint`), then lists it in the same database
+It runs in its own process because hivemind must be created in a main thread, while the coordinator's main thread
+runs the gRPC API's event loop. The process joins the run's swarm with a token the coordinator mints for it (it
+holds the coordinator's key), builds the run's model and takes part in every round's all-reduce as the run's
+:class:`omi.swarm.RoundWitness`: each round it sees moves the run's round in the database, with the hash of the θ it
+confirmed; every ``checkpoints.every_epochs`` rounds it writes the confirmed θ as a checkpoint folder atomically
+(:func:`write_checkpoint`), then lists it in the same database
 (:meth:`omi.coordinator.checkpoints.Checkpoints.publish`; SQLite in WAL mode takes the two writers).
 
 Test hook: ``OMI_CHECKPOINT_STALL=EPOCH:SECONDS`` pauses the write of every checkpoint of epoch >= EPOCH for
@@ -44,8 +44,7 @@ from sqlalchemy import select
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0  # seconds between two reads of the run's epoch
-RETRY_INTERVAL = 5.0  # seconds before asking the swarm again after it had no (newer) state
-LOAD_TIMEOUT = 600.0  # seconds one state download may take in all
+RETRY_INTERVAL = 5.0  # seconds before the witness tries again after it failed
 PREVIEW_STEPS = 25  # DDIM steps of the preview grid
 PREVIEW_SEED = 0  # fixed: previews of successive checkpoints show the same noise
 PREVIEW_FILENAME = "preview.png"
@@ -93,7 +92,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param model: the UNet holding the swarm's parameters
     :param scheduler: the run's DDPM scheduler
     :param spec: the RunSpec (run id, model name, preview size)
-    :param epoch: the swarm epoch of these parameters (hivemind's ``local_epoch``)
+    :param epoch: the round of these parameters θ
     :param run_folder: the run's checkpoint folder
     :param checkpoints: reads the ledger for the manifest
     :param key: the coordinator's Ed25519 key, which signs the manifest
@@ -101,7 +100,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param source: the run's data source (opened from the RunSpec if not given); a text-to-image data set gives the
         frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
     :param state_hash: the witness's hash of θ at ``epoch`` (:func:`omi.swarm.rounds.state_hash`), signed in the
-        manifest as ``state_hash`` (rounds runs)
+        manifest as ``state_hash``
     """
     from omi.models import open_source, params_hash, save_grid
     from omi.models.sampling import cell_prompts, draw, grid_columns, run_drawing, save_model
@@ -165,7 +164,7 @@ class Checkpointer:
         self.spec = self.runs.spec_for_nodes(run_id)
         self.spec.initial_peers.extend(initial_peers)
         self._stop = threading.Event()
-        self.dht = self.follower = self.witness = self.source = None
+        self.dht = self.witness = self.source = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,7 +174,6 @@ class Checkpointer:
         from omi.swarm import (
             MintingTokenProvider,
             RoundWitness,
-            SwarmFollower,
             load_or_create_peer_identity,
             load_or_create_swarm_key,
             make_dht,
@@ -194,12 +192,8 @@ class Checkpointer:
         self.model, self.scheduler = build_for_spec(spec)
         # a prepared data set is opened once: its frozen parts are hashed and loaded at the first checkpoint only
         self.source = open_source(spec.data) if spec.data.source.startswith("manifest:") else None
-        if spec.rounds.inner_steps > 0:  # the run's round and its checkpoints come from what the witness holds
-            self.witness = RoundWitness(self.dht, spec, self.model)
-        else:
-            self.follower = SwarmFollower(self.dht, spec, self.model)
-        logger.info("run %s: checkpointer peer %s joined the swarm%s", self.run_id, peer_id,
-                    " as the rounds' witness" if self.witness is not None else "")
+        self.witness = RoundWitness(self.dht, spec, self.model)  # the run's round and its checkpoints come from it
+        logger.info("run %s: checkpointer peer %s joined the swarm as the rounds' witness", self.run_id, peer_id)
 
     def _run_row(self) -> tuple[int, int]:
         with self.store.session() as s:
@@ -207,21 +201,15 @@ class Checkpointer:
         return state, epoch
 
     def run(self) -> None:
-        """Repair, join the swarm, then move the run's epoch and checkpoint every ``every_epochs``, until stopped."""
+        """Repair, join the swarm, then move the run's round and checkpoint every ``every_epochs``, until stopped."""
         self.checkpoints.repair(self.run_id, signing.public_bytes(self.key))
         self._start_swarm_peer()
         latest = self.checkpoints.get(self.run_id)
         self._last_epoch = latest.epoch if latest is not None else 0
-        if self.witness is not None:
-            threading.Thread(target=self._witness, name="witness", daemon=True).start()
-        self._retry_at = 0.0
+        threading.Thread(target=self._witness, name="witness", daemon=True).start()
         while not self._stop.wait(POLL_INTERVAL):
-            if self._run_row()[0] != pb.RUN_STATE_RUNNING or time.monotonic() < self._retry_at:
-                continue
-            if self.witness is not None:
+            if self._run_row()[0] == pb.RUN_STATE_RUNNING:
                 self._checkpoint_witnessed()
-            else:
-                self._follow_steps()
 
     def _witness(self) -> None:
         """The witness's loop (a thread): each round it saw moves the run's epoch; a confirmed one publishes θ's
@@ -237,7 +225,7 @@ class Checkpointer:
                 self.runs.advance(self.run_id, seen.round, seen.state_hash if seen.confirmed else None)
 
     def _checkpoint_witnessed(self) -> None:
-        """Rounds runs: checkpoint the θ the witness holds once it is confirmed at a due round."""
+        """Checkpoint the θ the witness holds once it is confirmed at a due round."""
         seen = self.witness.snapshot()
         if not seen.confirmed or seen.round < self._due():
             return
@@ -245,30 +233,11 @@ class Checkpointer:
         seen = self.witness.copy_into(self.model)  # the round may have moved on since the snapshot
         self._write(seen.round, time.perf_counter() - started, state_hash=seen.state_hash)
 
-    def _follow_steps(self) -> None:
-        """Per-step runs: the run's epoch is the one at least half the trainers report; the state is pulled from
-        the swarm."""
-        from omi.swarm import swarm_round, trainer_rounds
-
-        observed = swarm_round(trainer_rounds(self.dht, self.spec))
-        if observed is not None:
-            self.runs.advance(self.run_id, observed)
-        due = self._due(self.follower.epoch)
-        if (observed or 0) < due:
-            return
-        started = time.perf_counter()
-        epoch = self.follower.pull(timeout=LOAD_TIMEOUT)
-        if epoch < due:
-            logger.info("run %s: no swarm state at epoch >= %d yet (have %d); retrying", self.run_id, due, epoch)
-            self._retry_at = time.monotonic() + RETRY_INTERVAL
-            return
-        self._write(epoch, time.perf_counter() - started)
-
-    def _due(self, held: int = 0) -> int:
+    def _due(self) -> int:
         every = self.spec.checkpoints.every_epochs
-        return (max(self._last_epoch, held) // every + 1) * every
+        return (self._last_epoch // every + 1) * every
 
-    def _write(self, epoch: int, pulled_seconds: float, state_hash: str | None = None) -> None:
+    def _write(self, epoch: int, copied_seconds: float, state_hash: str) -> None:
         started = time.perf_counter()
         folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
                                             run_folder=self.checkpoints.run_folder(self.run_id),
@@ -277,15 +246,14 @@ class Checkpointer:
         written = time.perf_counter()
         self.checkpoints.publish(self.run_id, epoch, folder, manifest)
         self._last_epoch = epoch
-        logger.info("run %s: checkpoint epoch %d written (state %s in %.1f s, written in %.1f s, %d samples, "
-                    "loss %s)", self.run_id, epoch, "witnessed" if state_hash else "pulled", pulled_seconds,
-                    written - started, manifest["total_samples"], manifest["loss"])
+        logger.info("run %s: checkpoint of round %d written (witnessed θ copied in %.1f s, written in %.1f s, %d "
+                    "samples, loss %s)", self.run_id, epoch, copied_seconds, written - started,
+                    manifest["total_samples"], manifest["loss"])
 
     def shutdown(self) -> None:
         self._stop.set()
-        for peer in (self.follower, self.witness):
-            if peer is not None:
-                peer.shutdown()
+        if self.witness is not None:
+            self.witness.shutdown()
         if self.dht is not None:
             self.dht.shutdown()
         self.store.close()

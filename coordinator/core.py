@@ -46,6 +46,7 @@ class Coordinator:
       receive (None: no swarm peer)
     :param state_dir: checkpoint folders live in ``state_dir/checkpoints`` (None: none on disk; listing still works)
     :param public_url: base URL of the coordinator's HTTP port (``http://host:port``) for ``Checkpoint.url``
+    :param clock: wall-clock milliseconds the registry judges challenges and tokens by (tests move one forward)
 
     >>> from omi.protos.signing import generate_key
     >>> coordinator = Coordinator(Store("sqlite://"), generate_key())
@@ -56,13 +57,13 @@ class Coordinator:
     def __init__(self, store: Store, key: Ed25519PrivateKey, config: CoordinatorConfig | None = None, *,
                  layout: Callable[[pb.DataSpec], ShardLayout] = data_layout,
                  swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None, state_dir: str | Path | None = None,
-                 public_url: str = ""):
+                 public_url: str = "", clock: Callable[[], int] = now_ms):
         self.store, self.key = store, key
         self.config = config or CoordinatorConfig()
         self.public_key = signing.public_bytes(key)
         self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers, public_url=public_url)
         self.liveness = Liveness(store)
-        self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry)
+        self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry, clock=clock)
         self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout, config=self.config.work)
         self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout,
                                records_grace=self.config.records_grace)

@@ -35,21 +35,6 @@ logger = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_MS = 60_000  # the run's throughput is the ledger's growth over this last window
 
 
-def assigned_samples_limit(spec: pb.RunSpec, assigned: int) -> int:
-    """The most samples a contribution may report for an assignment of ``assigned`` samples.
-
-    Rounds never go past their assignment. In per-step mode hivemind's swarm step reaches a node a progress refresh
-    late, and the node keeps computing micro-batches until then, wrapping around its assignment (the validator
-    recomputes those the same way, ``micro_batch_samples``): honest work of up to twice the assignment is accepted
-    (seen: 288 for 256 assigned, refused until 2026-12-03, issue 12 point 4).
-
-    >>> rounds = pb.RunSpec(rounds=pb.RoundsSpec(inner_steps=5))
-    >>> assigned_samples_limit(pb.RunSpec(), 256), assigned_samples_limit(rounds, 256)
-    (512, 256)
-    """
-    return assigned if spec.rounds.inner_steps > 0 else 2 * assigned
-
-
 class Ledger:
     """Records contributions.
 
@@ -90,10 +75,8 @@ class Ledger:
             raise InvalidArgument("the assignment belongs to another node, run or epoch")
         if assignment.released_at_ms is not None:
             raise FailedPrecondition("the assignment was released after missed heartbeats; ask for new work")
-        most = assigned_samples_limit(self.runs.get(caller.run_id).spec, assignment.num_samples)
-        if contribution.samples > most:
-            raise InvalidArgument(f"samples {contribution.samples} exceed the {most} an assignment of "
-                                  f"{assignment.num_samples} allows")
+        if contribution.samples > assignment.num_samples:  # a round never goes past its assignment
+            raise InvalidArgument(f"samples {contribution.samples} exceed the assignment's {assignment.num_samples}")
         row = Contribution(contribution_id=uuid.uuid4().hex, run_id=caller.run_id, node_id=caller.node_id,
                            epoch=contribution.epoch, assignment_id=contribution.assignment_id,
                            samples=contribution.samples, mean_loss=contribution.mean_loss,
@@ -118,18 +101,17 @@ class Ledger:
             raise InvalidArgument("bad signature on Contribution")
         run = self.runs.get(caller.run_id)
         if run.state == pb.RUN_STATE_STOPPED:
-            raise FailedPrecondition(f"run '{caller.run_id}' is stopped")
+            raise FailedPrecondition(f"run '{caller.run_id}' is stopped", reason=pb.REFUSAL_RUN_STOPPED)
         if c.samples == 0 or c.micro_batches == 0:
             raise InvalidArgument("a contribution needs samples > 0 and micro_batches > 0")
         if not (math.isfinite(c.mean_loss) and math.isfinite(c.compute_seconds) and c.compute_seconds >= 0):
             raise InvalidArgument("mean_loss and compute_seconds must be finite, compute_seconds >= 0")
-        if run.spec.rounds.inner_steps > 0:  # a round commits to its training state every segment_steps
-            segments = -(-c.micro_batches // segment_steps(run.spec)) + 1
-            if len(c.segment_hashes) != segments or any(len(h) != 32 for h in c.segment_hashes):
-                raise InvalidArgument(f"a round of {c.micro_batches} inner steps commits to {segments} training-state "
-                                      f"hashes of 32 bytes (segment_hashes), got {len(c.segment_hashes)}")
-            if len(c.delta_sketch) > run.spec.verification.sketch_size:
-                raise InvalidArgument("delta_sketch longer than verification.sketch_size")
+        segments = -(-c.micro_batches // segment_steps(run.spec)) + 1  # a training-state hash every segment_steps
+        if len(c.segment_hashes) != segments or any(len(h) != 32 for h in c.segment_hashes):
+            raise InvalidArgument(f"a round of {c.micro_batches} inner steps commits to {segments} training-state "
+                                  f"hashes of 32 bytes (segment_hashes), got {len(c.segment_hashes)}")
+        if len(c.delta_sketch) > run.spec.verification.sketch_size:
+            raise InvalidArgument("delta_sketch longer than verification.sketch_size")
         if len(c.gradient_sketch) > run.spec.verification.sketch_size:
             raise InvalidArgument(f"gradient_sketch longer than verification.sketch_size "
                                   f"({run.spec.verification.sketch_size})")

@@ -11,6 +11,7 @@ coordinator. Every later request carries that token, a timestamp and the node's 
 import logging
 import secrets
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -25,6 +26,7 @@ from omi.coordinator.errors import (
 from omi.coordinator.liveness import Beat, Liveness
 from omi.coordinator.ratelimit import RateLimiter
 from omi.coordinator.runs import Runs
+from omi.coordinator.states import BanKind
 from omi.coordinator.store import Ban, Node, PeerBinding, Store, Token
 from omi.protos import pb, peer_ids, signing
 from omi.protos.clock import now_ms
@@ -70,11 +72,13 @@ class Registry:
     :param runs: the runs nodes register for
     :param liveness: registration counts as a first sign of life
     :param config: TTLs and rate limits
+    :param clock: wall-clock milliseconds that challenges, tokens and request timestamps are judged by (tests pass
+      one they move forward instead of sleeping past an expiry)
     """
 
     def __init__(self, store: Store, key: Ed25519PrivateKey, runs: Runs, liveness: Liveness,
-                 config: RegistryConfig | None = None):
-        self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
+                 config: RegistryConfig | None = None, *, clock: Callable[[], int] = now_ms):
+        self.store, self.key, self.runs, self.liveness, self.clock = store, key, runs, liveness, clock
         self.config = config or RegistryConfig()
         self.public_key = signing.public_bytes(key)
         # Per process, never in the store: a challenge must be answered to the process that gave it (two
@@ -102,7 +106,7 @@ class Registry:
     def challenge(self, source: str) -> pb.Challenge:
         """A fresh random nonce, valid for ``challenge_ttl`` seconds and for one registration."""
         self._limit_source(source)
-        now = now_ms()
+        now = self.clock()
         if len(self._challenges) >= MAX_CHALLENGES:
             self._challenges = {n: t for n, t in self._challenges.items() if t > now}
             if len(self._challenges) >= MAX_CHALLENGES:
@@ -118,7 +122,7 @@ class Registry:
         expires = self._challenges.pop(request.nonce, None)  # single use, even if what follows fails
         if expires is None:
             raise Unauthenticated("unknown or already used challenge nonce")
-        if expires < now_ms():
+        if expires < self.clock():
             raise Unauthenticated("challenge expired, ask for a new one")
         if len(request.public_key) != 32:
             raise InvalidArgument(f"public_key must be a raw 32-byte Ed25519 key, got {len(request.public_key)} bytes")
@@ -140,12 +144,12 @@ class Registry:
             raise InvalidArgument(f"swarm_public_key has more than {MAX_SWARM_KEY} bytes")
         node_id = signing.node_id(request.public_key)
         if node_id in self._banned:
-            raise PermissionDenied(f"node {node_id[:12]} is banned")
+            raise PermissionDenied(f"node {node_id[:12]} is banned", reason=pb.REFUSAL_BANNED)
         run = self.runs.get(request.run_id)
         if run.state == pb.RUN_STATE_STOPPED:
-            raise FailedPrecondition(f"run '{request.run_id}' is stopped")
+            raise FailedPrecondition(f"run '{request.run_id}' is stopped", reason=pb.REFUSAL_RUN_STOPPED)
         spec = self.runs.spec_for_nodes(request.run_id)  # before anything is stored: its swarm peer may be starting
-        now = now_ms()
+        now = self.clock()
         try:
             with self.store.transaction() as s:
                 self._bind_peer(s, request.peer_id, node_id, now)
@@ -170,9 +174,10 @@ class Registry:
         if binding is None:
             session.add(PeerBinding(peer_id=peer_id, node_id=node_id, bound_at_ms=now))
         elif binding.node_id != node_id:
-            banned = " (a banned node: a ban covers its libp2p identity too)" if binding.node_id in self._banned else ""
-            raise PermissionDenied(f"peer {peer_id} belongs to node {binding.node_id[:12]}{banned}; one peer id, "
-                                   "one identity")
+            banned = binding.node_id in self._banned
+            why = " (a banned node: a ban covers its libp2p identity too)" if banned else ""
+            raise PermissionDenied(f"peer {peer_id} belongs to node {binding.node_id[:12]}{why}; one peer id, "
+                                   "one identity", reason=pb.REFUSAL_BANNED if banned else pb.REFUSAL_UNSPECIFIED)
 
     def peers_of(self, node_ids) -> dict[str, list[str]]:
         """Node id -> the peer ids bound to it."""
@@ -187,10 +192,10 @@ class Registry:
         """A new token for the same node, peer and run; refused to banned nodes and for stopped runs."""
         caller = self.authenticate(request, allow_expired=True)
         if self.runs.get(caller.run_id).state == pb.RUN_STATE_STOPPED:
-            raise FailedPrecondition(f"run '{caller.run_id}' is stopped")
+            raise FailedPrecondition(f"run '{caller.run_id}' is stopped", reason=pb.REFUSAL_RUN_STOPPED)
         with self.store.transaction() as s:
             return self._issue(s, caller.node_id, caller.run_id, caller.peer_id, caller.public_key,
-                               caller.token.swarm_public_key, now_ms())
+                               caller.token.swarm_public_key, self.clock())
 
     def _issue(self, session, node_id: str, run_id: str, peer_id: str, public_key: bytes, swarm_public_key: bytes,
                now: int) -> pb.AccessToken:
@@ -220,7 +225,7 @@ class Registry:
         if not request.HasField("token"):
             raise Unauthenticated("missing access token")
         token = request.token
-        now = now_ms()
+        now = self.clock()
         if abs(now - request.timestamp_ms) > self.config.max_clock_skew * 1000:
             raise Unauthenticated(f"stale timestamp: more than {self.config.max_clock_skew:g} s from the "
                                   "coordinator's clock")
@@ -232,12 +237,12 @@ class Registry:
                 self._verified_tokens.clear()
             self._verified_tokens.add(serialized)
         if token.expires_at_ms < now and not allow_expired:
-            raise Unauthenticated("access token expired, renew it")
+            raise Unauthenticated("access token expired, renew it", reason=pb.REFUSAL_TOKEN_EXPIRED)
         if not signing.verify_request(request, token.node_public_key):
             raise Unauthenticated(f"bad request signature (a {type(request).__name__} signed for this RPC, with a "
                                   f"{signing.NONCE_BYTES}-byte nonce, is expected)")
         if token.node_id in self._banned:
-            raise PermissionDenied(f"node {token.node_id[:12]} is banned")
+            raise PermissionDenied(f"node {token.node_id[:12]} is banned", reason=pb.REFUSAL_BANNED)
         if not self._node_limiter.allow(token.node_id):
             raise ResourceExhausted(f"node {token.node_id[:12]} sends too many requests, slow down")
         self._accept_nonce(request.nonce, now)
@@ -261,20 +266,20 @@ class Registry:
         return node_id in self._banned
 
     def ban(self, node_id: str, reason: str) -> bool:
-        """Ban a node (it may be unknown yet); False if it was already banned."""
+        """An admin's ban of a node (it may be unknown yet); False if it was already banned."""
         with self.store.transaction() as s:
-            changed = self.ban_in(s, node_id, reason)
+            changed = self.ban_in(s, node_id, reason, BanKind.ADMIN)
         if changed:
             self._banned.add(node_id)
         return changed
 
-    def ban_in(self, session, node_id: str, reason: str) -> bool:
+    def ban_in(self, session, node_id: str, reason: str, kind: BanKind) -> bool:
         """Ban inside the caller's transaction; call ``banned_committed`` once it is committed."""
         if len(node_id) != 64:
             raise InvalidArgument("node_id must be 64 hex characters")
         if session.get(Ban, node_id) is not None:
             return False
-        session.add(Ban(node_id=node_id, reason=reason, created_at_ms=now_ms()))
+        session.add(Ban(node_id=node_id, reason=reason, kind=kind, created_at_ms=self.clock()))
         logger.warning("banned node %s: %s", node_id[:12], reason or "no reason given")
         return True
 

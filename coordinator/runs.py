@@ -120,7 +120,7 @@ class Runs:
     def get(self, run_id: str) -> RunInfo:
         info = self._runs.get(run_id)
         if info is None:
-            raise NotFound(f"no run '{run_id}'")
+            raise NotFound(f"no run '{run_id}'", reason=pb.REFUSAL_UNKNOWN_RUN)
         return info
 
     def exists(self, run_id: str) -> bool:
@@ -137,7 +137,7 @@ class Runs:
         if self.swarm_peers is not None:
             spec.initial_peers.extend(self.swarm_peers(spec))
             # this server's checkpointer process witnesses every round's all-reduce (omi.swarm.witness)
-            spec.witnessed = spec.rounds.inner_steps > 0
+            spec.witnessed = True
         folder = self.data_folder(run_id)
         if folder is not None and self.public_url:
             # a prepared data set in a folder here: nodes fetch the shards they are assigned from this coordinator's
@@ -155,10 +155,9 @@ class Runs:
 
     def advance(self, run_id: str, epoch: int, state_hash: str | None = None) -> None:
         """The coordinator's own swarm peer observed the run at ``epoch``: the run's epoch (round) follows, never
-        backwards. Only the checkpointer process calls this (its witness of each round's all-reduce, or in
-        per-step runs the round most trainers report); no node's claim moves the run. ``state_hash``: the hash of
-        θ at that round, as the witness computed it (published for late joiners; the newest
-        :data:`KEPT_ROUND_STATES` are kept)."""
+        backwards. Only the checkpointer process calls this (its witness of each round's all-reduce); no node's
+        claim moves the run. ``state_hash``: the hash of θ at that round, as the witness computed it (published for
+        late joiners; the newest :data:`KEPT_ROUND_STATES` are kept)."""
         info = self.get(run_id)
         with self.store.transaction() as s:
             row = s.get(Run, run_id, with_for_update=True)

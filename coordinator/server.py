@@ -34,6 +34,7 @@ from omi.coordinator.validators import BuiltinValidators
 from omi.coordinator.work import ShardLayout, data_layout
 from omi.protos import pb
 from omi.protos.channels import fingerprint, pinned
+from omi.protos.clock import now_ms
 from omi.protos.runspec import RunSpecError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class CoordinatorServer:
     :param http_app: builds the app served on ``config.http_address`` (the CLI passes the dashboard's
       ``create_app``); required when ``http_address`` is set
     :param layout: DataSpec -> ShardLayout (benchmarks pass a synthetic one; by default the run's real data)
+    :param clock: wall-clock milliseconds of the registry (:class:`omi.coordinator.registry.Registry`)
 
     What ``omi-coordinator serve`` does, ``create_app`` being :func:`omi.dashboard.app.create_app`:
 
@@ -56,7 +58,7 @@ class CoordinatorServer:
     """
 
     def __init__(self, config: ServerConfig, *, http_app: HttpApp | None = None,
-                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout):
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout, clock: Callable[[], int] = now_ms):
         if config.http_address and http_app is None:
             raise ValueError("ServerConfig.http_address needs an http_app (e.g. omi.dashboard.app.create_app); "
                              "set http_address=None for no HTTP")
@@ -67,7 +69,7 @@ class CoordinatorServer:
                                             config.swarm_host, db_url=config.db_url)
         # checkpoint folders live in the state dir and are served on the HTTP port
         self.coordinator = Coordinator.open(
-            config.state_dir, config.db_url, config.coordinator, layout=layout,
+            config.state_dir, config.db_url, config.coordinator, layout=layout, clock=clock,
             swarm_peers=None if self.bootstrap is None else self.bootstrap.initial_peers,
             public_url=f"http://{config.http_address}" if config.http_address else "")
         self.admin_token = load_or_create_admin_token(config.state_dir)

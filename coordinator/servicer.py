@@ -2,7 +2,8 @@
 
 Handlers receive raw bytes and parse them here, so a message that does not parse is answered with
 INVALID_ARGUMENT (grpc's own deserializer would answer INTERNAL); a domain error becomes the status
-code it names. Oversized messages never get this far: the server refuses them with RESOURCE_EXHAUSTED.
+code it names, its reason the trailing metadata :mod:`omi.protos.refusals` reads. Oversized messages never get
+this far: the server refuses them with RESOURCE_EXHAUSTED.
 Every RPC reads what it needs of its context on the event loop and runs its domain call in the coordinator's
 worker thread (``await self.c.call(...)``), so a slow call (a database round trip, opening a data source) never
 holds up the loop, which also serves the dashboard.
@@ -166,7 +167,7 @@ def _unary(method: Callable, request_class, before: Callable | None = None) -> C
                 before(context)
             return await method(request, context)
         except CoordinatorError as e:
-            await context.abort(grpc.StatusCode[e.code], str(e))
+            await context.abort(grpc.StatusCode[e.code], str(e), trailing_metadata=e.trailing_metadata())
     return handler
 
 

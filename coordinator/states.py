@@ -1,7 +1,7 @@
-"""The states the coordinator stores as strings and shows: audits, contributions, and names of run states.
+"""The states the coordinator stores as strings and shows: audits, contributions, bans, and names of run states.
 
-Values are what the ``audits.state`` and ``contributions.status`` columns hold; a ``StrEnum`` equals its value,
-so rows written before these enums existed read the same.
+Values are what the ``audits.state``, ``contributions.status`` and ``bans.kind`` columns hold; a ``StrEnum``
+equals its value, so rows written before these enums existed read the same.
 
 >>> AuditState.PENDING == "pending", AuditState.PENDING in OPEN_AUDIT_STATES
 (True, True)
@@ -35,6 +35,13 @@ class ContributionStatus(enum.StrEnum):
     ACCEPTED = "accepted"  # provisional: stored, its audit (if any) and audit window still open
     VERIFIED = "verified"  # its audit passed, or its audit window closed without a failed audit
     VOIDED = "voided"      # its audit failed, or its node was banned while it was provisional
+
+
+class BanKind(enum.StrEnum):
+    """Why a node is banned (``Ban.kind``): what may lift the ban besides an admin's unban."""
+
+    ADMIN = "admin"                  # an admin's ``node ban``: only an unban lifts it
+    FAILED_AUDITS = "failed_audits"  # max_strikes failed audits: lifted while a failed audit is re-examined
 
 
 RUN_STATE_NAMES = {pb.RUN_STATE_CREATED: "created", pb.RUN_STATE_RUNNING: "running", pb.RUN_STATE_PAUSED: "paused",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omi.coordinator.states import ContributionStatus
+from omi.coordinator.states import BanKind, ContributionStatus
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -29,7 +29,10 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    inspect,
     select,
+    text,
+    update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -190,7 +193,8 @@ class AuditRecords(Base):
 class Ban(Base):
     __tablename__ = "bans"
     node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    reason: Mapped[str] = mapped_column(Text, default="")
+    reason: Mapped[str] = mapped_column(Text, default="")  # for people: the admin's words, or "3 failed audits"
+    kind: Mapped[str] = mapped_column(String(16))  # a BanKind: what decides, never the reason's wording
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
 
 
@@ -275,6 +279,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_ban_kinds(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
@@ -295,6 +300,18 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _add_ban_kinds(engine) -> None:
+    """Give ``bans`` of a database from before ``Ban.kind`` the column (``create_all`` adds missing tables, never
+    missing columns): bans for failed audits were those whose reason said "N failed audits", every other an admin's."""
+    if "kind" in {column["name"] for column in inspect(engine).get_columns("bans")}:
+        return
+    with engine.begin() as connection:
+        connection.execute(text(f"ALTER TABLE bans ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT '{BanKind.ADMIN}'"))
+        connection.execute(update(Ban).where(Ban.reason.like("% failed audits"))
+                           .values(kind=BanKind.FAILED_AUDITS))
+    logger.info("added bans.kind to the database's bans")
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -130,8 +130,8 @@ class ContributorView:
     # compute seconds its contributions report / wall seconds between its first and last contribution as received
     # here (the first one's compute excluded); None before two contributions
     utilization: float | None = None
-    micro_batches_per_contribution: float | None = None  # rounds: inner steps per round (recent contributions)
-    bytes_per_sample: float | None = None  # rounds: all-reduce bytes it reports per sample (recent contributions)
+    micro_batches_per_contribution: float | None = None  # inner steps per round (recent contributions)
+    bytes_per_sample: float | None = None  # all-reduce bytes it reports per sample (recent contributions)
 
 
 @dataclass
@@ -265,15 +265,13 @@ def _utilization(work) -> float | None:
 
 
 def _reported_round_figures(session, run_id: str, recent: int = RECENT_CONTRIBUTIONS) -> dict[str, dict[str, float]]:
-    """Per node, from the run's ``recent`` latest signed contributions of rounds: inner steps per round and the
+    """Per node, from the run's ``recent`` latest signed contributions: inner steps per round and the
     all-reduce bytes it reports per sample."""
     totals: dict[str, list[float]] = {}
     for node_id, message in session.execute(select(Contribution.node_id, Contribution.message).where(
             Contribution.run_id == run_id, Contribution.status != ContributionStatus.VOIDED).order_by(
             Contribution.received_at_ms.desc()).limit(recent)):
         c = pb.Contribution.FromString(message)
-        if not c.end_params_hash:  # per-step contributions carry no round figures
-            continue
         t = totals.setdefault(node_id, [0, 0, 0, 0])
         t[0], t[1], t[2], t[3] = t[0] + 1, t[1] + c.micro_batches, t[2] + c.bytes_sent, t[3] + c.samples
     return {node: dict(micro_batches_per_contribution=steps / n, bytes_per_sample=sent / max(samples, 1))

@@ -9,7 +9,7 @@ assignment impossible. When free shards run short, the shards of nodes that miss
 
 Against identities made by the dozen (issue 12, point 6: ten fresh identities took all 29 shards of a round and
 left the honest node none): one source address holds at most ``max_assignments_per_address`` assignments per
-round, and an identity without verified work in the run is on **probation**: in rounds it gets only its own
+round, and an identity without verified work in the run is on **probation**: it gets only its own
 share of a round (``inner_steps × micro_batch_size``, not the 2× slack a fast node may use) and its contributions
 are audited at twice the run's rate (:mod:`omi.coordinator.audit`), until some of its work is verified.
 """
@@ -74,26 +74,21 @@ def samples_per_assignment(spec: pb.RunSpec, num_samples: int = 0, volunteers: i
                            probation: bool = False) -> int:
     """Samples one assignment should hold.
 
-    Per-step mode: a node alone must be able to fill a whole swarm step (``target_batch_size``) from one assignment;
-    hivemind ends the epoch once the swarm has that many, so no node ever needs more. Rounds: twice a node's
-    share of a round (``inner_steps × micro_batch_size``), so a node faster than the others can keep computing
-    until the round closes — but no more than an equal share of the data (``num_samples``) among the
+    Twice a node's share of a round (``inner_steps × micro_batch_size``), so a node faster than the others can keep
+    computing until the round closes — but no more than an equal share of the data (``num_samples``) among the
     ``volunteers`` online, so that on a small data set the first volunteers do not take a round's whole pool and
     leave the others idle. On ``probation`` (no verified work yet) a node gets no slack: one share of a round.
 
-    >>> spec = pb.RunSpec(training=pb.TrainingSpec(target_batch_size=256, micro_batch_size=32))
-    >>> rounds = pb.RunSpec(training=spec.training, rounds=pb.RoundsSpec(inner_steps=20))
-    >>> samples_per_assignment(spec), samples_per_assignment(rounds), samples_per_assignment(rounds, 1797, 2)
-    (256, 1280, 898)
-    >>> samples_per_assignment(rounds, 1797, 2, probation=True)
+    >>> spec = pb.RunSpec(training=pb.TrainingSpec(micro_batch_size=32), rounds=pb.RoundsSpec(inner_steps=20))
+    >>> samples_per_assignment(spec), samples_per_assignment(spec, 1797, 2)
+    (1280, 898)
+    >>> samples_per_assignment(spec, 1797, 2, probation=True)
     640
     """
-    if spec.rounds.inner_steps > 0:
-        share = (1 if probation else 2) * spec.rounds.inner_steps * spec.training.micro_batch_size
-        if num_samples:
-            share = min(share, max(num_samples // max(volunteers, 1), spec.training.micro_batch_size))
-        return share
-    return spec.training.target_batch_size
+    share = (1 if probation else 2) * spec.rounds.inner_steps * spec.training.micro_batch_size
+    if num_samples:
+        share = min(share, max(num_samples // max(volunteers, 1), spec.training.micro_batch_size))
+    return share
 
 
 def derive_seed(*parts) -> int:
@@ -149,10 +144,12 @@ class WorkPlanner:
         :param source: the address the request came from ("": not counted against a per-address cap)
         """
         run = self.runs.get(caller.run_id)
+        if run.state == pb.RUN_STATE_STOPPED:
+            raise FailedPrecondition(f"run '{caller.run_id}' is stopped", reason=pb.REFUSAL_RUN_STOPPED)
         if run.state != pb.RUN_STATE_RUNNING:
-            raise FailedPrecondition(f"run '{caller.run_id}' is not running")
+            raise FailedPrecondition(f"run '{caller.run_id}' is not running", reason=pb.REFUSAL_RUN_NOT_RUNNING)
         if run.spec.training.max_epochs and epoch >= run.spec.training.max_epochs:
-            raise FailedPrecondition(f"run '{caller.run_id}' ends before epoch {epoch}")
+            raise FailedPrecondition(f"run '{caller.run_id}' ends before epoch {epoch}", reason=pb.REFUSAL_RUN_ENDED)
         if epoch > run.epoch + MAX_AHEAD:  # the run's epoch is what the coordinator's witness observed, no claim
             raise Unavailable(f"epoch {epoch} is ahead of the run (epoch {run.epoch}); retry once the swarm is there")
         with self.store.session() as s:
@@ -160,8 +157,8 @@ class WorkPlanner:
                 WorkAssignment.run_id == caller.run_id, WorkAssignment.epoch == epoch,
                 WorkAssignment.node_id == caller.node_id, WorkAssignment.released_at_ms.is_(None)))
         assignment = pb.WorkAssignment.FromString(stored) if stored is not None else self._assign(caller, epoch, source)
-        if run.spec.rounds.inner_steps > 0:  # what the witness holds at this round's start, once it is published
-            assignment.state_hash = self.runs.round_state(caller.run_id, epoch) or ""
+        # what the witness holds at this round's start, once it is published
+        assignment.state_hash = self.runs.round_state(caller.run_id, epoch) or ""
         return assignment
 
     def _assign(self, caller: Caller, epoch: int, source: str) -> pb.WorkAssignment:

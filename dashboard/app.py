@@ -1,6 +1,8 @@
 """The dashboard's FastAPI app: the page (``/``, ``/runs/{run}``), its JSON API, Prometheus ``/metrics``, health."""
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Response
@@ -18,14 +20,15 @@ logger = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 
 
-def create_app(coordinator: Coordinator) -> FastAPI:
+def create_app(coordinator: Coordinator, *, clock: Callable[[], float] = time.monotonic) -> FastAPI:
     """The HTTP side of ``omi-coordinator serve``.
 
     :param coordinator: the running coordinator whose runs are shown
+    :param clock: monotonic seconds that the API's reused answers age by (:class:`~omi.dashboard.api.Snapshots`)
     """
     app = FastAPI(title="omi-swarm dashboard", description="Community training progress: read-only JSON API, "
                   "Prometheus metrics and a live page.")
-    snapshots = Snapshots()
+    snapshots = Snapshots(clock=clock)
     app.include_router(create_router(coordinator, snapshots))
     app.include_router(checkpoint_router(coordinator))  # /runs/{run}/checkpoints/...: downloads (issue 5)
     registry = CollectorRegistry(auto_describe=False)

@@ -1,8 +1,8 @@
 """The optimizer of a run's training step: AdamW with the RunSpec's settings, clipping the step's gradient first.
 
-Every trainer of a run uses it — a swarm node's ``hivemind.Optimizer`` (which loads the swarm's averaged gradient
-into ``.grad`` before stepping), the followers that download its state, and ``train-local`` — so the step a
-swarm takes is the step one process takes on the same gradient.
+Every trainer of a run uses it — a volunteer's inner steps (:class:`omi.swarm.RoundOptimizer`), the validator that
+replays a segment of them, and ``train-local`` — so the inner step a swarm takes is the step one process takes on the
+same gradient.
 
 >>> model = torch.nn.Linear(2, 1)
 >>> model.weight.grad, model.bias.grad = torch.full((1, 2), 30.0), torch.full((1,), 40.0)
@@ -42,6 +42,6 @@ class ClippedAdamW(torch.optim.AdamW):
 
 
 def optimizer_for(training: pb.TrainingSpec) -> Callable[[Iterable], ClippedAdamW]:
-    """The optimizer factory of a run (what ``hivemind.Optimizer`` and ``TrainingStateAverager`` take)."""
+    """The optimizer factory of a run: its inner AdamW, as volunteers, validators and ``train-local`` build it."""
     return functools.partial(ClippedAdamW, lr=training.learning_rate, weight_decay=training.weight_decay,
                              max_grad_norm=training.max_grad_norm)

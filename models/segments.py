@@ -1,6 +1,6 @@
 """Segments of a round: a node's training state every k inner steps, hashed, and the replay of one segment.
 
-Within a round (``[rounds] inner_steps > 0``) the parameters move with every inner step, so a micro-batch can be
+Within a round the parameters move with every inner step, so a micro-batch can be
 recomputed only from the state the node held right before it: its parameters *and* its inner optimizer's moments.
 A node therefore commits, in its contribution, to the hash of its **training state** (parameters + AdamW state,
 :func:`training_state`) at the start of the round and after every ``k`` inner steps; a validator that gets the
@@ -51,13 +51,15 @@ def segment_steps(spec: pb.RunSpec) -> int:
 
 
 def held_states(spec: pb.RunSpec) -> int:
-    """How many audited states a node keeps for validators: the start parameters of each audited epoch of the audit
-    window, or in round mode each audited round's training states (one every ``segment_steps`` of up to 2H inner
-    steps, and the start and end)."""
-    held = spec.verification.audit_window_epochs + 1
-    if spec.rounds.inner_steps:
-        held *= 2 * spec.rounds.inner_steps // max(segment_steps(spec), 1) + 2
-    return held
+    """How many audited states a node keeps for validators: each audited round's training states in the audit window
+    (one every ``segment_steps`` of up to 2H inner steps, and the start and end).
+
+    >>> held_states(pb.RunSpec(rounds=pb.RoundsSpec(inner_steps=20), verification=pb.VerificationSpec(
+    ...     audit_window_epochs=5, segment_steps=2)))
+    132
+    """
+    per_round = 2 * spec.rounds.inner_steps // max(segment_steps(spec), 1) + 2
+    return (spec.verification.audit_window_epochs + 1) * per_round
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -6,9 +6,8 @@ Run it from the command line::
     omi-node train-local --run examples/runs/digits.toml --samples 100000 --out runs/digits-local
 
 It trains exactly what a swarm node trains: the same model, data source, micro-batches (through
-:func:`compute_micro_batch`, with sketches), seeds and optimizer settings. The one difference is that the
-optimizer steps after ``batch_size`` samples of this one process (default: the RunSpec's ``target_batch_size``,
-which the swarm accumulates across all its nodes).
+:func:`compute_micro_batch`, with sketches), seeds and optimizer settings. The difference: one process, no rounds;
+the optimizer steps after ``batch_size`` samples (default: one micro-batch, as a volunteer's inner step does).
 """
 
 import json
@@ -101,7 +100,7 @@ def train_local(
     :param device: ``auto``, ``cpu``, ``cuda`` or a torch.device
     :param out_dir: where to save the diffusers checkpoint, ``preview.png`` and ``train_local.json`` (optional)
     :param progress: show a rich progress bar
-    :param batch_size: samples per optimizer step (default: ``spec.training.target_batch_size``)
+    :param batch_size: samples per optimizer step (default: ``spec.training.micro_batch_size``)
     :param quality_samples: digits generated for the quality score (0: skip it)
     :param quality_steps: DDIM steps for those digits
     :param max_seconds: stop early after this much training time (for time-boxed benchmarks)
@@ -110,7 +109,7 @@ def train_local(
         raise ValueError(f"samples must be > 0, got {samples}")
     training = spec.training
     device = pick_device(device) if isinstance(device, str) else device
-    step_batch = batch_size or training.target_batch_size
+    step_batch = batch_size or training.micro_batch_size
     if step_batch < training.micro_batch_size:
         raise ValueError(f"batch_size {step_batch} is smaller than the micro-batch size {training.micro_batch_size}")
     info = model_info(spec.model)

@@ -36,7 +36,7 @@ def train_local(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     out: Path | None = typer.Option(None, "--out", help="Save the diffusers checkpoint and preview.png here."),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1,
-                                          help="Samples per optimizer step (default: the RunSpec's target)."),
+                                          help="Samples per optimizer step (default: one micro-batch of the RunSpec)."),
     quality_samples: int = typer.Option(256, "--quality-samples", min=0,
                                         help="Digits generated for the quality score (0: skip it)."),
 ) -> None:
@@ -204,6 +204,7 @@ def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, htt
     from omi.node.download import DownloadError
     from omi.protos import pb, rpc
     from omi.protos.channels import CertificateRefused, open_channel
+    from omi.protos.refusals import refusal_of
 
     public_key = None
     if coordinator_key:
@@ -226,7 +227,7 @@ def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, htt
                 return public_key, _folder_url(http, run, epoch)
             listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), timeout=10).checkpoints
     except grpc.RpcError as e:
-        code = 4 if e.code() == grpc.StatusCode.NOT_FOUND else 3
+        code = 4 if refusal_of(e) == pb.REFUSAL_UNKNOWN_RUN else 3
         raise DownloadError(f"coordinator {coordinator}: {e.code().name}: {e.details()}", code) from None
     except CertificateRefused as e:
         raise DownloadError(str(e), 5) from None

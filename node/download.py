@@ -154,46 +154,22 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
 # ---------------------------------------------------------------- resume an empty swarm
 
 
-def load_into_optimizer(optimizer, model, loaded_model, epoch: int) -> None:
-    """Put ``loaded_model``'s parameters into ``model`` and move a fresh ``hivemind.Optimizer`` to ``epoch``.
-
-    Mirrors what hivemind's ``Optimizer.load_state_from_peers`` does after a download: parameters copied in
-    place, the state averager's buffers refreshed, the epoch set and reported to the progress tracker, and the
-    state offered to later joiners with that epoch as priority. AdamW statistics start afresh (a checkpoint holds
-    the weights only).
-    """
-    import torch
-
+def load_into_optimizer(optimizer, model, loaded_model, round_number: int) -> None:
+    """Make ``loaded_model``'s parameters θ of ``round_number`` in a fresh round optimizer (the outer momentum starts
+    afresh: a checkpoint holds the weights only)."""
     names = [name for name, _ in model.named_parameters()]
     loaded = dict(loaded_model.named_parameters())
     if sorted(names) != sorted(loaded):
         raise DownloadError("the checkpoint's model has other parameters than the run's model", 2)
-    from omi.swarm import RoundOptimizer
-
-    if isinstance(optimizer, RoundOptimizer):  # θ of the round; the outer momentum starts afresh
-        optimizer.set_state(epoch, [loaded[name].detach().float() for name, param in model.named_parameters()
-                                    if param.requires_grad])
-        return
-    state = optimizer.state_averager
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(loaded[name].to(param.device))
-    if not state.reuse_tensors:
-        state._load_local_tensors_into_averager_()  # hivemind averages copies of the parameters, refresh them
-    state.local_epoch = epoch
-    with optimizer.tracker.pause_updates():
-        optimizer.tracker.update_epoch(epoch)
-    if not optimizer.client_mode:
-        state.state_sharing_priority = epoch
-        if optimizer.grad_averager is not None:
-            optimizer.grad_averager.state_sharing_priority = epoch
+    optimizer.set_state(round_number, [loaded[name].detach().float() for name, param in model.named_parameters()
+                                       if param.requires_grad])
 
 
 def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir: Path) -> int | None:
     """If the swarm holds no state as new as the run's latest checkpoint, start from that checkpoint.
 
-    Called right after ``make_optimizer``: hivemind's tracker has read the swarm's progress by then. When some
-    peer is at the checkpoint's epoch or later, hivemind loads that peer's (newer) state itself and nothing
+    Called right after the :class:`omi.swarm.RoundOptimizer` is made: hivemind's tracker has read the swarm's progress
+    by then. When some peer serves the checkpoint's round or a later one, its state is loaded and nothing else
     happens here. Otherwise (every volunteer left, or this is the first to come back) the checkpoint is
     downloaded and verified like ``omi-node download`` does, and the node continues at
     ``max(checkpoint epoch, run epoch)``: the run's epoch never goes back, so the coordinator's epoch and
@@ -213,20 +189,12 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
     if not checkpoints or not checkpoints[-1].url:
         return None
     latest = checkpoints[-1]
-    from omi.swarm import RoundOptimizer
-
-    rounds = isinstance(optimizer, RoundOptimizer)
     swarm_epoch = max(optimizer.local_epoch, optimizer.tracker.global_epoch)
     if swarm_epoch >= latest.epoch:
-        if not getattr(optimizer, "allow_load_state", True):
-            return None
         # The progress records say some peer is that far; they outlive peers that just left (seen: a newcomer
         # dialling two departed peers, then training alone from scratch). Load the state now: only a peer that
         # really serves it counts.
-        if rounds:
-            optimizer.load_state_from_peers(min_round=latest.epoch)
-        else:
-            optimizer.state_averager.load_state_from_peers(timeout=optimizer.load_state_timeout)
+        optimizer.load_state_from_peers(min_round=latest.epoch)
         if optimizer.local_epoch >= latest.epoch:
             optimizer.tracker.report_local_progress(local_epoch=optimizer.local_epoch, samples_accumulated=0)
             return None

@@ -27,6 +27,7 @@ from omi.node.client import CoordinatorClient
 from omi.node.identity import NodeIdentity
 from omi.protos import pb
 from omi.protos.channels import KNOWN_FILENAME, CertificateRefused
+from omi.protos.refusals import refusal_of
 from omi.protos.tokens import TokenFile
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
 
@@ -120,7 +121,7 @@ class NodeSession:
         code = e.code()
         if code == grpc.StatusCode.UNAVAILABLE:
             return NodeError(f"cannot reach the coordinator at {self.coordinator}: {e.details()}", 3)
-        if code == grpc.StatusCode.NOT_FOUND:
+        if refusal_of(e) == pb.REFUSAL_UNKNOWN_RUN:
             return NodeError(f"the coordinator refused: {e.details()}", 4)
         if code in REFUSED_CODES:
             self.refused = e.details() or code.name

@@ -1,11 +1,12 @@
-"""A volunteer's training loop: walk the assigned micro-batches of each epoch, report one signed contribution.
+"""A volunteer's training loop: one DiLoCo round at a time, reported as one signed contribution.
 
-One epoch of the swarm is one step of ``hivemind.Optimizer``: the swarm accumulates ``target_batch_size``
-samples, all-reduces the gradients and steps. Within an epoch the parameters do not change, so every micro-batch
-a node computes in epoch E is a pure function of (parameters at E, its samples, its seed) — which is what lets a
-validator recompute it later. The :class:`Trainer` walks through its ``WorkAssignment`` of the epoch micro-batch
-by micro-batch until the swarm's epoch moves on, then reports one signed ``Contribution`` for epoch E, and when
-the coordinator audits it, hands its records over and keeps the parameters it started from for validators.
+A round r starts from θ_r, which every honest peer holds bitwise (checked against the hash the coordinator's
+witness published). The :class:`Trainer` walks its ``WorkAssignment`` of the round micro-batch by micro-batch, one
+inner step each, until the swarm closes the round; the optimizer (:class:`omi.swarm.RoundOptimizer`) then averages
+the pseudo-gradients and takes the outer step. The contribution commits to the records of every inner step and to
+the hash of the training state every ``verification.segment_steps`` inner steps, so a validator can replay any one
+segment from its start state; when the coordinator audits the round, the node hands its records over and keeps the
+round's training states for validators.
 
 It gets everything it works with through its constructor: the node's session with the coordinator, the model,
 the data and the optimizer (:mod:`omi.node.volunteer` builds them for ``omi-node join``; the lock-step swarm of
@@ -41,13 +42,14 @@ from omi.models.data import DataSource
 from omi.models.segments import RoundStates, segment_steps, training_state
 from omi.node.session import REFUSED_CODES, NodeSession
 from omi.protos import pb
-from omi.swarm.params_p2p import ParamsServer, snapshot
+from omi.protos.refusals import refusal_of
+from omi.swarm.params_p2p import ParamsServer
 from omi.swarm.rounds import RoundResult
 
 logger = logging.getLogger(__name__)
 
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
-RECORDS_KEPT_EPOCHS = 8  # epochs of micro-batch records kept in memory for audits (at least the audit window)
+RECORDS_KEPT_ROUNDS = 8  # rounds of micro-batch records kept in memory for audits (at least the audit window)
 STATE_CHECKS = 3  # tries to start a round from the θ the coordinator witnessed (each one a state load)
 
 
@@ -69,25 +71,24 @@ class NodeStatus:
     loss: float = math.nan
     samples: int = 0  # samples this node trained on since it joined
     contributions: int = 0  # contributions the coordinator accepted
-    last_group_size: int = 0  # peers in the last gradient all-reduce
-    utilization: float = 0.0  # rounds: compute seconds / wall seconds of the last round
+    last_group_size: int = 0  # trainers in the last round's all-reduce
+    utilization: float = 0.0  # compute seconds / wall seconds of the last round
     credited_samples: int = 0
 
 
 class Trainer:
-    """Trains a node's epochs and reports them; one method per behaviour the auditor checks.
+    """Trains a node's rounds and reports them; one method per behaviour the auditor checks.
 
     tests/adversaries/ overrides exactly one hook per attack (``_micro_batch``, ``_before_averaging``, ``_commit``,
-    ``_hand_over``, ``_hold_params``, ``_hold_segments``).
+    ``_hand_over``, ``_hold_segments``).
 
     :param session: the node's registered session (its client sends work requests and reports)
     :param spec: the run's RunSpec
     :param model: the model, on ``device``, holding the swarm's parameters
     :param scheduler: the run's noise scheduler
     :param source: the run's data
-    :param optimizer: the swarm optimizer (``omi.swarm.make_optimizer``): ``step``, ``zero_grad``, ``local_epoch``,
-        ``state_loads``, ``grad_group_size``, ``tracker``
-    :param params_server: where audited epochs' start parameters are kept for validators
+    :param optimizer: the round optimizer (:class:`omi.swarm.RoundOptimizer`, or the lock-step harness's)
+    :param params_server: where audited rounds' training states are kept for validators
     :param micro_batch_size: samples per micro-batch
     :param status: the node's status, updated after every micro-batch
     :param on_status: called with the status after every change (the live view)
@@ -107,48 +108,40 @@ class Trainer:
         self.status = status or NodeStatus(run_id=spec.run_id, node_id=session.node_id)
         self.on_status = on_status or (lambda status: None)
         self.stop = stop or threading.Event()
-        self.records: dict[int, list[MicroBatchRecord]] = {}  # epoch -> records, for audits
-        self._epoch_started: float | None = None  # when the swarm's current epoch began (for swarm samples/s)
+        self.records: dict[int, list[MicroBatchRecord]] = {}  # round -> records, for audits
         self.segments_dir = segments_dir
         if segments_dir is not None:
             RoundStates.clean(segments_dir)  # states a killed node left behind
 
     # ---------------------------------------------------------------- work
 
-    def _wait_while_paused(self, assignment: pb.WorkAssignment) -> pb.WorkAssignment:
-        while assignment.run_state == pb.RUN_STATE_PAUSED and not self.stop.is_set():
-            self.set_state("paused")
-            self.stop.wait(PAUSED_POLL)
-            assignment = self.client.get_work(assignment.epoch)
-        return assignment
-
-    def _get_work(self, epoch: int) -> pb.WorkAssignment:
-        try:
-            assignment = self.client.get_work(epoch)
-            assignment = self._wait_while_paused(assignment)
-        except grpc.RpcError as e:
-            details = e.details() or ""
-            if e.code() == grpc.StatusCode.FAILED_PRECONDITION and ("stopped" in details or "ends before" in details):
-                raise RunStopped() from e  # stopped, or past the run's training.max_epochs
-            if e.code() in REFUSED_CODES:
-                raise self.session.error(e) from e  # e.g. banned after failed audits: exit 5
-            raise
-        if assignment.run_state == pb.RUN_STATE_STOPPED:
-            raise RunStopped()
-        return assignment
+    def _get_work(self, round_number: int) -> pb.WorkAssignment:
+        """The assignment of ``round_number``; while the run is paused (or not started), asks again every
+        :data:`PAUSED_POLL` seconds (an empty assignment if the node is stopped meanwhile)."""
+        while not self.stop.is_set():
+            try:
+                assignment = self.client.get_work(round_number)
+            except grpc.RpcError as e:
+                refusal = refusal_of(e)
+                if refusal in (pb.REFUSAL_RUN_STOPPED, pb.REFUSAL_RUN_ENDED):  # ended: past training.max_epochs
+                    raise RunStopped() from e
+                if refusal == pb.REFUSAL_RUN_NOT_RUNNING:
+                    self.set_state("paused")
+                    self.stop.wait(PAUSED_POLL)
+                    continue
+                if e.code() in REFUSED_CODES:
+                    raise self.session.error(e) from e  # e.g. banned after failed audits: exit 5
+                raise
+            if assignment.run_state == pb.RUN_STATE_STOPPED:
+                raise RunStopped()
+            return assignment
+        return pb.WorkAssignment(epoch=round_number)
 
     def set_state(self, state: str) -> None:
         if self.status.state != state:
             logger.info("state: %s", state)
         self.status.state = state
         self.on_status(self.status)
-
-    def train_epoch(self) -> None:
-        """One epoch (per-step mode) or one round (``[rounds] inner_steps > 0``), reported to the coordinator."""
-        if self.spec.rounds.inner_steps > 0:  # the optimizer is a RoundOptimizer (or the lock-step harness's)
-            self.train_round()
-        else:
-            self.train_step_epoch()
 
     def train_round(self) -> None:
         """Inner steps on this round's micro-batches until the swarm closes the round; average; report.
@@ -184,7 +177,7 @@ class Trainer:
 
     def _train_round(self, round_number: int, assignment: pb.WorkAssignment, segments: RoundStates) -> None:
         opt, training = self.optimizer, self.spec.training
-        started_hash, started_params = params_hash(self.model), snapshot(self.model)
+        started_hash = params_hash(self.model)
         steps_per_segment = segment_steps(self.spec)
         segments.add(training_state(self.model, opt.inner))
         records: list[MicroBatchRecord] = []
@@ -206,7 +199,7 @@ class Trainer:
             records.append(record)
             if len(records) % steps_per_segment == 0:
                 segments.add(training_state(self.model, opt.inner))
-            self._update_status(records, compute_seconds, started)
+            self._update_status(records, started)
         else:
             opt.wait_for_round_end(self.stop)
         if self.stop.is_set():
@@ -220,140 +213,84 @@ class Trainer:
         if not records:
             logger.info("round %d closed before this node computed a micro-batch", round_number)
             return
-        self._report(round_number, assignment, started_hash, records, compute_seconds, started_params,
-                     round_result=result, end_hash=end_hash, segments=segments)
-
-    def train_step_epoch(self) -> None:
-        """Micro-batches of this epoch until the swarm steps; then report the contribution."""
-        opt, training = self.optimizer, self.spec.training
-        epoch = opt.local_epoch
-        assignment = self._get_work(epoch)
-        if self.stop.is_set():
-            return
-        self.set_state("training")
-        self.status.epoch = epoch
-        started_hash, started_params = params_hash(self.model), snapshot(self.model)
-        loads_before = opt.state_loads
-        records: list[MicroBatchRecord] = []
-        compute_seconds, started = 0.0, time.perf_counter()
-        for index, indices in enumerate(micro_batches(assignment_indices(assignment), self.micro_batch_size)):
-            if self.stop.is_set():
-                return  # Ctrl-C mid-epoch: the epoch's partial work is not reported
-            seed = micro_batch_seed(training.seed, self.spec.run_id, epoch, self.status.node_id, index)
-            tick = time.perf_counter()
-            opt.zero_grad()
-            record = self._micro_batch(epoch, index, indices, seed)
-            compute_seconds += time.perf_counter() - tick
-            records.append(record)
-            self._before_averaging(epoch, index)
-            opt.step(batch_size=len(indices))
-            self._update_status(records, compute_seconds, started)
-            if opt.local_epoch != epoch:
-                break
-        if opt.state_loads != loads_before:
-            logger.info("epoch %d: this node was behind and loaded the swarm's state; its %d micro-batches of "
-                        "epoch %d were not used and are not reported", opt.local_epoch, len(records), epoch)
-            return
-        self._report(epoch, assignment, started_hash, records, compute_seconds, started_params)
+        self._report(round_number, assignment, started_hash, end_hash, records, compute_seconds, result, segments)
 
     # ---------------------------------------------------------------- what is computed, sent and committed
 
-    def _micro_batch(self, epoch: int, index: int, indices: list[int], seed: int) -> MicroBatchRecord:
+    def _micro_batch(self, round_number: int, index: int, indices: list[int], seed: int) -> MicroBatchRecord:
         """Compute one assigned micro-batch: its gradient lands in ``param.grad``, its record is returned."""
         return compute_micro_batch(self.model, self.scheduler, self.source.get(indices), seed,
                                    prediction_type=self.spec.training.prediction_type, sketch=self.sketch,
                                    index=index)
 
-    def _before_averaging(self, epoch: int, index: int) -> None:
-        """Last look at ``param.grad`` before hivemind accumulates it for the all-reduce (honest: untouched)."""
+    def _before_averaging(self, round_number: int, index: int) -> None:
+        """Last look at ``param.grad`` before the inner step uses it (honest: untouched)."""
 
-    def _commit(self, epoch: int, records: list[MicroBatchRecord]) -> list[MicroBatchRecord]:
+    def _commit(self, round_number: int, records: list[MicroBatchRecord]) -> list[MicroBatchRecord]:
         """The records this node commits to (Merkle root, sketch, samples) and hands over when audited."""
         return records
 
-    def _hand_over(self, epoch: int, task_id: str) -> None:
-        """The coordinator audits ``epoch``: send every committed record of it (the Merkle leaves, in order)."""
-        records = self.records.get(epoch)
+    def _hand_over(self, round_number: int, task_id: str) -> None:
+        """The coordinator audits ``round_number``: send every committed record of it (the Merkle leaves, in order)."""
+        records = self.records.get(round_number)
         if records is None:
-            logger.warning("epoch %d is audited but its records are gone", epoch)
+            logger.warning("round %d is audited but its records are gone", round_number)
             return
         try:
             reply = self.client.submit_audit_records(task_id, [record_to_proto(r) for r in records])
         except grpc.RpcError as e:
-            logger.warning("epoch %d: audit records refused: %s %s", epoch, e.code().name, e.details())
+            logger.warning("round %d: audit records refused: %s %s", round_number, e.code().name, e.details())
             return
         if not reply.accepted:
-            logger.error("epoch %d: the coordinator says our records contradict our contribution: %s", epoch,
+            logger.error("round %d: the coordinator says our records contradict our contribution: %s", round_number,
                          reply.reason)
-
-    def _hold_params(self, epoch: int, started_hash: bytes, started_params: dict[str, torch.Tensor]) -> None:
-        """The coordinator audits ``epoch``: keep the parameters it started from for validators to fetch."""
-        self.params_server.hold(started_hash, started_params)
 
     def _hold_segments(self, round_number: int, segments: RoundStates) -> None:
         """The coordinator audits ``round_number``: keep its training states for the validator, which replays one
         segment from its start state."""
         segments.hand_over(self.params_server)
 
-    def _update_status(self, records: list[MicroBatchRecord], compute_seconds: float, started: float) -> None:
-        opt, status = self.optimizer, self.status
-        samples = sum(record.samples for record in records)
+    def _update_status(self, records: list[MicroBatchRecord], started: float) -> None:
+        status, progress = self.status, self.optimizer.tracker.global_progress
+        elapsed = max(time.perf_counter() - started, 1e-9)
         status.samples += records[-1].samples
         status.loss = sum(record.loss for record in records[-8:]) / len(records[-8:])
-        status.local_samples_per_second = samples / max(time.perf_counter() - started, 1e-9)
-        progress = opt.tracker.global_progress
+        status.local_samples_per_second = sum(record.samples for record in records) / elapsed
         status.peers = progress.num_peers
-        if opt.local_epoch != status.epoch:
-            # the swarm just stepped: it trained target_batch_size samples since the last epoch change
-            now = time.perf_counter()
-            if self._epoch_started is not None:
-                status.swarm_samples_per_second = progress.target_batch_size / max(now - self._epoch_started, 1e-9)
-            self._epoch_started = now
-        status.last_group_size = opt.grad_group_size
+        if progress.epoch == status.epoch:  # what the swarm's progress records say it trained in this round so far
+            status.swarm_samples_per_second = progress.samples_accumulated / elapsed
         self.on_status(status)
 
-    def _report(self, epoch: int, assignment: pb.WorkAssignment, started_hash: bytes,
-                records: list[MicroBatchRecord], compute_seconds: float,
-                started_params: dict[str, torch.Tensor], round_result: RoundResult | None = None,
-                end_hash: bytes = b"", segments: RoundStates | None = None) -> None:
-        records = self._commit(epoch, records)
-        if not records:  # no data this epoch (every shard was taken): nothing to report
+    def _report(self, round_number: int, assignment: pb.WorkAssignment, started_hash: bytes, end_hash: bytes,
+                records: list[MicroBatchRecord], compute_seconds: float, result: RoundResult,
+                segments: RoundStates) -> None:
+        records = self._commit(round_number, records)
+        if not records:  # no data this round (every shard was taken): nothing to report
             return
         samples = sum(record.samples for record in records)
         contribution = pb.Contribution(
-            epoch=epoch, assignment_id=assignment.assignment_id, samples=samples,
+            epoch=round_number, assignment_id=assignment.assignment_id, samples=samples,
             mean_loss=sum(record.loss * record.samples for record in records) / samples,
             compute_seconds=compute_seconds, params_hash=started_hash, commitment=merkle_root(records),
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
+            segment_hashes=segments.hashes, end_params_hash=end_hash, bytes_sent=result.bytes_sent,
+            delta_sketch=self.sketch.of_grads(result.delta, result.delta).tolist(),
         )
-        if round_result is not None:
-            contribution.segment_hashes.extend(segments.hashes)
-            contribution.end_params_hash = end_hash
-            contribution.bytes_sent = round_result.bytes_sent
-            contribution.delta_sketch.extend(self.sketch.of_grads(round_result.delta, round_result.delta).tolist())
-        self.records[epoch] = records
-        kept = max(RECORDS_KEPT_EPOCHS, self.spec.verification.audit_window_epochs + 1)
-        for old in [e for e in self.records if e <= epoch - kept]:
+        self.records[round_number] = records
+        kept = max(RECORDS_KEPT_ROUNDS, self.spec.verification.audit_window_epochs + 1)
+        for old in [r for r in self.records if r <= round_number - kept]:
             del self.records[old]
         try:
             reply = self.client.report_contribution(contribution)
         except grpc.RpcError as e:
-            logger.warning("epoch %d: contribution refused: %s %s", epoch, e.code().name, e.details())
+            logger.warning("round %d: contribution refused: %s %s", round_number, e.code().name, e.details())
             return
         if reply.accepted:
             self.status.contributions += 1
         if reply.audit_task_id:
-            if round_result is not None:
-                self._hold_segments(epoch, segments)
-            else:
-                self._hold_params(epoch, started_hash, started_params)
-            self._hand_over(epoch, reply.audit_task_id)
-        if round_result is not None:
-            logger.info("round %d: reported %d samples in %d inner steps, loss %.4f, %.1f s of compute, %.1f s of "
-                        "sync, %d bytes sent (averaged with %d peers)", epoch, samples, len(records),
-                        contribution.mean_loss, compute_seconds, round_result.sync_seconds, round_result.bytes_sent,
-                        round_result.group_size)
-            return
-        logger.info("epoch %d: reported %d samples in %d micro-batches, loss %.4f, %.1f s of compute "
-                    "(averaged with %d peers)", epoch, samples, len(records), contribution.mean_loss, compute_seconds,
-                    self.optimizer.grad_group_size)
+            self._hold_segments(round_number, segments)
+            self._hand_over(round_number, reply.audit_task_id)
+        logger.info("round %d: reported %d samples in %d inner steps, loss %.4f, %.1f s of compute, %.1f s of sync, "
+                    "%d bytes sent (averaged with %d peers)", round_number, samples, len(records),
+                    contribution.mean_loss, compute_seconds, result.sync_seconds, result.bytes_sent,
+                    result.group_size)

@@ -1,26 +1,26 @@
-"""`omi-node validate`: follow the swarm's parameters, recompute audited micro-batches, report signed verdicts.
+"""`omi-node validate`: follow the swarm's θ_r, replay audited segments of rounds, report signed verdicts.
 
     omi-node validate --coordinator 127.0.0.1:50051
     omi-node validate --coordinator coord.example.org:50051 --state-dir ~/.omi/validator
 
-A validator is a token-holding swarm peer that never trains. It keeps the parameters of the last W epochs
-(``verification.audit_window_epochs`` + 1), downloaded from peers as the swarm's epoch moves on
-(:class:`omi.swarm.SwarmFollower`, as the coordinator's checkpointer follows it), keyed by
-:func:`omi.models.params_hash`. For an ``AuditTask`` it
+A validator is a token-holding swarm peer that never trains. It keeps θ_r of the last W rounds
+(``verification.audit_window_epochs`` + 1), downloaded from peers as the swarm's round moves on
+(:class:`omi.swarm.SwarmFollower`), keyed by :func:`omi.models.params_hash`. For an ``AuditTask`` — one segment of
+``verification.segment_steps`` inner steps of a contribution's round — it
 
 1. checks every handed-over record's Merkle proof against the contribution's commitment;
-2. finds the parameters the node started from: a snapshot with the node's ``params_hash`` (exact), else asks
-   the node itself for them over hivemind's P2P (:mod:`omi.swarm.params_p2p`): they must hash to the signed
-   ``params_hash`` and lie within :data:`PARAMS_DISTANCE_STEPS` optimizer steps of the validator's own copy;
-   only when the node cannot be reached, the snapshot of the same epoch (another peer's copy: hivemind leaves
-   peers' parameters slightly apart), on which a failure is inconclusive;
-3. recomputes each chosen micro-batch with :func:`omi.models.replay.recompute` — the node's samples (its
-   ``WorkAssignment``, micro-batch size from the record) and seed (``micro_batch_seed``) — and compares loss,
-   gradient norm and sketch with :data:`EXACT_TOLERANCES` or, on another peer's copy, :data:`DRIFT_TOLERANCES`;
-4. signs an ``AuditVerdict`` with the measured differences.
+2. fetches the segment's start training state (parameters and inner AdamW state) from the node itself over
+   hivemind's P2P (:mod:`omi.swarm.params_p2p`); it must hash to the committed segment hash, and the first
+   segment's parameters to the contribution's θ_r;
+3. replays the segment's inner steps (:func:`omi.models.segments.replay_segment`) on the node's samples (its
+   ``WorkAssignment``) and seeds (``micro_batch_seed``), compares every record with :data:`EXACT_TOLERANCES` and
+   the end state with the committed one (bitwise, or within :data:`SEGMENT_DISTANCE_STEPS`);
+4. checks that the committed sketch of the pseudo-gradient is θ_r − the round's committed end state;
+5. signs an ``AuditVerdict`` with the measured differences.
 
-The coordinator runs one built in (``omi-coordinator serve`` starts ``omi-node validate --token-file``) unless
-disabled. Calibration of both tolerances: ``python -m bench.bench_verification`` and docs/verification.md.
+A node that cannot be reached, or whose θ_r is not the validator's own, gets no verdict (the task goes back to the
+queue). The coordinator runs one built in (``omi-coordinator serve`` starts ``omi-node validate --token-file``)
+unless disabled. Calibration: ``python -m bench.bench_audit_cost`` and docs/verification.md.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from omi.models import (
 from omi.models.commitment import verify_proof
 from omi.models.microbatch import named_tensors_hash
 from omi.models.optimizer import optimizer_for
-from omi.models.replay import Tolerances, compare, recompute
+from omi.models.replay import Tolerances, compare
 from omi.models.segments import (
     SegmentStep,
     load_training_state,
@@ -66,24 +66,9 @@ from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsUnavailable
 
 logger = logging.getLogger(__name__)
 
-# The validator holds the node's very parameters (params_hash matches): only float reduction order differs
+# The validator replays from the node's very training state (its hash matches): only float reduction order differs
 # (threads, CPU vs CPU); models.replay's defaults sit ~100x above that and below every dishonest figure.
 EXACT_TOLERANCES = Tolerances()
-# The validator holds another peer's copy of the same epoch, not the audited node's own parameters. In a real
-# swarm on a busy machine honest peers were seen up to one optimizer step apart (partial all-reduce rounds; a
-# snapshot taken just before or after a step), and two honest audits failed with the first, tight drift
-# tolerances (2e-3 / 2e-3 / 1e-2). A failed audit costs an honest volunteer a strike, so on a drifted copy only
-# gross deviations fail: sign flips, zero, random or scaled (x10, x0.1) gradients and other seeds all differ by
-# 0.8 or more in the sketch (docs/models.md, docs/verification.md). Subtle cheating (a few wrong samples) is
-# caught only when the validator holds the node's exact parameters (same params_hash). A failure on a drifted
-# copy is not a verdict at all (see Recomputer.check_task): it never strikes.
-DRIFT_TOLERANCES = Tolerances(loss=0.2, norm=0.3, sketch=0.5)
-# How far the parameters a node served may lie from the validator's own copy of the same epoch, in optimizer
-# steps: ||node's - copy|| / (learning_rate * sqrt(parameters)), the most one AdamW step can move them. Honest
-# copies differ by partial rounds and a step or two (a real swarm: 1.7 and 1.8 steps, which a first, relative
-# tolerance of 5 % of the parameters' norm failed — one step of that run moves them by up to 3.6 % of it); a node
-# that computed on parameters of its own choosing (another model, a long-gone epoch) is far further away.
-PARAMS_DISTANCE_STEPS = 8.0
 # A replayed segment that does not end bitwise at the committed state (another device or thread count) may lie
 # this far from it, in optimizer steps: float reordering moves it by orders of magnitude less, one skipped or
 # altered inner step by about one.
@@ -92,31 +77,23 @@ SEGMENT_DISTANCE_STEPS = 0.1
 # float32 tensors on the CPU, so they agree bitwise; the tolerance only absorbs summation order
 DELTA_SKETCH_TOLERANCE = 1e-4
 POLL_INTERVAL = 1.0  # seconds between GetAuditTask calls when there is nothing to audit
-STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging timeouts (hivemind.Optimizer's default)
+STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging timeouts (as a volunteer's load)
 
 
 @dataclass
 class Snapshot:
-    """The parameters some peer held at ``epoch``."""
+    """The parameters θ_r some peer held at round ``epoch``."""
 
     epoch: int
     params_hash: bytes
     state: dict[str, torch.Tensor]
 
-    def distance(self, other: Snapshot) -> float:
-        """||self - other|| over all parameters (inf if they do not have the same tensors)."""
-        if self.state.keys() != other.state.keys() or any(
-                self.state[k].shape != other.state[k].shape for k in self.state):
-            return math.inf
-        return math.sqrt(sum(float((self.state[k].double() - other.state[k].double()).pow(2).sum())
-                             for k in self.state))
-
 
 class ParameterHistory:
-    """Parameter snapshots of the last ``keep_epochs`` epochs, several per epoch (one per distinct hash).
+    """θ_r of the last ``keep_epochs`` rounds, several per round (one per distinct hash).
 
-    :param keep_epochs: epochs kept (the audit window + 1)
-    :param per_epoch: distinct snapshots kept per epoch
+    :param keep_epochs: rounds kept (the audit window + 1)
+    :param per_epoch: distinct snapshots kept per round
     """
 
     def __init__(self, keep_epochs: int, per_epoch: int = 4):
@@ -136,7 +113,7 @@ class ParameterHistory:
         return digest
 
     def find(self, digest: bytes, epoch: int) -> tuple[Snapshot | None, bool]:
-        """The snapshot with ``digest`` (exact: True), else the newest one of ``epoch`` (False), else None."""
+        """The snapshot with ``digest`` (exact: True), else the newest one of round ``epoch`` (False), else None."""
         if digest in self._snapshots:
             return self._snapshots[digest], True
         same = [s for s in self._snapshots.values() if s.epoch == epoch]
@@ -148,7 +125,7 @@ class ParameterHistory:
 
 @dataclass
 class Recomputer:
-    """What recomputing a run's micro-batches needs: its model, scheduler, data, sketch and seeds."""
+    """What replaying a run's segments needs: its model, scheduler, data, sketch and seeds."""
 
     spec: pb.RunSpec
     model: torch.nn.Module
@@ -156,7 +133,6 @@ class Recomputer:
     source: object
     sketch: GradientSketch
     exact: Tolerances = EXACT_TOLERANCES
-    drift: Tolerances = DRIFT_TOLERANCES
 
     @classmethod
     def for_spec(cls, spec: pb.RunSpec, device: str = "cpu") -> Recomputer:
@@ -166,28 +142,10 @@ class Recomputer:
         return cls(spec, model, scheduler, source, GradientSketch(model, spec.verification.sketch_size,
                                                                   seed=spec.training.seed))
 
-    def load(self, snapshot: Snapshot) -> None:
-        with torch.no_grad():
-            for name, param in self.model.named_parameters():
-                param.copy_(snapshot.state[name])
-
     def step_length(self) -> float:
         """The most one AdamW step moves the parameters (L2): learning_rate * sqrt(number of parameters)."""
         count = sum(p.numel() for p in self.model.parameters())
         return max(self.spec.training.learning_rate, 1e-12) * math.sqrt(count)
-
-    def fetch_node_params(self, task: pb.AuditTask, fetcher: ParamsFetcher) -> Snapshot | None:
-        """The parameters the audited node serves for its ``params_hash``; None if they hash to something else."""
-        info = model_info(self.spec.model)
-        state = fetcher.fetch(task.peer_id, task.params_hash, max_bytes=info.bytes + (1 << 20))
-        own = dict(self.model.named_parameters())
-        if state.keys() != own.keys() or any(state[k].shape != own[k].shape or state[k].dtype != own[k].dtype
-                                             for k in own):
-            return None
-        served = Snapshot(task.epoch, b"", state)
-        self.load(served)
-        served.params_hash = params_hash(self.model)
-        return served if served.params_hash == task.params_hash else None
 
     @staticmethod
     def _records_failure(task: pb.AuditTask) -> pb.AuditVerdict | None:
@@ -332,80 +290,6 @@ class Recomputer:
                     f"{difference:.2e}, tolerance {DELTA_SKETCH_TOLERANCE:g})")
         return None
 
-    def check_task(self, task: pb.AuditTask, history: ParameterHistory,
-                   fetcher: ParamsFetcher | None = None) -> pb.AuditVerdict | None:
-        """The (unsigned) verdict on ``task``; None when it cannot be decided here (no parameters of its epoch,
-        or a failure on another peer's copy). With a ``fetcher``, the node's own parameters are asked for first."""
-        if task.segment_hashes:
-            return self.check_segment(task, history, fetcher)
-        started = time.perf_counter()
-        failure = self._records_failure(task)
-        if failure is not None:
-            return failure
-        snapshot, exact = history.find(task.params_hash, task.epoch)
-        from_node, distance, refused = False, -1.0, ""
-        if not exact and fetcher is not None and task.peer_id:
-            try:
-                served = self.fetch_node_params(task, fetcher)
-            except ParamsUnavailable as e:
-                logger.warning("task %s: could not fetch the node's parameters (%s)", task.task_id[:8], e)
-            except ParamsRefused as e:
-                logger.warning("task %s: the node did not hand its parameters over (%s)", task.task_id[:8], e)
-                refused = str(e)
-            else:
-                if served is None:
-                    return pb.AuditVerdict(task_id=task.task_id, passed=False,
-                                           reason="the parameters the node served do not hash to the params_hash "
-                                                  "of its contribution")
-                if snapshot is not None:
-                    distance = served.distance(snapshot) / self.step_length()
-                    if not distance <= PARAMS_DISTANCE_STEPS:
-                        return pb.AuditVerdict(
-                            task_id=task.task_id, passed=False, params_hash=served.params_hash, params_from_node=True,
-                            params_distance=distance,
-                            reason=f"the node started from parameters {distance:.3g} optimizer steps away from the "
-                                   f"swarm's epoch {task.epoch} (tolerance {PARAMS_DISTANCE_STEPS:g})")
-                snapshot, exact, from_node = served, True, True
-        if snapshot is None:
-            logger.warning("task %s: no parameters of epoch %d here (held: %s)", task.task_id[:8], task.epoch,
-                           history.epochs())
-            return None
-        self.load(snapshot)
-        tolerances = self.exact if exact else self.drift
-        training, checks = self.spec.training, []
-        for audited in task.records:
-            claimed = record_from_proto(audited.record)
-            samples = micro_batch_samples(task.assignment, claimed.index, max(claimed.samples, 1))
-            seed = micro_batch_seed(training.seed, self.spec.run_id, task.epoch, task.node_id, claimed.index)
-            recomputed = recompute(self.model, self.scheduler, self.source, samples, seed, training.prediction_type,
-                                   self.sketch, index=claimed.index)
-            checks.append(compare(claimed, recomputed, tolerances))
-        passed = all(c.passed for c in checks)
-        worst = max(checks, key=lambda c: c.sketch_diff if math.isfinite(c.sketch_diff) else math.inf)
-        if not passed and not exact and refused:
-            # the node was asked for its own parameters and answered without them: it had its chance of an
-            # exact comparison, so a gross difference on the swarm's copy is its failure
-            return pb.AuditVerdict(
-                task_id=task.task_id, passed=False, checks=[c.to_proto() for c in checks],
-                params_hash=snapshot.params_hash, recompute_seconds=time.perf_counter() - started,
-                reason=f"the node did not hand over its parameters ({refused}) and micro-batch {worst.index} "
-                       f"differs on the swarm's copy: sketch {worst.sketch_diff:.2e} (drift tolerances)")
-        if not passed and not exact:
-            # Another peer's copy can be an optimizer step away from what the node started from (seen in a real
-            # swarm: honest differences of loss 0.3, sketch 1.2), as large as a cheat's. Striking on it would
-            # ban honest volunteers, so a failure on a drifted copy is inconclusive: no verdict, the contribution
-            # stays provisional, and the task goes to a validator holding the exact parameters.
-            logger.warning("task %s: inconclusive on another peer's copy of epoch %d (sketch differs by %.2e); "
-                           "no verdict", task.task_id[:8], task.epoch, worst.sketch_diff)
-            return None
-        reason = "" if passed else (f"micro-batch {worst.index} differs: loss {worst.loss_diff:.2e}, "
-                                    f"norm {worst.norm_diff:.2e}, sketch {worst.sketch_diff:.2e} "
-                                    f"({'exact' if exact else 'drift'} tolerances)")
-        return pb.AuditVerdict(task_id=task.task_id, passed=passed, checks=[c.to_proto() for c in checks],
-                               reason=reason, params_hash=snapshot.params_hash, exact_params=exact,
-                               recompute_seconds=time.perf_counter() - started, params_from_node=from_node,
-                               params_distance=distance)
-
 
 @dataclass
 class ValidatorConfig:
@@ -422,7 +306,7 @@ class ValidatorConfig:
 
 
 class Validator:
-    """A validator peer: registers (or uses a minted token), follows the swarm, audits until stopped.
+    """A validator peer: registers (or uses a minted token), follows the swarm's θ_r, audits until stopped.
 
     :param config: its settings
 
@@ -461,14 +345,10 @@ class Validator:
                 break
             swarm_epoch = self.follower.swarm_epoch()
             if swarm_epoch > held:
-                epoch = self.follower.pull(timeout=STATE_TIMEOUT_FACTOR * spec.averaging.averaging_timeout)
-                if swarm_epoch - 1 <= epoch < swarm_epoch:
-                    # hivemind.Optimizer's catch-up: the serving peer has not stepped yet, its parameters are the
-                    # new epoch's
-                    epoch = swarm_epoch
-                held = max(held, epoch)
-                digest = self.history.add(epoch, self.recomputer.model)
-                logger.info("holding epoch %d parameters (%s)", epoch, digest.hex()[:12])
+                round_number = self.follower.pull(timeout=STATE_TIMEOUT_FACTOR * spec.averaging.averaging_timeout)
+                held = max(held, round_number)
+                digest = self.history.add(round_number, self.recomputer.model)
+                logger.info("holding θ of round %d (%s)", round_number, digest.hex()[:12])
             if not self.session.renew_token_if_needed():
                 break
             if not self._audit_one():
@@ -484,7 +364,7 @@ class Validator:
             return False
         if not task.has_task:
             return False
-        verdict = self.recomputer.check_task(task, self.history, self.fetcher)
+        verdict = self.recomputer.check_segment(task, self.history, self.fetcher)
         if verdict is None:
             return False  # the task goes to another validator once it times out
         try:

@@ -6,8 +6,8 @@ Run it from the command line (``omi.node.cli`` parses the flags and builds a :cl
     omi-node join --coordinator coord.example.org:50051 --device cuda --state-dir ~/.omi/digits
 
 :class:`VolunteerNode` composes the parts: a :class:`~omi.node.session.NodeSession` (registration, token,
-heartbeats), the swarm peer (DHT, optimizer and parameter server of :mod:`omi.swarm`, created in this, the main
-thread), and a :class:`~omi.node.trainer.Trainer` that trains epochs until Ctrl-C, ``--max-epochs`` or the end
+heartbeats), the swarm peer (DHT, round optimizer and state server of :mod:`omi.swarm`, created in this, the main
+thread), and a :class:`~omi.node.trainer.Trainer` that trains rounds until Ctrl-C, ``--max-epochs`` or the end
 of the run; on leaving it can save the model in diffusers format.
 """
 
@@ -89,7 +89,7 @@ class VolunteerNode:
         """Model and data, then the swarm peer and the optimizer (in this, the main thread), then the trainer."""
         import torch
         from omi.node.download import resume_from_checkpoint
-        from omi.swarm import ParamsServer, RoundOptimizer, make_optimizer, start_dht
+        from omi.swarm import ParamsServer, RoundOptimizer, start_dht
 
         config = self.config
         if config.threads:
@@ -105,15 +105,11 @@ class VolunteerNode:
                              client_mode=config.client_mode, announce_host=config.announce)
         logger.info("joined the swarm as %s, listening on %s", self.session.peer_id,
                     [str(m) for m in self.dht.get_visible_maddrs()])
-        if spec.rounds.inner_steps > 0:
-            self.optimizer = RoundOptimizer(model, spec, self.dht, client_mode=config.client_mode)
-            logger.info("rounds of %d inner steps per node, outer Nesterov SGD lr %g momentum %g, %s "
-                        "pseudo-gradients%s",
-                        spec.rounds.inner_steps, spec.rounds.outer_learning_rate, spec.rounds.outer_momentum,
-                        spec.rounds.compression, ", overlapped with the next round" if spec.rounds.overlap else "")
-        else:
-            self.optimizer = make_optimizer(model, spec, self.dht, batch_size_per_step=micro_batch_size,
-                                            verbose=logger.isEnabledFor(logging.DEBUG))
+        self.optimizer = RoundOptimizer(model, spec, self.dht, client_mode=config.client_mode)
+        logger.info("rounds of %d inner steps per node, outer SGD lr %g momentum %g%s, %s pseudo-gradients%s",
+                    spec.rounds.inner_steps, spec.rounds.outer_learning_rate, spec.rounds.outer_momentum,
+                    " (Nesterov)" if spec.rounds.outer_nesterov else "", spec.rounds.compression,
+                    ", overlapped with the next round" if spec.rounds.overlap else "")
         self.params_server = ParamsServer.start(self.dht, spec, keep=held_states(spec))
         # resume (issue 5): when no peer holds state as new as the coordinator's latest checkpoint, start from it
         resume_from_checkpoint(self.session.client, spec, model, self.optimizer, config.state_dir / "checkpoints")
@@ -149,7 +145,7 @@ class VolunteerNode:
                 if self.config.max_epochs and self.status.contributions >= self.config.max_epochs:
                     logger.info("contributed to %d epochs, leaving as asked (--max-epochs)", self.status.contributions)
                     break
-                self.trainer.train_epoch()
+                self.trainer.train_round()
         except RunStopped:
             logger.info("run %s was stopped by its coordinator; leaving", spec.run_id)
         return self.status

@@ -9,7 +9,7 @@ The TOML schema is one pydantic model per section; ``RunSpecFile`` is the whole 
 ...     parse_runspec('[run]\\nid = "demo"\\nmodel = "m"\\n[training]\\nlr = 1\\n')
 ... except RunSpecError as e:
 ...     print(e)  # doctest: +ELLIPSIS
-unknown key 'training.lr' (known: micro_batch_size, target_batch_size, ...)
+unknown key 'training.lr' (known: micro_batch_size, learning_rate, ...)
 """
 
 import re
@@ -82,8 +82,7 @@ class TrainingSection(BaseModel):
 
     model_config = _SECTION
 
-    micro_batch_size: PositiveInt = 32  # samples in one forward/backward pass on a node
-    target_batch_size: PositiveInt = 256  # samples the swarm accumulates before one optimizer step
+    micro_batch_size: PositiveInt = 32  # samples in one inner step on a node
     learning_rate: PositiveFloat = 1e-3  # AdamW learning rate
     weight_decay: NonNegativeFloat = 0.0  # AdamW weight decay
     # what the model predicts: a UNet the noise (epsilon) or v; a text-to-image transformer the flow (noise - x0)
@@ -96,17 +95,15 @@ class TrainingSection(BaseModel):
 
 
 class AveragingSection(BaseModel):
-    """``[averaging]``: how hivemind averages the nodes' gradients."""
+    """``[averaging]``: how hivemind forms groups and reduces the nodes' pseudo-gradients."""
 
     model_config = _SECTION
 
     matchmaking_time: PositiveFloat = 3.0  # seconds spent forming an averaging group
     averaging_timeout: PositiveFloat = 30.0  # seconds before an all-reduce is abandoned
-    compression: Literal["none", "float16", "scaled_float16", "uniform8bit"] = "none"  # of tensors on the wire
     reducer: Literal["mean", "centered_clip"] = "mean"  # centered_clip bounds what one bad peer can move
     clip_tau: PositiveFloat = 1.0  # clipping radius of centered_clip
     clip_iterations: PositiveInt = 3  # fixed-point iterations of centered_clip
-    load_state_from_peers: bool = True  # a joining node downloads the current state from peers
 
 
 class RoundsSection(BaseModel):
@@ -116,12 +113,12 @@ class RoundsSection(BaseModel):
     θ_r; the round closes when the swarm has trained ``inner_steps × micro_batch_size`` samples per training
     peer; the peers average their pseudo-gradients θ_r − θ_local (weighted by samples, compressed as
     ``compression``, reduced as ``[averaging] reducer``) and all apply the same outer Nesterov SGD step.
-    ``inner_steps = 0`` is per-step mode: every ``target_batch_size`` samples one all-reduce of the gradient.
+    Rounds are the only training mode: per-step training (``inner_steps = 0``) was retired.
     """
 
     model_config = _SECTION
 
-    inner_steps: NonNegativeInt = 0  # H: inner steps per node per round; 0 = per-step mode (gradients averaged)
+    inner_steps: PositiveInt = 20  # H: inner steps per node per round (0, per-step training, is refused)
     outer_learning_rate: PositiveFloat = 0.7  # outer SGD learning rate (DiLoCo: 0.7)
     outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # outer SGD momentum (DiLoCo: 0.9)
     outer_nesterov: bool = True  # Nesterov momentum (DiLoCo's outer optimizer)
@@ -143,12 +140,11 @@ class VerificationSection(BaseModel):
 
     model_config = _SECTION
 
-    audit_rate: Annotated[float, Field(ge=0, le=1)] = 0.2  # fraction of contributions a validator recomputes
-    micro_batches_per_audit: PositiveInt = 2  # micro-batches recomputed per audited contribution
+    audit_rate: Annotated[float, Field(ge=0, le=1)] = 0.2  # fraction of rounds a validator replays a segment of
     max_strikes: PositiveInt = 2  # failed audits before a node is banned
     audit_window_epochs: PositiveInt = 5  # epochs within which a contribution may still be audited
     sketch_size: PositiveInt = 1024  # floats in each micro-batch's gradient sketch
-    segment_steps: PositiveInt = 5  # rounds: inner steps between two committed training-state hashes
+    segment_steps: PositiveInt = 5  # inner steps between two committed training-state hashes (an audit replays one)
 
 
 class CheckpointSection(BaseModel):
@@ -187,15 +183,41 @@ class RunSpecFile(BaseModel):
     checkpoints: CheckpointSection = Field(default_factory=dict)
     liveness: LivenessSection = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_per_step_training(cls, doc: Any) -> Any:
+        # Per-step training was retired (issue 20): its keys get a message that says what to write instead, not
+        # "unknown key"; checked first, so an old run file gets this message before any other.
+        for (section, key), instead in RETIRED_KEYS.items():
+            table = doc.get(section) if isinstance(doc, dict) else None
+            if isinstance(table, dict) and key in table:
+                raise ValueError(f"'{section}.{key}' belonged to per-step training, which was retired: {instead}")
+        rounds = doc.get("rounds") if isinstance(doc, dict) else None
+        if isinstance(rounds, dict) and type(rounds.get("inner_steps")) is int and rounds["inner_steps"] == 0:
+            raise ValueError("'rounds.inner_steps' = 0 asks for per-step training, which was retired: every run "
+                             "trains in DiLoCo rounds; set it to H >= 1 inner steps per node per round (the digits "
+                             "run uses 20)")
+        return doc
+
     @model_validator(mode="after")
-    def _target_holds_a_micro_batch(self) -> "RunSpecFile":
+    def _sparse_compression_goes_with_top_k(self) -> "RunSpecFile":
         # Runs only once every key is valid, so it is the last check; its message names the key itself.
-        if self.training.target_batch_size < self.training.micro_batch_size:
-            raise ValueError("bad value for 'training.target_batch_size': smaller than training.micro_batch_size")
         if (self.rounds.topk_density < 1) != (self.rounds.compression in ("sparse8bit", "sparse4bit")):
             raise ValueError("bad value for 'rounds.topk_density': top-k (topk_density < 1) and a sparse "
                              "rounds.compression (\"sparse8bit\" or \"sparse4bit\") go together")
         return self
+
+
+# The keys of per-step training (retired in issue 20) and what a run file says instead.
+RETIRED_KEYS = {
+    ("training", "target_batch_size"): "remove it; a round closes after [rounds] inner_steps × micro_batch_size "
+                                       "samples per training peer",
+    ("averaging", "compression"): "remove it; the pseudo-gradients are compressed as [rounds] compression",
+    ("averaging", "load_state_from_peers"): "remove it; a late or out-of-sync peer always loads θ_r from peers "
+                                            "(checked against the coordinator's witness)",
+    ("verification", "micro_batches_per_audit"): "remove it; an audit replays one segment of "
+                                                 "[verification] segment_steps inner steps",
+}
 
 
 class RunSpecError(ValueError):

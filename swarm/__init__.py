@@ -1,5 +1,5 @@
-"""Everything that touches hivemind: tokens on the DHT, the access gate, averagers, CenteredClip, the optimizer,
-followers and the peer-to-peer parameter hand-over. One import place for node and coordinator::
+"""Everything that touches hivemind: tokens on the DHT, the access gate, averagers, CenteredClip, the round
+optimizer, the witness, followers and the peer-to-peer state hand-over. One import place for node and coordinator::
 
     from omi import swarm
     dht = swarm.start_dht(spec, swarm.TokenFile(path), swarm_key=swarm.load_or_create_swarm_key(key_path))
@@ -17,17 +17,11 @@ from omi.swarm.access import (
     start_token_publisher,
     token_registry_key,
 )
-from omi.swarm.averagers import (
-    AccessControlledAveragerMixin,
-    AccessControlledGradientAverager,
-    AccessControlledTrainingStateAverager,
-    AllReduceRefused,
-)
+from omi.swarm.averagers import AccessControlledAveragerMixin, AllReduceRefused
 from omi.swarm.compression import COMPRESSIONS
 from omi.swarm.dht import exit_with_parent, make_dht, start_bootstrap_dht, start_dht
 from omi.swarm.follower import SwarmFollower
 from omi.swarm.keys import load_or_create_peer_identity, load_or_create_swarm_key, swarm_public_key
-from omi.swarm.optimizer import SwarmOptimizer, make_optimizer
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, snapshot
 from omi.swarm.reduce import CenteredClipAllReduceRunner, CenteredClipReducer, centered_clip
 from omi.swarm.rounds import RoundOptimizer, RoundResult
@@ -42,15 +36,15 @@ from omi.swarm.tokens import (
 from omi.swarm.witness import RoundWitness, Witnessed, swarm_round, trainer_rounds
 
 __all__ = [
-    "AccessControlledAveragerMixin", "AccessControlledGradientAverager", "AccessControlledTrainingStateAverager",
+    "AccessControlledAveragerMixin",
     "AccessDenied", "AllReduceRefused", "COMPRESSIONS", "CenteredClipAllReduceRunner", "CenteredClipReducer",
     "CoordinatorTokenAuthorizer", "MintingTokenProvider", "ParamsFetcher", "ParamsRefused", "ParamsServer",
     "ParamsUnavailable", "PeerAccessGate", "RevocationValidator", "RoundOptimizer", "RoundResult", "RoundWitness",
     "SwarmFollower", "Witnessed",
     "swarm_round", "trainer_rounds",
-    "SwarmOptimizer", "TokenFile", "TokenProvider", "TokenRegistryValidator", "centered_clip", "exit_with_parent",
+    "TokenFile", "TokenProvider", "TokenRegistryValidator", "centered_clip", "exit_with_parent",
     "from_hivemind_token", "install_stop_signals", "is_valid_access_token", "load_or_create_peer_identity",
-    "load_or_create_swarm_key", "make_dht", "make_optimizer", "mint_access_token", "publish_revocations",
+    "load_or_create_swarm_key", "make_dht", "mint_access_token", "publish_revocations",
     "revocation_key", "snapshot", "start_bootstrap_dht", "start_dht", "start_token_publisher", "swarm_public_key",
     "to_hivemind_token", "token_registry_key",
 ]

@@ -7,19 +7,16 @@ import multiprocessing as mp
 import typing
 from collections.abc import Callable
 
-from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
-from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import as_aiter, azip
-from hivemind.utils.timed_storage import get_dht_time
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.lifetime import end_with_parent
+from omi.swarm.upstream import AveragerHooks, RunnerHooks
 
 
-class TrackedAllReduceRunner(AllReduceRunner):
+class TrackedAllReduceRunner(RunnerHooks, AllReduceRunner):
     """hivemind's ``AllReduceRunner`` that also notes which peers failed to reduce this peer's parts.
 
     ``failed_reducers`` holds their indices in the group's order, filled as the all-reduce runs. It also counts
@@ -32,34 +29,21 @@ class TrackedAllReduceRunner(AllReduceRunner):
         self.failed_reducers: set[int] = set()
         self.byte_counter = None
 
-    def _count(self, message: averaging_pb2.AveragingData) -> None:
+    def count_sent(self, message: averaging_pb2.AveragingData) -> None:
         if self.byte_counter is not None:
             with self.byte_counter.get_lock():
                 self.byte_counter.value += message.ByteSize()
 
-    async def _generate_input_for_peer(self, peer_index: int) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
-        async for message in super()._generate_input_for_peer(peer_index):
-            self._count(message)
-            yield message
-
     async def rpc_aggregate_part(self, stream, context) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super().rpc_aggregate_part(stream, context):
-            self._count(message)
+            self.count_sent(message)
             yield message
-
-    async def _communicate_with_peer(self, peer_id: PeerID):
-        # hivemind's method registers a failed reducer with the part container and raises; we note its index too
-        try:
-            await super()._communicate_with_peer(peer_id)
-        except BaseException:
-            self.failed_reducers.add(self.ordered_peer_ids.index(peer_id))
-            raise
 
 
 AllReduceRunnerFactory = Callable[..., TrackedAllReduceRunner]
 
 
-class AccessControlledAveragerMixin:
+class AccessControlledAveragerMixin(AveragerHooks):
     """Adds token checks to a hivemind ``DecentralizedAverager`` subclass (put it first in the bases).
 
     - ``rpc_join_group``: a leader answers a peer without a valid token with ``PROTOCOL_VIOLATION``;
@@ -76,10 +60,6 @@ class AccessControlledAveragerMixin:
     :param allreduce_runner: a callable with ``AllReduceRunner``'s keyword arguments that returns a
         :class:`TrackedAllReduceRunner`; default: hivemind's runner, tracked
     """
-
-    # hivemind caches the RPC table per class and inherits it; each subclass must build its own
-    _rpc_handlers = None
-    _stub_type = None
 
     def __init__(self, *args, access: PeerAccessGate, allreduce_runner: AllReduceRunnerFactory | None = None,
                  **kwargs):
@@ -138,59 +118,32 @@ class AccessControlledAveragerMixin:
         async for message in super().rpc_download_state(request, context):
             yield message
 
-    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+    async def check_group(self, group_info: GroupInfo) -> None:
+        """Refuse a group with a member without a valid token, before any tensor leaves this peer."""
         for peer_id in group_info.peer_ids:
             if not await self._is_member(peer_id):
                 raise AllReduceRefused(f"group member {peer_id} has no valid access token")
-        result = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+
+    def group_finished(self) -> None:
+        """Count an all-reduce in which this peer averaged with at least one other."""
         if self._last_group_size.value > 1:
             with self._rounds_averaged.get_lock():
                 self._rounds_averaged.value += 1
-        return result
 
-    async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
-                                      **kwargs):
-        # hivemind's DecentralizedAverager._run_allreduce_inplace_ with AllReduceRunner replaced by
-        # self.allreduce_runner, results copied when the runner returns averages, and the group size counted
-        group_id = group_info.group_id if group_id is None else group_id
-        runner = self.allreduce_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
-                                       group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+    def new_runner(self, **kwargs) -> TrackedAllReduceRunner:
+        """This averager's all-reduce runner (``AllReduceRunner``'s arguments), counting into ``bytes_sent``."""
+        runner = self.allreduce_runner(**kwargs)
         runner.byte_counter = self._bytes_sent
-        assert group_id in self._running_groups, f"Group id {group_id} was not registered in _register_allreduce_group"
-        self._running_groups[group_id].set_result(runner)
-        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            # a runner that returns the averages themselves (omi.swarm.rounds) is copied, hivemind's deltas added
-            exact = getattr(runner, "returns_averages", False)
-            async for tensor, update in azip(as_aiter(*tensors), runner):
-                if exact:
-                    tensor.copy_(update)
-                else:
-                    tensor.add_(update, alpha=self._averaging_alpha)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
-        else:
-            async for _ in runner:
-                raise ValueError("aux peers should not receive averaged tensors")
-        # the peers this one really exchanged tensors with, itself included: senders whose parts it received, and
-        # reducers that returned its parts averaged (a peer may reduce nothing yet get every part averaged). A
-        # group whose members all refused it counts 1. (The group's senders minus those hivemind banned also
-        # counted members that had refused and sent nothing when the round ended before their timeout: an
-        # intruder then "saw" a group of 3 whose honest members had refused it.)
-        received = runner.tensor_part_reducer.num_parts_received
-        senders = {runner.sender_peer_ids[i] for i, parts in enumerate(received) if parts > 0}
-        by_peer = runner.tensor_part_container.num_parts_by_peer
-        reducers = {peer for i, peer in enumerate(runner.ordered_peer_ids)
-                    if by_peer[i] > 0 and i not in runner.failed_reducers}
-        self._last_group_size.value = len(senders | reducers | {self.peer_id})
+        return runner
+
+    def allreduce_finished(self, exchanged: set[PeerID]) -> None:
+        """Record the group size as the peers this one really exchanged tensors with."""
+        # the peers this one really exchanged tensors with, itself included (a group whose members all refused it
+        # counts 1). The group's senders minus those hivemind banned also counted members that had refused and sent
+        # nothing when the round ended before their timeout: an intruder then "saw" a group of 3 whose honest
+        # members had refused it.
+        self._last_group_size.value = len(exchanged | {self.peer_id})
 
 
 class AllReduceRefused(AllreduceException):
     """The assembled group contains a peer without a valid access token."""
-
-
-class AccessControlledGradientAverager(AccessControlledAveragerMixin, GradientAverager):
-    """hivemind ``GradientAverager`` that averages only with token holders (:class:`AccessControlledAveragerMixin`)."""
-
-
-class AccessControlledTrainingStateAverager(AccessControlledAveragerMixin, TrainingStateAverager):
-    """hivemind ``TrainingStateAverager`` that averages with and serves state only to token holders."""

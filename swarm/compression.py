@@ -23,28 +23,16 @@ import numpy as np
 import torch
 from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression, ScaledFloat16Compression
-from hivemind.compression import serialization as _serialization
 from hivemind.compression.quantization import Quantile8BitQuantization, Uniform8BitQuantization
 from hivemind.proto import runtime_pb2
+from omi.swarm.upstream import FixedExtract, register_decoders
 
 
-class _FixedExtract:
-    """hivemind's ``Quantization.extract`` with the codebook length read as a scalar (numpy 2)."""
-
-    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
-        codebook_size = int(np.frombuffer(serialized_tensor.buffer, count=1, dtype=np.int64)[0])
-        codebook = np.frombuffer(serialized_tensor.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
-        quantized = np.frombuffer(serialized_tensor.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
-        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
-        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
-        return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
-
-
-class Uniform8Bit(_FixedExtract, Uniform8BitQuantization):
+class Uniform8Bit(FixedExtract, Uniform8BitQuantization):
     """hivemind's uniform 8-bit quantization (±6σ in 256 bins, each bin decoded to its mean) that decodes."""
 
 
-class Quantile8Bit(_FixedExtract, Quantile8BitQuantization):
+class Quantile8Bit(FixedExtract, Quantile8BitQuantization):
     """hivemind's quantile 8-bit quantization that decodes."""
 
 
@@ -275,8 +263,8 @@ def top_k_feedback(compression: str, density: float) -> TopKErrorFeedback | None
     return TopKErrorFeedback(density, codec=Sparse4Bit() if compression == "sparse4bit" else None)
 
 
-_serialization._BASE_COMPRESSION_TYPES.update(UNIFORM_8BIT=Uniform8Bit(), QUANTILE_8BIT=Quantile8Bit(),
-                                              BLOCKWISE_8BIT=Sparse8Bit())  # decodes Sparse4Bit's messages too
+register_decoders(UNIFORM_8BIT=Uniform8Bit(), QUANTILE_8BIT=Quantile8Bit(),
+                  BLOCKWISE_8BIT=Sparse8Bit())  # decodes Sparse4Bit's messages too
 
 COMPRESSIONS: dict[str, Callable[[], CompressionBase]] = {
     "none": NoCompression,

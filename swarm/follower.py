@@ -1,15 +1,14 @@
-"""How a peer that does not train — the coordinator's checkpointer, a validator — follows the swarm's state.
+"""How a peer that does not train — a validator — follows the swarm's θ_r, and the progress records all read.
 
-A :class:`SwarmFollower` holds a copy of the run's model and the volunteers' state averager with the same
-prefix, parameters and optimizer as their ``hivemind.Optimizer`` (the state they send is parameters + optimizer
-statistics), so their ``rpc_download_state`` answers it. It never averages, never offers its state (a joining
-volunteer must load state from trainers, or the latest checkpoint when none is left, never from a follower that
-may lag an epoch behind) and reports no training progress (it is not counted as a training peer). It reads the
-swarm's epoch from the progress records hivemind's trackers publish in the DHT and pulls the state when asked::
+A :class:`SwarmFollower` holds a round averager with the volunteers' prefix (:func:`omi.swarm.rounds.rounds_prefix`),
+so their ``rpc_download_state`` answers it with (round, θ_r, outer momentum). It never averages, never offers its
+state (a joining volunteer must load θ from trainers, never from a follower that may lag a round behind) and
+reports no training progress (it is not counted as a training peer). It reads the swarm's round from the progress
+records hivemind's trackers publish in the DHT and pulls the state when asked::
 
     follower = SwarmFollower(dht, spec, model)
     if follower.swarm_epoch() > follower.epoch:
-        follower.pull(timeout=600)          # model now holds the newest state a volunteer serves
+        follower.pull(timeout=600)          # model now holds the newest θ_r a volunteer serves
 """
 
 from __future__ import annotations
@@ -21,10 +20,8 @@ import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
-from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
-from omi.swarm.averagers import AccessControlledTrainingStateAverager
 from omi.swarm.rounds import RoundAverager, rounds_prefix
 
 logger = logging.getLogger(__name__)
@@ -32,13 +29,8 @@ logger = logging.getLogger(__name__)
 READ_TIMEOUT = 30.0  # seconds one read of the progress records may take
 
 
-def state_averager_prefix(spec: pb.RunSpec) -> str:
-    """The prefix ``hivemind.Optimizer(run_id=spec.dht_prefix)`` gives its state averager."""
-    return f"{spec.dht_prefix}_state_averager"
-
-
 def progress_key(spec: pb.RunSpec) -> str:
-    """The DHT key under which ``hivemind.Optimizer``'s progress tracker publishes each peer's epoch."""
+    """The DHT key under which each training peer's hivemind ``ProgressTracker`` publishes its round."""
     return f"{spec.dht_prefix}_progress"
 
 
@@ -78,25 +70,17 @@ class SwarmFollower:
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module):
         self.dht, self.spec, self.model = dht, spec, model
         add_progress_validators(dht, spec)
-        self._swarm_epoch = 0
+        self._swarm_epoch = self._round = 0
         access = PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
-        self.rounds = spec.rounds.inner_steps > 0
-        if self.rounds:  # the volunteers' RoundOptimizer serves (round, θ_r, outer momentum)
-            self._round = 0
-            self.averager = RoundAverager(
-                [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad],
-                access=access, dht=dht, prefix=rounds_prefix(spec), allow_state_sharing=False,
-                next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
-            return
-        self.averager = AccessControlledTrainingStateAverager(
-            access=access, dht=dht, prefix=state_averager_prefix(spec), params=list(model.parameters()),
-            optimizer=optimizer_for(spec.training), allow_state_sharing=False,
+        self.averager = RoundAverager(
+            [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad],
+            access=access, dht=dht, prefix=rounds_prefix(spec), allow_state_sharing=False,
             next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
 
     @property
     def epoch(self) -> int:
-        """The epoch (round) of the state this follower holds (0 before the first pull)."""
-        return self._round if self.rounds else self.averager.local_epoch
+        """The round of the θ this follower holds (0 before the first pull)."""
+        return self._round
 
     def swarm_epoch(self) -> int:
         """The newest epoch a training peer reports in the DHT (0 when none ever did; the last one read when the
@@ -106,10 +90,7 @@ class SwarmFollower:
         return self._swarm_epoch
 
     def pull(self, timeout: float) -> int:
-        """Download the newest state a training peer serves (if any answers within ``timeout``); returns its epoch."""
-        if not self.rounds:
-            self.averager.load_state_from_peers(timeout=timeout)
-            return self.averager.local_epoch
+        """Download the newest θ_r a training peer serves (if any answers within ``timeout``); returns its round."""
         loaded = self.averager.load_state_from_peers(timeout=timeout)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if loaded is None:

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 from omi.protos import signing
+from omi.swarm.upstream import rsa_private_key
 
 logger = logging.getLogger(__name__)
 
@@ -29,9 +30,7 @@ def load_or_create_swarm_key(path: str | os.PathLike) -> RSAPrivateKey:
         raw = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         signing.save_key(raw, path)
         logger.info("created a new swarm RSA key at %s", path)
-    key = RSAPrivateKey.__new__(RSAPrivateKey)  # hivemind's class only generates; its pickling sets this field
-    key._private_key = raw
-    return key
+    return rsa_private_key(raw)
 
 
 def swarm_public_key(key: RSAPrivateKey) -> bytes:

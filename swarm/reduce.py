@@ -19,12 +19,12 @@ and stopped moving) would pull every peer back by its share in each round.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 import torch
-from hivemind.averaging.partition import AllreduceException, BannedException, TensorPartReducer
+from hivemind.averaging.partition import TensorPartReducer
 from omi.swarm.averagers import TrackedAllReduceRunner
+from omi.swarm.upstream import PartReducerHooks
 
 ADAPTIVE_TAU_FACTOR = 2.0  # adaptive radius: this many times the senders' median distance to the median
 
@@ -61,7 +61,7 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float | No
     return center.to(parts.dtype).view(parts.shape[1:])
 
 
-class CenteredClipReducer(TensorPartReducer):
+class CenteredClipReducer(PartReducerHooks, TensorPartReducer):
     """hivemind's ``TensorPartReducer`` reducing each part by :func:`centered_clip` instead of the weighted mean.
 
     It keeps every sender's copy of the current part (one part per sender in memory) until all arrived.
@@ -82,39 +82,15 @@ class CenteredClipReducer(TensorPartReducer):
         self._parts, self._weights = [], []
         super().reset_accumulators()
 
-    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
-                              weight: float = 1.0) -> torch.Tensor:
-        # hivemind's TensorPartReducer.accumulate_part, storing the part instead of adding it to a running sum
-        assert 0 <= sender_index < self.num_senders, "invalid sender index"
-        assert 0 <= part_index < self.num_parts, "invalid part index"
-        self.num_parts_received[sender_index] += 1
-        while part_index > self.current_part_index:
-            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
-                               return_when=asyncio.FIRST_COMPLETED)
-            if self.finished.is_set():
-                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
-        if self.sender_failed_after[sender_index] != float("inf"):
-            raise BannedException(f"sender {sender_index} was banned in background")
-        assert part_index == self.current_part_index
-        current_part_future = self.current_part_future
-        if part_index < self.sender_failed_after[sender_index]:
-            self._parts.append(tensor_part)
-            self._weights.append(weight)
-            self.current_part_accumulated_from += 1
-            self.check_current_part_finished()
-        return await current_part_future
+    def add_part(self, tensor_part: torch.Tensor, weight: float) -> None:
+        self._parts.append(tensor_part)
+        self._weights.append(weight)
 
-    def check_current_part_finished(self):
-        assert self.current_part_accumulated_from <= self.num_current_senders
-        if self.current_part_accumulated_from == self.num_current_senders:
-            shape = self.part_shapes[self.current_part_index]
-            if self._parts:
-                result = centered_clip(torch.stack(self._parts), torch.tensor(self._weights), tau=self.tau,
-                                       iterations=self.iterations)
-            else:
-                result = torch.full(shape, float("nan"))
-            self.current_part_future.set_result(result)
-            self.reset_accumulators()
+    def reduce_part(self, shape: torch.Size) -> torch.Tensor:
+        if not self._parts:
+            return torch.full(shape, float("nan"))
+        return centered_clip(torch.stack(self._parts), torch.tensor(self._weights), tau=self.tau,
+                             iterations=self.iterations)
 
 
 class CenteredClipAllReduceRunner(TrackedAllReduceRunner):
@@ -125,7 +101,6 @@ class CenteredClipAllReduceRunner(TrackedAllReduceRunner):
 
     def __init__(self, *, tau: float | None, iterations: int, **kwargs):
         super().__init__(**kwargs)
-        self.tensor_part_reducer = CenteredClipReducer(
-            tuple(part.shape for part in self.parts_for_local_averaging), len(self.sender_peer_ids),
-            tau=tau, iterations=iterations)
+        self.replace_part_reducer(lambda shapes, senders: CenteredClipReducer(shapes, senders, tau=tau,
+                                                                              iterations=iterations))
 

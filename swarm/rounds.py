@@ -44,7 +44,6 @@ import asyncio
 import functools
 import hashlib
 import logging
-import random
 import threading
 import time
 from dataclasses import dataclass
@@ -52,28 +51,25 @@ from dataclasses import dataclass
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.partition import AllreduceException, BannedException
-from hivemind.compression import CompressionInfo, deserialize_torch_tensor
+from hivemind.averaging.partition import AllreduceException
+from hivemind.compression import CompressionInfo
 from hivemind.optim.progress_tracker import ProgressTracker
-from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor
-from hivemind.utils.streaming import combine_from_streaming
-from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+from hivemind.utils.timed_storage import get_dht_time
 from omi.models.optimizer import optimizer_for
 from omi.protos import pb
 from omi.swarm.access import PeerAccessGate
 from omi.swarm.averagers import AccessControlledAveragerMixin, TrackedAllReduceRunner
 from omi.swarm.compression import COMPRESSIONS, top_k_feedback
 from omi.swarm.reduce import CenteredClipAllReduceRunner
+from omi.swarm.upstream import AverageReturningRunner, load_state_checked, run_in_averager
 
 logger = logging.getLogger(__name__)
 
 PROGRESS_REFRESH = 1.0  # at most this many seconds between two reads of the swarm's round progress
 
 
-class ExactResultMixin:
+class ExactResultMixin(AverageReturningRunner):
     """Makes a :class:`TrackedAllReduceRunner` return the averages themselves, identical on every peer.
 
     The reducer of a part sends each sender ``average`` (compressed like the sender's part) instead of hivemind's
@@ -87,7 +83,6 @@ class ExactResultMixin:
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.tensor_part_container.return_deltas = False
         self._serialized: dict[int, asyncio.Future] = {}  # part -> the average's message
 
     def _serialized_average(self, part_index: int, averaged: torch.Tensor) -> asyncio.Future:
@@ -104,48 +99,15 @@ class ExactResultMixin:
         """
         if part_index not in self._serialized:
             self._serialized[part_index] = asyncio.get_event_loop().run_in_executor(
-                None, functools.partial(self.tensor_part_container.compression.compress, averaged,
+                None, functools.partial(self.part_compression.compress, averaged,
                                         CompressionInfo.from_tensor(averaged)))
         return self._serialized[part_index]
-
-    async def _communicate_with_peer(self, peer_id):
-        if peer_id != self.peer_id:
-            return await super()._communicate_with_peer(peer_id)
-        # hivemind's AllReduceRunner._communicate_with_peer for the local part, registering the average as sent
-        peer_index = self.ordered_peer_ids.index(peer_id)
-        sender_index = self.sender_peer_ids.index(peer_id)
-        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-            averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
-                                                                      weight=self.weight)
-            message = await self._serialized_average(part_index, averaged)
-            self.tensor_part_container.register_processed_part(peer_index, part_index,
-                                                               deserialize_torch_tensor(message))
 
     async def run(self):
         async for output in super().run():
             yield output
         if self.failed_reducers:  # their parts came back unaveraged: this peer's result is not the group's
             raise AllreduceException(f"{len(self.failed_reducers)} reducer(s) failed; the partial average is unused")
-
-    async def _accumulate_parts_streaming(self, stream, sender_index: int):
-        # hivemind's AllReduceRunner._accumulate_parts_streaming, sending the average instead of the difference
-        part_index = 0
-        try:
-            async for tensor_part, weight in amap_in_executor(
-                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
-                stream, max_prefetch=self.tensor_part_container.prefetch,
-            ):
-                try:
-                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
-                                                                              weight=weight)
-                    part_index += 1
-                except BannedException:
-                    break
-                serialized = await self._serialized_average(part_index - 1, averaged)
-                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
-        finally:
-            if part_index != self.tensor_part_reducer.num_parts:
-                await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
 class RoundAllReduceRunner(ExactResultMixin, TrackedAllReduceRunner):
@@ -179,65 +141,11 @@ class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
         """hivemind's ``load_state_from_peers``, trying the peers in order of priority but skipping those in ``skip``
         (base58 peer ids) and, with ``expect``, every peer whose θ (the first ``count`` tensors) does not hash to
         it; returns ``(metadata, tensors, peer id)`` of the first state accepted, or None."""
-        future = MPFuture()
-        self._outer_pipe.send(("_load_state_checked", [], dict(future=future, count=count, expect=expect,
-                                                                skip=sorted(skip))))
-        return future.result(timeout=timeout)
+        return run_in_averager(self, "_load_state_checked", timeout=timeout, count=count, expect=expect,
+                               skip=sorted(skip))
 
     async def _load_state_checked(self, future: MPFuture, count: int, expect: str | None, skip: list[str]):
-        # hivemind's DecentralizedAverager._load_state_from_peers, with the skip list and the hash check
-        timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
-        try:
-            found, _ = self.dht.get(f"{self._matchmaking.group_key_manager.prefix}.all_averagers", latest=True) \
-                or ({}, None)
-            priority = {PeerID(peer): (float(info.value), random.random()) for peer, info in found.items()
-                        if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))} \
-                if isinstance(found, dict) else {}
-            for peer in sorted(priority, key=priority.get, reverse=True):
-                if peer == self.peer_id or peer.to_base58() in skip:
-                    continue
-                try:
-                    stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-                    stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
-                    metadata, tensors = await _read_state(stream, self.serializer, timeout)
-                except Exception as e:
-                    logger.warning("could not download the state of peer %s: %r", peer, e)
-                    continue
-                if not metadata or len(tensors) < count:
-                    continue
-                if expect is not None and state_hash(tensors[:count]) != expect:
-                    logger.warning("peer %s serves a state whose θ does not hash to %s…; refused", peer, expect[:12])
-                    continue
-                future.set_result((metadata, tensors, peer.to_base58()))
-                return
-        finally:
-            if not future.done():
-                future.set_result(None)
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        # a failed all-reduce leaves the inputs as they were, so hivemind's retry (a new group) starts from them
-        inputs = [t.clone() for t in tensors]
-        try:
-            await super()._run_allreduce_inplace_(tensors, group_info, group_id, **kwargs)
-        except BaseException:
-            for t, original in zip(tensors, inputs, strict=True):
-                t.copy_(original)
-            raise
-
-
-async def _read_state(stream, serializer, timeout: float) -> tuple[object, list[torch.Tensor]]:
-    """(metadata, tensors) of a peer's ``rpc_download_state`` stream (as hivemind's loader reads it)."""
-    metadata, parts, tensors = None, [], []
-    async for message in aiter_with_timeout(stream, timeout=timeout):
-        if message.metadata:
-            metadata = serializer.loads(message.metadata)
-        if message.tensor_part.dtype and parts:  # the start of the next tensor
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-            parts = []
-        parts.append(message.tensor_part)
-    if parts:
-        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
-    return metadata, tensors
+        await load_state_checked(self, future, count=count, expect=expect, skip=skip, theta_hash=state_hash)
 
 
 def state_hash(params: list[torch.Tensor]) -> str:

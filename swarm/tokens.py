@@ -33,6 +33,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from omi.protos import pb, signing
 from omi.protos.tokens import TokenProvider, is_valid_access_token, mint_access_token
 from omi.swarm.keys import swarm_public_key
+from omi.swarm.upstream import presented_token
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class CoordinatorTokenAuthorizer(TokenAuthorizerBase):
     @property
     def access_token(self) -> pb.AccessToken | None:
         """The token this node currently presents (None before the first RPC)."""
-        return None if self._local_access_token is None else from_hivemind_token(self._local_access_token)
+        token = presented_token(self)
+        return None if token is None else from_hivemind_token(token)
 
 
 

@@ -63,11 +63,11 @@ def swarm_dht(coordinator_key, tmp_path):
 
 @pytest.fixture
 def coordinator(tmp_path):
-    """A real ``omi-coordinator serve`` process with the fast test run (``FAST_RUN``), drawing no checkpoints."""
-    from processes import FAST_RUN, NO_CHECKPOINTS, ServeProcess, kill_group
+    """A real ``omi-coordinator serve`` process with the fast test run (``processes.FAST``), drawing no checkpoints."""
+    from processes import NO_CHECKPOINTS, ServeProcess, fast_run, kill_group
 
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN + NO_CHECKPOINTS)
+    run_file.write_text(fast_run(checkpoints=NO_CHECKPOINTS))
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
     yield server
     kill_group(server.proc)

@@ -1,6 +1,7 @@
 """Helpers for the coordinator tests: a real server on 127.0.0.1 in a background thread, nodes, RunSpecs."""
 
 import asyncio
+import functools
 import socket
 import threading
 import time
@@ -10,13 +11,16 @@ from pathlib import Path
 from omi.coordinator.config import CoordinatorConfig, RegistryConfig, ServerConfig, WorkConfig
 from omi.coordinator.server import CoordinatorServer
 from omi.dashboard.app import create_app
+from omi.models.segments import segment_steps
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, rpc
 from omi.protos.channels import PIN_SEPARATOR, open_channel, parse_target
+from omi.protos.clock import now_ms
 from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
 
-# A small run: the real digits data (1797 samples, 29 shards of 64), short liveness for the tests.
+# A small run: the real digits data (1797 samples, 29 shards of 64), rounds of 8 inner steps (a new identity's
+# assignment: one round's share, 8 x 32 = 256 samples = 4 shards), short liveness for the tests.
 TEST_RUN = """
 [run]
 id = "{run_id}"
@@ -26,6 +30,8 @@ source = "builtin:digits"
 shard_size = 64
 [training]
 shards_per_assignment = {shards}
+[rounds]
+inner_steps = {inner_steps}
 [verification]
 audit_rate = {audit_rate}
 max_strikes = {max_strikes}
@@ -36,9 +42,29 @@ token_ttl = {token_ttl}
 
 
 def run_toml(run_id: str = "t", *, shards: int = 4, audit_rate: float = 0.0, max_strikes: int = 2,
-             heartbeat_timeout: float = 30.0, token_ttl: float = 3600.0) -> str:
+             heartbeat_timeout: float = 30.0, token_ttl: float = 3600.0, inner_steps: int = 8) -> str:
     return TEST_RUN.format(run_id=run_id, shards=shards, audit_rate=audit_rate, max_strikes=max_strikes,
-                           heartbeat_timeout=heartbeat_timeout, token_ttl=token_ttl)
+                           heartbeat_timeout=heartbeat_timeout, token_ttl=token_ttl, inner_steps=inner_steps)
+
+
+class FakeClock:
+    """The coordinator's clocks, moved forward by a test (:meth:`advance`) instead of sleeping past an expiry.
+
+    Called: wall-clock milliseconds (the registry's challenges and tokens); :meth:`monotonic`: seconds (the
+    dashboard's reused answers). Both run with real time too, so what a test does not skip takes its real time.
+    """
+
+    def __init__(self):
+        self.skipped = 0.0  # seconds moved forward so far
+
+    def __call__(self) -> int:
+        return now_ms() + int(self.skipped * 1000)
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.skipped
+
+    def advance(self, seconds: float) -> None:
+        self.skipped += seconds
 
 
 def free_port() -> int:
@@ -60,12 +86,13 @@ class ServerThread:
     :param grpc_port: where the API listens (0: any free port)
     :param per_address: assignments one source address may hold per round (the lock-step swarms register a dozen
         nodes from 127.0.0.1: 0, no cap)
+    :param clock: the coordinator's and dashboard's clocks (None: the real ones)
     """
 
     def __init__(self, state_dir: Path, run: str | None = None, *, registry: RegistryConfig | None = None,
                  max_message_bytes: int = 4 * 1024 * 1024, http: bool = False, records_grace: float = 0.0,
                  db_url: str | None = None, per_address: int = WorkConfig.max_assignments_per_address,
-                 grpc_port: int = 0):
+                 grpc_port: int = 0, clock: FakeClock | None = None):
         http_address = f"127.0.0.1:{free_port()}" if http else None
         self.http = f"http://{http_address}" if http else None
         config = ServerConfig(state_dir=state_dir, db_url=db_url, grpc_address=f"127.0.0.1:{grpc_port}",
@@ -76,7 +103,9 @@ class ServerThread:
                               coordinator=replace(CoordinatorConfig(), registry=registry or RegistryConfig(),
                                                   records_grace=records_grace, work=WorkConfig(per_address),
                                                   metrics_interval=float("inf")))
-        self.server = CoordinatorServer(config, http_app=create_app if http else None)
+        http_app = create_app if clock is None else functools.partial(create_app, clock=clock.monotonic)
+        self.clock = clock
+        self.server = CoordinatorServer(config, http_app=http_app if http else None, clock=clock or now_ms)
         self.coordinator = self.server.coordinator
         self.store = self.coordinator.store
         self.admin_token = self.server.admin_token
@@ -182,15 +211,14 @@ class TcpRelay:
 
 
 def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **fields) -> pb.Contribution:
-    """A contribution that did all the work of ``work`` (unsigned; the client signs it); for a run in rounds
-    (``spec``) with the training-state hashes a round commits to."""
+    """A contribution that did all the work of ``work`` (unsigned; the client signs it), with the training-state
+    hashes a round commits to (every ``segment_steps`` of the run ``spec``; None: the RunSpec's default)."""
     samples = sum(s.end - s.start for s in work.shards)
     micro_batches = -(-samples // max(1, work.micro_batch_size))
     values = dict(epoch=work.epoch, assignment_id=work.assignment_id, samples=samples, mean_loss=0.5,
                   compute_seconds=3.0, params_hash=b"p" * 32, commitment=b"c" * 32,
                   micro_batches=micro_batches, gradient_sketch=[0.1, 0.2])
-    if spec is not None and spec.rounds.inner_steps > 0:
-        segments = -(-micro_batches // spec.verification.segment_steps)
-        values.update(segment_hashes=[bytes([i]) * 32 for i in range(segments + 1)], end_params_hash=b"e" * 32)
+    segments = -(-micro_batches // segment_steps(spec or pb.RunSpec()))
+    values.update(segment_hashes=[bytes([i]) * 32 for i in range(segments + 1)], end_params_hash=b"e" * 32)
     values.update(fields)
     return pb.Contribution(**values)

@@ -11,9 +11,11 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
+import tomli_w
 from coordinator_helpers import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omi.coordinator.credentials import TLS_CERT_FILENAME
@@ -27,27 +29,32 @@ _STARTED: list[subprocess.Popen] = []
 # one torch thread per process (several share 2 cores); unbuffered, so a killed process's log is complete
 PROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-# a digits run sized for 2 shared cores: short matchmaking, frequent heartbeats, a small swarm step (per-step mode;
-# tried in rounds of 4 inner steps on 2026-12-04: no faster here, ~9 s a round with three nodes on 2 cores)
-FAST_RUN = """
-[run]
-id = "digits"
-model = "unet-digits-16"
-[training]
-micro_batch_size = 32
-target_batch_size = 192
-learning_rate = 0.002
-[averaging]
-matchmaking_time = 2.0
-averaging_timeout = 20.0
-[liveness]
-heartbeat_interval = 1.0
-heartbeat_timeout = 6.0
-token_ttl = 600.0
-"""
-# what the tests that do not look at checkpoints add: none is drawn (each costs the checkpointer a state download
-# and a 16-image preview on the same 2 cores)
-NO_CHECKPOINTS = "[checkpoints]\nevery_epochs = 100000\n"
+
+
+def sized_run(run_file: Path = DIGITS, **sections: dict) -> str:
+    """The shipped run file ``run_file`` as TOML text with the keys of ``sections`` (section -> {key: value})
+    replaced: what a test changes of the run users run is exactly what it passes here."""
+    doc = tomllib.loads(run_file.read_text())
+    for section, values in sections.items():
+        doc.setdefault(section, {}).update(values)
+    return tomli_w.dumps(doc)
+
+
+# The digits run users run (examples/runs/digits.toml: rounds, top-k 5 % 8-bit, the witness, audits), sized for
+# 2 shared cores: rounds of 4 inner steps, short matchmaking, frequent heartbeats (a departure is noticed in 6 s).
+FAST = dict(
+    rounds=dict(inner_steps=4),
+    averaging=dict(matchmaking_time=2.0, averaging_timeout=20.0),
+    liveness=dict(heartbeat_interval=1.0, heartbeat_timeout=6.0, token_ttl=600.0),
+)
+# what the tests that do not look at checkpoints give as [checkpoints]: none is drawn (each costs the checkpointer a
+# 16-image preview on the same 2 cores)
+NO_CHECKPOINTS = dict(every_epochs=100000)
+
+
+def fast_run(**sections: dict) -> str:
+    """:data:`FAST`'s digits run with more keys replaced (section -> {key: value}), as TOML text."""
+    return sized_run(**{name: {**FAST.get(name, {}), **sections.get(name, {})} for name in {*FAST, *sections}})
 
 
 def _popen(args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
@@ -103,10 +110,9 @@ class ServeProcess:
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         listen = f"127.0.0.1:{self.grpc_port}"
         self.http = f"http://127.0.0.1:{self.http_port}"
-        # the built-in validator (serve's default) is one more swarm peer on 2 shared cores: only where asked for
-        validator = () if "--validator" in extra else ("--no-validator",)
+        # as users start it: with its witness and its built-in validator
         self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", listen,
-                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *validator, *extra], log)
+                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *extra], log)
         # the gRPC API's TLS certificate pinned: what nodes get as --coordinator
         self.address = wait_until(lambda: serving(listen, state_dir, self.proc, log), 60, f"serve on {listen}: "
                                   f"{log}", interval=0.1)

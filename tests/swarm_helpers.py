@@ -29,14 +29,13 @@ HERE = Path(__file__).resolve().parent
 RUN_ID = "swarmtest"
 
 
-def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", compression: str = "none",
-              target_batch_size: int = 64, matchmaking_time: float = 2.0, averaging_timeout: float = 8.0,
-              learning_rate: float = 0.01, clip_tau: float = 1.0, clip_iterations: int = 5,
-              load_state_from_peers: bool = True, initial_peers: tuple[str, ...] = (), inner_steps: int = 0,
+def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", matchmaking_time: float = 2.0,
+              averaging_timeout: float = 8.0, learning_rate: float = 0.01, clip_tau: float = 1.0,
+              clip_iterations: int = 5, initial_peers: tuple[str, ...] = (), inner_steps: int = 5,
               overlap: bool = False, round_compression: str = "none", topk_density: float = 1.0,
               max_round_seconds: float = 0.0, outer_learning_rate: float = 0.7, outer_momentum: float = 0.9,
               outer_nesterov: bool = True) -> pb.RunSpec:
-    """A RunSpec of a tiny test run (the settings the swarm layer reads); ``inner_steps`` > 0: rounds."""
+    """A RunSpec of a tiny test run in rounds of ``inner_steps`` (the settings the swarm layer reads)."""
     return pb.RunSpec(
         rounds=pb.RoundsSpec(inner_steps=inner_steps, outer_learning_rate=outer_learning_rate,
                              outer_momentum=outer_momentum, outer_nesterov=outer_nesterov, overlap=overlap,
@@ -44,10 +43,9 @@ def make_spec(coordinator_key, *, run_id: str = RUN_ID, reducer: str = "mean", c
                              max_round_seconds=max_round_seconds),
         run_id=run_id, dht_prefix=f"{run_id}_v1", model="tiny-mlp",
         coordinator_public_key=signing.public_bytes(coordinator_key), initial_peers=list(initial_peers),
-        training=pb.TrainingSpec(target_batch_size=target_batch_size, learning_rate=learning_rate, micro_batch_size=8),
+        training=pb.TrainingSpec(learning_rate=learning_rate, micro_batch_size=8),
         averaging=pb.AveragingSpec(matchmaking_time=matchmaking_time, averaging_timeout=averaging_timeout,
-                                   compression=compression, reducer=reducer, clip_tau=clip_tau,
-                                   clip_iterations=clip_iterations, load_state_from_peers=load_state_from_peers),
+                                   reducer=reducer, clip_tau=clip_tau, clip_iterations=clip_iterations),
     )
 
 
@@ -131,7 +129,7 @@ class PeerProcess:
 
 
 def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: list[dict],
-                role: str = "trainer", witness: bool = False) -> tuple[list[PeerProcess], list[PeerFiles]]:
+                witness: bool = False) -> tuple[list[PeerProcess], list[PeerFiles]]:
     """A bootstrap peer and one trainer process per dict in ``trainers``; returns [bootstrap, *trainers] and files
     (with ``witness``, the coordinator's round witness last: [bootstrap, *trainers, witness]).
 
@@ -156,7 +154,7 @@ def start_swarm(directory: Path, coordinator_key, spec: pb.RunSpec, trainers: li
     honest_ids = [f.peer_id for f, extra in zip(files, trainers, strict=True) if not extra.get("intruder")]
     for i, (f, extra) in enumerate(zip(files, trainers, strict=True)):
         extra.pop("intruder", None)
-        procs.append(PeerProcess(role, directory / f"peer{i}", spec_path=str(directory / "spec.bin"),
+        procs.append(PeerProcess("trainer", directory / f"peer{i}", spec_path=str(directory / "spec.bin"),
                                  token_path=f.token_path, identity_path=f.identity_path,
                                  swarm_key_path=f.swarm_key_path, initial_peers=maddrs, seed=i,
                                  expected_peers=len(honest_ids), trainer_peer_ids=honest_ids, **extra))
@@ -246,65 +244,6 @@ def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
         time.sleep(0.2)
 
 
-def run_trainer(config: dict) -> None:
-    """Train ``tiny_model`` with make_optimizer for ``epochs`` swarm epochs; report group sizes and parameters.
-
-    ``gradient_scale`` != 1 makes an attacker: it multiplies its gradient before handing it to hivemind.
-    """
-    import torch
-
-    torch.set_num_threads(1)  # this peer's own process (several peers share 2 cores)
-    spec, dht = _trainer_peer(config)
-    model = tiny_model()
-    batch_size = config.get("batch_size", 8)
-    opt = swarm.make_optimizer(model, spec, dht, batch_size_per_step=batch_size, verbose=True)
-    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58(),
-                                           maddrs=[str(m) for m in dht.get_visible_maddrs()]))
-    generator = torch.Generator().manual_seed(config.get("seed", 0))
-    eval_x, eval_y = regression_batch(torch.Generator().manual_seed(12345), 256)
-    t0 = time.monotonic()
-
-    _wait_for_trainers(dht, spec, config)
-    peers_seen_after = time.monotonic() - t0
-
-    epochs, rounds_at_epoch, group_sizes, first_group_at = config["epochs"], [], [], None
-    deadline = time.monotonic() + config.get("train_timeout", 90.0)
-    losses = []
-    while opt.local_epoch < epochs and time.monotonic() < deadline:
-        x, y = regression_batch(generator, batch_size)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        if config.get("gradient_scale", 1.0) != 1.0:
-            for param in model.parameters():
-                param.grad.mul_(config["gradient_scale"])
-        epoch_before = opt.local_epoch
-        opt.step()
-        opt.zero_grad()
-        if opt.local_epoch != epoch_before:
-            rounds_at_epoch.append(opt.grad_rounds_averaged)
-            group_sizes.append(opt.grad_group_size)
-            if first_group_at is None and opt.grad_rounds_averaged:
-                first_group_at = time.monotonic() - t0
-            with torch.no_grad():
-                losses.append(torch.nn.functional.mse_loss(model(eval_x), eval_y).item())
-        # stands in for a real model's compute time: the tiny MLP would reach the target batch in milliseconds,
-        # long before the others finish matchmaking (seconds)
-        time.sleep(config.get("step_sleep", 0.2))
-
-    with torch.no_grad():
-        params = torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()
-    _write_json(config["result_path"], dict(
-        local_epoch=opt.local_epoch, rounds_at_epoch=rounds_at_epoch, group_sizes=group_sizes,
-        rounds_averaged=opt.grad_rounds_averaged,
-        state_rounds_averaged=opt.state_averager.rounds_averaged, params=params, eval_losses=losses,
-        peers_seen_after=peers_seen_after, first_group_at=first_group_at, seconds=time.monotonic() - t0))
-    try:
-        sys.stdin.read()  # stay in the swarm (serve state, refuse intruders) until the test is done
-    finally:
-        opt.shutdown()
-        dht.shutdown()
-
-
 def _confirmed_hash(path: str, round_number: int, timeout: float = 15.0) -> str:
     """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``)."""
     deadline = time.monotonic() + timeout
@@ -320,7 +259,7 @@ def _confirmed_hash(path: str, round_number: int, timeout: float = 15.0) -> str:
     return ""
 
 
-def run_round_trainer(config: dict) -> None:
+def run_trainer(config: dict) -> None:
     """Train ``tiny_model`` with RoundOptimizer until round ``rounds``; report each round's θ hash and group size.
 
     ``start_delay`` seconds before joining makes a late joiner (it loads the state from the others).
@@ -382,7 +321,8 @@ def run_round_trainer(config: dict) -> None:
                            inner_steps=result.inner_steps, bytes_sent=result.bytes_sent, end_hash=theta_hash(),
                            loss=loss))
     _write_json(config["result_path"], dict(rounds=rounds, starts=log, state_loads=opt.state_loads,
-                                            bytes_sent=opt.averager.bytes_sent))
+                                            bytes_sent=opt.averager.bytes_sent,
+                                            rounds_averaged=opt.averager.rounds_averaged))
     try:
         sys.stdin.read()  # serve the state to late joiners until the test is done
     finally:
@@ -419,6 +359,5 @@ def run_witness(config: dict) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     role, config_path = sys.argv[1], sys.argv[2]
-    roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "round_trainer": run_round_trainer,
-             "witness": run_witness}
+    roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "witness": run_witness}
     roles[role](json.loads(Path(config_path).read_text()))

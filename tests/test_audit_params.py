@@ -1,44 +1,51 @@
-"""An audited node's parameters, served peer to peer (real hivemind DHT peers and libp2p daemons on loopback)."""
+"""An audited round's training states, served peer to peer (real hivemind DHT peers and libp2p daemons on loopback)."""
 
 import asyncio
 
 import pytest
 import torch
 from hivemind.p2p import P2P
+from omi.models.segments import RoundStates, state_hash, training_state
 from omi.protos import pb
-from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace, snapshot
+from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace
 
 pytestmark = [pytest.mark.slow]
 
 
 @pytest.mark.timeout(120)
-def test_a_node_serves_its_audited_parameters_by_hash_to_token_holders_only(swarm_dht):
+def test_a_node_serves_its_audited_training_states_by_hash_to_token_holders_only(swarm_dht):
     spec, bootstrap, (node_dht, validator_dht) = swarm_dht
-    model = torch.nn.Sequential(torch.nn.Linear(300, 1000), torch.nn.Linear(1000, 4))  # ~1.2 MiB: two chunks
-    state = snapshot(model)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 1000), torch.nn.Linear(1000, 4))  # ~1.2 MiB of parameters
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    segments = RoundStates(folder=None)  # a round of one inner step: its start and end states, as the trainer keeps
+    segments.add(training_state(model, optimizer))
+    model(torch.ones(1, 300)).sum().backward()
+    optimizer.step()
+    end = training_state(model, optimizer)  # parameters and both AdamW moments: ~3.6 MiB, four chunks
+    digest = segments.add(end)
     server = ParamsServer.start(node_dht, spec)
     fetcher = ParamsFetcher(validator_dht, spec, timeout=10)
     node = node_dht.peer_id.to_base58()
     try:
-        server.hold(b"h" * 32, state)
-        got = fetcher.fetch(node, b"h" * 32, max_bytes=10 << 20)
-        assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
-        assert server.served == 1
+        segments.hand_over(server)  # what the trainer's _hold_segments does when its round is audited
+        got = fetcher.fetch(node, digest, max_bytes=10 << 20)
+        assert got.keys() == end.keys() and all(torch.equal(got[k], end[k]) for k in end)
+        assert state_hash(got) == digest and server.served == 1
 
         with pytest.raises(ParamsRefused, match="not held"):
             fetcher.fetch(node, b"x" * 32, max_bytes=10 << 20)
         with pytest.raises(ParamsRefused, match="more than the model"):
-            fetcher.fetch(node, b"h" * 32, max_bytes=1000)
+            fetcher.fetch(node, digest, max_bytes=1000)
         with pytest.raises(ParamsRefused, match="bad peer id"):
-            fetcher.fetch("not-a-peer-id", b"h" * 32, max_bytes=10 << 20)
-        # a peer that serves no parameters (the coordinator's bootstrap peer): unavailable, not a refusal
+            fetcher.fetch("not-a-peer-id", digest, max_bytes=10 << 20)
+        # a peer that serves no states (the coordinator's bootstrap peer): unavailable, not a refusal
         with pytest.raises(ParamsUnavailable):
-            fetcher.fetch(bootstrap.peer_id.to_base58(), b"h" * 32, max_bytes=10 << 20)
+            fetcher.fetch(bootstrap.peer_id.to_base58(), digest, max_bytes=10 << 20)
 
-        # only `keep` audited epochs are held, oldest dropped first
+        # only `keep` states are held, oldest dropped first
         for i in range(server.keep + 1):
-            server.hold(bytes([i]) * 32, state)
-        assert b"h" * 32 not in server.held() and len(server.held()) == server.keep
+            server.hold(bytes([i]) * 32, end)
+        assert digest not in server.held() and len(server.held()) == server.keep
 
         # a stock libp2p peer without a token of the run gets an error, not the parameters. It dials the node itself:
         # through the bootstrap peer alone its libp2p routing table may still be empty when it opens the stream

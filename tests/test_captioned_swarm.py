@@ -10,7 +10,7 @@ import json
 import pytest
 from omi.models.data import MANIFEST_NAME
 from omi.node.client import CoordinatorClient
-from omi.protos import signing
+from omi.protos import pb, signing
 from omi.protos.dataset import parse_manifest
 from omi.protos.manifest import verify_manifest
 from processes import ROOT, NodeProcess, ServeProcess, kill_group, run_node, wait_until
@@ -87,6 +87,20 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
     assert {(s["file"], s["sha256"]) for s in data["shards"]} <= {(s.file, s.sha256) for s in manifest.shards}
     assert sum(data["licenses"].values()) == sum(s["samples"] for s in data["shards"])
     assert len(signed["preview_prompts"]) == 4 and (out / "preview.png").stat().st_size > 0
+
+    # the two volunteers averaged together, as the coordinator saw it. Only they and its witness average in this
+    # run, and the witness joins one group a round: both sending tensor bytes in round r puts them in one group.
+    # That group's outer step applied shows in θ_{r+1}: one θ, not θ_r, as both started round r + 1 from it or
+    # as the coordinator's checkpoint of round r + 1 holds it (the same hash: omi.models.params_hash)
+    by_round: dict[int, dict[str, pb.Contribution]] = {}
+    for c in contributions:
+        by_round.setdefault(c.epoch, {})[c.node_id] = c
+    theta = {r: {c.params_hash.hex() for c in reports.values()} for r, reports in by_round.items()}
+    theta.setdefault(signed["epoch"], set()).add(signed["params_hash"])
+    together = [r for r, reports in by_round.items() if len(reports) == 2 and len(theta[r]) == 1
+                and all(c.bytes_sent > 0 for c in reports.values())
+                and len(theta.get(r + 1, ())) == 1 and theta[r + 1] != theta[r]]
+    assert together, [(c.epoch, c.node_id[:8], c.params_hash.hex()[:8], c.bytes_sent) for c in contributions]
 
     # no code of ours from here on: a stock pipeline loads the checkpoint and draws from a prompt
     import torch

@@ -10,11 +10,11 @@ from omi.models import load_pretrained, params_hash
 from omi.node.client import CoordinatorClient
 from omi.protos import signing
 from omi.protos.manifest import verify_folder, verify_manifest
-from processes import FAST_RUN, NodeProcess, ServeProcess, kill_group, run_node, wait_until
+from processes import NodeProcess, ServeProcess, fast_run, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
-CHECKPOINTS = "[checkpoints]\nevery_epochs = 1\nkeep = 2\nmilestone_every = 3\npreview_samples = 4\n"
+CHECKPOINTS = dict(every_epochs=1, keep=2, milestone_every=3, preview_samples=4)
 
 
 def expected_retention(written: list[int], keep: int, milestone_every: int) -> list[int]:
@@ -31,7 +31,7 @@ def expected_retention(written: list[int], keep: int, milestone_every: int) -> l
 @pytest.fixture
 def run_file(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text(FAST_RUN + CHECKPOINTS)
+    path.write_text(fast_run(checkpoints=CHECKPOINTS))
     return path
 
 
@@ -109,7 +109,7 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
 @pytest.mark.timeout(420)
 def test_coordinator_killed_mid_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN + CHECKPOINTS)
+    run_file.write_text(fast_run(checkpoints=CHECKPOINTS))
     state = tmp_path / "coordinator"
     monkeypatch.setenv("OMI_CHECKPOINT_STALL", "3:600")  # the checkpointer's hook: hang once weights are written
     server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file)

@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from coordinator_helpers import ServerThread, TcpRelay, contribution_for, run_toml
+from coordinator_helpers import FakeClock, ServerThread, TcpRelay, contribution_for, run_toml
 from omi.coordinator.registry import RegistryConfig
 from omi.node.client import CoordinatorClient, register_request
 from omi.protos import pb, rpc, signing
@@ -31,12 +31,17 @@ def code_of(call) -> grpc.StatusCode:
 
 
 def refused(server, call, code: grpc.StatusCode, match: str = "") -> None:
-    """``call`` fails with ``code`` (details containing ``match``) and no table changes."""
+    """``call`` fails with ``code`` (details containing ``match``) and no table changes.
+
+    Heartbeats reach their table in the coordinator's periodic flush: flushed before and after the call, a beat an
+    earlier call held in memory is not counted as this call's, and one this call made is."""
+    server.coordinator.liveness.flush()
     before = server.store.row_counts()
     with pytest.raises(grpc.RpcError) as info:
         call()
     assert info.value.code() == code, info.value.details()
     assert match in info.value.details()
+    server.coordinator.liveness.flush()
     assert server.store.row_counts() == before
 
 
@@ -44,7 +49,8 @@ def refused(server, call, code: grpc.StatusCode, match: str = "") -> None:
 
 
 def expected_shards(work) -> int:
-    """4 shards of 64 (a swarm step of 256); one more when the short last shard (5 samples) is among them."""
+    """4 shards of 64 (a new identity's round share of 256); one more when the short last shard (5 samples) is among
+    them."""
     return 5 if any(r.end - r.start < 64 for r in work.shards) else 4
 
 def test_register_gives_signed_token_and_runspec(server):
@@ -71,11 +77,11 @@ def test_register_gives_signed_token_and_runspec(server):
 
 
 def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
-    with ServerThread(tmp_path / "state", run_toml(), registry=RegistryConfig(challenge_ttl=3.0),
-                      db_url=db_url) as server:
+    clock = FakeClock()
+    with ServerThread(tmp_path / "state", run_toml(), clock=clock, db_url=db_url) as server:
         key = generate_key()
         challenge = server.stub.GetChallenge(pb.GetChallengeRequest())
-        assert challenge.expires_at_ms > time.time() * 1000
+        assert challenge.expires_at_ms > clock()
 
         identity = new_identity()
 
@@ -83,10 +89,11 @@ def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
             return server.stub.Register(register_request(key, nonce, "t", identity))
 
         assert register(challenge.nonce).node_id
+        server.coordinator.liveness.flush()  # the registration's heartbeat row: a periodic flush adds none meanwhile
         refused(server, lambda: register(challenge.nonce), grpc.StatusCode.UNAUTHENTICATED, "already used")
         refused(server, lambda: register(b"\x00" * 32), grpc.StatusCode.UNAUTHENTICATED)
         late = server.stub.GetChallenge(pb.GetChallengeRequest())
-        time.sleep(3.1)
+        clock.advance(RegistryConfig().challenge_ttl + 0.1)  # the production TTL, skipped instead of waited for
         refused(server, lambda: register(late.nonce), grpc.StatusCode.UNAUTHENTICATED, "expired")
 
 
@@ -191,24 +198,28 @@ def test_a_signed_request_is_accepted_once_and_only_by_its_own_rpc(server):
 
 
 def test_expired_token_is_refused_until_renewed(tmp_path, db_url):
-    with ServerThread(tmp_path / "state", run_toml(token_ttl=1.0), db_url=db_url) as server:
+    clock = FakeClock()
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=30.0), clock=clock, db_url=db_url) as server:
         client = server.node()
         client.heartbeat()
-        time.sleep(1.1)
+        server.coordinator.liveness.flush()  # the node's heartbeat row: a periodic flush adds none meanwhile
+        # a TTL the coordinator's clock can skip: its requests' timestamps stay within the 60 s of allowed skew
+        clock.advance(30.1)
         refused(server, lambda: client.heartbeat(), grpc.StatusCode.UNAUTHENTICATED, "expired")
         refused(server, lambda: client.get_work(0), grpc.StatusCode.UNAUTHENTICATED, "expired")
         client.renew_token()
-        assert client.heartbeat().token_expires_at_ms > time.time() * 1000
+        assert client.heartbeat().token_expires_at_ms > clock()
 
 
 def test_renewals_do_not_grow_the_token_table(tmp_path, db_url):
-    with ServerThread(tmp_path / "state", run_toml(token_ttl=0.2), db_url=db_url) as server:
+    clock = FakeClock()
+    with ServerThread(tmp_path / "state", run_toml(token_ttl=5.0), clock=clock, db_url=db_url) as server:
         client = server.node()
-        for _ in range(6):
-            time.sleep(0.25)  # the token expired: renew it, as a node whose token lapsed does
+        for _ in range(6):  # 30.6 s skipped in all: within the 60 s a request's timestamp may be off
+            clock.advance(5.1)  # the token expired: renew it, as a node whose token lapsed does
             client.renew_token()
             client.heartbeat()
-        assert server.store.row_counts()["tokens"] <= 2  # the live token and perhaps the one just expired
+        assert server.store.row_counts()["tokens"] == 1  # the live token; each renewal removed the expired one
 
 
 def test_banned_node_cannot_renew_register_or_work(server):
@@ -334,7 +345,7 @@ def test_no_node_moves_the_runs_epoch_only_the_coordinators_witness_does(server)
 def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path, db_url):
     # a round's assignment is 2 × H micro-batches (1,280 samples) so a fast node keeps busy; digits has 1,797:
     # the first of two volunteers online would take most of it and leave the second 517 (16 of its 20 steps)
-    with ServerThread(tmp_path / "state", run_toml() + "[rounds]\ninner_steps = 20\n", db_url=db_url) as server:
+    with ServerThread(tmp_path / "state", run_toml(inner_steps=20), db_url=db_url) as server:
         alone = server.node(name="alone")
         alone.heartbeat()
         # a new identity is on probation: its own share of a round (H micro-batches), no slack
@@ -355,7 +366,7 @@ def test_rounds_share_a_small_data_set_among_the_volunteers_online(tmp_path, db_
 def test_identities_made_by_the_dozen_behind_one_address_leave_a_rounds_data_to_others(tmp_path, db_url):
     """Issue 12, point 6: ten fresh identities took all 29 shards of a round; the honest node got none. One address
     now holds at most 8 assignments per round; the honest node, elsewhere, still gets its share."""
-    with ServerThread(tmp_path / "state", run_toml(shards=1) + "[rounds]\ninner_steps = 20\n",
+    with ServerThread(tmp_path / "state", run_toml(shards=1, inner_steps=20),
                       db_url=db_url) as server:
         relay = TcpRelay(server.address, source="127.0.0.2")
         try:

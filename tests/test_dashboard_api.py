@@ -13,11 +13,11 @@ import urllib.request
 
 import pytest
 import torch
-from coordinator_helpers import ServerThread, contribution_for, run_toml
+from coordinator_helpers import FakeClock, ServerThread, contribution_for, run_toml
 from omi.coordinator.checkpointer import write_checkpoint
 from omi.coordinator.store import Checkpoint
 from omi.coordinator.views import AuditCounts
-from omi.dashboard.api import Snapshots
+from omi.dashboard.api import DEFAULT_TTL, Snapshots
 from omi.models import MicroBatchRecord, build_model, merkle_root
 from omi.models.data import DIGIT_PROMPTS
 from omi.protos import pb, signing
@@ -29,7 +29,6 @@ from sqlalchemy import text
 
 XSS_NAME = "<img src=x onerror=\"window.__xss=1\">"
 SKETCH_SIZE = 1024  # verification.sketch_size by default
-SNAPSHOT_TTL = 1.0  # the API reuses an answer for this long (omi.dashboard.api.DEFAULT_TTL)
 
 
 def get(base: str, path: str) -> tuple[int, bytes, dict]:
@@ -46,10 +45,10 @@ def get_json(base: str, path: str):
     return json.loads(body)
 
 
-def fresh(base: str, path: str):
+def fresh(server, path: str):
     """The answer once the snapshot cache has expired (what a viewer sees a second later)."""
-    time.sleep(SNAPSHOT_TTL + 0.1)
-    return get_json(base, path)
+    server.clock.advance(DEFAULT_TTL)
+    return get_json(server.http, path)
 
 
 def records_for(work: pb.WorkAssignment, loss: float) -> tuple[pb.Contribution, list[pb.MicroBatchRecord]]:
@@ -72,7 +71,8 @@ def swarm(tmp_path_factory, request):
     Once on SQLite, once on a real PostgreSQL database."""
     state = tmp_path_factory.mktemp("coordinator")
     db_url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgresql" else None
-    with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True, db_url=db_url) as server:
+    with ServerThread(state, run_toml("t", audit_rate=1.0, max_strikes=3), http=True, db_url=db_url,
+                      clock=FakeClock()) as server:
         alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
         validator = server.validator("t", "validator")
         for node, loss in ((alice, 0.4), (mallory, 0.6)):
@@ -229,7 +229,7 @@ def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
     with swarm.store.transaction() as s:
         s.add(Checkpoint(run_id="t", epoch=1, total_samples=256, manifest_sha256=manifest_sha, size_bytes=1234,
                          path="/runs/t/checkpoints/1", milestone=False, created_at_ms=created))
-    [checkpoint] = fresh(swarm.http, "/api/runs/t/checkpoints")
+    [checkpoint] = fresh(swarm, "/api/runs/t/checkpoints")
     assert checkpoint["manifest_sha256"] == manifest_sha and checkpoint["epoch"] == 1
     assert checkpoint["manifest_url"] == "/runs/t/checkpoints/1/manifest.json"
     assert checkpoint["preview_url"] == "/runs/t/checkpoints/1/preview.png"

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from processes import FAST_RUN, ROOT, NodeProcess, ServeProcess, kill_group
+from processes import ROOT, NodeProcess, ServeProcess, fast_run, kill_group
 
 pytestmark = [pytest.mark.slow]
 
@@ -22,8 +22,8 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,2200"]
 XSS_NAME = "<img src=x onerror=\"window.__xss=1\">"
 ARTIFACTS = ROOT / "test-artifacts"
-# the test run: FAST_RUN with a checkpoint every epoch, so one is published while the swarm trains
-RUN = FAST_RUN + "[checkpoints]\nevery_epochs = 1\n"
+# the test run: the fast digits run with a checkpoint every round, so one is published while the swarm trains
+RUN = fast_run(checkpoints=dict(every_epochs=1))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from omi.coordinator.core import Coordinator
 from omi.models import build_model
 from omi.protos import signing
 from omi.protos.manifest import verify_manifest
-from processes import FAST_RUN, ROOT, ServeProcess, kill_group, run_node, wait_until
+from processes import ROOT, ServeProcess, fast_run, kill_group, run_node, wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -49,7 +49,7 @@ def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16", run
 @pytest.fixture
 def served(tmp_path):
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN + "[checkpoints]\nevery_epochs = 1\nkeep = 5\n")
+    run_file.write_text(fast_run(checkpoints=dict(every_epochs=1, keep=5)))
     state = tmp_path / "coordinator"
     key = publish_checkpoints(state, run_file, [1, 2])
     server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file, extra=("--swarm-host", ""))
@@ -201,7 +201,7 @@ def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
     from omi.node.download import DownloadError, SeenCheckpoints, download_checkpoint
 
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN + "[checkpoints]\nevery_epochs = 1\nkeep = 5\n")
+    run_file.write_text(fast_run(checkpoints=dict(every_epochs=1, keep=5)))
     state = tmp_path / "coordinator"
     key = publish_checkpoints(state, run_file, [1, 2])
     site = tmp_path / "site" / "runs" / "digits" / "checkpoints"

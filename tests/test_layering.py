@@ -1,4 +1,7 @@
-"""The package layering of DESIGN.md: ``protos ← models ← swarm ← node | coordinator ← dashboard``, no cycle.
+"""The package layering README.md's Layout states: ``protos ← models ← swarm ← node | coordinator ← dashboard``.
+
+No cycle; node and coordinator never import each other; only the coordinator's CLI composes the dashboard;
+protos load none of torch, hivemind, diffusers, transformers (the wire stays light for any tool).
 
 Read from the source (every ``import`` statement, also those inside functions), so a lazy import cannot hide a
 dependency the wrong way.

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMPipeline
 from omi.models import build_model, generate, load_pretrained, make_grid, quality_score, save_pretrained
 from omi.models.data import DigitsSource
-from omi.models.quality import _Judge
+from omi.models.quality import _Judge, _judge
 from PIL import Image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
@@ -57,9 +57,13 @@ def test_quality_score_separates_real_digits_from_noise(tmp_path):
                           cache_dir=tmp_path)
     assert good.confidence > 0.95 and good.coverage == 1.0 and good.fid < 15
     assert noise.fid > 20 * good.fid and noise.confidence < good.confidence and noise.coverage < 1.0
-    # a fresh load from the cache file gives the same judge
-    judge = _Judge(tmp_path)
-    assert judge.model(picked[:4]).argmax(1).tolist() == judge.model(picked[:4]).argmax(1).tolist()
+    # a fresh load from the cache file gives the same judge as the one trained and saved on first use
+    trained, loaded = _judge(tmp_path), _Judge(tmp_path)
+    assert loaded is not trained
+    assert all(torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
+                                                   loaded.model.state_dict().values(), strict=True))
+    assert np.array_equal(trained.mu, loaded.mu) and np.array_equal(trained.sigma, loaded.sigma)
+    assert torch.equal(trained.model(picked), loaded.model(picked))
     assert quality_score(picked, cache_dir=tmp_path) == good
     # larger images are resized to the classifier's 16x16
     upscaled = torch.nn.functional.interpolate(picked, size=(32, 32), mode="bilinear", align_corners=False)

@@ -22,7 +22,7 @@ def test_default_run_file_parses():
         ("[averaging]\nreducer = 'median'\n", "averaging.reducer"),
         ("[verification]\naudit_rate = 1.5\n", "verification.audit_rate"),
         ("[data]\nsource = 'ftp://x'\n", "data.source"),
-        ("[training]\ntarget_batch_size = 8\n", "training.target_batch_size"),
+        ("[rounds]\ninner_steps = 0\n", "rounds.inner_steps"),
     ],
 )
 def test_bad_key_or_value_is_named(extra, key):
@@ -54,15 +54,15 @@ def test_defaults_fill_every_section():
     assert runspec_to_dict(spec) == {
         "run_id": "demo", "name": "demo", "description": "", "model": "unet-digits-16",
         "data": {"source": "builtin:digits", "shard_size": 64, "resolution": 16},
-        "training": {"micro_batch_size": 32, "target_batch_size": 256, "learning_rate": 1e-3, "weight_decay": 0.0,
+        "training": {"micro_batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.0,
                      "prediction_type": "epsilon", "num_train_timesteps": 1000, "max_epochs": 0,
                      "shards_per_assignment": 4, "seed": "0", "max_grad_norm": 1.0},
-        "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "compression": "none", "reducer": "mean",
-                      "clip_tau": 1.0, "clip_iterations": 3, "load_state_from_peers": True},
-        "rounds": {"inner_steps": 0, "outer_learning_rate": 0.7, "outer_momentum": 0.9, "outer_nesterov": True,
+        "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "reducer": "mean",
+                      "clip_tau": 1.0, "clip_iterations": 3},
+        "rounds": {"inner_steps": 20, "outer_learning_rate": 0.7, "outer_momentum": 0.9, "outer_nesterov": True,
                    "overlap": False, "compression": "uniform8bit", "topk_density": 1.0,
                    "max_round_seconds": 0.0},
-        "verification": {"audit_rate": 0.2, "micro_batches_per_audit": 2, "max_strikes": 2,
+        "verification": {"audit_rate": 0.2, "max_strikes": 2,
                          "audit_window_epochs": 5, "sketch_size": 1024, "segment_steps": 5},
         "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
         "liveness": {"heartbeat_interval": 5.0, "heartbeat_timeout": 30.0, "token_ttl": 3600.0},
@@ -79,7 +79,7 @@ def test_defaults_fill_every_section():
         ("[training]\nmicro_batch_size = 1.0\n", "training.micro_batch_size"),
         ("[training]\nseed = true\n", "training.seed"),
         ("[training]\nprediction_type = 1\n", "training.prediction_type"),
-        ("[averaging]\nload_state_from_peers = 1\n", "averaging.load_state_from_peers"),
+        ("[averaging]\nclip_iterations = 1.5\n", "averaging.clip_iterations"),
         ("[data]\nsource = 'imagefolder'\n", "data.source"),
         ("[training.schedule]\nwarmup = 10\n", "training.schedule"),
         ("[rounds]\ninner_steps = -1\n", "rounds.inner_steps"),
@@ -110,8 +110,8 @@ def test_bad_run_keys_are_named():
 
 
 def test_boundaries_are_accepted():
-    spec = parse_runspec(BASE + "[training]\ntarget_batch_size = 32\nmax_epochs = 0\n[verification]\naudit_rate = 1\n")
-    assert spec.training.target_batch_size == spec.training.micro_batch_size and spec.verification.audit_rate == 1.0
+    spec = parse_runspec(BASE + "[training]\nmax_epochs = 0\n[rounds]\ninner_steps = 1\n[verification]\naudit_rate = 1\n")
+    assert spec.rounds.inner_steps == 1 and spec.verification.audit_rate == 1.0
     assert parse_runspec(BASE + "[verification]\naudit_rate = 0\n").verification.audit_rate == 0.0
     rounds = parse_runspec(BASE + "[rounds]\ncompression = 'sparse4bit'\ntopk_density = 0.03\n").rounds
     assert (rounds.compression, rounds.topk_density) == ("sparse4bit", 0.03)
@@ -136,9 +136,9 @@ def test_first_bad_key_in_reading_order():
         parse_runspec(BASE + "[training]\nseed = -1\nfoo = 1\n")
     with pytest.raises(RunSpecError, match=r"'data\.shard_size'"):
         parse_runspec(BASE + "[training]\nseed = -1\n[data]\nshard_size = 0\n")
-    # the batch-size check runs once every key is valid
+    # the top-k check across keys runs once every key is valid
     with pytest.raises(RunSpecError, match=r"'averaging\.reducer'"):
-        parse_runspec(BASE + "[training]\ntarget_batch_size = 8\n[averaging]\nreducer = 'median'\n")
+        parse_runspec(BASE + "[rounds]\ntopk_density = 0.02\n[averaging]\nreducer = 'median'\n")
 
 
 @pytest.mark.parametrize("extra, key", [
@@ -150,3 +150,23 @@ def test_first_bad_key_in_reading_order():
 def test_values_the_message_cannot_hold_are_refused_with_the_key(extra, key):
     with pytest.raises(RunSpecError, match=key.replace(".", r"\.")):
         parse_runspec(BASE + extra)
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("[rounds]\ninner_steps = 0\n", "rounds.inner_steps"),
+    ("[training]\ntarget_batch_size = 256\n", "training.target_batch_size"),
+    ("[averaging]\ncompression = 'float16'\n", "averaging.compression"),
+    ("[averaging]\nload_state_from_peers = true\n", "averaging.load_state_from_peers"),
+    ("[verification]\nmicro_batches_per_audit = 2\n", "verification.micro_batches_per_audit"),
+])
+def test_per_step_training_is_refused_with_what_to_write_instead(extra, key):
+    with pytest.raises(RunSpecError) as refused:
+        parse_runspec(BASE + extra)
+    message = str(refused.value)
+    assert f"'{key}'" in message and "per-step training, which was retired" in message
+    assert "remove it" in message or "set it to" in message, message  # says what to write instead
+
+
+def test_the_shipped_runs_train_in_rounds():
+    for name in ("digits", "digits-captioned"):
+        assert load_runspec(f"examples/runs/{name}.toml").rounds.inner_steps >= 1

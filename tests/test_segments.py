@@ -113,13 +113,12 @@ def _delta_sketch(states, scale: float = 1.0) -> list[float]:
 
 
 def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes, delta_sketch=()):
-    from omi.models import merkle_root, micro_batch_samples
+    from omi.models import merkle_root
     from omi.models.records import audited_record
     from omi.protos import pb
 
     k = SPEC.verification.segment_steps
     indices = list(range(segment * k, (segment + 1) * k))
-    assert [micro_batch_samples(_assignment(), i, 8) for i in range(STEPS)]  # the node's samples
     return pb.AuditTask(task_id="t" * 8, run_id=SPEC.run_id, node_id="node", epoch=0, params_hash=params_hash,
                         assignment=_assignment(), micro_batch_indices=indices, has_task=True,
                         records=[audited_record(records, i) for i in indices], commitment=merkle_root(records),
@@ -159,7 +158,7 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
         # every task carries the round's committed Δ sketch; "delta_elsewhere" commits to (and would send) 2 × Δ
         delta_sketch = _delta_sketch(states, 2.0 if cheat == "delta_elsewhere" else 1.0)
         task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta), delta_sketch)
-        verdict = Recomputer.for_spec(SPEC).check_task(task, ParameterHistory(5), fetcher)
+        verdict = Recomputer.for_spec(SPEC).check_segment(task, ParameterHistory(5), fetcher)
     finally:
         fetcher.shutdown()
         server.shutdown()

@@ -66,7 +66,11 @@ def test_train_local_trains_a_text_to_image_run_and_saves_a_checkpoint_that_draw
                          quality_steps=4, out_dir=out)
     early = sum(result.losses[:5]) / 5
     assert result.samples == 1280 and result.final_loss < early
-    assert result.quality is not None and 0 <= result.quality.prompt_accuracy <= 1
+    # 20 digits drawn from their prompts (scored against the digit each prompt names). 40 steps do not teach the
+    # prompts yet (matches its prompt: 0-10 %, chance; docs/benchmarks.md: 63 % after 16,000 samples) but do teach
+    # digits: FID 336-499 over seeds 0-3 where the untrained model scores 655-1095, so below 600 or it did not train
+    assert result.quality is not None and result.quality.prompt_accuracy is not None
+    assert result.quality.fid < 600, result.quality
     assert (out / "transformer").is_dir() and (out / "vae").is_dir() and (out / "preview.png").exists()
 
     runner = CliRunner()

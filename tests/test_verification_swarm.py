@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 from omi.protos import signing
-from processes import FAST_RUN, NO_CHECKPOINTS, NodeProcess, ServeProcess, kill_group, wait_until
+from processes import NO_CHECKPOINTS, NodeProcess, ServeProcess, fast_run, kill_group, wait_until
 from swarm_helpers import make_spec, start_swarm
 
 pytestmark = [pytest.mark.slow]
@@ -23,7 +23,7 @@ def _swarm_loss(tmp_path, reducer: str, flipper: bool, rounds: int = 7) -> float
     trainers = [dict(rounds=rounds, train_timeout=120) for _ in range(4)]
     if flipper:
         trainers[3]["delta_scale"] = -1000.0
-    procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers, role="round_trainer")
+    procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers)
     try:
         results = [p.wait_result(180) for p in procs[1:]]
     finally:
@@ -68,12 +68,8 @@ def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp
     assert clipped < 0.1 * initial, (initial, mean, clipped)
 
 
-CHEAT_RUN = FAST_RUN.replace("token_ttl = 600.0", "token_ttl = 30.0") + NO_CHECKPOINTS + """
-[verification]
-audit_rate = 1.0
-max_strikes = 1
-audit_window_epochs = 3
-"""
+CHEAT_RUN = fast_run(liveness=dict(token_ttl=30.0), checkpoints=NO_CHECKPOINTS,
+                     verification=dict(audit_rate=1.0, max_strikes=1, audit_window_epochs=3))
 
 
 @pytest.mark.timeout(600)
@@ -82,8 +78,7 @@ def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_pa
     # the second strike cost this test 40 s, one more epoch of a three-node swarm
     run_file = tmp_path / "run.toml"
     run_file.write_text(CHEAT_RUN)
-    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file,
-                          extra=("--validator",))
+    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
     try:
         honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 6) for i in range(2)]
         cheater = NodeProcess(server.address, tmp_path / "cheater", name="cheater", attack="sign_flip")

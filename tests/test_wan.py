@@ -17,7 +17,7 @@ from coordinator_helpers import free_port
 from omi.coordinator.states import ContributionStatus
 from omi.models import build_model, load_pretrained
 from omi.protos import pb
-from processes import BIN, FAST_RUN, NO_CHECKPOINTS, _popen, kill_group, serving, wait_until
+from processes import BIN, NO_CHECKPOINTS, _popen, fast_run, kill_group, serving, wait_until
 from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
 
 UNAVAILABLE = unavailable()  # not root, or no iproute2
@@ -141,13 +141,13 @@ def contributions(state_dir: Path) -> list[pb.Contribution]:
 def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(tmp_path):
     epochs = 2
     run_file = tmp_path / "run.toml"
-    run_file.write_text(FAST_RUN + NO_CHECKPOINTS)
+    run_file.write_text(fast_run(checkpoints=NO_CHECKPOINTS))
     state_dir, logs = tmp_path / "coordinator", [tmp_path / f"node-{i}.log" for i in range(3)]
     with wan(3, rate_mbit=100) as net:  # on exit the harness kills whatever still runs in the hosts
         address = f"{net.gateway}:{free_port()}"
         coordinator_log = tmp_path / "coordinator.log"
         coordinator = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", address,
-                              "--http", "", "--swarm-host", net.gateway, "--run", run_file, "--no-validator"],
+                              "--http", "", "--swarm-host", net.gateway, "--run", run_file],
                              coordinator_log)
         try:
             address = wait_until(lambda: serving(address, state_dir, coordinator, coordinator_log), 60,

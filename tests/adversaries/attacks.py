@@ -1,8 +1,15 @@
-"""One ``Trainer`` subclass per threat of issue 7, each overriding a single hook of the real node's trainer."""
+"""One ``Trainer`` subclass per threat of issue 7, each overriding a single hook of the real node's trainer.
+
+Every one of them is caught in rounds by segment audits (tests/test_verification.py): a ``_micro_batch`` attack
+gives records or an end state that a replay of its inner steps does not reach, a ``_before_averaging`` attack an end
+state the honest steps do not reach, a ``_commit`` or ``_hand_over`` attack records that contradict the commitment,
+and a ``_hold_segments`` attack no start state, or one that does not hash to the committed one.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from omi.models import MicroBatchRecord, micro_batch_seed
@@ -35,18 +42,18 @@ class Honest(Trainer):
 
 
 class ZeroGradient(Trainer):
-    """Sends no work: a zero gradient, with a plausible loss in its record."""
+    """Does no work: steps on a zero gradient, with a plausible loss in its record."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
+    def _micro_batch(self, round_number, index, indices, seed):
         grads = [torch.zeros_like(p) for p in trainable_parameters(self.model)]
         _set_grads(self, grads)
         return _record_of(self, index, len(indices), 0.1, grads)
 
 
 class RandomGradient(Trainer):
-    """Sends noise of a gradient's size instead of a gradient."""
+    """Steps on noise of a gradient's size instead of a gradient."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
+    def _micro_batch(self, round_number, index, indices, seed):
         generator = torch.Generator().manual_seed(seed)
         grads = [torch.randn(p.shape, generator=generator) * 1e-2 for p in trainable_parameters(self.model)]
         _set_grads(self, grads)
@@ -54,27 +61,27 @@ class RandomGradient(Trainer):
 
 
 class CopiedGradient(Trainer):
-    """Sends a peer's gradient: the same micro-batch index computed with another node's samples and seed."""
+    """Steps on a peer's gradient: the same micro-batch index computed with another node's samples and seed."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
-        peer_seed = micro_batch_seed(self.spec.training.seed, self.spec.run_id, epoch, "some-peer", index)
+    def _micro_batch(self, round_number, index, indices, seed):
+        peer_seed = micro_batch_seed(self.spec.training.seed, self.spec.run_id, round_number, "some-peer", index)
         peer_samples = [(i + 64) % len(self.source) for i in indices]
-        return super()._micro_batch(epoch, index, peer_samples, peer_seed)
+        return super()._micro_batch(round_number, index, peer_samples, peer_seed)
 
 
 class StaleGradient(Trainer):
-    """Sends last round's gradient (and record) again instead of computing this epoch's."""
+    """Steps on last round's gradient (and record) again instead of computing this round's."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
+    def _micro_batch(self, round_number, index, indices, seed):
         last = getattr(self, "_last_round", {})
         self._last_round = last
-        if (epoch - 1, index) in last:
-            record, grads = last.pop((epoch - 1, index))
+        if (round_number - 1, index) in last:
+            record, grads = last.pop((round_number - 1, index))
             _set_grads(self, grads)
         else:
-            record = super()._micro_batch(epoch, index, indices, seed)
+            record = super()._micro_batch(round_number, index, indices, seed)
             grads = [g.clone() for g in _grads(self)]
-        last[(epoch, index)] = (record, grads)
+        last[(round_number, index)] = (record, grads)
         return record
 
 
@@ -83,8 +90,8 @@ class ScaledGradient(Trainer):
 
     scale = -1.0
 
-    def _micro_batch(self, epoch, index, indices, seed):
-        record = super()._micro_batch(epoch, index, indices, seed)
+    def _micro_batch(self, round_number, index, indices, seed):
+        record = super()._micro_batch(round_number, index, indices, seed)
         with torch.no_grad():
             for param in trainable_parameters(self.model):
                 if param.grad is not None:
@@ -98,11 +105,12 @@ def scaled(name: str, scale: float) -> type[ScaledGradient]:
 
 
 class SendScaled(Trainer):
-    """Commits to honest records but sends its gradient x(-1000) into the averaging (commitment != averaged)."""
+    """Commits to honest records but steps on its gradient x(-1000), so the pseudo-gradient it sends into the
+    all-reduce is not the one its records give (commitment != averaged)."""
 
     scale = -1000.0
 
-    def _before_averaging(self, epoch, index):
+    def _before_averaging(self, round_number, index):
         with torch.no_grad():
             for param in trainable_parameters(self.model):
                 if param.grad is not None:
@@ -112,23 +120,23 @@ class SendScaled(Trainer):
 class WrongData(Trainer):
     """Trains on other samples than assigned (always the run's first ones)."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
-        return super()._micro_batch(epoch, index, list(range(len(indices))), seed)
+    def _micro_batch(self, round_number, index, indices, seed):
+        return super()._micro_batch(round_number, index, list(range(len(indices))), seed)
 
 
 class WrongSeed(Trainer):
     """Draws noise and timesteps from another seed than the assigned one."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
-        return super()._micro_batch(epoch, index, indices, seed + 1)
+    def _micro_batch(self, round_number, index, indices, seed):
+        return super()._micro_batch(round_number, index, indices, seed + 1)
 
 
 class Partial(Trainer):
     """Computes only every other micro-batch; the others repeat the last computed gradient and record."""
 
-    def _micro_batch(self, epoch, index, indices, seed):
+    def _micro_batch(self, round_number, index, indices, seed):
         if index % 2 == 0 or not hasattr(self, "_previous"):
-            record = super()._micro_batch(epoch, index, indices, seed)
+            record = super()._micro_batch(round_number, index, indices, seed)
             self._previous = (record, [g.clone() for g in _grads(self)])
             return record
         record, grads = self._previous
@@ -139,51 +147,56 @@ class Partial(Trainer):
 class InflatedSamples(Trainer):
     """Claims twice the samples it computed (its records say so, consistently)."""
 
-    def _commit(self, epoch, records):
+    def _commit(self, round_number, records):
         return [MicroBatchRecord(r.index, 2 * r.samples, r.loss, r.grad_norm, r.sketch) for r in records]
 
 
 class Replay(Trainer):
-    """Commits to the previous epoch's records again (a replayed contribution) while sending fresh gradients."""
+    """Commits to the previous round's records again (a replayed contribution) while training on fresh gradients."""
 
-    def _commit(self, epoch, records):
-        previous = self.records.get(epoch - 1)
+    def _commit(self, round_number, records):
+        previous = self.records.get(round_number - 1)
         return previous if previous is not None and len(previous) == len(records) else records
 
 
 class SwapRecords(Trainer):
     """Hands over other records than it committed to (the first record's loss changed) when audited."""
 
-    def _hand_over(self, epoch, task_id):
-        records = self.records.get(epoch)
+    def _hand_over(self, round_number, task_id):
+        records = self.records.get(round_number)
         if records:
             first = records[0]
-            self.records[epoch] = [MicroBatchRecord(first.index, first.samples, first.loss * 0.9, first.grad_norm,
-                                                    first.sketch), *records[1:]]
-        super()._hand_over(epoch, task_id)
+            changed = MicroBatchRecord(first.index, first.samples, first.loss * 0.9, first.grad_norm, first.sketch)
+            self.records[round_number] = [changed, *records[1:]]
+        super()._hand_over(round_number, task_id)
 
 
 class WithholdRecords(Trainer):
     """Never hands its records over when audited."""
 
-    def _hand_over(self, epoch, task_id):
-        logger.info("epoch %d audited: not handing the records over", epoch)
+    def _hand_over(self, round_number, task_id):
+        logger.info("round %d audited: not handing the records over", round_number)
 
 
-class WithholdParams(ScaledGradient):
-    """Flips its gradient's sign and, when audited, keeps the parameters it started from to itself (so no
-    validator can recompute on them exactly)."""
+class WithholdStates(Trainer):
+    """Trains honestly but, when audited, keeps its round's training states to itself (so no validator can replay
+    a segment from them)."""
 
-    def _hold_params(self, epoch, started_hash, started_params):
-        logger.info("epoch %d audited: not serving the parameters", epoch)
+    def _hold_segments(self, round_number, segments):
+        logger.info("round %d audited: not serving the training states", round_number)
 
 
-class ForgedParams(ScaledGradient):
-    """Flips its gradient's sign and, when audited, serves other parameters under its committed params_hash."""
+class ForgedStates(Trainer):
+    """Trains honestly but, when audited, serves other training states (parameters x1.01) under the committed
+    hashes."""
 
-    def _hold_params(self, epoch, started_hash, started_params):
-        forged = {name: tensor * 1.01 for name, tensor in started_params.items()}
-        self.params_server.hold(started_hash, forged)
+    def _hold_segments(self, round_number, segments):
+        from safetensors.torch import load_file
+
+        for digest, held in segments.items():
+            state = load_file(str(held)) if isinstance(held, Path) else held
+            forged = {name: t * 1.01 if t.is_floating_point() else t for name, t in state.items()}
+            self.params_server.hold(digest, forged)
 
 
 HONEST = Honest
@@ -204,7 +217,7 @@ ATTACKS: dict[str, type[Trainer]] = {
     "replay": Replay,
     "swap_records": SwapRecords,
     "withhold_records": WithholdRecords,
-    "withhold_params": WithholdParams,
-    "forged_params": ForgedParams,
+    "withhold_states": WithholdStates,
+    "forged_states": ForgedStates,
     "send_scaled": SendScaled,
 }

@@ -14,11 +14,28 @@ class RunState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATE_RUNNING: _ClassVar[RunState]
     RUN_STATE_PAUSED: _ClassVar[RunState]
     RUN_STATE_STOPPED: _ClassVar[RunState]
+
+class Refusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUSAL_UNSPECIFIED: _ClassVar[Refusal]
+    REFUSAL_RUN_STOPPED: _ClassVar[Refusal]
+    REFUSAL_RUN_ENDED: _ClassVar[Refusal]
+    REFUSAL_RUN_NOT_RUNNING: _ClassVar[Refusal]
+    REFUSAL_BANNED: _ClassVar[Refusal]
+    REFUSAL_UNKNOWN_RUN: _ClassVar[Refusal]
+    REFUSAL_TOKEN_EXPIRED: _ClassVar[Refusal]
 RUN_STATE_UNSPECIFIED: RunState
 RUN_STATE_CREATED: RunState
 RUN_STATE_RUNNING: RunState
 RUN_STATE_PAUSED: RunState
 RUN_STATE_STOPPED: RunState
+REFUSAL_UNSPECIFIED: Refusal
+REFUSAL_RUN_STOPPED: Refusal
+REFUSAL_RUN_ENDED: Refusal
+REFUSAL_RUN_NOT_RUNNING: Refusal
+REFUSAL_BANNED: Refusal
+REFUSAL_UNKNOWN_RUN: Refusal
+REFUSAL_TOKEN_EXPIRED: Refusal
 
 class DataSpec(_message.Message):
     __slots__ = ("source", "shard_size", "resolution")
@@ -31,9 +48,8 @@ class DataSpec(_message.Message):
     def __init__(self, source: _Optional[str] = ..., shard_size: _Optional[int] = ..., resolution: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("micro_batch_size", "target_batch_size", "learning_rate", "weight_decay", "prediction_type", "num_train_timesteps", "max_epochs", "shards_per_assignment", "seed", "max_grad_norm")
+    __slots__ = ("micro_batch_size", "learning_rate", "weight_decay", "prediction_type", "num_train_timesteps", "max_epochs", "shards_per_assignment", "seed", "max_grad_norm")
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    TARGET_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -43,7 +59,6 @@ class TrainingSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
     micro_batch_size: int
-    target_batch_size: int
     learning_rate: float
     weight_decay: float
     prediction_type: str
@@ -52,25 +67,21 @@ class TrainingSpec(_message.Message):
     shards_per_assignment: int
     seed: int
     max_grad_norm: float
-    def __init__(self, micro_batch_size: _Optional[int] = ..., target_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prediction_type: _Optional[str] = ..., num_train_timesteps: _Optional[int] = ..., max_epochs: _Optional[int] = ..., shards_per_assignment: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    def __init__(self, micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prediction_type: _Optional[str] = ..., num_train_timesteps: _Optional[int] = ..., max_epochs: _Optional[int] = ..., shards_per_assignment: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class AveragingSpec(_message.Message):
-    __slots__ = ("matchmaking_time", "averaging_timeout", "compression", "reducer", "clip_tau", "clip_iterations", "load_state_from_peers")
+    __slots__ = ("matchmaking_time", "averaging_timeout", "reducer", "clip_tau", "clip_iterations")
     MATCHMAKING_TIME_FIELD_NUMBER: _ClassVar[int]
     AVERAGING_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
-    COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     REDUCER_FIELD_NUMBER: _ClassVar[int]
     CLIP_TAU_FIELD_NUMBER: _ClassVar[int]
     CLIP_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
-    LOAD_STATE_FROM_PEERS_FIELD_NUMBER: _ClassVar[int]
     matchmaking_time: float
     averaging_timeout: float
-    compression: str
     reducer: str
     clip_tau: float
     clip_iterations: int
-    load_state_from_peers: bool
-    def __init__(self, matchmaking_time: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., compression: _Optional[str] = ..., reducer: _Optional[str] = ..., clip_tau: _Optional[float] = ..., clip_iterations: _Optional[int] = ..., load_state_from_peers: _Optional[bool] = ...) -> None: ...
+    def __init__(self, matchmaking_time: _Optional[float] = ..., averaging_timeout: _Optional[float] = ..., reducer: _Optional[str] = ..., clip_tau: _Optional[float] = ..., clip_iterations: _Optional[int] = ...) -> None: ...
 
 class RoundsSpec(_message.Message):
     __slots__ = ("inner_steps", "outer_learning_rate", "outer_momentum", "outer_nesterov", "overlap", "compression", "topk_density", "max_round_seconds")
@@ -93,20 +104,18 @@ class RoundsSpec(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ..., topk_density: _Optional[float] = ..., max_round_seconds: _Optional[float] = ...) -> None: ...
 
 class VerificationSpec(_message.Message):
-    __slots__ = ("audit_rate", "micro_batches_per_audit", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
+    __slots__ = ("audit_rate", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
-    MICRO_BATCHES_PER_AUDIT_FIELD_NUMBER: _ClassVar[int]
     MAX_STRIKES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_WINDOW_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     SKETCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_STEPS_FIELD_NUMBER: _ClassVar[int]
     audit_rate: float
-    micro_batches_per_audit: int
     max_strikes: int
     audit_window_epochs: int
     sketch_size: int
     segment_steps: int
-    def __init__(self, audit_rate: _Optional[float] = ..., micro_batches_per_audit: _Optional[int] = ..., max_strikes: _Optional[int] = ..., audit_window_epochs: _Optional[int] = ..., sketch_size: _Optional[int] = ..., segment_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, audit_rate: _Optional[float] = ..., max_strikes: _Optional[int] = ..., audit_window_epochs: _Optional[int] = ..., sketch_size: _Optional[int] = ..., segment_steps: _Optional[int] = ...) -> None: ...
 
 class CheckpointSpec(_message.Message):
     __slots__ = ("every_epochs", "keep", "milestone_every", "preview_samples")
@@ -725,3 +734,9 @@ class ListValidatorsResponse(_message.Message):
     VALIDATORS_FIELD_NUMBER: _ClassVar[int]
     validators: _containers.RepeatedCompositeFieldContainer[ValidatorGrant]
     def __init__(self, validators: _Optional[_Iterable[_Union[ValidatorGrant, _Mapping]]] = ...) -> None: ...
+
+class RefusalDetail(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: Refusal
+    def __init__(self, reason: _Optional[_Union[Refusal, str]] = ...) -> None: ...

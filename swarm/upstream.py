@@ -1,0 +1,382 @@
+"""Every piece of omi that follows hivemind's internals, in one place, each pinned to the upstream source it follows.
+
+hivemind has no public hook for what these pieces do, so each is copied from (or follows) one hivemind function
+and opens with a comment naming it: ``# Copied from hivemind.<module>.<Class>.<method> (hivemind 1.1.12), changed:
+…`` (``Follows`` where only its contract is relied on or the code is adapted). :data:`PINNED` holds the sha256 of
+each named function's source (dedented) under hivemind 1.1.12; ``tests/test_upstream_copies.py`` fails with the
+list of upstream functions whose source differs in the installed hivemind. Then re-read the upstream change, adapt
+the copy here, and update its pin. Nothing outside this module reads a private attribute of a hivemind object or
+overrides a private hivemind method (the same test scans swarm/, node/, coordinator/ and models/).
+
+The rest of ``omi.swarm`` uses these pieces as mixins and functions: the all-reduce runners
+(:mod:`omi.swarm.averagers`, :mod:`omi.swarm.rounds`, :mod:`omi.swarm.reduce`) fill in the hooks named below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import typing
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.averaging.allreduce import AllreduceException, AveragingMode
+from hivemind.averaging.group_info import GroupInfo
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import CompressionBase, deserialize_torch_tensor
+from hivemind.compression import serialization as _serialization
+from hivemind.p2p import PeerID
+from hivemind.proto import auth_pb2, averaging_pb2, runtime_pb2
+from hivemind.utils import MPFuture
+from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip
+from hivemind.utils.auth import TokenAuthorizerBase
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.streaming import combine_from_streaming
+from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
+
+logger = logging.getLogger(__name__)
+
+HIVEMIND_VERSION = "1.1.12"  # the hivemind whose sources PINNED hashes
+
+# upstream function -> sha256 of ``textwrap.dedent(inspect.getsource(function))`` under hivemind HIVEMIND_VERSION
+PINNED = {
+    "hivemind.averaging.allreduce.AllReduceRunner.__init__":
+        "b83602f7892d7a88d50c1b0888fde486584d40904492b099d0547e78a4a7bb40",
+    "hivemind.averaging.allreduce.AllReduceRunner._generate_input_for_peer":
+        "63ffe178a41ac64d5fc614e3f9cba7066876be737463ab7a099c55756912f4b5",
+    "hivemind.averaging.allreduce.AllReduceRunner._communicate_with_peer":
+        "acc68e7362cef39cf7b86b6891f0c73e4254520c298cbdcc40880b45f4e54648",
+    "hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming":
+        "9253765b570fac268fe592a8915b1258e37e7a3d6253f796077fec0fd81c777b",
+    "hivemind.averaging.partition.TensorPartContainer.register_failed_reducer":
+        "700d938380cb6ace978da8b1e247a49314b16042b246eac5693780932991e0c2",
+    "hivemind.averaging.partition.TensorPartReducer.accumulate_part":
+        "c26694602645246eadd98c2af1dcdf48d1549b50c238daa8601a70230ba0b34b",
+    "hivemind.averaging.partition.TensorPartReducer.check_current_part_finished":
+        "b4b6d729f329e73d11d197434776b6b7eafe32539833746d50d7c5a09ff1c4b4",
+    "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group":
+        "d9a3d2012affe949763491ef603237ea3e567dcb359eba473b857d2b6e0c4bf4",
+    "hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_":
+        "b45f817c9078ed5e21044ccee0b22f4439458755fcc5d0de6c70f0034bf142ad",
+    "hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers":
+        "6c45a7909f35c66ba259af3fe8fd85c924b9c856cb1392bb73f7c1c50515e961",
+    "hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers":
+        "03582fcb128d72f7d0539ff4be9f9a09a5af19a47a8bad8de73974132492c63c",
+    "hivemind.p2p.servicer.ServicerBase._collect_rpc_handlers":
+        "1b41a1f5de2e12edb21cb6b2d2a7020353bce3c18b55d5e4965d52c282bfcad2",
+    "hivemind.compression.quantization.Quantization.extract":
+        "9ecbb7c2b61bff51e0e3181ad0b36bc2577513c4ed55405e7797754d5584476c",
+    "hivemind.compression.serialization.deserialize_torch_tensor":
+        "74f1eed9fb9b7de3fc0811cea2c0a1d8445e15472abb43da6fa3acadb63e92d8",
+    "hivemind.utils.auth.TokenAuthorizerBase.refresh_token_if_needed":
+        "437c0f9b951b89bdb6e0b6cc0d4b6492e89b51ead4083d3e532ee8afd0425046",
+    "hivemind.utils.crypto.RSAPrivateKey.__setstate__":
+        "20f26be4969584f1b3c4ff42570822c4618b68e5eb4c6c272233c66a9af6aacc",
+}
+
+
+# ------------------------------------------------------------------------- hivemind.averaging.allreduce
+
+
+class RunnerHooks:
+    """Put before hivemind's ``AllReduceRunner`` in a runner's bases: its private steps, with the hooks omi fills in.
+
+    The runner provides ``count_sent(message)`` (called for every part this peer sends to a reducer) and a set
+    ``failed_reducers`` (receives the group index of every reducer that failed this peer's parts).
+    """
+
+    # Follows hivemind.averaging.allreduce.AllReduceRunner._generate_input_for_peer (hivemind 1.1.12), changed:
+    # every message it yields is counted (count_sent) on its way to libp2p
+    async def _generate_input_for_peer(self, peer_index: int) -> typing.AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self.count_sent(message)
+            yield message
+
+    # Follows hivemind.averaging.allreduce.AllReduceRunner._communicate_with_peer (hivemind 1.1.12), changed:
+    # hivemind registers a failed reducer with the part container and raises; its index is noted in failed_reducers
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        try:
+            await super()._communicate_with_peer(peer_id)
+        except BaseException:
+            self.failed_reducers.add(self.ordered_peer_ids.index(peer_id))
+            raise
+
+    # Follows hivemind.averaging.allreduce.AllReduceRunner.__init__ (hivemind 1.1.12), changed: the
+    # TensorPartReducer it builds for this peer's parts is replaced by make(part_shapes, num_senders)
+    def replace_part_reducer(self, make: Callable[[tuple[torch.Size, ...], int], object]) -> None:
+        """Reduce this peer's parts with ``make(part shapes, number of senders)`` instead of the weighted mean."""
+        self.tensor_part_reducer = make(tuple(part.shape for part in self.parts_for_local_averaging),
+                                        len(self.sender_peer_ids))
+
+    # Follows hivemind.averaging.allreduce.AllReduceRunner.__init__ (hivemind 1.1.12), changed: reads what its part
+    # container and reducer counted
+    def exchanged_peers(self) -> set[PeerID]:
+        """The peers this one really exchanged tensors with: senders whose parts it received, and reducers that
+        returned its parts averaged (a peer may reduce nothing yet get every part averaged)."""
+        received = self.tensor_part_reducer.num_parts_received
+        senders = {self.sender_peer_ids[i] for i, parts in enumerate(received) if parts > 0}
+        by_peer = self.tensor_part_container.num_parts_by_peer
+        reducers = {peer for i, peer in enumerate(self.ordered_peer_ids)
+                    if by_peer[i] > 0 and i not in self.failed_reducers}
+        return senders | reducers
+
+
+class AverageReturningRunner:
+    """Put before a :class:`RunnerHooks` runner: hivemind's runner steps that return averages, not differences.
+
+    The runner provides ``_serialized_average(part_index, averaged)``: an awaitable of the average's message.
+    """
+
+    # Follows hivemind.averaging.partition.TensorPartContainer.register_failed_reducer (hivemind 1.1.12), changed:
+    # nothing; AllReduceRunner builds its container with return_deltas=True, set False here so that results are
+    # taken as they are and a part whose reducer failed comes back as this peer's own part (not a zero delta)
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tensor_part_container.return_deltas = False
+
+    @property
+    def part_compression(self) -> CompressionBase:
+        """The compression this peer's parts travel in (the run's compression object)."""
+        return self.tensor_part_container.compression
+
+    # Copied from hivemind.averaging.allreduce.AllReduceRunner._communicate_with_peer (hivemind 1.1.12), changed:
+    # only the local part (other peers: hivemind's), registering the average serialized once as sent, not a delta
+    async def _communicate_with_peer(self, peer_id):
+        if peer_id != self.peer_id:
+            return await super()._communicate_with_peer(peer_id)
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        sender_index = self.sender_peer_ids.index(peer_id)
+        for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+            averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
+                                                                      weight=self.weight)
+            message = await self._serialized_average(part_index, averaged)
+            self.tensor_part_container.register_processed_part(peer_index, part_index,
+                                                               deserialize_torch_tensor(message))
+
+    # Copied from hivemind.averaging.allreduce.AllReduceRunner._accumulate_parts_streaming (hivemind 1.1.12),
+    # changed: sends the average (serialized once, _serialized_average) instead of average − sender's part
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            async for tensor_part, weight in amap_in_executor(
+                lambda msg: (deserialize_torch_tensor(msg.tensor_part), msg.weight),
+                stream, max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                try:
+                    averaged = await self.tensor_part_reducer.accumulate_part(sender_index, part_index, tensor_part,
+                                                                              weight=weight)
+                    part_index += 1
+                except BannedException:
+                    break
+                serialized = await self._serialized_average(part_index - 1, averaged)
+                yield averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+# ------------------------------------------------------------------------- hivemind.averaging.partition
+
+
+class PartReducerHooks:
+    """Put before hivemind's ``TensorPartReducer``: its accumulation, with the hooks of a reducer that keeps parts.
+
+    The reducer provides ``add_part(tensor_part, weight)`` (keep one sender's copy of the current part) and
+    ``reduce_part(shape)`` (the reduced current part from the copies kept).
+    """
+
+    # Copied from hivemind.averaging.partition.TensorPartReducer.accumulate_part (hivemind 1.1.12), changed: the part
+    # goes to add_part instead of a running weighted sum
+    async def accumulate_part(self, sender_index: int, part_index: int, tensor_part: torch.Tensor,
+                              weight: float = 1.0) -> torch.Tensor:
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait({self.current_part_future, asyncio.create_task(self.finished.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if self.finished.is_set():
+                raise AllreduceException(f"attempted to aggregate part in a finalized {self.__class__.__name__}")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self.add_part(tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    # Follows hivemind.averaging.partition.TensorPartReducer.check_current_part_finished (hivemind 1.1.12), changed:
+    # the result is reduce_part(shape) instead of the running sum divided by the weights
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result(self.reduce_part(self.part_shapes[self.current_part_index]))
+            self.reset_accumulators()
+
+
+# ------------------------------------------------------------------------- hivemind.averaging.averager
+
+
+class AveragerHooks:
+    """Put before hivemind's ``DecentralizedAverager``: its private all-reduce steps, with the hooks omi fills in.
+
+    The averager provides ``check_group(group_info)`` (a coroutine that raises to refuse a group before any tensor
+    leaves this peer), ``new_runner(**kwargs)`` (an all-reduce runner with ``AllReduceRunner``'s arguments, a
+    :class:`RunnerHooks` runner), ``allreduce_finished(exchanged)`` (the peers it exchanged tensors with) and
+    ``group_finished()`` (called after each all-reduce of a group).
+    """
+
+    # Follows hivemind.p2p.servicer.ServicerBase._collect_rpc_handlers (hivemind 1.1.12), changed: nothing; it caches
+    # the RPC table on the first class that asks and subclasses inherit it, so each averager class starts without one
+    _rpc_handlers = None
+    _stub_type = None
+
+    # Follows hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group (hivemind 1.1.12), changed:
+    # check_group first, group_finished after
+    async def _aggregate_with_group(self, group_info: GroupInfo, min_vector_size: int, **kwargs):
+        await self.check_group(group_info)
+        result = await super()._aggregate_with_group(group_info, min_vector_size, **kwargs)
+        self.group_finished()
+        return result
+
+    # Copied from hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12),
+    # changed: the runner comes from new_runner; results are copied when the runner returns averages
+    # (returns_averages), hivemind's deltas added; allreduce_finished gets the peers exchanged with; a failed
+    # all-reduce leaves the inputs as they were, so hivemind's retry (a new group) starts from them
+    async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
+                                      **kwargs):
+        inputs = [t.clone() for t in tensors]
+        try:
+            group_id = group_info.group_id if group_id is None else group_id
+            runner = self.new_runner(p2p=self._p2p, servicer_type=type(self), prefix=self.prefix, tensors=tensors,
+                                     group_id=group_id, ordered_peer_ids=group_info.peer_ids, **kwargs)
+            assert group_id in self._running_groups, \
+                f"Group id {group_id} was not registered in _register_allreduce_group"
+            self._running_groups[group_id].set_result(runner)
+            if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+                exact = getattr(runner, "returns_averages", False)
+                async for tensor, update in azip(as_aiter(*tensors), runner):
+                    if exact:
+                        tensor.copy_(update)
+                    else:
+                        tensor.add_(update, alpha=self._averaging_alpha)
+                    self.last_updated = get_dht_time()
+                    self._state_updated.set()
+            else:
+                async for _ in runner:
+                    raise ValueError("aux peers should not receive averaged tensors")
+            self.allreduce_finished(runner.exchanged_peers())
+        except BaseException:
+            for t, original in zip(tensors, inputs, strict=True):
+                t.copy_(original)
+            raise
+
+
+# Follows hivemind.averaging.averager.DecentralizedAverager.load_state_from_peers (hivemind 1.1.12), changed: the
+# coroutine method to run in the averager's process is named by the caller (hivemind's loop runs any it is sent)
+def run_in_averager(averager, method: str, *, timeout: float, **kwargs):
+    """``averager.<method>(future=…, **kwargs)`` run in the averager's process; its result, within ``timeout``."""
+    future = MPFuture()
+    averager._outer_pipe.send((method, [], dict(future=future, **kwargs)))
+    return future.result(timeout=timeout)
+
+
+# Follows hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), changed: skips
+# the peers in `skip` and, with `expect`, every peer whose θ (the first `count` tensors, hashed by theta_hash) is not
+# it; returns the peer too; each read waits next_chunk_timeout (hivemind's applies it only when given a timeout)
+async def load_state_checked(averager, future: MPFuture, *, count: int, expect: str | None, skip: list[str],
+                             theta_hash: Callable[[list[torch.Tensor]], str]) -> None:
+    """Run in the averager's process (:func:`run_in_averager`); sets ``future`` to ``(metadata, tensors, peer id)``
+    of the first state accepted, or None."""
+    timeout = averager.next_chunk_timeout if averager.next_chunk_timeout is not None else averager.request_timeout
+    try:
+        found, _ = averager.dht.get(f"{averager._matchmaking.group_key_manager.prefix}.all_averagers",
+                                    latest=True) or ({}, None)
+        priority = {PeerID(peer): (float(info.value), random.random()) for peer, info in found.items()
+                    if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))} \
+            if isinstance(found, dict) else {}
+        for peer in sorted(priority, key=priority.get, reverse=True):
+            if peer == averager.peer_id or peer.to_base58() in skip:
+                continue
+            try:
+                stub = averager.get_stub(averager._p2p, peer, namespace=averager.prefix)
+                stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+                metadata, tensors = await read_state(stream, averager.serializer, timeout)
+            except Exception as e:
+                logger.warning("could not download the state of peer %s: %r", peer, e)
+                continue
+            if not metadata or len(tensors) < count:
+                continue
+            if expect is not None and theta_hash(tensors[:count]) != expect:
+                logger.warning("peer %s serves a state whose θ does not hash to %s…; refused", peer, expect[:12])
+                continue
+            future.set_result((metadata, tensors, peer.to_base58()))
+            return
+    finally:
+        if not future.done():
+            future.set_result(None)
+
+
+# Copied from hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), changed:
+# only its loop that reads one peer's rpc_download_state stream, as a function
+async def read_state(stream, serializer, timeout: float) -> tuple[object, list[torch.Tensor]]:
+    """(metadata, tensors) of a peer's ``rpc_download_state`` stream."""
+    metadata, parts, tensors = None, [], []
+    async for message in aiter_with_timeout(stream, timeout=timeout):
+        if message.metadata:
+            metadata = serializer.loads(message.metadata)
+        if message.tensor_part.dtype and parts:  # the start of the next tensor
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+            parts = []
+        parts.append(message.tensor_part)
+    if parts:
+        tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+    return metadata, tensors
+
+
+# ------------------------------------------------------------------------- hivemind.compression
+
+
+class FixedExtract:
+    """Put before one of hivemind's 8-bit ``Quantization`` classes: its decoder, working with numpy 2."""
+
+    # Copied from hivemind.compression.quantization.Quantization.extract (hivemind 1.1.12), changed: the codebook
+    # length is read as a scalar ([0]): numpy 2 refuses int() of a one-element array
+    def extract(self, serialized_tensor: runtime_pb2.Tensor) -> torch.Tensor:
+        codebook_size = int(np.frombuffer(serialized_tensor.buffer, count=1, dtype=np.int64)[0])
+        codebook = np.frombuffer(serialized_tensor.buffer, offset=8, count=codebook_size, dtype=self.codebook_dtype)
+        quantized = np.frombuffer(serialized_tensor.buffer, offset=8 + codebook.nbytes, dtype=self.indices_dtype)
+        quantized = torch.as_tensor(quantized, dtype=torch.int64).reshape(tuple(serialized_tensor.size))
+        codebook = torch.as_tensor(codebook).to(dtype=getattr(torch, serialized_tensor.dtype))
+        return codebook[quantized].requires_grad_(serialized_tensor.requires_grad)
+
+
+# Follows hivemind.compression.serialization.deserialize_torch_tensor (hivemind 1.1.12), changed: nothing; it looks
+# the decoder up in its private table by the message's compression type, which has no public setter
+def register_decoders(**codecs: CompressionBase) -> None:
+    """Decode messages of each compression type (``UNIFORM_8BIT=…``) with the given codec, in this process."""
+    _serialization._BASE_COMPRESSION_TYPES.update(codecs)
+
+
+# ------------------------------------------------------------------------- hivemind.utils
+
+
+# Follows hivemind.utils.auth.TokenAuthorizerBase.refresh_token_if_needed (hivemind 1.1.12), changed: nothing; it
+# keeps the token it presents in a private attribute without a reader
+def presented_token(authorizer: TokenAuthorizerBase) -> auth_pb2.AccessToken | None:
+    """The access token ``authorizer`` currently presents (None before its first request)."""
+    return authorizer._local_access_token
+
+
+# Follows hivemind.utils.crypto.RSAPrivateKey.__setstate__ (hivemind 1.1.12), changed: sets the key object itself
+# instead of loading it from DER bytes (hivemind's constructor only generates a new key)
+def rsa_private_key(raw: rsa.RSAPrivateKey) -> RSAPrivateKey:
+    """hivemind's ``RSAPrivateKey`` holding ``raw``."""
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key._private_key = raw
+    return key
