@@ -1,1 +1,1 @@
-"""Benchmarks: each prints its figures and writes its own section of docs/benchmarks.md."""
+"""Benchmarks: each writes its own section of docs/benchmarks.md (bench_verification: docs/verification.md)."""

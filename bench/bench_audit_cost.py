@@ -47,7 +47,7 @@ from omi.models import (
 from omi.models.microbatch import named_tensors_hash
 from omi.models.optimizer import optimizer_for
 from omi.models.records import audited_record
-from omi.models.segments import SegmentStep, replay_segment, segment_steps, state_hash, training_state
+from omi.models.segments import SegmentStep, replay_segment, segment_steps, training_state, training_state_hash
 from omi.node.validator import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
@@ -136,7 +136,7 @@ class Node:
                 records += replay_segment(self.model, self.optimizer, self.scheduler, self.source, segment,
                                           prediction_type=training.prediction_type, sketch=self.sketch)
             states.append(training_state(self.model, self.optimizer))
-        hashes = [state_hash(state) for state in states]  # the node's commitment to its round
+        hashes = [training_state_hash(state) for state in states]  # the node's commitment to its round
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         scale = 2.0 if self.cheat == "scaled_delta" else 1.0
         delta = [scale * (theta[n] - states[-1][n].float()) for n in names]

@@ -71,7 +71,7 @@ def main() -> None:
         writes.append(time.perf_counter() - started)
         coordinator.checkpoints.publish("bench", epoch, folder, manifest)
         copies.append(plain_copy(folder, work / f"copy-{epoch}"))
-    size = sum(entry["size"] for entry in manifest["files"])
+    size = sum(entry.size for entry in manifest.files)
     key = signing.public_bytes(coordinator.key)
     coordinator.close()
 
@@ -108,7 +108,7 @@ def main() -> None:
     ]
     table = "| operation | best of 3 | MiB/s | vs plain copy |\n|---|---|---|---|\n" + "\n".join(
         f"| {name} | {seconds:.2f} s | {mib / seconds:.0f} | {seconds / copy:.2f}× |" for name, seconds in rows)
-    body = (f"`{MODEL}`: {len(manifest['files'])} files, {mib:.0f} MiB (float32 safetensors). "
+    body = (f"`{MODEL}`: {len(manifest.files)} files, {mib:.0f} MiB (float32 safetensors). "
             f"`python -m bench.bench_checkpoints`; the preview grid is not included (it is sampling, not I/O).\n\n"
             f"{table}\n\nAll runs: write {', '.join(f'{s:.2f}' for s in writes)} s; copy "
             f"{', '.join(f'{s:.2f}' for s in copies)} s; download {', '.join(f'{s:.2f}' for s in downloads)} s.")

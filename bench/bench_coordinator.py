@@ -27,6 +27,7 @@ from omi.node.client import register_request
 from omi.protos import pb, rpc, signing
 from omi.protos.channels import open_channel, pinned
 from omi.protos.clock import now_ms
+from omi.protos.runspec import parse_runspec
 from omi.protos.signing import generate_key
 
 from bench.identities import identities
@@ -76,6 +77,14 @@ def serve_until_signalled(server, ready) -> None:
         await server.stop(grace=1)
 
     asyncio.run(main())
+
+
+def round_hashes(run: str, micro_batches: int) -> dict[str, object]:
+    """The hash fields of a contribution of ``micro_batches`` inner steps in the run of RunSpec TOML ``run``: a
+    training-state hash at step 0, every ``segment_steps`` and at the end, as the ledger requires (placeholder bytes:
+    no validator replays them here)."""
+    segments = -(-micro_batches // parse_runspec(run).verification.segment_steps)
+    return dict(segment_hashes=[bytes([i]) * 32 for i in range(segments + 1)], end_params_hash=b"e" * 32)
 
 
 class Volunteer:
@@ -130,6 +139,7 @@ async def _load(stub, volunteers: list[Volunteer], contributors: list[Volunteer]
     schedule.sort(key=lambda item: item[0])
     latencies = {"heartbeat": [], "contribution": []}
     errors: dict[str, int] = {}
+    hashes = round_hashes(BENCH_RUN, 8)  # every contribution is a round of 8 inner steps
 
     async def send(kind: str, v: Volunteer):
         if kind == "heartbeat":
@@ -139,7 +149,7 @@ async def _load(stub, volunteers: list[Volunteer], contributors: list[Volunteer]
             contribution = signing.sign(pb.Contribution(
                 run_id="bench", node_id=v.token.node_id, epoch=0, assignment_id=v.work.assignment_id, samples=samples,
                 mean_loss=0.1, compute_seconds=50.0, params_hash=b"p" * 32, commitment=b"c" * 32, micro_batches=8,
-                gradient_sketch=[0.0] * 64, created_at_ms=now_ms()), v.key)
+                gradient_sketch=[0.0] * 64, created_at_ms=now_ms(), **hashes), v.key)
             call, request = stub.ReportContribution, v.signed(pb.ReportContributionRequest, contribution=contribution)
         start = time.perf_counter()
         try:

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.bench_coordinator import serve_until_signalled
+from bench.bench_coordinator import round_hashes, serve_until_signalled
 from bench.identities import identities
 from bench.report import write_section
 
@@ -105,7 +105,8 @@ def _volunteers(address: str, count: int, rate: float, ready, stop, results) -> 
         samples = sum(s.end - s.start for s in work.shards)
         client.report_contribution(pb.Contribution(
             epoch=0, assignment_id=work.assignment_id, samples=samples, mean_loss=0.3, compute_seconds=1.0,
-            params_hash=b"p" * 32, commitment=b"c" * 32, micro_batches=1, gradient_sketch=[0.0] * 8))
+            params_hash=b"p" * 32, commitment=b"c" * 32, micro_batches=1, gradient_sketch=[0.0] * 8,
+            **round_hashes(BENCH_RUN, 1)))
         clients.append(client)
     ready.set()
     threads_n = 4

@@ -1,7 +1,7 @@
 """Quality at equal wall-clock on this machine: `make demo` (coordinator + 2 volunteers) against `train-local`.
 
-    .venv/bin/python -m bench.bench_demo                       # 5 minutes each: per-step demo, rounds demo, local
-    .venv/bin/python -m bench.bench_demo --minutes 2 --runs examples/runs/digits.toml
+    .venv/bin/python -m bench.bench_demo                       # 5 minutes each: the demo, then train-local
+    .venv/bin/python -m bench.bench_demo --minutes 2           # 2 minutes each
 
 For each run file it starts ``scripts/demo.py`` (a real coordinator and two real volunteers, exactly what
 ``make demo`` runs) for ``--minutes``, then scores the newest checkpoint the coordinator published with the
@@ -52,8 +52,7 @@ def run_demo(run_file: Path, minutes: float, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="wall time of each demo and of train-local")
-    parser.add_argument("--runs", default="examples/runs/digits-per-step.toml,examples/runs/digits.toml",
-                        help="run files to demo (comma-separated)")
+    parser.add_argument("--runs", default="examples/runs/digits.toml", help="run files to demo (comma-separated)")
     args = parser.parse_args()
 
     rows = []

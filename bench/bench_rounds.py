@@ -15,16 +15,17 @@ the digits, and computes Δ_k = θ_r − θ_k. The butterfly all-reduce of ``Rou
 part: hivemind's ``TensorPartContainer`` splits the Δ tensors among the K reducers exactly as the averager does;
 each sender's part goes through the compression once (sender → reducer; the reducer's own part does not travel),
 the reducer takes the sample-weighted mean and the mean goes through the compression once more (reducer → every
-member, the reducer included, as ``ExactResultMixin`` does). Every worker then applies the outer SGD (Nesterov,
-the RunSpec's 0.7 / 0.9) with grad = the average. With overlap, round r+1 starts from
-θ_{r+1} = Outer(θ_r, avg Δ_{r−1}); the last round's average is applied after the loop, so every trained sample
-reaches the scored model.
+member, the reducer included, as ``ExactResultMixin`` does). Every worker then applies the RunSpec's outer SGD
+(examples/runs/digits.toml: plain SGD at lr 1, no momentum) with grad = the average. With overlap, round r+1
+starts from θ_{r+1} = Outer(θ_r, avg Δ_{r−1}); the last round's average is applied after the loop, so every
+trained sample reaches the scored model.
 
 **Measured**: bytes on the wire, the sum of ``serialize_torch_tensor(part, compression).ByteSize()`` of every part
 a butterfly all-reduce sends (each worker sends (K−1)/K of its Δ and receives (K−1)/K of the average), per trained
-sample, against today's per-step mode (a float32 all-reduce of the gradient after every global batch of K × 32
-samples, measured the same way); and the quality (confidence, coverage, FID of DDIM samples, ``quality_score``)
-against ``train-local`` (one process, the same AdamW stepping every micro-batch of 32) at the same number of samples.
+sample, against data-parallel training (a float32 all-reduce of the gradient after every global batch of K × 32
+samples, measured the same way: the reference of the bytes goal); and the quality (confidence, coverage, FID of
+DDIM samples, ``quality_score``) against ``train-local`` (one process, the same AdamW stepping every micro-batch of
+32) at the same number of samples.
 
 Times are for one thread on 2 CPU cores shared with other jobs; there, two torch threads ran ~8× slower.
 Writes the "rounds" section of docs/benchmarks.md (not with ``--quick``).
@@ -90,7 +91,7 @@ QUICK_ROWS = ("H1-none", "H1-uniform8bit", "H20-none", "H20-uniform8bit", "H20-u
 DEFAULT_RUN_ROW = "H20-topk0.05-sgd"  # examples/runs/digits.toml's [rounds]
 QUALITY = (256, 50)  # DDIM samples scored, DDIM steps: as train-local scores
 QUICK_QUALITY = (128, 20)
-GOAL_REDUCTION = 1000.0  # the issue's goal: ≥ 1000× fewer bytes than per-step float32 ...
+GOAL_REDUCTION = 1000.0  # the bytes goal: ≥ 1000× fewer bytes than a float32 all-reduce per global batch ...
 GOAL_QUALITY = 0.05  # ... with FID at most 5 % above train-local's and confidence at most 5 % below
 LOSS_WINDOW = 20  # micro-batches per worker averaged into the final loss
 
@@ -115,7 +116,7 @@ class Row:
     def parse(cls, text: str) -> Row:
         """``H20-uniform8bit``, ``H20-uniform8bit-overlap``, ``H20-topk0.02`` (2 % of Δ, sparse8bit),
         ``H20-topk0.02q4`` (2 % of Δ, sparse4bit: 4-bit values, their rounding error fed back) or any of these with
-        ``-sgd`` (outer SGD lr 1 without momentum instead of the RunSpec's Nesterov)."""
+        ``-sgd`` (outer SGD lr 1 without momentum instead of the RunSpec's outer optimizer)."""
         match = re.fullmatch(r"H(\d+)-(topk(0?\.\d+)(q4)?|[a-z0-9_]+?)(-overlap)?(-sgd)?", text.strip())
         dense = {name for name in COMPRESSIONS if not name.startswith("sparse")}
         if not match or int(match[1]) <= 0 or not (match[3] and 0 < float(match[3]) < 1 or match[2] in dense):
@@ -173,8 +174,8 @@ def butterfly_all_reduce(deltas: list[list[torch.Tensor]], weights: list[float],
 
 
 def allreduce_bytes(params: list[torch.Tensor], num_workers: int, compression: str) -> int:
-    """Bytes of one butterfly all-reduce of random tensors shaped like ``params``. With ``none``, what per-step
-    mode sends per global batch (there hivemind's runner returns ``average − own part``, the same size)."""
+    """Bytes of one butterfly all-reduce of random tensors shaped like ``params``. With ``none``, what data-parallel
+    training sends per global batch: the float32 gradient, averaged."""
     tensors = [torch.randn_like(p, requires_grad=False) for p in params]
     return butterfly_all_reduce([tensors] * num_workers, [1.0] * num_workers, COMPRESSIONS[compression]())[1]
 
@@ -251,7 +252,7 @@ class RowResult:
     samples: int  # trained by all workers together
     bytes: int  # sent by all workers together, over all rounds
     bytes_per_sample: float
-    reduction: float  # per-step float32 bytes per sample / this row's
+    reduction: float  # float32 all-reduce (data-parallel) bytes per sample / this row's
     final_loss: float  # mean of the last LOSS_WINDOW micro-batches of every worker
     quality: QualityScore
     fid_vs_local: float  # (FID − local FID) / local FID
@@ -364,14 +365,14 @@ def measure_row(spec: pb.RunSpec, row: Row, samples: int, device: torch.device, 
                        reduction=step_bytes_per_sample / per_sample, final_loss=run.final_loss, quality=q,
                        fid_vs_local=(q.fid - local.fid) / local.fid, within_quality=within(q, local),
                        seconds=run.seconds)
-    logger.info("%s: %s, %.0f× fewer bytes than per-step", row.name, q, result.reduction)
+    logger.info("%s: %s, %.0f× fewer bytes than data-parallel float32", row.name, q, result.reduction)
     return result
 
 
 # ---------------------------------------------------------------- the report (from the raw figures of --out)
 
 
-HEADERS = ["row", "rounds", "bytes/sample", "vs per-step", "loss", "confidence", "coverage", "FID", "FID vs local"]
+HEADERS = ["row", "rounds", "bytes/sample", "vs float32", "loss", "confidence", "coverage", "FID", "FID vs local"]
 CAPTION = ("◀ the default run (examples/runs/digits.toml); ✓ within the quality bar "
            f"(FID ≤ +{100 * GOAL_QUALITY:g} %, confidence ≥ −{100 * GOAL_QUALITY:g} % of train-local's)")
 
@@ -409,7 +410,8 @@ def markdown_table(figures: dict) -> str:
 
 def goal_line(rows: list[dict]) -> str:
     """Whether any row reaches ≥ GOAL_REDUCTION× fewer bytes within the quality bar."""
-    goal = f"Goal (≥ {GOAL_REDUCTION:,.0f}× fewer bytes than per-step float32 within {100 * GOAL_QUALITY:g} % quality)"
+    goal = (f"Goal (≥ {GOAL_REDUCTION:,.0f}× fewer bytes than a float32 all-reduce per global batch within "
+            f"{100 * GOAL_QUALITY:g} % quality)")
     reached = [r["row"] for r in rows if r["reduction"] >= GOAL_REDUCTION and r["within_quality"]]
     if reached:
         return f"{goal}: reached by {', '.join(reached)}."
@@ -420,22 +422,23 @@ def goal_line(rows: list[dict]) -> str:
 
 def section_body(figures: dict, command: str) -> str:
     """The "rounds" section of docs/benchmarks.md."""
-    s, step, local = figures["settings"], figures["per_step"], figures["local"]
-    batch_ratio = s["target_batch_size"] / step["samples_per_allreduce"]
+    s, step, local = figures["settings"], figures["data_parallel"], figures["local"]
     return f"""Command: `{command}` on {s['device']}, {s['threads']} torch thread(s), in one process (no networking):
 {s['workers']} workers train `{s['model']}` on digits in DiLoCo rounds as `swarm/rounds.py` does — H inner
 `ClippedAdamW` steps (lr {s['learning_rate']}, one per micro-batch of {s['micro_batch_size']}, each worker on its own
 half of a seeded shuffle, its AdamW state kept across rounds), the pseudo-gradients all-reduced part by part as
 `RoundAllReduceRunner` does (hivemind's `TensorPartContainer` split, each sender's part compressed once, the
-sample-weighted mean compressed once), then the outer Nesterov SGD ({s['outer_learning_rate']} /
-{s['outer_momentum']}). Overlap: the outer step of a round's end applies the previous round's mean. Every row trains
-{s['samples']:,} samples (both workers together); train-local trains as many, one AdamW step per micro-batch.
+sample-weighted mean compressed once), then the run's outer SGD (lr {s['outer_learning_rate']}, momentum
+{s['outer_momentum']}{', Nesterov' if s['outer_nesterov'] else ''}; `-sgd` rows: lr 1, no momentum). Overlap: the outer
+step of a round's end applies the previous round's mean. Every row trains {s['samples']:,} samples (both workers
+together); train-local trains as many, one AdamW step per micro-batch.
 Seed {s['seed']} (`[training] seed`: initial weights, data order, noise, sampling).
 
 Bytes: the measured `ByteSize()` of every serialized part a butterfly all-reduce sends (each worker sends (K−1)/K of
-its Δ and receives (K−1)/K of the mean), per trained sample. "vs per-step": today's per-step mode, one float32
-all-reduce of the gradient per global batch of {step['samples_per_allreduce']} samples ({step['bytes_per_allreduce']:,}
-bytes, {step['bytes_per_sample']:,.0f} per sample), divided by the row's bytes per sample. Quality:
+its Δ and receives (K−1)/K of the mean), per trained sample. "vs float32": data-parallel training, one
+float32 all-reduce of the gradient per global batch of {step['samples_per_allreduce']} samples
+({step['bytes_per_allreduce']:,} bytes, {step['bytes_per_sample']:,.0f} per sample; the reference of the bytes goal),
+divided by the row's bytes per sample. Quality:
 {s['quality_samples']} DDIM-{s['quality_steps']} samples scored by `quality_score`, the same sampling seed for every
 row; "loss": mean of each worker's last {LOSS_WINDOW} micro-batches (train-local: its last {LOSS_WINDOW}).
 
@@ -447,9 +450,7 @@ row; "loss": mean of each worker's last {LOSS_WINDOW} micro-batches (train-local
 
 Sampling noise: train-local's model scored with another sampling seed gives FID
 {local['reseeded_quality']['fid']:.1f} ({100 * local['fid_noise']:.1f} % away from {local['quality']['fid']:.1f}), so
-FID differences of that size are noise. The per-step baseline here averages every {step['samples_per_allreduce']}
-samples; the digits run's per-step mode averages every `target_batch_size` = {s['target_batch_size']} samples, which
-sends {batch_ratio:g}× fewer bytes per sample: against that mode, divide the ratios by {batch_ratio:g}. An 8-bit part
+FID differences of that size are noise. An 8-bit part
 carries a 1,032-byte codebook and the averager splits Δ per parameter tensor ({s['tensors']} tensors in
 `{s['model']}`), so uniform8bit sends {s['uniform8bit_ratio']:.1f}× fewer bytes than float32 here, not 4×.
 
@@ -506,11 +507,11 @@ def main() -> None:
                 spec.model, device, *quality)
     started = time.perf_counter()
 
-    # 1. the per-step baseline's bytes: one float32 all-reduce per global batch of K × micro-batch samples
+    # 1. the bytes reference: data-parallel training's float32 all-reduce per global batch of K × micro-batch samples
     params = trainable_parameters(build_for_spec(spec)[0])
     step_bytes = allreduce_bytes(params, WORKERS, "none")
     uniform8bit_bytes = allreduce_bytes(params, WORKERS, "uniform8bit")
-    logger.info("per-step float32 all-reduce: %d bytes per %d samples", step_bytes, step_samples)
+    logger.info("data-parallel float32 all-reduce: %d bytes per %d samples", step_bytes, step_samples)
 
     # 2. train-local at the same samples
     local = measure_local(spec, samples, device, quality)
@@ -531,13 +532,14 @@ def main() -> None:
     figures = dict(
         settings=dict(workers=WORKERS, samples=samples, model=spec.model, device=str(device), threads=args.threads,
                       seed=training.seed,
-                      micro_batch_size=training.micro_batch_size, target_batch_size=training.target_batch_size,
+                      micro_batch_size=training.micro_batch_size,
                       learning_rate=training.learning_rate, outer_learning_rate=spec.rounds.outer_learning_rate,
-                      outer_momentum=spec.rounds.outer_momentum, quality_samples=quality[0],
+                      outer_momentum=spec.rounds.outer_momentum, outer_nesterov=spec.rounds.outer_nesterov,
+                      quality_samples=quality[0],
                       quality_steps=quality[1], tensors=len(params), uniform8bit_ratio=step_bytes / uniform8bit_bytes,
                       wall_seconds=time.perf_counter() - started),
-        per_step=dict(bytes_per_allreduce=step_bytes, samples_per_allreduce=step_samples,
-                      bytes_per_sample=step_bytes / step_samples),
+        data_parallel=dict(bytes_per_allreduce=step_bytes, samples_per_allreduce=step_samples,
+                           bytes_per_sample=step_bytes / step_samples),
         local=local, rows=rows_figures, goal=goal_line(rows_figures))
     print_table(figures, console)
     console.print(f"wall time {figures['settings']['wall_seconds']:.0f} s")

@@ -1,27 +1,25 @@
 """Benchmark the swarm against one process: quality at equal samples, compute utilization, bytes on the wire.
 
-    .venv/bin/python -m bench.bench_swarm                  # 2 nodes: per-step, rounds, overlapped rounds (~15 min)
-    .venv/bin/python -m bench.bench_swarm --nodes 2,3 --modes per-step,rounds --epochs 6 --rounds 4
+    .venv/bin/python -m bench.bench_swarm                  # 2 nodes: rounds, overlapped rounds (~10 min)
+    .venv/bin/python -m bench.bench_swarm --nodes 2,3 --modes rounds --rounds 4
 
-Modes, side by side in one invocation: ``per-step`` (one hivemind.Optimizer step of the gradient per 256
-samples), ``rounds`` (DiLoCo as the default run does it: ``[rounds] inner_steps = 20``, top 5 % of Δ with error
-feedback, 8-bit, outer SGD at lr 1) and ``overlap`` (the same
-with the all-reduce overlapped with the next round).
+Modes, side by side in one invocation: ``rounds`` (DiLoCo as the default run does it: ``[rounds] inner_steps =
+20``, top 5 % of Δ with error feedback, 8-bit, outer SGD at lr 1) and ``overlap`` (the same with the all-reduce
+overlapped with the next round).
 
 For each mode and swarm size it starts a real coordinator and N real `omi-node join` processes on 127.0.0.1 (the
-first one alone, the others once it trains, as a swarm forms), lets each contribute ``--epochs`` epochs (``--rounds``
-rounds), and then:
+first one alone, the others once it trains, as a swarm forms), lets each contribute ``--rounds`` rounds, and then:
 
 - **quality at equal samples**: trains `train-local` in one process on as many samples as the swarm's ledger
-  holds, with the same optimizer step size (the swarm's mean samples per epoch), and compares the final loss
-  (mean loss of the last epoch) and the quality score of a node's final model with the baseline's (rounds: the
-  baseline steps every micro-batch, as the inner optimizer does);
+  holds, one AdamW step per micro-batch as the inner optimizer steps, and compares the final loss (the swarm's:
+  mean loss of the last round; the baseline's: train-local's ``final_loss``) and the quality score of a node's
+  final model with the baseline's;
 - **compute utilization**: per node, the share of wall time between its first and last contribution that it
   spent in forward/backward (the contributions' ``compute_seconds``) rather than waiting on the swarm;
 - **bytes on the wire**: per node, what its libp2p daemon sent over TCP (``ss -ti`` bytes_sent of its sockets,
   polled every second), all nodes together per trained sample, against a full-precision (float32) butterfly
-  all-reduce of the gradient every 256 samples (today's per-step mode), N × 2·(N−1)/N × 4 bytes × parameters / 256
-  per sample;
+  all-reduce of the gradient every 256 samples (data-parallel training; the reference of the bytes goal),
+  N × 2·(N−1)/N × 4 bytes × parameters / 256 per sample;
 - **swarm throughput**: the ledger's samples over the wall time between the first and the last contribution.
 
 Writes the "swarm" section of docs/benchmarks.md.
@@ -43,7 +41,7 @@ from pathlib import Path
 
 import torch
 from omi.models import generate, load_pretrained, model_info, quality_score
-from omi.models.train_local import train_local
+from omi.models.train_local import FINAL_LOSS_WINDOW, train_local
 from omi.protos import pb
 from omi.protos.runspec import parse_runspec
 
@@ -56,7 +54,6 @@ id = "digits"
 model = "unet-digits-16"
 [training]
 micro_batch_size = 32
-target_batch_size = 256
 learning_rate = 0.002
 [averaging]
 matchmaking_time = 3.0
@@ -69,11 +66,12 @@ heartbeat_timeout = 20.0
 ROUNDS = ('[rounds]\ninner_steps = 20\ncompression = "sparse8bit"\ntopk_density = 0.05\nouter_learning_rate = 1.0\n'
           'outer_momentum = 0.0\nouter_nesterov = false\n')
 MODES = {  # name -> the [rounds] section of its RunSpec
-    "per-step": "",
     "rounds": ROUNDS,
     "overlap": ROUNDS + "overlap = true\n",
 }
-STEP_SAMPLES = 256  # per-step mode's target_batch_size: the baseline all-reduce runs once per this many samples
+# the bytes reference: data-parallel training's float32 all-reduce of the gradient, once per this many samples (the
+# batch the bytes goal was set against, and every swarm section of docs/benchmarks.md since)
+STEP_SAMPLES = 256
 QUALITY_SAMPLES = 256
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -110,22 +108,23 @@ def p2pd_bytes_sent(state_dirs: dict[int, Path], seen: dict[tuple[int, str], int
             seen[key] = max(seen.get(key, 0), int(sent.group(1)))
 
 
-def run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str = "", wan_mbit: float | None = None) -> dict:
-    """A coordinator and ``nodes`` volunteers until each contributed ``epochs`` epochs; returns the figures. With
+def run_swarm(nodes: int, rounds: int, workdir: Path, rounds_toml: str, wan_mbit: float | None = None) -> dict:
+    """A coordinator and ``nodes`` volunteers of the run with ``[rounds]`` table ``rounds_toml`` until each
+    contributed ``rounds`` rounds; returns the figures. With
     ``wan_mbit``, each volunteer runs on a host of its own (a network namespace, tests/wan.py) whose link is capped
     at that rate each way, and the coordinator listens on the bridge in the root namespace."""
     if wan_mbit is None:
-        return _run_swarm(nodes, epochs, workdir, rounds, None)
+        return _run_swarm(nodes, rounds, workdir, rounds_toml, None)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from wan import wan  # the harness of tests/test_wan.py
 
     with wan(nodes, rate_mbit=wan_mbit) as net:
-        return _run_swarm(nodes, epochs, workdir, rounds, net)
+        return _run_swarm(nodes, rounds, workdir, rounds_toml, net)
 
 
-def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict:
+def _run_swarm(nodes: int, rounds: int, workdir: Path, rounds_toml: str, net) -> dict:
     run_file = workdir / "run.toml"
-    run_file.write_text(RUN + rounds)
+    run_file.write_text(RUN + rounds_toml)
     host = net.gateway if net else "127.0.0.1"
     grpc_address = f"{host}:{free_port()}"
     coordinator = start([BIN / "omi-coordinator", "serve", "--state-dir", workdir / "coordinator", "--grpc",
@@ -139,7 +138,7 @@ def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict
         time.sleep(8)  # the coordinator and its bootstrap peer come up
         for i in range(nodes):
             join = [BIN / "omi-node", "join", "--coordinator", grpc_address, "--state-dir", state_dirs[i], "--quiet",
-                    "--max-epochs", epochs, "--save", workdir / f"model-{i}"]
+                    "--max-epochs", rounds, "--save", workdir / f"model-{i}"]
             if net:  # inside host i; its swarm peer listens on the host's address, the one the others dial
                 join = net.hosts[i].argv(*join, "--host", net.hosts[i].ip)
             processes.append(start(join, workdir / f"node-{i}.log"))
@@ -149,7 +148,7 @@ def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict
                     time.sleep(0.5)
         while any(p.poll() is None for p in processes):
             p2pd_bytes_sent(state_dirs, sent, net)
-            if time.monotonic() - started > 60 * (5 + epochs):
+            if time.monotonic() - started > 60 * (5 + rounds):
                 raise RuntimeError(f"the {nodes}-node swarm did not finish in time; see {workdir}")
             time.sleep(1.0)
     finally:
@@ -170,23 +169,23 @@ def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict
         by_node.setdefault(c.node_id, []).append((c, at))
     utilization = []
     for items in by_node.values():
-        if len(items) >= 3:  # the wall time between the first and last report covers the epochs after the first
+        if len(items) >= 3:  # the wall time between the first and last report covers the rounds after the first
             wall = items[-1][1] - items[0][1]
             utilization.append(sum(c.compute_seconds for c, _ in items[1:]) / wall)
-    last_epoch = max(c.epoch for c, _ in contributions)
-    epochs_done = len({c.epoch for c, _ in contributions})
+    last_round = max(c.epoch for c, _ in contributions)
+    rounds_done = len({c.epoch for c, _ in contributions})
     total = sum(c.samples for c, _ in contributions)
-    final = [c for c, _ in contributions if c.epoch == last_epoch]
+    final = [c for c, _ in contributions if c.epoch == last_round]
     node_bytes = [sum(v for (node, _), v in sent.items() if node == i) for i in range(nodes)]
     wall = contributions[-1][1] - contributions[0][1]
     params = model_info("unet-digits-16").parameters
     model, scheduler = load_pretrained(workdir / "model-0")
     quality = quality_score(generate(model, scheduler, QUALITY_SAMPLES, 50, seed=0))
     return {
-        "nodes": nodes, "epochs": epochs_done, "samples": total, "samples_per_epoch": total / epochs_done,
+        "nodes": nodes, "rounds": rounds_done, "samples": total,
         "final_loss": sum(c.mean_loss * c.samples for c in final) / sum(c.samples for c in final),
         "quality": quality, "utilization": utilization, "seconds": time.monotonic() - started,
-        "bytes_per_node_epoch": [b / epochs for b in node_bytes],
+        "bytes_per_node_round": [b / rounds for b in node_bytes],
         "bytes_per_sample": sum(node_bytes) / max(total, 1),  # all nodes' bytes over all samples trained
         # every node sends 2·(N−1)/N × 4 bytes × parameters per all-reduce: N of those per 256 samples of the swarm
         "allreduce_bytes_per_sample": nodes * 2 * (nodes - 1) / nodes * 4 * params / STEP_SAMPLES,
@@ -194,24 +193,20 @@ def _run_swarm(nodes: int, epochs: int, workdir: Path, rounds: str, net) -> dict
     }
 
 
-def run_local(samples: int, batch_size: int) -> dict:
-    spec = parse_runspec(RUN)
+def run_local(samples: int) -> dict:
+    """train-local on ``samples`` samples, one AdamW step per micro-batch (as a volunteer's inner steps)."""
     torch.set_num_threads(1)
-    result = train_local(spec, samples, device="cpu", progress=False, batch_size=batch_size,
-                         quality_samples=QUALITY_SAMPLES)
-    # the swarm's final loss is the mean over its last epoch: compare with the last step's worth of micro-batches
-    tail = result.losses[-max(1, batch_size // spec.training.micro_batch_size):]
-    return {"final_loss": sum(tail) / len(tail), "quality": result.quality, "seconds": result.seconds}
+    result = train_local(parse_runspec(RUN), samples, device="cpu", progress=False, quality_samples=QUALITY_SAMPLES)
+    return {"final_loss": result.final_loss, "quality": result.quality, "seconds": result.seconds}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default="2", help="swarm sizes to run (comma-separated)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"modes to run (comma-separated: {', '.join(MODES)})")
-    parser.add_argument("--epochs", type=int, default=12, help="contributions per node in per-step mode")
-    parser.add_argument("--rounds", type=int, default=5, help="contributions (rounds) per node in the round modes")
+    parser.add_argument("--rounds", type=int, default=5, help="contributions (rounds) per node")
     parser.add_argument("--inner-steps", type=int, default=20,
-                        help="H of the round modes (4 volunteers on digits need H <= 14: a round takes H x 32 "
+                        help="H, inner steps per round (4 volunteers on digits need H <= 14: a round takes H x 32 "
                              "samples from each, and digits has 1,797)")
     parser.add_argument("--keep", action="store_true", help="keep the working folders")
     parser.add_argument("--wan", type=float, default=None, metavar="MBIT",
@@ -225,11 +220,9 @@ def main() -> None:
     for nodes in [int(n) for n in args.nodes.split(",")]:
         for mode in args.modes.split(","):
             workdir = Path(tempfile.mkdtemp(prefix=f"omi-bench-swarm-{mode}-{nodes}-"))
-            epochs = args.rounds if MODES[mode] else args.epochs
-            rounds = MODES[mode].replace("inner_steps = 20", f"inner_steps = {args.inner_steps}")
-            swarm = run_swarm(nodes, epochs, workdir, rounds, args.wan)
-            # the baseline steps as often as the swarm's optimizer does: per epoch, or per micro-batch (inner steps)
-            local = run_local(swarm["samples"], 32 if MODES[mode] else round(swarm["samples_per_epoch"]))
+            rounds_toml = MODES[mode].replace("inner_steps = 20", f"inner_steps = {args.inner_steps}")
+            swarm = run_swarm(nodes, args.rounds, workdir, rounds_toml, args.wan)
+            local = run_local(swarm["samples"])
             print(json.dumps({"mode": mode, "swarm": {**swarm, "quality": str(swarm["quality"])},
                               "local": {**local, "quality": str(local["quality"])}}, indent=2, default=str))
             loss_ratio = swarm["final_loss"] / local["final_loss"]
@@ -237,7 +230,7 @@ def main() -> None:
             util = swarm["utilization"]
             ratio = swarm["allreduce_bytes_per_sample"] / max(swarm["bytes_per_sample"], 1e-9)
             rows.append(
-                f"| {mode} | {nodes} | {swarm['epochs']} | {swarm['samples']:,} | {swarm['samples_per_second']:.0f} | "
+                f"| {mode} | {nodes} | {swarm['rounds']} | {swarm['samples']:,} | {swarm['samples_per_second']:.0f} | "
                 f"{swarm['final_loss']:.4f} / {local['final_loss']:.4f} ({loss_ratio:.2f}×) | {swarm['quality']} / "
                 f"{local['quality']} (FID {fid_ratio:.2f}×) | {min(util):.0%}–{max(util):.0%} | "
                 f"{swarm['bytes_per_sample'] / 1e3:.1f} kB vs {swarm['allreduce_bytes_per_sample'] / 1e3:.1f} kB "
@@ -249,23 +242,21 @@ def main() -> None:
              f"each volunteer in a network namespace of its own whose link is capped at {args.wan:g} Mbit/s each way "
              "with `tc tbf` (tests/wan.py), the coordinator on the bridge in the root namespace")
     wan_flag = "" if args.wan is None else f" --wan {args.wan:g}"
-    body = f"""Command: `python -m bench.bench_swarm --nodes {args.nodes} --modes {args.modes} --epochs {args.epochs} \
---rounds {args.rounds} --inner-steps {args.inner_steps}{wan_flag}`. Each swarm is a real coordinator and real
+    body = f"""Command: `python -m bench.bench_swarm --nodes {args.nodes} --modes {args.modes} --rounds {args.rounds} \
+--inner-steps {args.inner_steps}{wan_flag}`. Each swarm is a real coordinator and real
 `omi-node join` processes, {where}, one torch thread each, all on this 2-core machine; the first node starts alone
-and the others join once it trains. Modes: per-step (one all-reduce of the gradient per 256 samples), rounds
-(DiLoCo as examples/runs/digits.toml: {args.inner_steps} inner steps per node, top 5 % of Δ with error feedback,
-8-bit, outer SGD at lr 1), overlap
-(rounds, all-reduce during the next round). The baseline is
-`train-local` on the same number of samples, stepping as often as the swarm's optimizer (per 256 samples, or per
-32-sample micro-batch in the round modes). Loss: mean of the last epoch (swarm) or of the last step's micro-batches
-(local); quality: 256 DDIM-50 samples of node 0's final model (swarm). Throughput: the ledger's samples over the
-wall time between the first and last contribution. Utilization: compute seconds / wall seconds between a node's
-first and last contribution (goal ≥ 95 %). Bytes: TCP bytes the nodes' libp2p daemons sent (gradients or
-pseudo-gradients, state downloads, DHT), measured with `ss -ti`, per trained sample, against a float32 butterfly
-all-reduce of the gradient every 256 samples.
+and the others join once it trains. Modes: rounds (DiLoCo as examples/runs/digits.toml: {args.inner_steps} inner
+steps per node, top 5 % of Δ with error feedback, 8-bit, outer SGD at lr 1), overlap (rounds, all-reduce during the
+next round). The baseline is `train-local` on the same number of samples, one AdamW step per 32-sample micro-batch
+as the inner steps. Loss: mean of the last round (swarm) or of the last {FINAL_LOSS_WINDOW} micro-batches (local);
+quality: 256 DDIM-50 samples of node 0's final model (swarm). Throughput: the ledger's samples over the wall time
+between the first and last contribution. Utilization: compute seconds / wall seconds between a node's first and
+last contribution (goal ≥ 95 %). Bytes: TCP bytes the nodes' libp2p daemons sent (pseudo-gradients, state downloads,
+DHT), measured with `ss -ti`, per trained sample, against a float32 butterfly all-reduce of the gradient every
+{STEP_SAMPLES} samples (data-parallel training; the reference of the bytes goal).
 
-| mode | nodes | epochs | samples | samples/s | final loss swarm / local | quality swarm / local | utilization \
-| bytes per sample vs per-step float32 all-reduce | wall |
+| mode | nodes | rounds | samples | samples/s | final loss swarm / local | quality swarm / local | utilization \
+| bytes per sample vs float32 all-reduce | wall |
 |---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 

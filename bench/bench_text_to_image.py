@@ -54,10 +54,8 @@ def conditional_quality(data: Path, samples: int) -> dict:
 
     spec = load_runspec(RUN)
     spec.data.source = f"manifest:{data}"
-    # one AdamW step per micro-batch, as a volunteer's inner steps take them (train-local's default would step once
-    # per target_batch_size = 256 samples: 8x fewer steps)
-    result = train_local(spec, samples, device="cpu", progress=False, batch_size=spec.training.micro_batch_size,
-                         quality_samples=250, quality_steps=20)
+    # train-local's default: one AdamW step per micro-batch, as a volunteer's inner steps take them
+    result = train_local(spec, samples, device="cpu", progress=False, quality_samples=250, quality_steps=20)
     return dict(samples=result.samples, seconds=result.seconds, samples_per_second=result.samples_per_second,
                 loss=result.final_loss, guided=result.quality)
 

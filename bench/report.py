@@ -9,9 +9,13 @@ from pathlib import Path
 import torch
 
 BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-HEADER = (
+HEADER = (  # docs/benchmarks.md's opening, for a page written from scratch
     "# Benchmarks\n\n"
-    "Figures measured on the machine named in each section; every section is rewritten by its script.\n"
+    "Every measured figure that README.md and docs/ quote is in a section of this page, or the page that quotes it\n"
+    "says where else it comes from. Each section names its date, machine, commit and command.\n\n"
+    "**Who wrote what.** Text between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` is written by that section's\n"
+    "script through `bench/report.py`, except the paragraphs marked _(by hand)_; rerunning the script replaces the\n"
+    "whole section, hand-written paragraphs included. Text outside the markers is written by hand.\n"
 )
 
 

@@ -2,7 +2,8 @@
 
 Volunteers join a run's swarm through the ``initial_peers`` of the RunSpec they receive at registration; the
 coordinator runs such a peer per run (it never trains and is never on the gradient path). Each peer is a process
-of its own (:func:`main`), which :class:`SwarmBootstrap` starts when the run starts:
+of its own (:func:`main`), which :class:`SwarmBootstrap` starts when the run starts and keeps running
+(:class:`omi.coordinator.supervisor.RunProcesses`, which also ends it with the coordinator):
 
     python -c "from omi.coordinator.bootstrap import main; main()" --state-dir state --spec <RunSpec, hex>
 
@@ -27,12 +28,12 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.coordinator.errors import Unavailable
 from omi.coordinator.store import Ban, PeerBinding, Store, Token, sqlite_url
+from omi.coordinator.supervisor import Launch, RunProcesses
 from omi.protos import pb, signing
 from sqlalchemy import select
 
@@ -43,14 +44,8 @@ REVOCATION_POLL = 5.0  # seconds between two reads of the bans
 REVOCATION_REFRESH = 300.0  # seconds between two re-publications of every revocation (peers come and go)
 
 
-@dataclass
-class _Peer:
-    process: subprocess.Popen
-    maddrs: Future  # the multiaddrs the process prints once its DHT listens
-
-
 class SwarmBootstrap:
-    """Starts a run's bootstrap peer process and keeps it until shutdown (restarting it if it died).
+    """Keeps a bootstrap peer process per run (started on demand, restarted if it died) until shutdown.
 
     :param key: the coordinator's Ed25519 key (its public half goes into the spec the peer checks tokens against;
       the peer process loads the private key from ``state_dir`` to mint its own access token)
@@ -65,39 +60,45 @@ class SwarmBootstrap:
                  db_url: str | None = None):
         self.public_key, self.state_dir, self.host = signing.public_bytes(key), Path(state_dir), host
         self.db_url = db_url
-        self._peers: dict[str, _Peer] = {}
-        self._lock = threading.Lock()
+        self._specs: dict[str, pb.RunSpec] = {}  # run id -> the spec its peer gets
+        self._maddrs: dict[str, Future] = {}  # run id -> the multiaddrs its current process prints once it listens
+        self.processes = RunProcesses("swarm bootstrap peer", self._launch, started=self._started)
 
     def start(self, spec: pb.RunSpec) -> None:
-        """Start the run's peer process unless it is running; returns at once (any thread)."""
-        with self._lock:
-            peer = self._peers.get(spec.run_id)
-            if peer is not None and peer.process.poll() is None:
-                return
+        """Start the run's peer process unless it is running (or waits to be restarted); returns at once (any
+        thread)."""
+        if spec.run_id not in self._specs:
             message = pb.RunSpec()
             message.CopyFrom(spec)
             message.coordinator_public_key = self.public_key
             del message.initial_peers[:]
-            command = [sys.executable, "-c", "from omi.coordinator.bootstrap import main; main()",
-                       "--state-dir", str(self.state_dir), "--host", self.host, "--parent-pid", str(os.getpid()),
-                       "--spec", message.SerializeToString(deterministic=True).hex()]
-            if self.db_url:
-                command += ["--db", self.db_url]
-            process = subprocess.Popen(command, stdout=subprocess.PIPE)  # its log goes to the coordinator's stderr
-            peer = self._peers[spec.run_id] = _Peer(process, Future())
-        threading.Thread(target=self._read_maddrs, args=(spec.run_id, peer), name=f"bootstrap-{spec.run_id}",
+            self._specs[spec.run_id] = message
+        self.processes.start(spec.run_id)
+
+    def _launch(self, run_id: str) -> Launch:
+        command = [sys.executable, "-c", "from omi.coordinator.bootstrap import main; main()",
+                   "--state-dir", str(self.state_dir), "--host", self.host,
+                   "--spec", self._specs[run_id].SerializeToString(deterministic=True).hex()]
+        if self.db_url:
+            command += ["--db", self.db_url]
+        return Launch(command, read_stdout=True)  # its log goes to the coordinator's stderr
+
+    def _started(self, run_id: str, process: subprocess.Popen) -> None:
+        maddrs = self._maddrs[run_id] = Future()
+        threading.Thread(target=self._read_maddrs, args=(run_id, process, maddrs), name=f"bootstrap-{run_id}",
                          daemon=True).start()
 
-    def _read_maddrs(self, run_id: str, peer: _Peer) -> None:
-        line = peer.process.stdout.readline()  # "" if the process ended first
+    @staticmethod
+    def _read_maddrs(run_id: str, process: subprocess.Popen, maddrs: Future) -> None:
+        line = process.stdout.readline()  # "" if the process ended first
         try:
-            maddrs = json.loads(line)
+            addresses = json.loads(line)
         except ValueError:
-            peer.maddrs.set_exception(Unavailable(f"the swarm peer of run '{run_id}' exited before it listened "
-                                                  f"(exit code {peer.process.wait()}); try again"))
+            maddrs.set_exception(Unavailable(f"the swarm peer of run '{run_id}' exited before it listened "
+                                             f"(exit code {process.wait()}); try again"))
             return
-        logger.info("run %s: swarm bootstrap peer (pid %d) on %s", run_id, peer.process.pid, ", ".join(maddrs))
-        peer.maddrs.set_result(maddrs)
+        logger.info("run %s: swarm bootstrap peer (pid %d) on %s", run_id, process.pid, ", ".join(addresses))
+        maddrs.set_result(addresses)
 
     def initial_peers(self, spec: pb.RunSpec, *, timeout: float = 0.0) -> list[str]:
         """Multiaddrs of the run's bootstrap peer, starting it if need be (any thread).
@@ -106,23 +107,18 @@ class SwarmBootstrap:
           request never holds up the coordinator's worker thread for a peer's start-up
         """
         self.start(spec)
+        process, maddrs = self.processes.process(spec.run_id), self._maddrs.get(spec.run_id)
+        if maddrs is not None and maddrs.done() and maddrs.exception() is not None:
+            raise maddrs.exception()
+        if process is None or maddrs is None or process.poll() is not None:  # it died: the supervisor restarts it
+            raise Unavailable(f"the swarm peer of run '{spec.run_id}' is restarting; try again shortly")
         try:
-            return list(self._peers[spec.run_id].maddrs.result(timeout=timeout))
+            return list(maddrs.result(timeout=timeout))
         except FutureTimeout:
             raise Unavailable(f"the swarm peer of run '{spec.run_id}' is starting; try again shortly") from None
 
-    def shutdown(self, timeout: float = 15.0) -> None:
-        with self._lock:
-            peers, self._peers = self._peers, {}
-        for peer in peers.values():
-            peer.process.terminate()
-        for run_id, peer in peers.items():
-            try:
-                peer.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                peer.process.kill()
-                peer.process.wait()
-            logger.info("run %s: swarm bootstrap peer stopped", run_id)
+    def shutdown(self) -> None:
+        self.processes.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--spec", required=True, help="the run's RunSpec, serialized, in hex")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite under the state dir)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -158,11 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                               lambda peers, lifetime: publish_revocations(dht, key, spec, peers, lifetime))
     try:
         print(json.dumps(maddrs), file=addresses, flush=True)
-        # the coordinator may die without stopping us (SIGKILL): an orphaned peer would hold the identity and port
         while not stop.wait(1.0):
-            if args.parent_pid and os.getppid() != args.parent_pid:
-                logger.warning("the coordinator process is gone; the bootstrap peer exits")
-                break
             revocations.maybe_publish()
     finally:
         dht.shutdown()

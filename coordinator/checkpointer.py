@@ -20,10 +20,8 @@ SECONDS after the weights are on disk (so a test can kill the coordinator mid-wr
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -32,13 +30,19 @@ from pathlib import Path
 import torch
 from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name
 from omi.coordinator.credentials import KEY_FILENAME
-from omi.coordinator.errors import Unavailable
 from omi.coordinator.runs import Runs
 from omi.coordinator.store import Run, Store, sqlite_url
+from omi.coordinator.supervisor import Launch, RunProcesses
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
-from omi.protos.manifest import MANIFEST_FILENAME, MANIFEST_FORMAT, manifest_to_bytes, sha256_file, sign_manifest
-from omi.swarm.lifetime import exit_when_orphaned
+from omi.protos.data_ref import DataRef
+from omi.protos.files import sha256_file
+from omi.protos.manifest import (
+    CHECKPOINT_MANIFEST_NAME,
+    MANIFEST_FORMAT,
+    CheckpointManifest,
+    sign_checkpoint_manifest,
+)
 from sqlalchemy import select
 
 logger = logging.getLogger(__name__)
@@ -80,7 +84,7 @@ def _stall(epoch: int) -> None:
 
 def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epoch: int, run_folder: Path,
                      checkpoints: Checkpoints, key, preview: bool = True, source=None,
-                     state_hash: str | None = None) -> tuple[Path, dict]:
+                     state_hash: str | None = None) -> tuple[Path, CheckpointManifest]:
     """Write the checkpoint of ``model`` at ``epoch`` under ``run_folder`` atomically; returns (folder, manifest).
 
     Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
@@ -99,7 +103,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param preview: also draw the preview grid
     :param source: the run's data source (opened from the RunSpec if not given); a text-to-image data set gives the
         frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
-    :param state_hash: the witness's hash of θ at ``epoch`` (:func:`omi.swarm.rounds.state_hash`), signed in the
+    :param state_hash: the witness's hash of θ at ``epoch`` (:func:`omi.swarm.diloco.theta_hash`), signed in the
         manifest as ``state_hash``
     """
     from omi.models import open_source, params_hash, save_grid
@@ -109,7 +113,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     tmp = run_folder / f"{TMP_PREFIX}{folder_name(epoch)}-{os.getpid()}"
     run_folder.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
-    source = source if source is not None else (open_source(spec.data) if spec.data.source.startswith("manifest:")
+    source = source if source is not None else (open_source(spec.data) if DataRef.parse(spec.data.source).is_manifest
                                                 else None)
     parts, prompts = run_drawing(source)
     save_model(model, scheduler, tmp, parts=parts)
@@ -125,7 +129,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     files = [dict(path=path.relative_to(tmp).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
              for path in sorted(tmp.rglob("*")) if path.is_file()]
     summary = checkpoints.ledger_summary(spec.run_id, epoch)
-    manifest = sign_manifest(dict(
+    manifest, manifest_bytes = sign_checkpoint_manifest(dict(
         format=MANIFEST_FORMAT, run_id=spec.run_id, model=spec.model, epoch=epoch,
         total_samples=summary.total_samples, loss=summary.loss, created_at_ms=now_ms(),
         params_hash=params_hash(model).hex(), files=files, contributors=summary.contributors,
@@ -134,7 +138,7 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
         **({"data": source.provenance(summary.data_shards)} if parts is not None else {}), **shown,
         **({"state_hash": state_hash} if state_hash else {}),
     ), key)
-    (tmp / MANIFEST_FILENAME).write_bytes(manifest_to_bytes(manifest))
+    (tmp / CHECKPOINT_MANIFEST_NAME).write_bytes(manifest_bytes)
     _fsync_tree(tmp)
     os.replace(tmp, final)
     _fsync_dir(run_folder)
@@ -191,7 +195,7 @@ class Checkpointer:
                             identity_path=str(folder / "p2p.id"), host=self.host)
         self.model, self.scheduler = build_for_spec(spec)
         # a prepared data set is opened once: its frozen parts are hashed and loaded at the first checkpoint only
-        self.source = open_source(spec.data) if spec.data.source.startswith("manifest:") else None
+        self.source = open_source(spec.data) if DataRef.parse(spec.data.source).is_manifest else None
         self.witness = RoundWitness(self.dht, spec, self.model)  # the run's round and its checkpoints come from it
         logger.info("run %s: checkpointer peer %s joined the swarm as the rounds' witness", self.run_id, peer_id)
 
@@ -248,7 +252,7 @@ class Checkpointer:
         self._last_epoch = epoch
         logger.info("run %s: checkpoint of round %d written (witnessed θ copied in %.1f s, written in %.1f s, %d "
                     "samples, loss %s)", self.run_id, epoch, copied_seconds, written - started,
-                    manifest["total_samples"], manifest["loss"])
+                    manifest.total_samples, manifest.loss)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -267,13 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--initial-peer", action="append", default=[])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--public-url", default="")
-    parser.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # shares the coordinator's machine; pulling state and writing files is I/O-bound
-    if args.parent_pid:  # the coordinator may die by SIGKILL: an orphaned checkpointer must not keep writing
-        exit_when_orphaned(args.parent_pid, "the coordinator process is gone; the checkpointer exits")
     checkpointer = Checkpointer(args.state_dir, args.db, args.run, args.initial_peer, host=args.host,
                                 public_url=args.public_url)
     from omi.swarm.signals import install_stop_signals
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 class CheckpointerSupervisor:
-    """Inside ``omi-coordinator serve``: one checkpointer process per running run, restarted if it dies.
+    """Inside ``omi-coordinator serve``: one checkpointer process per running run, stopped once the run no longer
+    runs, restarted if it dies (:class:`omi.coordinator.supervisor.RunProcesses`).
 
     :param state_dir: the coordinator's state dir
     :param db_url: the coordinator's database URL (None: SQLite under ``state_dir``)
@@ -300,67 +302,26 @@ class CheckpointerSupervisor:
                  public_url: str = ""):
         self.state_dir, self.db_url, self.runs, self.initial_peers = Path(state_dir), db_url, runs, initial_peers
         self.host, self.public_url = host, public_url
-        self.processes: dict[str, subprocess.Popen] = {}
-        self._stopping: set[str] = set()  # runs whose checkpointer was asked to stop
+        self.processes = RunProcesses("checkpointer", self._launch, wanted=self._running)
 
-    def _command(self, run_id: str) -> list[str]:
+    def _running(self) -> list[str]:
+        return [run_id for run_id in self.runs.run_ids() if self.runs.get(run_id).state == pb.RUN_STATE_RUNNING]
+
+    def _launch(self, run_id: str) -> Launch:
         # -c rather than -m: the package imports this module, and runpy would warn about running it twice
         command = [sys.executable, "-c", "from omi.coordinator.checkpointer import main; main()",
-                   "--state-dir", str(self.state_dir),
-                   "--run", run_id, "--host", self.host, "--parent-pid", str(os.getpid())]
+                   "--state-dir", str(self.state_dir), "--run", run_id, "--host", self.host]
         if self.db_url:
             command += ["--db", self.db_url]
         if self.public_url:
             command += ["--public-url", self.public_url]
+        # Unavailable while the run's swarm peer is still starting: the supervisor's next check starts ours
         for peer in self.initial_peers(self.runs.get(run_id).spec):
             command += ["--initial-peer", peer]
-        return command
-
-    def check(self) -> None:
-        """Start the checkpointers of running runs, stop those of runs no longer running, restart dead ones."""
-        for run_id in self.runs.run_ids():
-            running = self.runs.get(run_id).state == pb.RUN_STATE_RUNNING
-            process = self.processes.get(run_id)
-            if process is not None and process.poll() is not None:
-                if run_id not in self._stopping:
-                    logger.warning("run %s: checkpointer exited with code %s", run_id, process.returncode)
-                del self.processes[run_id]
-                process = None
-            if running and process is None:
-                try:
-                    command = self._command(run_id)
-                except Unavailable as e:  # the run's swarm peer is still starting: the next check starts ours
-                    logger.info("run %s: checkpointer waits (%s)", run_id, e)
-                    continue
-                self.processes[run_id] = subprocess.Popen(command)
-                logger.info("run %s: checkpointer started (pid %d)", run_id, self.processes[run_id].pid)
-            elif not running and process is not None and run_id not in self._stopping:
-                process.terminate()  # reaped by a later check; waiting here would block the event loop
-                self._stopping.add(run_id)
-                logger.info("run %s: checkpointer stopping (the run is no longer running)", run_id)
-        self._stopping &= set(self.processes)
-
-    def _stop(self, run_id: str, timeout: float = 15.0) -> None:
-        process = self.processes.pop(run_id)
-        process.terminate()
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout)
-
-    async def supervise(self, interval: float = 2.0) -> None:
-        """Run :meth:`check` every ``interval`` seconds until cancelled."""
-        while True:
-            try:
-                self.check()
-            except Exception:
-                logger.exception("checkpointer supervision failed; retrying")
-            await asyncio.sleep(interval)
+        return Launch(command)
 
     def shutdown(self) -> None:
-        for run_id in list(self.processes):
-            self._stop(run_id)
+        self.processes.shutdown()
 
 
 if __name__ == "__main__":

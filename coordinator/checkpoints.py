@@ -17,7 +17,6 @@ is the first at or after a multiple of ``checkpoints.milestone_every`` (0: no mi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from omi.coordinator.runs import Runs
 from omi.coordinator.states import ContributionStatus
 from omi.coordinator.store import AssignedShard, Checkpoint, Contribution, Node, Store, int_sum
 from omi.protos import pb
-from omi.protos.clock import now_ms
-from omi.protos.manifest import MANIFEST_FILENAME, verify_folder
+from omi.protos.files import sha256_file
+from omi.protos.manifest import CHECKPOINT_MANIFEST_NAME, CheckpointManifest, verify_folder
 from sqlalchemy import delete, func, select
 
 logger = logging.getLogger(__name__)
@@ -170,23 +169,23 @@ class Checkpoints:
 
     # ---------------------------------------------------------------- writing (the checkpointer's process)
 
-    def publish(self, run_id: str, epoch: int, folder: Path, manifest: dict) -> list[int]:
+    def publish(self, run_id: str, epoch: int, folder: Path, manifest: CheckpointManifest) -> list[int]:
         """List the complete checkpoint ``folder`` (already renamed into place) and apply retention.
 
         :returns: the epochs retention dropped (their folders are removed after the commit)
         """
         assert folder == self.folder(run_id, epoch), "publish the folder at its final place"
         spec = self.runs.get(run_id).spec.checkpoints
-        manifest_bytes = (folder / MANIFEST_FILENAME).read_bytes()
-        size = sum(entry["size"] for entry in manifest["files"]) + len(manifest_bytes)
+        manifest_path = folder / CHECKPOINT_MANIFEST_NAME
+        size = sum(entry.size for entry in manifest.files) + manifest_path.stat().st_size
         with self.store.transaction() as s:
             if s.scalar(select(Checkpoint.id).where(Checkpoint.run_id == run_id, Checkpoint.epoch == epoch)):
                 return []
             previous = s.scalar(select(func.max(Checkpoint.epoch)).where(Checkpoint.run_id == run_id,
                                                                          Checkpoint.epoch < epoch))
-            s.add(Checkpoint(run_id=run_id, epoch=epoch, total_samples=manifest["total_samples"],
-                             manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(), size_bytes=size,
-                             path=str(folder.resolve()), created_at_ms=manifest.get("created_at_ms", now_ms()),
+            s.add(Checkpoint(run_id=run_id, epoch=epoch, total_samples=manifest.total_samples,
+                             manifest_sha256=sha256_file(manifest_path), size_bytes=size,
+                             path=str(folder.resolve()), created_at_ms=manifest.created_at_ms,
                              milestone=is_milestone(epoch, previous, spec.milestone_every)))
             s.flush()
             dropped = self._retain(s, run_id, spec.keep)
@@ -232,7 +231,7 @@ class Checkpoints:
             if epoch in listed:
                 continue
             manifest = verify_folder(folder, public_key)
-            if manifest is None or manifest.get("run_id") != run_id or manifest.get("epoch") != epoch:
+            if manifest is None or manifest.run_id != run_id or manifest.epoch != epoch:
                 logger.warning("run %s: %s does not verify; removing it", run_id, folder.name)
                 shutil.rmtree(folder, ignore_errors=True)
                 continue

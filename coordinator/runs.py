@@ -4,7 +4,6 @@ The parsed RunSpec is stored once; what nodes receive is that spec plus the coor
 and the swarm's initial peers, which belong to the running server (the ``swarm_peers`` argument).
 """
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,9 @@ from omi.coordinator.states import RUN_STATE_NAMES
 from omi.coordinator.store import RoundState, Run, Store
 from omi.protos import pb
 from omi.protos.clock import now_ms
-from omi.protos.dataset import MANIFEST_NAME
+from omi.protos.data_ref import DataRef
+from omi.protos.dataset import DATASET_MANIFEST_NAME
+from omi.protos.files import sha256_file
 from omi.protos.runspec import RunSpecError, parse_runspec
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -142,16 +143,15 @@ class Runs:
         if folder is not None and self.public_url:
             # a prepared data set in a folder here: nodes fetch the shards they are assigned from this coordinator's
             # HTTP port, and the manifest's sha256 pins what they may accept
-            digest = hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
-            spec.data.source = f"manifest:{self.public_url}{data_url_path(run_id)}#sha256:{digest}"
+            digest = sha256_file(folder / DATASET_MANIFEST_NAME)
+            spec.data.source = str(DataRef("manifest", f"{self.public_url}{data_url_path(run_id)}", digest))
         return spec
 
     def data_folder(self, run_id: str) -> Path | None:
         """The folder of the run's prepared data set when it is on this machine (``manifest:FOLDER``), which the
         HTTP port serves under :func:`data_url_path`; None for any other data source (a built-in one, or a
         ``manifest:URL`` this coordinator does not hold)."""
-        kind, _, where = self.get(run_id).spec.data.source.partition(":")
-        return Path(where).expanduser() if kind == "manifest" and "://" not in where else None
+        return DataRef.parse(self.get(run_id).spec.data.source).folder
 
     def advance(self, run_id: str, epoch: int, state_hash: str | None = None) -> None:
         """The coordinator's own swarm peer observed the run at ``epoch``: the run's epoch (round) follows, never

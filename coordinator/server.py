@@ -131,7 +131,6 @@ class CoordinatorServer:
             self.checkpointers = CheckpointerSupervisor(
                 self.config.state_dir, self.config.db_url, self.coordinator.runs, self.bootstrap.initial_peers,
                 host=self.config.swarm_host, public_url=self.coordinator.checkpoints.public_url)
-            self._tasks.append(asyncio.create_task(self.checkpointers.supervise()))
 
     def _run_started(self, run_id: str) -> None:
         """Run ``run_id`` is running: start its swarm peer process and open its data source (in a thread of its own)

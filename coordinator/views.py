@@ -14,12 +14,10 @@ dashboard's JSON API and its Prometheus ``/metrics`` both build on these, so the
 """
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from omi.coordinator.core import Coordinator
 from omi.coordinator.errors import NotFound
@@ -28,7 +26,14 @@ from omi.coordinator.states import OPEN_AUDIT_STATES, RUN_STATE_NAMES, AuditStat
 from omi.coordinator.store import Audit, Ban, Checkpoint, Contribution, Node, RunMetric, Token, int_sum
 from omi.protos import pb
 from omi.protos.clock import now_ms
-from omi.protos.dataset import DATA_CARD_NAME, MANIFEST_NAME, ManifestError, parse_manifest
+from omi.protos.data_ref import DataRef
+from omi.protos.dataset import DATA_CARD_NAME, DATASET_MANIFEST_NAME, ManifestError, parse_manifest
+from omi.protos.manifest import (
+    CHECKPOINT_MANIFEST_NAME,
+    CheckpointManifest,
+    CheckpointManifestError,
+    read_checkpoint_manifest,
+)
 from sqlalchemy import case, func, select
 
 logger = logging.getLogger(__name__)
@@ -291,62 +296,40 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
     views = []
     for r in rows:
         base = f"/runs/{run_id}/checkpoints/{r.epoch}"
-        listed = read_checkpoint_manifest(str(coordinator.checkpoints.folder(run_id, r.epoch)), r.manifest_sha256) \
-            if has_folders else UNREADABLE
-        files = [CheckpointFile(name, f"{base}/{name}", sha, size) for name, sha, size in listed.files]
+        manifest = checkpoint_manifest(coordinator.checkpoints.folder(run_id, r.epoch), r.manifest_sha256,
+                                       coordinator.public_key) if has_folders else None
+        files, prompts, columns = [], [], None
+        if manifest is not None:
+            files = [CheckpointFile(entry.path, f"{base}/{entry.path}", entry.sha256, entry.size)
+                     for entry in sorted(manifest.files, key=lambda entry: entry.path)]
+            prompts, columns = list(manifest.preview_prompts or []), manifest.preview_columns
         preview = next((f.url for f in files if f.name.lower().endswith(".png")), None)
         views.append(CheckpointView(epoch=r.epoch, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
                                     size_bytes=r.size_bytes, created_at_ms=r.created_at_ms, milestone=r.milestone,
-                                    manifest_url=f"{base}/manifest.json", preview_url=preview, files=files,
-                                    preview_prompts=list(listed.preview_prompts),
-                                    preview_columns=listed.preview_columns))
+                                    manifest_url=f"{base}/{CHECKPOINT_MANIFEST_NAME}", preview_url=preview,
+                                    files=files, preview_prompts=prompts, preview_columns=columns))
     return views
 
 
-class CheckpointListing(NamedTuple):
-    """What the dashboard shows of a checkpoint's ``manifest.json``."""
-
-    files: tuple[tuple[str, str, int], ...]  # (name, sha256, size) of every file it lists, by name
-    preview_prompts: tuple[str, ...]  # the prompt of each preview cell, in grid order (text-to-image runs)
-    preview_columns: int | None  # cells per row of the preview grid, when the manifest says
+# (folder, manifest sha256) -> its manifest, None if it does not verify: keyed by the manifest's hash, so an entry is
+# never stale, in any process
+_MANIFESTS: dict[tuple[str, str], CheckpointManifest | None] = {}
 
 
-UNREADABLE = CheckpointListing((), (), None)
-
-# (folder, manifest sha256) -> listing: keyed by the manifest's hash, so an entry is never stale, in any process
-_MANIFESTS: dict[tuple[str, str], CheckpointListing] = {}
-
-
-def read_checkpoint_manifest(folder: str, manifest_sha256: str) -> CheckpointListing:
-    """The files and preview prompts a checkpoint's ``manifest.json`` lists; :data:`UNREADABLE` if it is not
-    readable here.
-
-    A manifest read once is kept by its hash: a checkpoint never changes once written. ``files`` may be
-    a mapping ``name -> {sha256, size}`` or a list of ``{path|name, sha256, size}``.
-    """
-    key = (folder, manifest_sha256)
-    if key in _MANIFESTS:
-        return _MANIFESTS[key]
-    try:
-        manifest = json.loads((Path(folder) / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return UNREADABLE
-    if not isinstance(manifest, dict):
-        manifest = {}
-    files = manifest.get("files", ())
-    if isinstance(files, dict):
-        files = [{"path": name, **(meta if isinstance(meta, dict) else {})} for name, meta in files.items()]
-    listed = []
-    for entry in files:
-        name = entry.get("path") or entry.get("name") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or name.startswith("/") or ".." in Path(name).parts:
-            continue
-        listed.append((name, str(entry.get("sha256", "")), int(entry.get("size", entry.get("size_bytes", 0)) or 0)))
-    prompts = manifest.get("preview_prompts", [])
-    prompts = tuple(prompts) if isinstance(prompts, list) and all(isinstance(p, str) for p in prompts) else ()
-    columns = manifest.get("preview_columns")
-    columns = columns if isinstance(columns, int) and columns > 0 else None
-    _MANIFESTS[key] = CheckpointListing(tuple(sorted(listed)), prompts, columns)
+def checkpoint_manifest(folder: Path, manifest_sha256: str, public_key: bytes) -> CheckpointManifest | None:
+    """A listed checkpoint's manifest, read from its folder and signed by ``public_key``; None if it is not readable
+    here or does not verify. A manifest read once is kept by its hash: a checkpoint never changes once written."""
+    key = (str(folder), manifest_sha256)
+    if key not in _MANIFESTS:
+        try:
+            data = (folder / CHECKPOINT_MANIFEST_NAME).read_bytes()
+        except OSError:
+            return None  # retention removed it since the listing was read
+        try:
+            _MANIFESTS[key] = read_checkpoint_manifest(data, public_key)
+        except CheckpointManifestError as e:
+            logger.warning("checkpoint %s is listed, its manifest is not shown: %s", folder, e)
+            _MANIFESTS[key] = None
     return _MANIFESTS[key]
 
 
@@ -359,19 +342,19 @@ def data_card(coordinator: Coordinator, run_id: str) -> DataCardView:
 
     folder = coordinator.runs.data_folder(run_id)
     source = coordinator.runs.get(run_id).spec.data.source
-    kind, _, where = source.partition(":")
-    fetched = fetched_manifest(where) if folder is None and kind == "manifest" else None
+    ref = DataRef.parse(source)
+    fetched = fetched_manifest(ref) if folder is None and ref.is_manifest else None
     if folder is None and fetched is None:
         raise NotFound(f"run '{run_id}' has no prepared data set on this coordinator (its data: {source})")
     try:
-        raw = fetched[1] if fetched is not None else (folder / MANIFEST_NAME).read_bytes()
+        raw = fetched[1] if fetched is not None else (folder / DATASET_MANIFEST_NAME).read_bytes()
         manifest = parse_manifest(raw)
     except (OSError, ManifestError) as e:
         raise NotFound(f"the data set of run '{run_id}' is not readable: {e}") from None
     if fetched is not None:  # the mirror serves the manifest; whether it has a DATA_CARD.md is not known here
-        return _card_view(run_id, manifest, raw, manifest_url=f"{fetched[0]}/{MANIFEST_NAME}", card_url=None)
+        return _card_view(run_id, manifest, raw, manifest_url=f"{fetched[0]}/{DATASET_MANIFEST_NAME}", card_url=None)
     base = data_url_path(run_id)
-    return _card_view(run_id, manifest, raw, manifest_url=f"{base}/{MANIFEST_NAME}",
+    return _card_view(run_id, manifest, raw, manifest_url=f"{base}/{DATASET_MANIFEST_NAME}",
                       card_url=f"{base}/{DATA_CARD_NAME}" if (folder / DATA_CARD_NAME).is_file() else None)
 
 

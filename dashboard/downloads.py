@@ -13,7 +13,6 @@ are Starlette's ``FileResponse`` (206 with ``Content-Range``, 416 past the end),
 ``omi-node download`` resume.
 """
 
-import json
 import logging
 
 from fastapi import APIRouter, HTTPException
@@ -21,9 +20,10 @@ from fastapi.responses import FileResponse
 from google.protobuf import json_format
 from omi.coordinator.core import Coordinator
 from omi.coordinator.errors import NotFound
+from omi.coordinator.views import checkpoint_manifest
 from omi.protos import pb
-from omi.protos.dataset import DATA_CARD_NAME, MANIFEST_NAME, ManifestError, read_manifest
-from omi.protos.manifest import MANIFEST_FILENAME
+from omi.protos.dataset import DATA_CARD_NAME, DATASET_MANIFEST_NAME, ManifestError, read_manifest
+from omi.protos.manifest import CHECKPOINT_MANIFEST_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
     @router.get("/runs/{run_id}/checkpoints/{ref}/manifest.json")
     def manifest(run_id: str, ref: str) -> FileResponse:
         checkpoint = find(run_id, ref)
-        path = checkpoints.folder(run_id, checkpoint.epoch) / MANIFEST_FILENAME
+        path = checkpoints.folder(run_id, checkpoint.epoch) / CHECKPOINT_MANIFEST_NAME
         if not path.is_file():  # retention removed it between the lookup and now
             raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone")
         return FileResponse(path, media_type="application/json")
@@ -68,10 +68,11 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
     def checkpoint_file(run_id: str, ref: str, file_path: str) -> FileResponse:
         checkpoint = find(run_id, ref)
         folder = checkpoints.folder(run_id, checkpoint.epoch)
-        try:
-            listed = {entry["path"] for entry in json.loads((folder / MANIFEST_FILENAME).read_bytes())["files"]}
-        except (OSError, ValueError, KeyError):
-            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone") from None
+        manifest = checkpoint_manifest(folder, checkpoint.manifest_sha256, coordinator.public_key)
+        if manifest is None:
+            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone (or its manifest does "
+                                     "not verify)")
+        listed = {entry.path for entry in manifest.files}
         if file_path not in listed:
             raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} has no file {file_path!r}")
         return FileResponse(folder / file_path, media_type="application/octet-stream")
@@ -88,7 +89,8 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
             manifest = read_manifest(folder)
         except ManifestError as e:
             raise HTTPException(404, str(e)) from None
-        listed = {MANIFEST_NAME, DATA_CARD_NAME, manifest.null_caption.file, *(shard.file for shard in manifest.shards)}
+        listed = {DATASET_MANIFEST_NAME, DATA_CARD_NAME, manifest.null_caption.file,
+                  *(shard.file for shard in manifest.shards)}
         if file_path not in listed or not (folder / file_path).is_file():
             raise HTTPException(404, f"the data set of run {run_id!r} has no file {file_path!r}")
         if file_path == DATA_CARD_NAME:  # text, so that the dashboard's link opens it in the browser

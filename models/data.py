@@ -32,6 +32,9 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from omi.protos import pb
+from omi.protos.data_ref import DataRef, DataRefError
+from omi.protos.dataset import DATASET_MANIFEST_NAME
+from omi.protos.files import sha256_file
 from PIL import Image
 from webdataset.shardlists import expand_urls
 
@@ -43,6 +46,14 @@ _WDS_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 class DataSourceError(ValueError):
     """A data source that cannot be used: missing, empty, or not what its name says; the message names the path."""
+
+
+def _parsed(text: str) -> DataRef:
+    """The data source ``text`` parsed; :class:`DataSourceError` (with the parser's reason) if it is malformed."""
+    try:
+        return DataRef.parse(text)
+    except DataRefError as e:
+        raise DataSourceError(str(e)) from None
 
 
 def load_image(data: bytes | str | Path, resolution: int, channels: int) -> torch.Tensor:
@@ -259,7 +270,6 @@ DATA_CACHE_BYTES = 10 << 30  # default bound of a node's cache of fetched shards
 FETCH_ATTEMPTS = 3  # tries over the coordinator and the mirrors before a shard is given up
 FETCH_BACKOFF = 1.0  # seconds before the second try; doubled each time
 MAX_MANIFEST_BYTES = 64 << 20
-MANIFEST_NAME = "manifest.json"
 
 
 def cache_root() -> Path:
@@ -277,21 +287,19 @@ def _url_cache_folder(url: str, cache_dir: str | Path | None = None) -> Path:
     return data_cache_dir(cache_dir) / hashlib.sha256(url.encode()).hexdigest()[:16]
 
 
-def fetched_manifest(where: str, cache_dir: str | Path | None = None) -> tuple[str, bytes] | None:
-    """``(base URL, manifest bytes)`` of the ``manifest:URL[#sha256:PIN]`` data set ``where`` as this machine fetched
-    it last (opening a :class:`LatentShardSource` caches it); None if never fetched, or if it is not the pinned one.
-    Reads nothing over the network."""
-    location, _, pin = where.partition("#sha256:")
-    url = location.rstrip("/")
-    if "://" not in url:
+def fetched_manifest(ref: DataRef, cache_dir: str | Path | None = None) -> tuple[str, bytes] | None:
+    """``(base URL, manifest bytes)`` of the ``manifest:URL[#sha256:PIN]`` data set ``ref`` as this machine fetched
+    it last (opening a :class:`LatentShardSource` caches it); None if never fetched, if it is not the pinned one, or
+    if ``ref`` is no URL. Reads nothing over the network."""
+    if ref.url is None:
         return None
     try:
-        data = (_url_cache_folder(url, cache_dir) / MANIFEST_NAME).read_bytes()
+        data = (_url_cache_folder(ref.url, cache_dir) / DATASET_MANIFEST_NAME).read_bytes()
     except OSError:
         return None
-    if pin and hashlib.sha256(data).hexdigest() != pin:
+    if ref.pinned_sha256 and hashlib.sha256(data).hexdigest() != ref.pinned_sha256:
         return None
-    return url, data
+    return ref.url, data
 
 
 class LatentShardSource(DataSource):
@@ -305,37 +313,39 @@ class LatentShardSource(DataSource):
     :class:`~omi.models.text_to_image.LatentBatch`; the run's work shards (``shard_size``) are independent of the
     prepared ones.
 
-    :param where: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``) or base URL
+    :param where: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``) or base URL, with
+        ``#sha256:HEX`` pinning its manifest; or the parsed ``manifest:`` source
     :param cache_dir: where a fetched data set is cached (default :func:`data_cache_dir`)
     :param max_cache_bytes: bound of the shard files cached on disk
     """
 
-    def __init__(self, where: str | Path, shard_size: int, resolution: int, *, cache_shards: int = 8,
+    def __init__(self, where: str | Path | DataRef, shard_size: int, resolution: int, *, cache_shards: int = 8,
                  cache_dir: str | Path | None = None, max_cache_bytes: int = DATA_CACHE_BYTES):
         from omi.protos.dataset import ManifestError, parse_manifest
 
-        location, _, pin = str(where).partition("#sha256:")
-        self.url = location.rstrip("/") if "://" in location else ""
+        ref = where if isinstance(where, DataRef) else _parsed(f"manifest:{where}")
+        assert ref.is_manifest, f"{ref} is not a prepared data set"
+        self.url = ref.url or ""
         self.max_cache_bytes = max_cache_bytes
         if self.url:  # fetched over HTTP into a cache folder of its own
             self.folder = _url_cache_folder(self.url, cache_dir)
             self.folder.mkdir(parents=True, exist_ok=True)
             manifest_bytes = self._fetch_manifest()
         else:
-            self.folder = Path(location).expanduser()
-            path = self.folder / MANIFEST_NAME
+            self.folder = ref.folder
+            path = self.folder / DATASET_MANIFEST_NAME
             if not path.is_file():
                 raise DataSourceError(f"no dataset manifest at {path}")
             manifest_bytes = path.read_bytes()
-        if pin and hashlib.sha256(manifest_bytes).hexdigest() != pin:
-            raise DataSourceError(f"{where}: the manifest is not the one the run names (sha256 differs)")
+        if ref.pinned_sha256 and hashlib.sha256(manifest_bytes).hexdigest() != ref.pinned_sha256:
+            raise DataSourceError(f"{ref.where}: the manifest is not the one the run names (sha256 differs)")
         try:
             self.manifest = parse_manifest(manifest_bytes)
         except ManifestError as e:
-            raise DataSourceError(f"{where}: {e}") from e
+            raise DataSourceError(f"{ref.where}: {e}") from e
         if self.url:
-            (self.folder / MANIFEST_NAME).write_bytes(manifest_bytes)
-        super().__init__(f"manifest:{where}", shard_size, resolution, self.manifest.channels)
+            (self.folder / DATASET_MANIFEST_NAME).write_bytes(manifest_bytes)
+        super().__init__(str(ref), shard_size, resolution, self.manifest.channels)
         if resolution != self.manifest.resolution:
             raise DataSourceError(f"{self.folder}: prepared at {self.manifest.resolution} px, the run asks for "
                                   f"{resolution}")
@@ -352,17 +362,18 @@ class LatentShardSource(DataSource):
         last = None
         for attempt in range(FETCH_ATTEMPTS):
             try:
-                with open_url(f"{self.url}/{MANIFEST_NAME}") as response:
+                with open_url(f"{self.url}/{DATASET_MANIFEST_NAME}") as response:
                     data = response.read(MAX_MANIFEST_BYTES + 1)
                 if len(data) > MAX_MANIFEST_BYTES:
-                    raise DataSourceError(f"{self.url}/{MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
+                    raise DataSourceError(f"{self.url}/{DATASET_MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} "
+                                          "bytes")
                 return data
             except DownloadError as e:
                 last = e
                 if e.exit_code == 4:
                     break
                 time.sleep(FETCH_BACKOFF * 2**attempt)
-        cached = self.folder / MANIFEST_NAME
+        cached = self.folder / DATASET_MANIFEST_NAME
         if cached.is_file():
             logger.warning("%s unreachable (%s): using the manifest fetched before", self.url, last)
             return cached.read_bytes()
@@ -493,8 +504,7 @@ class LatentShardSource(DataSource):
         for shard in shards:
             for name, count in shard.licenses.items():
                 licenses[name] = licenses.get(name, 0) + count
-        manifest_bytes = (self.folder / "manifest.json").read_bytes()
-        return dict(dataset=self.manifest.name, manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+        return dict(dataset=self.manifest.name, manifest_sha256=sha256_file(self.folder / DATASET_MANIFEST_NAME),
                     shards=[dict(id=s.id, file=s.file, sha256=s.sha256, samples=s.samples) for s in shards],
                     licenses=licenses)
 
@@ -509,20 +519,14 @@ def open_source(data: pb.DataSpec, *, channels: int | None = None) -> DataSource
     :param data: source, shard size and resolution from the RunSpec
     :param channels: image channels the model takes; default 1 for ``builtin:digits``, 3 otherwise
     """
-    kind, _, where = data.source.partition(":")
-    if not where:
-        raise DataSourceError(f"data source '{data.source}' must be builtin:NAME, imagefolder:PATH, "
-                              "webdataset:PATTERN or manifest:FOLDER")
+    ref = _parsed(data.source)
     shard_size, resolution = int(data.shard_size), int(data.resolution)
-    if kind == "builtin":
-        if where != "digits":
-            raise DataSourceError(f"unknown builtin data source '{where}' (known: digits)")
+    if ref.kind == "builtin":
+        if ref.where != "digits":
+            raise DataSourceError(f"unknown builtin data source '{ref.where}' (known: digits)")
         return DigitsSource(shard_size, resolution, channels or 1)
-    if kind == "imagefolder":
-        return ImageFolderSource(where, shard_size, resolution, channels or 3)
-    if kind == "webdataset":
-        return WebDatasetSource(where, shard_size, resolution, channels or 3)
-    if kind == "manifest":
-        return LatentShardSource(where, shard_size, resolution)
-    raise DataSourceError(f"unknown data source kind '{kind}' in '{data.source}' "
-                          "(known: builtin, imagefolder, webdataset, manifest)")
+    if ref.kind == "imagefolder":
+        return ImageFolderSource(ref.where, shard_size, resolution, channels or 3)
+    if ref.kind == "webdataset":
+        return WebDatasetSource(ref.where, shard_size, resolution, channels or 3)
+    return LatentShardSource(ref, shard_size, resolution)  # the parse leaves no other kind than manifest

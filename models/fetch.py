@@ -1,8 +1,9 @@
 """Resumable, sha256-checked HTTP downloads: checkpoints (``omi-node download``) and data shards.
 
 A file goes into ``<name>.part``; an interrupted transfer continues with an HTTP ``Range`` request from the bytes
-already there, hashed while written; a file whose size or sha256 differs from what was promised is renamed
-``<name>.corrupt`` and refused; a verified file gets its real name.
+already there. A file fetched in one go is hashed while written, a resumed one once it is whole; a file whose size
+or sha256 differs from what was promised is renamed ``<name>.corrupt`` and refused; a verified file gets its real
+name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from omi.protos.files import sha256_file
 
 CHUNK = 1 << 20  # bytes per read
 HTTP_TIMEOUT = 30.0  # seconds without data before a request fails
@@ -38,14 +41,6 @@ def open_url(url: str, headers: dict | None = None):
         raise DownloadError(f"cannot reach {url}: {getattr(e, 'reason', e)}", 3) from None
 
 
-def sha256_of(path: Path) -> hashlib._Hash:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest
-
-
 def fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
     """Download ``url`` into ``target`` through ``target.part`` (resumed if present); returns bytes fetched."""
     part = target.with_name(target.name + ".part")
@@ -53,7 +48,7 @@ def fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
     if have > size:
         part.unlink()
         have = 0
-    digest = sha256_of(part) if have else hashlib.sha256()
+    digest = hashlib.sha256()  # of the bytes this call writes
     advance(have)
     fetched = 0
     if have < size:
@@ -61,7 +56,7 @@ def fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
         with response:
             if have and response.status != 206:  # the server ignored the range: start over
                 advance(-have)
-                have, digest = 0, hashlib.sha256()
+                have = 0
             with open(part, "ab" if have else "wb") as f:
                 try:
                     # never more than the signed size: a server that sends more fills no disk
@@ -86,11 +81,12 @@ def fetch_file(url: str, target: Path, size: int, sha256: str, advance) -> int:
     if got < size:  # the connection ended early without an error: keep the part to resume from
         raise DownloadError(f"transfer of {target.name} ended after {got} of {size} bytes; run the same command "
                             "again to resume", 3)
-    if got != size or digest.hexdigest() != sha256:
+    actual = sha256_file(part) if have else digest.hexdigest()  # a resumed part holds bytes of an earlier call
+    if got != size or actual != sha256:
         corrupt = target.with_name(target.name + ".corrupt")
         os.replace(part, corrupt)
         raise DownloadError(f"refused: {target.name} does not match the signed manifest (sha256 "
-                            f"{digest.hexdigest()[:16]}… instead of {sha256[:16]}…, {got} bytes); kept as "
+                            f"{actual[:16]}… instead of {sha256[:16]}…, {got} bytes); kept as "
                             f"{corrupt.name}")
     os.replace(part, target)
     return fetched

@@ -18,7 +18,6 @@ they reach; a second run with the same input and parts checks those shards and c
 step writes ``manifest.json`` (:class:`omi.protos.dataset.DatasetManifest`) and ``DATA_CARD.md``.
 """
 
-import hashlib
 import io
 import json
 import logging
@@ -35,7 +34,7 @@ from omi.models.data import DIGIT_PROMPTS, IMAGE_EXTENSIONS, digit_caption, expa
 from omi.models.quality import one_thread
 from omi.protos.dataset import (
     DATA_CARD_NAME,
-    MANIFEST_NAME,
+    DATASET_MANIFEST_NAME,
     DataCard,
     DatasetManifest,
     FileRef,
@@ -44,6 +43,7 @@ from omi.protos.dataset import (
     normalize_license,
     shard_name,
 )
+from omi.protos.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -207,20 +207,13 @@ class _Progress:
         os.replace(tmp, out / PROGRESS_NAME)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _resume(out: Path, fresh: _Progress) -> _Progress:
     """The progress of an earlier run into ``out`` (its shards checked), or ``fresh``."""
     path = out / PROGRESS_NAME
     if not path.is_file():
-        if (out / MANIFEST_NAME).exists():
-            raise PreparationError(f"{out} already holds a finished data set ({MANIFEST_NAME}); use a new folder")
+        if (out / DATASET_MANIFEST_NAME).exists():
+            raise PreparationError(f"{out} already holds a finished data set ({DATASET_MANIFEST_NAME}); use a new "
+                                   "folder")
         return fresh
     data = json.loads(path.read_text())
     for key in ("input", "parts_sha256", "model", "shard_size"):
@@ -230,7 +223,7 @@ def _resume(out: Path, fresh: _Progress) -> _Progress:
     done = _Progress(**{**data, "shards": [Shard(**s) for s in data["shards"]]})
     for shard in done.shards:
         file = out / shard.file
-        if not file.is_file() or _sha256(file) != shard.sha256:
+        if not file.is_file() or sha256_file(file) != shard.sha256:
             raise PreparationError(f"{file} is missing or changed since it was written (sha256); "
                                    "remove the folder and prepare again")
     logger.info("resuming %s: %d shards written, %d input samples done", out, len(done.shards), done.position)
@@ -248,7 +241,7 @@ def _write_shard(out: Path, shard_id: int, rows: list[dict]) -> Shard:
     licenses: dict[str, int] = {}
     for row in rows:
         licenses[row["json"]["license"]] = licenses.get(row["json"]["license"], 0) + 1
-    return Shard(id=shard_id, file=shard_name(shard_id), sha256=_sha256(file), bytes=file.stat().st_size,
+    return Shard(id=shard_id, file=shard_name(shard_id), sha256=sha256_file(file), bytes=file.stat().st_size,
                  samples=len(rows), licenses=licenses)
 
 
@@ -371,13 +364,13 @@ def prepare(
         name=name or Path(where.replace("builtin:", "")).name or "data", model=model, resolution=config.resolution,
         channels=config.channels, latent_shape=latent_shape, caption_width=int(null.shape[-1]),
         parts=Parts(source=pinned, sha256=progress.parts_sha256),
-        null_caption=FileRef(file=NULL_CAPTION_NAME, sha256=_sha256(out / NULL_CAPTION_NAME),
+        null_caption=FileRef(file=NULL_CAPTION_NAME, sha256=sha256_file(out / NULL_CAPTION_NAME),
                              bytes=(out / NULL_CAPTION_NAME).stat().st_size),
         shards=progress.shards, licenses=licenses, refused=refused, card=card,
         preview_prompts=(list(DIGIT_PROMPTS) if where == "builtin:digits"
                          else _first_captions(out, progress.shards, PREVIEW_PROMPTS)),
     )
-    (out / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
+    (out / DATASET_MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
     (out / DATA_CARD_NAME).write_text(data_card_markdown(manifest))
     (out / PROGRESS_NAME).unlink()
     logger.info("prepared %s: %d samples in %d shards, %d refused", out, manifest.samples, len(manifest.shards),

@@ -19,7 +19,7 @@ segment replays bitwise.
 >>> sorted(training_state(model, optimizer))  # doctest: +NORMALIZE_WHITESPACE
 ['bias', 'bias|exp_avg', 'bias|exp_avg_sq', 'bias|step', 'weight', 'weight|exp_avg', 'weight|exp_avg_sq',
  'weight|step']
->>> state_hash(training_state(model, optimizer)) != state_hash(state)
+>>> training_state_hash(training_state(model, optimizer)) != training_state_hash(state)
 True
 """
 
@@ -76,7 +76,7 @@ def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return state
 
 
-def state_hash(state: dict[str, torch.Tensor]) -> bytes:
+def training_state_hash(state: dict[str, torch.Tensor]) -> bytes:
     """SHA-256 over every tensor of a training state in name order, with its name, dtype and shape."""
     digest = hashlib.sha256(b"omi-training-state-v1")
     for name in sorted(state):
@@ -118,10 +118,10 @@ class RoundStates:
             shutil.rmtree(stale, ignore_errors=True)
 
     def add(self, state: dict[str, torch.Tensor]) -> bytes:
-        """Keep ``state``; returns its :func:`state_hash`."""
+        """Keep ``state``; returns its :func:`training_state_hash`."""
         from safetensors.torch import save_file
 
-        digest = state_hash(state)
+        digest = training_state_hash(state)
         self.hashes.append(digest)
         if digest in self._held:
             return digest

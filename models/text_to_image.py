@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+from omi.protos.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ def parts_hash(folder: str | Path) -> str:
         for path in sorted(p for p in (folder / sub).rglob("*") if p.is_file()):
             name = path.relative_to(folder).as_posix().encode()
             digest.update(len(name).to_bytes(4, "big") + name)
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            digest.update(bytes.fromhex(sha256_file(path)))
     return digest.hexdigest()
 
 

@@ -192,7 +192,7 @@ def download(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(e.exit_code) from None
     mib = result.total_bytes / 2**20
-    console.print(f"run {run} epoch {result.epoch}: {len(result.manifest['files'])} files, {mib:.1f} MiB verified "
+    console.print(f"run {run} epoch {result.epoch}: {len(result.manifest.files)} files, {mib:.1f} MiB verified "
                   f"(signature and sha256) in {result.folder} ({result.downloaded_bytes / 2**20:.1f} MiB fetched "
                   f"in {result.seconds:.1f} s)")
 

@@ -20,11 +20,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
-from omi.models.fetch import DownloadError, fetch_file, open_url, sha256_of
+from omi.models.fetch import DownloadError, fetch_file, open_url
 from omi.protos import pb
-from omi.protos.manifest import MANIFEST_FILENAME, verify_manifest
+from omi.protos.files import sha256_file
+from omi.protos.manifest import (
+    CHECKPOINT_MANIFEST_NAME,
+    CheckpointManifest,
+    CheckpointManifestError,
+    read_checkpoint_manifest,
+)
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
@@ -37,32 +43,28 @@ MAX_MANIFEST_BYTES = 16 << 20  # a manifest names files and contributors: far be
 class DownloadResult:
     folder: Path
     epoch: int
-    manifest: dict
+    manifest: CheckpointManifest
     downloaded_bytes: int  # bytes fetched by this call (less than the total when resuming)
     total_bytes: int
     seconds: float
 
 
-def fetch_manifest(folder_url: str, public_key: bytes, run_id: str, epoch: int | None) -> tuple[dict, bytes]:
-    """The checkpoint's manifest, refused unless signed by ``public_key`` for ``run_id`` (and ``epoch`` if given)."""
-    with open_url(f"{folder_url}/{MANIFEST_FILENAME}") as response:
+def fetch_manifest(folder_url: str, public_key: bytes, run_id: str,
+                   epoch: int | None) -> tuple[CheckpointManifest, bytes]:
+    """The checkpoint's manifest and its bytes, refused unless signed by ``public_key`` for ``run_id`` (and ``epoch``
+    if given); the manifest's own checks refuse a path outside the folder."""
+    url = f"{folder_url}/{CHECKPOINT_MANIFEST_NAME}"
+    with open_url(url) as response:
         data = response.read(MAX_MANIFEST_BYTES + 1)
     if len(data) > MAX_MANIFEST_BYTES:
-        raise DownloadError(f"refused: {folder_url}/{MANIFEST_FILENAME} is larger than {MAX_MANIFEST_BYTES} bytes")
+        raise DownloadError(f"refused: {url} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(data)
-    except ValueError:
-        raise DownloadError(f"refused: {folder_url}/{MANIFEST_FILENAME} is not JSON") from None
-    if not isinstance(manifest, dict) or not verify_manifest(manifest, public_key):
-        raise DownloadError("refused: the manifest's signature does not verify under the coordinator's key "
-                            f"{public_key.hex()[:16]}…")
-    if manifest.get("run_id") != run_id or (epoch is not None and manifest.get("epoch") != epoch):
-        raise DownloadError(f"refused: the manifest is of run {manifest.get('run_id')!r} epoch "
-                            f"{manifest.get('epoch')}, not what was asked")
-    for entry in manifest.get("files", []):
-        path = PurePosixPath(entry["path"])
-        if path.is_absolute() or ".." in path.parts or entry["path"] == MANIFEST_FILENAME:
-            raise DownloadError(f"refused: the manifest lists an unsafe path {entry['path']!r}")
+        manifest = read_checkpoint_manifest(data, public_key)
+    except CheckpointManifestError as e:
+        raise DownloadError(f"refused: {url}: {e}") from None
+    if manifest.run_id != run_id or (epoch is not None and manifest.epoch != epoch):
+        raise DownloadError(f"refused: the manifest is of run {manifest.run_id!r} epoch {manifest.epoch}, not what "
+                            "was asked")
     return manifest, data
 
 
@@ -116,34 +118,33 @@ def download_checkpoint(folder_url: str, run_id: str, out: Path | None, public_k
     started = time.perf_counter()
     manifest, manifest_bytes = fetch_manifest(folder_url, public_key, run_id, epoch)
     newest = seen.newest(public_key, run_id) if seen is not None else None
-    if epoch is None and newest is not None and manifest["epoch"] < newest:
-        raise DownloadError(f"refused: 'latest' of run {run_id} is served as epoch {manifest['epoch']}, older than "
+    if epoch is None and newest is not None and manifest.epoch < newest:
+        raise DownloadError(f"refused: 'latest' of run {run_id} is served as epoch {manifest.epoch}, older than "
                             f"epoch {newest} verified before from this coordinator (a rollback); ask for "
-                            f"--checkpoint {manifest['epoch']} to take it anyway")
-    epoch = manifest["epoch"]
+                            f"--checkpoint {manifest.epoch} to take it anyway")
+    epoch = manifest.epoch
     folder_url = folder_url.rsplit("/", 1)[0] + f"/{epoch}"  # "latest" may move on while the files come
     out = Path(out) if out is not None else Path(f"{run_id}-epoch-{epoch}")
     out.mkdir(parents=True, exist_ok=True)
-    complete = out / MANIFEST_FILENAME
+    complete = out / CHECKPOINT_MANIFEST_NAME
     if complete.exists():
         complete.unlink()  # the folder is being (re)written: it stops counting as complete until the end
-    files, total = manifest["files"], sum(entry["size"] for entry in manifest["files"])
+    total = sum(entry.size for entry in manifest.files)
     fetched = 0
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not progress, transient=False) as bar:
         task = bar.add_task(f"{run_id} epoch {epoch}", total=total)
-        for entry in files:
-            target = out / entry["path"]
+        for entry in manifest.files:
+            target = out / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists() and target.stat().st_size == entry["size"] and \
-                    sha256_of(target).hexdigest() == entry["sha256"]:
-                bar.advance(task, entry["size"])
+            if target.exists() and target.stat().st_size == entry.size and sha256_file(target) == entry.sha256:
+                bar.advance(task, entry.size)
                 continue
             target.unlink(missing_ok=True)
-            fetched += fetch_file(f"{folder_url}/{entry['path']}", target, entry["size"], entry["sha256"],
+            fetched += fetch_file(f"{folder_url}/{entry.path}", target, entry.size, entry.sha256,
                                    lambda n: bar.advance(task, n))
-    tmp = out / (MANIFEST_FILENAME + ".part")
+    tmp = out / (CHECKPOINT_MANIFEST_NAME + ".part")
     tmp.write_bytes(manifest_bytes)
     os.replace(tmp, complete)
     if seen is not None:

@@ -57,8 +57,8 @@ from omi.models.segments import (
     load_training_state,
     replay_segment,
     segment_steps,
-    state_hash,
     training_state,
+    training_state_hash,
 )
 from omi.node.session import NodeSession
 from omi.protos import pb
@@ -194,7 +194,7 @@ class Recomputer:
             return None
         except ParamsRefused as e:
             return fail(f"the node did not hand over the start state of segment {segment} ({e})")
-        if state_hash(start) != start_hash:
+        if training_state_hash(start) != start_hash:
             return fail(f"the state the node served does not hash to segment {segment}'s committed start")
         optimizer = optimizer_for(self.spec.training)(self.model.parameters())
         try:
@@ -225,14 +225,14 @@ class Recomputer:
                         f"sketch {worst.sketch_diff:.2e}", **fields)
         distance = 0.0
         end_params = {n: p.detach().cpu() for n, p in self.model.named_parameters()}  # the replayed end...
-        if state_hash(training_state(self.model, optimizer)) != end_hash:
+        if training_state_hash(training_state(self.model, optimizer)) != end_hash:
             # bitwise only on the node's device and thread count: elsewhere measure how far the end states lie
             try:
                 end = fetcher.fetch(task.peer_id, end_hash, max_bytes=max_bytes)
             except (ParamsUnavailable, ParamsRefused) as e:
                 return fail(f"segment {segment} does not end at the committed state and the node did not hand "
                             f"that state over ({e})", **fields)
-            if state_hash(end) != end_hash:
+            if training_state_hash(end) != end_hash:
                 return fail(f"the state the node served does not hash to segment {segment}'s committed end", **fields)
             distance = math.sqrt(sum(float((end_params[n].double() - end[n].double()).pow(2).sum())
                                      for n in end_params)) / self.step_length()
@@ -258,7 +258,7 @@ class Recomputer:
         try:
             if theta is None:
                 start = fetcher.fetch(task.peer_id, hashes[0], max_bytes=max_bytes)
-                if state_hash(start) != hashes[0]:
+                if training_state_hash(start) != hashes[0]:
                     return "the state the node served does not hash to the round's committed start"
                 theta_params = {n: start[n] for n, _ in self.model.named_parameters() if n in start}
                 if named_tensors_hash(theta_params.items()) != task.params_hash:
@@ -267,7 +267,7 @@ class Recomputer:
                 theta_params = theta.state
             if segment + 2 < len(hashes):
                 final = fetcher.fetch(task.peer_id, hashes[-1], max_bytes=max_bytes)
-                if state_hash(final) != hashes[-1]:
+                if training_state_hash(final) != hashes[-1]:
                     return "the state the node served does not hash to the round's committed end"
                 end = final
         except ParamsUnavailable as e:

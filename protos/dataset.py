@@ -20,17 +20,17 @@ omi.protos.dataset.ManifestError: not a dataset manifest: name: Field required; 
 
 import json
 import re
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from omi.protos.files import RelativePath, Sha256
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 FORMAT = "omi-dataset-v1"
-MANIFEST_NAME = "manifest.json"
+DATASET_MANIFEST_NAME = "manifest.json"
 DATA_CARD_NAME = "DATA_CARD.md"  # the data card for people, beside the manifest
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 Count = Annotated[int, Field(ge=0)]
 
 # Licences a sample may carry (SPDX ids, plus the Public Domain Mark): each one allows training and redistributing
@@ -68,17 +68,9 @@ class FileRef(BaseModel):
     """A file of the data set, by its path relative to the manifest, its sha256 and its size."""
 
     model_config = _STRICT
-    file: str
+    file: RelativePath
     sha256: Sha256
     bytes: Count
-
-    @field_validator("file")
-    @classmethod
-    def _relative_and_inside(cls, value: str) -> str:
-        path = PurePosixPath(value)
-        if not value or path.is_absolute() or ".." in path.parts or "\\" in value:
-            raise ValueError(f"must be a relative path inside the data set, not {value!r}")
-        return value
 
 
 class Shard(FileRef):
@@ -167,7 +159,7 @@ def read_manifest(path: str | Path) -> DatasetManifest:
     """``manifest.json`` from a file (or the folder holding it)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        path = path / MANIFEST_NAME
+        path = path / DATASET_MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"no dataset manifest at {path}")
     return parse_manifest(path.read_bytes())

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from google.protobuf import json_format
 from omi.protos import pb
+from omi.protos.data_ref import DataRef, DataRefError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -71,9 +72,11 @@ class DataSection(BaseModel):
     @field_validator("source")
     @classmethod
     def _source_has_a_known_kind(cls, value: str) -> str:
-        if ":" not in value or value.split(":", 1)[0] not in ("builtin", "imagefolder", "webdataset", "manifest"):
+        try:
+            DataRef.parse(value)
+        except DataRefError as e:
             raise ValueError("Input should be builtin:NAME, imagefolder:PATH, webdataset:PATTERN or manifest:FOLDER "
-                             "(omi-data prepare)")
+                             f"(omi-data prepare): {e}") from None
         return value
 
 

@@ -5,9 +5,9 @@ hivemind applies authorizers to DHT RPCs only (:mod:`omi.swarm.tokens`); the ave
 authenticates the peer id of every stream (``context.remote_id``) and our token binds ``peer_id``, so every node
 publishes its token in the (token-gated) DHT under :func:`token_registry_key` with subkey = its peer id
 (:func:`start_token_publisher`), and a :class:`PeerAccessGate` refuses a remote peer id that has no valid
-published token (cached until the token expires). :class:`TokenRegistryValidator` makes the DHT accept under
-that key only a valid token for the very peer id in the subkey, so one member cannot overwrite another's entry.
-The averagers that ask the gate are in :mod:`omi.swarm.averagers`.
+published token (cached until it expires, at most :data:`RECHECK_SECONDS`). :class:`TokenRegistryValidator`
+makes the DHT accept under that key only a valid token for the very peer id in the subkey, so one member cannot
+overwrite another's entry. The averagers that ask the gate are in :mod:`omi.swarm.averagers`.
 
 **Revocations.** A ban must not wait for the token TTL (an hour by default). The coordinator's bootstrap peer
 publishes, under :func:`revocation_key`, a coordinator-signed revocation for every peer id of a banned node
@@ -15,9 +15,13 @@ publishes, under :func:`revocation_key`, a coordinator-signed revocation for eve
 peer can revoke another). A gate keeps a verified token for at most :data:`RECHECK_SECONDS` before it reads the
 registry and the revocations again, so a banned node's peer is refused by every averager within a minute.
 
-Limits: the DHT itself (:mod:`omi.swarm.tokens`) still accepts a banned node's requests until its token
-expires: it can read and write records (its own progress, under the schemas' rules), not average. Tokens are
-bearer-free only as far as keys stay private: DHT access needs the RSA key, averaging needs the libp2p key.
+The DHT refuses a banned node too: every DHT peer (:func:`omi.swarm.dht.make_dht`) reads the revocations every
+:data:`RECHECK_SECONDS` (:func:`start_revocation_watch`) and hands the revoked peer ids to its token authorizer
+(:mod:`omi.swarm.tokens`), which then refuses their DHT requests and responses although their tokens have not
+expired.
+
+Limits: tokens are bearer-free only as far as keys stay private: DHT access needs the RSA key, averaging needs the
+libp2p key.
 """
 
 from __future__ import annotations
@@ -184,8 +188,8 @@ def start_token_publisher(dht: hivemind.DHT, dht_prefix: str, period: float = PU
 class PeerAccessGate:
     """Decides, inside an averager's process, whether a remote libp2p peer holds a valid token of the run.
 
-    Looks the peer up in the DHT token registry and caches a verified token until it expires. Lookups for
-    unknown peers are rate-limited to one registry read per ``min_refresh_interval`` seconds.
+    Looks the peer up in the DHT token registry and caches a verified token until it expires, at most ``recheck``
+    seconds. Lookups for unknown peers are rate-limited to one registry read per ``min_refresh_interval`` seconds.
 
     :param coordinator_public_key: raw Ed25519 key of the coordinator
     :param run_id: the run tokens must be issued for

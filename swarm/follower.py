@@ -1,9 +1,9 @@
 """How a peer that does not train — a validator — follows the swarm's θ_r, and the progress records all read.
 
-A :class:`SwarmFollower` holds a round averager with the volunteers' prefix (:func:`omi.swarm.rounds.rounds_prefix`),
-so their ``rpc_download_state`` answers it with (round, θ_r, outer momentum). It never averages, never offers its
-state (a joining volunteer must load θ from trainers, never from a follower that may lag a round behind) and
-reports no training progress (it is not counted as a training peer). It reads the swarm's round from the progress
+A :class:`SwarmFollower` holds the run's round averager (:func:`omi.swarm.round_averager.make_round_averager`),
+so the volunteers' ``rpc_download_state`` answers it with (round, θ_r, outer momentum). It never averages, never
+offers its state (a joining volunteer must load θ from trainers, never from a follower that may lag a round behind)
+and reports no training progress (it is not counted as a training peer). It reads the swarm's round from the progress
 records hivemind's trackers publish in the DHT and pulls the state when asked::
 
     follower = SwarmFollower(dht, spec, model)
@@ -21,8 +21,8 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import LocalTrainingProgress, TrainingProgressSchema
 from omi.protos import pb
-from omi.swarm.access import PeerAccessGate
-from omi.swarm.rounds import RoundAverager, rounds_prefix
+from omi.swarm.diloco import read_served, reset_to
+from omi.swarm.round_averager import make_round_averager
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +71,12 @@ class SwarmFollower:
         self.dht, self.spec, self.model = dht, spec, model
         add_progress_validators(dht, spec)
         self._swarm_epoch = self._round = 0
-        access = PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix)
-        self.averager = RoundAverager(
-            [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad],
-            access=access, dht=dht, prefix=rounds_prefix(spec), allow_state_sharing=False,
-            next_chunk_timeout=spec.averaging.averaging_timeout, start=True)
+        # it serves no state, and waits a round's averaging_timeout for each chunk of the state it pulls (no round's
+        # clock runs against it)
+        self.averager = make_round_averager(
+            spec, dht, deltas=[p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters()
+                               if p.requires_grad],
+            allow_state_sharing=False, next_chunk_timeout=spec.averaging.averaging_timeout)
 
     @property
     def epoch(self) -> int:
@@ -95,15 +96,12 @@ class SwarmFollower:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if loaded is None:
             return self._round
-        metadata, tensors = loaded
-        if not isinstance(metadata, dict) or len(tensors) < len(params) or any(
-                t.shape != p.shape for t, p in zip(tensors, params, strict=False)):
+        served = read_served(*loaded, [p.shape for p in params])
+        if served is None:
             logger.warning("a peer served a round state of the wrong shape; ignored")
             return self._round
-        with torch.no_grad():
-            for p, t in zip(params, tensors, strict=False):  # θ_r; the outer momentum after it is not needed
-                p.copy_(t.to(p.device, p.dtype))
-        self._round = int(metadata.get("round", 0))
+        reset_to(params, served.theta)  # θ_r; the outer momentum is not needed
+        self._round = served.round
         return self._round
 
     def shutdown(self) -> None:

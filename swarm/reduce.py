@@ -1,8 +1,8 @@
 """CenteredClip, a robust replacement for the mean in hivemind's butterfly all-reduce.
 
 **CenteredClip** (Karimireddy, He, Jaggi 2021, "Learning from History for Byzantine Robust Optimization";
-as in BTARD, Gorbunov et al. 2022): with ``averaging.reducer = "centered_clip"`` every tensor part of
-hivemind's butterfly all-reduce is reduced by its owner as
+as in BTARD, Gorbunov et al. 2022): with ``averaging.reducer = "centered_clip"`` every tensor part of the round
+averager's butterfly all-reduce of the pseudo-gradients is reduced by its owner as
 
     v ← v + Σᵢ wᵢ·min(1, τ/‖xᵢ − v‖)·(xᵢ − v) / Σᵢ wᵢ    (``clip_iterations`` times, τ = ``clip_tau``)
 
@@ -10,11 +10,7 @@ instead of the weighted mean Σᵢ wᵢxᵢ/Σᵢ wᵢ. v starts at the coordina
 reducer keeps no history across rounds, and the mean would start next to an outlier). When every part lies
 within τ of the start, one iteration gives exactly the weighted mean, so honest swarms lose nothing. τ bounds
 the norm of a *part* (hivemind splits the flat vector in parts of at most ``part_size_bytes``, 512 KiB by
-default), not of the whole gradient. The state averager reduces the parameters by CenteredClip too, with a
-radius taken from the senders (twice their median distance to the median, :func:`centered_clip` with
-``tau=None``): a fixed τ that suits gradients is far wider than the gap between honest peers' parameters, and a
-peer whose parameters lag (seen: a x-1000 sign-flipper that once stepped alone poisoned its own AdamW statistics
-and stopped moving) would pull every peer back by its share in each round.
+default), not of the whole pseudo-gradient.
 """
 
 from __future__ import annotations
@@ -26,17 +22,11 @@ from hivemind.averaging.partition import TensorPartReducer
 from omi.swarm.averagers import TrackedAllReduceRunner
 from omi.swarm.upstream import PartReducerHooks
 
-ADAPTIVE_TAU_FACTOR = 2.0  # adaptive radius: this many times the senders' median distance to the median
 
-
-def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float | None,
-                  iterations: int) -> torch.Tensor:
+def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float, iterations: int) -> torch.Tensor:
     """CenteredClip of ``parts`` (one row per sender, any trailing shape) with per-sender ``weights``.
 
-    Senders with zero weight are left out (hivemind's peers that "tag along" with weight 0). ``tau=None`` picks
-    the radius from the senders: :data:`ADAPTIVE_TAU_FACTOR` times their median distance to the start (the state
-    averager's choice: honest peers' parameters lie far closer together than any fixed radius that suits
-    gradients, and a peer whose parameters lag behind would otherwise pull everyone back by its share).
+    Senders with zero weight are left out (hivemind's peers that "tag along" with weight 0).
 
     >>> honest = torch.ones(3, 4)
     >>> attacker = -1000 * torch.ones(1, 4)
@@ -44,16 +34,12 @@ def centered_clip(parts: torch.Tensor, weights: torch.Tensor, *, tau: float | No
     tensor([0.8359, 0.8359, 0.8359, 0.8359])
     """
     assert parts.shape[0] == weights.shape[0], "one weight per sender"
-    assert (tau is None or tau > 0) and iterations >= 1, "tau must be positive (or None) and iterations at least 1"
+    assert tau > 0 and iterations >= 1, "tau must be positive and iterations at least 1"
     keep = weights > 0
     points, weights = parts[keep].flatten(1).to(torch.float64), weights[keep].to(torch.float64)
     if points.shape[0] == 0:
         return torch.full(parts.shape[1:], float("nan"), dtype=parts.dtype)
     center = points.median(dim=0).values
-    if tau is None:
-        tau = ADAPTIVE_TAU_FACTOR * float((points - center).norm(dim=1).median())
-        if tau == 0.0:  # most senders hold exactly the median
-            return center.to(parts.dtype).view(parts.shape[1:])
     for _ in range(iterations):
         diffs = points - center
         scales = torch.clamp(tau / diffs.norm(dim=1).clamp_min(1e-30), max=1.0)
@@ -72,7 +58,7 @@ class CenteredClipReducer(PartReducerHooks, TensorPartReducer):
     :param iterations: CenteredClip iterations
     """
 
-    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, tau: float | None, iterations: int):
+    def __init__(self, part_shapes: Sequence[torch.Size], num_senders: int, *, tau: float, iterations: int):
         self.tau, self.iterations = tau, iterations
         self._parts: list[torch.Tensor] = []
         self._weights: list[float] = []
@@ -99,7 +85,7 @@ class CenteredClipAllReduceRunner(TrackedAllReduceRunner):
     :param tau: clipping radius; :param iterations: CenteredClip iterations; other arguments: ``AllReduceRunner``'s
     """
 
-    def __init__(self, *, tau: float | None, iterations: int, **kwargs):
+    def __init__(self, *, tau: float, iterations: int, **kwargs):
         super().__init__(**kwargs)
         self.replace_part_reducer(lambda shapes, senders: CenteredClipReducer(shapes, senders, tau=tau,
                                                                               iterations=iterations))

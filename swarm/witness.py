@@ -14,7 +14,7 @@ and so holds θ_{r+1} itself::
 
 **Confirmed state.** The witness starts from θ_0 (every peer builds it from the RunSpec's seed). A round's group
 gathers each member's (round, hash of θ_r); when the group's canonical θ_r (the one most trainers hold,
-:func:`omi.swarm.rounds.group_outcome`) is the witness's own, the θ_{r+1} it computes is *confirmed*: the run's
+:func:`omi.swarm.consistency.group_outcome`) is the witness's own, the θ_{r+1} it computes is *confirmed*: the run's
 round moves to r+1 and its hash is published. When the witness missed a round (restarted, not matched, the swarm
 split) or its θ is not the group's, it loads the state of the round at least half the trainers report (the lower
 median of their progress records: one liar cannot move it) from a peer, skipping peers whose state a group
@@ -34,19 +34,10 @@ from hivemind.averaging.control import AveragingStage
 from hivemind.optim.progress_tracker import LocalTrainingProgress
 from hivemind.utils.timed_storage import get_dht_time
 from omi.protos import pb
-from omi.swarm.access import PeerAccessGate
-from omi.swarm.compression import COMPRESSIONS
+from omi.swarm.consistency import group_outcome
+from omi.swarm.diloco import GlobalState
 from omi.swarm.follower import add_progress_validators, read_progress
-from omi.swarm.rounds import (
-    RoundAverager,
-    _cancel,
-    group_outcome,
-    make_runner,
-    outer_optimizer,
-    outer_step,
-    rounds_prefix,
-    state_hash,
-)
+from omi.swarm.round_averager import cancel_step, make_round_averager
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +75,7 @@ class Witnessed:
     """What the witness holds after :meth:`RoundWitness.follow_round`."""
 
     round: int  # the round whose start state θ the witness now holds
-    state_hash: str  # SHA-256 of that θ (omi.swarm.rounds.state_hash)
+    state_hash: str  # SHA-256 of that θ (omi.swarm.diloco.theta_hash)
     confirmed: bool  # computed from a θ_r the round's group trained from (else: loaded from a peer, unconfirmed)
     trainers: int  # trainers in the group the witness averaged with (0: it loaded the state instead)
 
@@ -99,40 +90,34 @@ class RoundWitness:
     """
 
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module, *, wait: float | None = None):
-        rounds, averaging = spec.rounds, spec.averaging
+        averaging = spec.averaging
         self.dht, self.spec = dht, spec
         add_progress_validators(dht, spec)
-        self.params = [p.detach().to("cpu", torch.float32, copy=True) for p in model.parameters() if p.requires_grad]
-        self.outer = outer_optimizer(self.params, spec.rounds)
-        self.lock = threading.Lock()  # guards params while a checkpoint copies them
-        self.round, self.confirmed, self.hash = 0, True, state_hash(self.params)
+        # θ_r, the outer momentum, r (its lock guards them while a checkpoint copies θ)
+        self.state = GlobalState.initial([p for p in model.parameters() if p.requires_grad], spec.rounds)
+        self.confirmed = True
         self.refuted: set[str] = set()  # peers that served a θ no group trained from
         self._loaded_from: str | None = None
-        self._round_began, self._round_seconds = time.monotonic(), float("inf")  # when round `self.round` began
+        self._round_began, self._round_seconds = time.monotonic(), float("inf")  # when the state's round began
         self.wait = wait or 4 * (averaging.matchmaking_time + averaging.averaging_timeout)
-        self.averager = RoundAverager(
-            [torch.zeros_like(p) for p in self.params],
-            access=PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix),
-            allreduce_runner=make_runner(spec), dht=dht, prefix=rounds_prefix(spec), start=True,
-            min_matchmaking_time=averaging.matchmaking_time, request_timeout=min(3.0, averaging.matchmaking_time / 2),
-            allreduce_timeout=averaging.averaging_timeout,
-            next_chunk_timeout=max(averaging.matchmaking_time, averaging.averaging_timeout / 2),
-            compression=COMPRESSIONS[rounds.compression or "none"](), client_mode=True)
+        self.averager = make_round_averager(spec, dht, deltas=[torch.zeros_like(p) for p in self.state.theta],
+                                            client_mode=True)
 
     def snapshot(self) -> Witnessed:
-        return Witnessed(self.round, self.hash, self.confirmed, 0)
+        with self.state.lock:
+            return Witnessed(self.state.round, self.state.hash(), self.confirmed, 0)
 
     def copy_into(self, model: torch.nn.Module) -> Witnessed:
         """Put the θ the witness holds into ``model`` (for a checkpoint); returns which θ that is."""
-        with self.lock, torch.no_grad():
-            for target, p in zip([p for p in model.parameters() if p.requires_grad], self.params, strict=True):
+        with self.state.lock, torch.no_grad():
+            for target, p in zip([p for p in model.parameters() if p.requires_grad], self.state.theta, strict=True):
                 target.copy_(p.to(target.device, target.dtype))
             return self.snapshot()
 
     def follow_round(self, stop: threading.Event) -> Witnessed | None:
         """Take part in the current round's all-reduce (or catch up with the swarm); returns what it holds then,
         or None when nothing changed (no group yet, or ``stop`` was set)."""
-        r, held = self.round, self.hash
+        r, held = self.state.round, self.state.hash()
         # matchmaking starts when the trainers' does (once the round is within matchmaking_time of its end): a search
         # begun earlier looks for leaders only every matchmaking_time, and may find this round's one too late
         while True:
@@ -154,13 +139,13 @@ class RoundWitness:
                                      scheduled_time=get_dht_time() + self.wait - 1.0, timeout=self.wait, wait=False)
         while not control.done():
             if stop.wait(POLL):
-                _cancel(control)
+                cancel_step(control)
                 return None
             if control.stage != AveragingStage.LOOKING_FOR_GROUP:
                 continue  # in a group: the trainers may finish the all-reduce before this (client) peer does
             ahead = swarm_round(trainer_rounds(self.dht, self.spec))
             if ahead is not None and ahead > r:  # the round closed without the witness
-                _cancel(control)
+                cancel_step(control)
                 logger.warning("round %d closed without the witness; the swarm is at round %d", r, ahead)
                 return self._catch_up(ahead)
         try:
@@ -177,43 +162,40 @@ class RoundWitness:
             return self._catch_up(r + 1)
         with self.averager.get_tensors() as tensors:
             averaged = [t.clone() for t in tensors]
-        with self.lock:
-            if outcome.usable:
-                outer_step(self.outer, self.params, averaged)
-            self.round, self.hash, self.confirmed = r + 1, state_hash(self.params), True
+        with self.state.lock:
+            self.state.advance(averaged if outcome.usable else None)
+            self.confirmed = True
         self._loaded_from = None
         now = time.monotonic()
         self._round_seconds, self._round_began = now - self._round_began, now
+        seen = Witnessed(self.state.round, self.state.hash(), True, outcome.trainers)
         logger.info("round %d witnessed: %d trainer(s)%s; round %d starts from θ %s…", r, outcome.trainers,
-                    "" if outcome.usable else " (too few for the reducer: no outer step)", self.round, self.hash[:12])
-        return Witnessed(self.round, self.hash, True, outcome.trainers)
+                    "" if outcome.usable else " (too few for the reducer: no outer step)", seen.round,
+                    seen.state_hash[:12])
+        return seen
 
     def _catch_up(self, least: int) -> Witnessed | None:
         """Load the state of the round the trainers are at (≥ ``least``) from a peer no group refuted."""
         target = swarm_round(trainer_rounds(self.dht, self.spec))
         if target is None or target < least:
             return None
-        count = len(self.params)
-        loaded = self.averager.load_state_checked(timeout=self.wait, count=count, skip=frozenset(self.refuted))
+        loaded = self.averager.download_state(self.state, timeout=self.wait, skip=self.refuted)
         if loaded is None:
             logger.warning("no peer served the state of round %d", target)
             return None
-        metadata, tensors, peer = loaded
-        served = int(metadata.get("round", -1)) if isinstance(metadata, dict) else -1
-        if served != target or len(tensors) != 2 * count or any(
-                t.shape != p.shape for t, p in zip(tensors, self.params * 2, strict=True)):
-            logger.warning("peer %s served round %s, the trainers are at round %d; not taken", peer, served, target)
+        served, peer = loaded
+        if served.round != target:
+            logger.warning("peer %s served round %d, the trainers are at round %d; not taken", peer, served.round,
+                           target)
             return None
-        with self.lock:
-            for p, t in zip(self.params, tensors[:count], strict=True):
-                p.copy_(t)
-            for p, m in zip(self.params, tensors[count:], strict=True):
-                self.outer.state[p]["momentum_buffer"].copy_(m)
-            self.round, self.hash, self.confirmed = served, state_hash(self.params), False
+        with self.state.lock:
+            self.state.load(served)
+            self.confirmed = False
         self._loaded_from = peer
         self._round_began = time.monotonic()
-        logger.info("loaded round %d's state from peer %s (unconfirmed until a group trains from it)", served, peer)
-        return Witnessed(self.round, self.hash, False, 0)
+        logger.info("loaded round %d's state from peer %s (unconfirmed until a group trains from it)", served.round,
+                    peer)
+        return Witnessed(served.round, self.state.hash(), False, 0)
 
     def shutdown(self) -> None:
         self.averager.shutdown()

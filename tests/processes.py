@@ -117,6 +117,16 @@ class ServeProcess:
         self.address = wait_until(lambda: serving(listen, state_dir, self.proc, log), 60, f"serve on {listen}: "
                                   f"{log}", interval=0.1)
 
+    def rounds_by_name(self, run_id: str = "digits") -> dict[str, list[int]]:
+        """Display name -> the rounds of its contributions the coordinator accepted (from its SQLite file)."""
+        with sqlite3.connect(self.state_dir / "coordinator.db") as db:
+            rows = db.execute("SELECT n.display_name, c.epoch FROM contributions c JOIN nodes n "
+                              "ON c.node_id = n.node_id WHERE c.run_id = ? ORDER BY c.epoch", (run_id,)).fetchall()
+        rounds: dict[str, list[int]] = {}
+        for name, round_number in rows:
+            rounds.setdefault(name, []).append(round_number)
+        return rounds
+
     def contributions(self, run_id: str = "digits") -> list[pb.Contribution]:
         """The ledger as stored in the coordinator's SQLite file."""
         with sqlite3.connect(self.state_dir / "coordinator.db") as db:

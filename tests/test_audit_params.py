@@ -5,7 +5,7 @@ import asyncio
 import pytest
 import torch
 from hivemind.p2p import P2P
-from omi.models.segments import RoundStates, state_hash, training_state
+from omi.models.segments import RoundStates, training_state, training_state_hash
 from omi.protos import pb
 from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace
 
@@ -30,7 +30,7 @@ def test_a_node_serves_its_audited_training_states_by_hash_to_token_holders_only
         segments.hand_over(server)  # what the trainer's _hold_segments does when its round is audited
         got = fetcher.fetch(node, digest, max_bytes=10 << 20)
         assert got.keys() == end.keys() and all(torch.equal(got[k], end[k]) for k in end)
-        assert state_hash(got) == digest and server.served == 1
+        assert training_state_hash(got) == digest and server.served == 1
 
         with pytest.raises(ParamsRefused, match="not held"):
             fetcher.fetch(node, b"x" * 32, max_bytes=10 << 20)

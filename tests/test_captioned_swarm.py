@@ -8,10 +8,9 @@ import hashlib
 import json
 
 import pytest
-from omi.models.data import MANIFEST_NAME
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, signing
-from omi.protos.dataset import parse_manifest
+from omi.protos.dataset import DATASET_MANIFEST_NAME, parse_manifest
 from omi.protos.manifest import verify_manifest
 from processes import ROOT, NodeProcess, ServeProcess, kill_group, run_node, wait_until
 
@@ -60,7 +59,8 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
     assert {c.node_id for c in contributions} and all(c.samples > 0 for c in contributions)
 
     # each volunteer fetched only shards of the data set (each checked against the manifest), not the data set
-    manifest = parse_manifest((captioned_digits / MANIFEST_NAME).read_bytes())
+    manifest_bytes = (captioned_digits / DATASET_MANIFEST_NAME).read_bytes()
+    manifest = parse_manifest(manifest_bytes)
     data_set_bytes = sum(s.bytes for s in manifest.shards)
     for cache in caches:
         [folder] = (cache / "data").iterdir()  # the data set's folder in the node's cache
@@ -83,7 +83,7 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
                                                                   "scheduler", "preview.png"}
     data = signed["data"]
     assert data["dataset"] == manifest.name and data["shards"]
-    assert data["manifest_sha256"] == hashlib.sha256((captioned_digits / MANIFEST_NAME).read_bytes()).hexdigest()
+    assert data["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
     assert {(s["file"], s["sha256"]) for s in data["shards"]} <= {(s.file, s.sha256) for s in manifest.shards}
     assert sum(data["licenses"].values()) == sum(s["samples"] for s in data["shards"])
     assert len(signed["preview_prompts"]) == 4 and (out / "preview.png").stat().st_size > 0

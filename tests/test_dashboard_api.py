@@ -21,7 +21,12 @@ from omi.dashboard.api import DEFAULT_TTL, Snapshots
 from omi.models import MicroBatchRecord, build_model, merkle_root
 from omi.models.data import DIGIT_PROMPTS
 from omi.protos import pb, signing
-from omi.protos.manifest import verify_manifest
+from omi.protos.manifest import (
+    CHECKPOINT_MANIFEST_NAME,
+    MANIFEST_FORMAT,
+    read_checkpoint_manifest,
+    sign_checkpoint_manifest,
+)
 from PIL import Image
 from processes import ROOT
 from prometheus_client.parser import text_string_to_metric_families
@@ -221,10 +226,15 @@ def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
     for name, data in files.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(data)
-    manifest = {"run_id": "t", "epoch": 1, "files": [{"path": name, "sha256": hashlib.sha256(data).hexdigest(),
-                                                      "size": len(data)} for name, data in files.items()]}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    manifest_sha = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    key = swarm.coordinator.key
+    _, manifest_bytes = sign_checkpoint_manifest(dict(
+        format=MANIFEST_FORMAT, run_id="t", model="unet-digits-16", epoch=1, total_samples=256, loss=None,
+        created_at_ms=0, params_hash="0" * 64, contributors=[], data_shards=[], data_source="digits",
+        coordinator_public_key=signing.public_bytes(key).hex(),
+        files=[{"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+               for name, data in files.items()]), key)
+    (folder / CHECKPOINT_MANIFEST_NAME).write_bytes(manifest_bytes)
+    manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
     created = int(time.time() * 1000) - 30_000
     with swarm.store.transaction() as s:
         s.add(Checkpoint(run_id="t", epoch=1, total_samples=256, manifest_sha256=manifest_sha, size_bytes=1234,
@@ -274,9 +284,11 @@ def test_a_text_to_image_run_shows_its_data_card_and_the_prompts_of_its_preview(
         coordinator.checkpoints.publish(run_id, 1, folder, manifest)
         [checkpoint] = get_json(server.http, f"/api/runs/{run_id}/checkpoints")
     cells = [DIGIT_PROMPTS[i % 10] for i in range(12)]
-    assert manifest["preview_prompts"] == checkpoint["preview_prompts"] == cells
-    assert manifest["preview_columns"] == checkpoint["preview_columns"] == 4
-    assert verify_manifest(manifest, signing.public_bytes(coordinator.key))
+    assert manifest.preview_prompts == checkpoint["preview_prompts"] == cells
+    assert manifest.preview_columns == checkpoint["preview_columns"] == 4
+    on_disk = read_checkpoint_manifest((folder / CHECKPOINT_MANIFEST_NAME).read_bytes(),
+                                       signing.public_bytes(coordinator.key))
+    assert on_disk == manifest
     # 4 cells of 32 pixels per row, 3 rows, 2 pixels apart, upscaled twice: the grid the prompts describe
     assert Image.open(folder / "preview.png").size == ((4 * 34 + 2) * 2, (3 * 34 + 2) * 2)
 

@@ -167,7 +167,7 @@ def test_a_manifest_that_does_not_add_up_is_refused(folder, parts_folder, tmp_pa
             default_license="CC0-1.0")
     good = json.loads((tmp_path / "data" / "manifest.json").read_text())
     for change, message in [
-        (lambda m: m["shards"][0].update(file="../../etc/passwd"), "relative path inside the data set"),
+        (lambda m: m["shards"][0].update(file="../../etc/passwd"), "relative path inside the manifest's folder"),
         (lambda m: m["shards"][0].update(sha256="abc"), "sha256"),
         (lambda m: m["licenses"].update({"CC0-1.0": 99}), "does not match the shards'"),
         (lambda m: m["shards"][1].update(id=5), "shard ids must be 0..1"),

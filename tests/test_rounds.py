@@ -47,7 +47,9 @@ def test_honest_peers_hold_bitwise_identical_parameters_after_every_round(tmp_pa
     # 8-bit pseudo-gradients: with hivemind's own runner every peer would add back its own compression error
     results = _run(tmp_path, coordinator_key, [dict(rounds=5) for _ in range(3)], inner_steps=5,
                    round_compression="uniform8bit")
-    assert _agree(results, 3) >= 2, f"too few rounds averaged by all three from one θ: {results}"
+    # peers wait for each other before round 0 (seen: all three together in 5 of 5 rounds); one round may miss its
+    # group on a loaded machine, and the peers then sync from each other at the next round start
+    assert _agree(results, 3) >= 4, f"too few rounds averaged by all three from one θ: {results}"
     assert len({result["rounds"][-1]["end_hash"] for result in results}) == 1, "peers end the run apart"
     assert all(e["bytes_sent"] > 0 for result in results for e in result["rounds"] if e["group_size"] > 1)
     # the tiny regression overshoots now and then with DiLoCo's outer Nesterov 0.7 / 0.9 (seen: 3.8, 1.3, 0.4, 3.0):

@@ -2,7 +2,7 @@
 alone, and the one it must not take."""
 
 import torch
-from omi.swarm.rounds import RoundOptimizer
+from omi.swarm.rounds import RoundOptimizer, SyncState
 from swarm_helpers import dht_peers, make_spec, regression_batch, tiny_model
 
 
@@ -29,7 +29,7 @@ def test_a_peer_that_trained_nothing_and_averaged_with_no_one_keeps_theta_and_lo
             result = opt.end_round()  # the round closed before a single inner step
             assert result.samples == 0 and not result.applied
             assert all(torch.equal(a, b) for a, b in zip(before, opt.global_params, strict=True))
-            assert opt._needs_sync  # it loads the swarm's θ at the next round start
+            assert opt.sync is SyncState.NEEDS_LOAD  # it loads the swarm's θ at the next round start
         finally:
             opt.shutdown()
 

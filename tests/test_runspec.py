@@ -110,7 +110,8 @@ def test_bad_run_keys_are_named():
 
 
 def test_boundaries_are_accepted():
-    spec = parse_runspec(BASE + "[training]\nmax_epochs = 0\n[rounds]\ninner_steps = 1\n[verification]\naudit_rate = 1\n")
+    spec = parse_runspec(BASE + "[training]\nmax_epochs = 0\n[rounds]\ninner_steps = 1\n"
+                                "[verification]\naudit_rate = 1\n")
     assert spec.rounds.inner_steps == 1 and spec.verification.audit_rate == 1.0
     assert parse_runspec(BASE + "[verification]\naudit_rate = 0\n").verification.audit_rate == 0.0
     rounds = parse_runspec(BASE + "[rounds]\ncompression = 'sparse4bit'\ntopk_density = 0.03\n").rounds

@@ -13,8 +13,8 @@ from omi.models.segments import (
     SegmentStep,
     load_training_state,
     replay_segment,
-    state_hash,
     training_state,
+    training_state_hash,
 )
 from omi.protos.runspec import parse_runspec
 
@@ -62,27 +62,27 @@ def _replay(parts, start: dict, segment: int):
     k = SPEC.verification.segment_steps
     records = replay_segment(model, optimizer, scheduler, source, steps[segment * k:(segment + 1) * k],
                              prediction_type="epsilon", sketch=None)
-    return records, state_hash(training_state(model, optimizer))
+    return records, training_state_hash(training_state(model, optimizer))
 
 
 def test_an_honest_segment_replays_bitwise(parts):
     records, states = _node_round(parts)
     for segment in (0, 1):  # the first starts at θ_r with the optimizer statistics carried into the round
         replayed, end = _replay(parts, states[segment], segment)
-        assert end == state_hash(states[segment + 1])
+        assert end == training_state_hash(states[segment + 1])
         assert [r.loss for r in replayed] == [r.loss for r in records[3 * segment:3 * segment + 3]]
 
 
 def test_skipped_inner_steps_do_not_reach_the_committed_end_state(parts):
     _, states = _node_round(parts, skip={4})  # claims 3 steps in segment 1, took 2
     _, end = _replay(parts, states[1], 1)
-    assert end != state_hash(states[2])
+    assert end != training_state_hash(states[2])
 
 
 def test_training_on_other_data_gives_other_records(parts):
     records, states = _node_round(parts, other_data=True)
     replayed, end = _replay(parts, states[0], 0)
-    assert end != state_hash(states[1])
+    assert end != training_state_hash(states[1])
     assert all(abs(a.loss - b.loss) > 1e-6 for a, b in zip(replayed, records[:3], strict=True))
 
 
@@ -123,7 +123,7 @@ def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes,
                         assignment=_assignment(), micro_batch_indices=indices, has_task=True,
                         records=[audited_record(records, i) for i in indices], commitment=merkle_root(records),
                         micro_batches=len(records), peer_id=peer_id,
-                        segment_hashes=[state_hash(s) for s in states], delta_sketch=delta_sketch)
+                        segment_hashes=[training_state_hash(s) for s in states], delta_sketch=delta_sketch)
 
 
 @pytest.mark.slow
@@ -154,7 +154,7 @@ def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht,
         held.hand_over(server)
         held.discard()
         assert len(list((tmp_path / "segments").glob("round-*/*.safetensors"))) == (
-            len({state_hash(s) for s in states}) if cheat == "honest" else 0)
+            len({training_state_hash(s) for s in states}) if cheat == "honest" else 0)
         # every task carries the round's committed Δ sketch; "delta_elsewhere" commits to (and would send) 2 × Δ
         delta_sketch = _delta_sketch(states, 2.0 if cheat == "delta_elsewhere" else 1.0)
         task = _audit_task(records, states, 1, node_dht.peer_id.to_base58(), params_hash(theta), delta_sketch)
@@ -203,7 +203,7 @@ def test_round_states_spill_to_disk_and_the_params_server_deletes_what_it_drops(
     # keep=2: the oldest state was dropped and its file deleted; the others load and hash as committed
     assert server.get(digests[0]) is None and not _spilled(tmp_path, digests[0])
     for digest in digests[1:]:
-        assert _spilled(tmp_path, digest) and state_hash(load(server.get(digest))) == digest
+        assert _spilled(tmp_path, digest) and training_state_hash(load(server.get(digest))) == digest
     server.shutdown()  # a node that ends leaves no state on disk
     assert list(tmp_path.glob("round-*")) == []
 

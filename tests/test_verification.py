@@ -33,7 +33,7 @@ from omi.models import (
 from omi.models.commitment import verify_proof
 from omi.models.microbatch import GradientSketch, named_tensors_hash
 from omi.models.optimizer import optimizer_for
-from omi.models.segments import SegmentStep, replay_segment, segment_steps, state_hash, training_state
+from omi.models.segments import SegmentStep, replay_segment, segment_steps, training_state, training_state_hash
 from omi.node.validator import ParameterHistory, Recomputer
 from omi.protos import pb, rpc, signing
 from omi.protos.runspec import parse_runspec
@@ -411,16 +411,18 @@ def test_every_attack_is_caught_by_segment_audits_and_honest_nodes_never_fail(tm
 
 
 LOCKSTEP_IDENTITY_SEED = 0
-# CenteredClip's radius for unet-digits-16 gradients. The x-1000 sender still pulls the center by up to tau / 3
-# per part; measured here (final loss vs the clean run, two identity seeds each): tau 1.0 +4.7 to +4.9 %,
-# tau 0.25 +0.7 and -2.1 %, tau 0.1 +1.1 and -0.7 %. examples/runs/digits.toml uses 0.25.
+# CenteredClip's radius for unet-digits-16 pseudo-gradients in rounds of 4 inner steps. The attacker's AdamW steps
+# normalise its x-1000 gradient, so what it sends is about a sign-flipped round; measured here (final loss after 6
+# rounds vs the clean run, identity seeds 0 and 1; the mean: +55.1 and +54.2 %): tau 0.1 +9.0 and +8.0 %, tau 0.25
+# +7.8 and +6.1 %, tau 0.5 +12.8 and +8.3 %, tau 1.0 +16.9 and +10.0 %; tau 0.1 without an attacker -1.3 and +1.5 %.
+# No radius reaches the 5 % the per-step swarm reached (tau 0.25: +0.7 and -2.1 %).
 LOCKSTEP_CLIP_TAU = 0.25
 
 
 @pytest.mark.timeout(300)
-def test_centered_clip_keeps_a_x1000_sender_among_four_within_5_percent_in_lockstep(tmp_path):
+def test_centered_clip_keeps_a_x1000_stepper_among_four_within_10_percent_in_lockstep(tmp_path):
     """One of four nodes steps on its gradient x(-1000) while committing honest records (``send_scaled``; audits are
-    off here): with ``mean`` the loss blows up, with ``centered_clip`` it stays within 5 %."""
+    off here): with ``mean`` the honest nodes' loss ends 50 % higher, with ``centered_clip`` within 10 %."""
     torch.set_num_threads(1)
     losses = {}
     for label, reducer, attacker in [("clean", "mean", HONEST), ("mean", "mean", ATTACKS["send_scaled"]),
@@ -438,8 +440,8 @@ def test_centered_clip_keeps_a_x1000_sender_among_four_within_5_percent_in_locks
     clean, mean, clip = (losses[k][-1] for k in ("clean", "mean", "clip"))
     print(f"lock-step final loss: clean {clean:.4f}, mean {mean:.4f}, centered_clip {clip:.4f}")
     assert losses["clean"][-1] < losses["clean"][0]
-    assert mean > 2 * clean, losses
-    assert abs(clip - clean) <= 0.05 * clean, losses
+    assert mean > 1.4 * clean, losses
+    assert abs(clip - clean) <= 0.1 * clean, losses
 
 
 # ---------------------------------------------------------------- tolerances
@@ -455,17 +457,17 @@ class HeldStates:
         return self.held[digest]
 
 
-HONEST_REPLAY_ROUNDS = 25  # of 8 inner steps in 4 segments: 100 segment audits
+HONEST_REPLAY_ROUNDS = 25  # of 4 inner steps in 2 segments: 50 segment audits
 
 
-@pytest.mark.slow  # 400 inner steps (200 trained, 200 replayed)
+@pytest.mark.slow  # 200 inner steps (100 trained, 100 replayed)
 @pytest.mark.timeout(900)
 def test_honest_segment_replays_pass_across_thread_counts():
     """A node trains rounds with 1 torch thread, the validator replays every segment with 2
     (``Recomputer.check_segment``): the records pass the exact tolerances, each replay ends within
     SEGMENT_DISTANCE_STEPS of the committed state (not bitwise: the thread counts differ) and the committed sketch of
     Δ checks out. (bench/bench_audit_cost.py runs 1,000 honest segment audits at one thread count.)"""
-    spec = parse_runspec(sim_run_toml(inner_steps=8, segment_steps=2))
+    spec = parse_runspec(sim_run_toml())  # rounds of 4 inner steps, segments of 2
     training, k = spec.training, spec.verification.segment_steps
     model, scheduler = build_for_spec(spec)
     optimizer = optimizer_for(training)(model.parameters())
@@ -489,12 +491,12 @@ def test_honest_segment_replays_pass_across_thread_counts():
             records += replay_segment(model, optimizer, scheduler, source, steps[first:first + k],
                                       prediction_type=training.prediction_type, sketch=sketch)
             states.append(training_state(model, optimizer))
-        fetcher.held = {state_hash(state): state for state in states}
+        fetcher.held = {training_state_hash(state): state for state in states}
         delta = [theta[n] - states[-1][n] for n in names]
         template = pb.AuditTask(task_id="t", run_id=spec.run_id, node_id="node", epoch=round_number,
                                 params_hash=named_tensors_hash(theta.items()), assignment=assignment, has_task=True,
                                 commitment=merkle_root(records), micro_batches=len(records), peer_id="node",
-                                segment_hashes=[state_hash(state) for state in states],
+                                segment_hashes=[training_state_hash(state) for state in states],
                                 delta_sketch=sketch.of_grads(delta, delta).tolist())
         torch.set_num_threads(2)  # the validator's replays
         for segment in range(len(states) - 1):

@@ -114,7 +114,7 @@ def ledger(state_dir: Path) -> Counter:
 
 
 def group_sizes(log: Path) -> list[int]:
-    """The size of the gradient all-reduce group of each epoch a node reported (its log says nothing richer)."""
+    """The size of the all-reduce group of each round a node reported (its log says nothing richer)."""
     return [int(n) for n in re.findall(r"\(averaged with (\d+) peers\)", log.read_text())]
 
 
@@ -195,13 +195,12 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
     last_epoch = [c.mean_loss for c in ledger_rows if c.epoch == max(c.epoch for c in ledger_rows)]
     assert sum(last_epoch) / len(last_epoch) < 0.7 * sum(first_epoch) / len(first_epoch), (first_epoch, last_epoch)
 
-    # the swarm averaged: nodes hold (nearly) the same parameters. Stopped by one Ctrl-C each at the same moment,
-    # a node may leave just before or after an optimizer step that the others took, so nodes one epoch apart
-    # are compared too, with room for that one step (one of ~20 AdamW steps taken by then). Without
-    # averaging, each node's AdamW steps would take it about as far from the others as from the init (~1).
-    # Nodes at the same epoch are not bitwise equal in per-step mode: on 2 busy cores hivemind now and then averages
-    # a part without a late peer's share ("Reducer: received 50% of input tensors") and each peer keeps its own
-    # rounding of the float16 deltas (seen: 0.02-0.03 usually, 0.072 and 0.099 on 2026-12-03).
+    # the swarm averaged: nodes hold (nearly) the same θ. Stopped by one Ctrl-C each at the same moment, a node may
+    # leave just before or after a round's outer step that the others took, so nodes one round apart are compared
+    # too, with room for that one step. Nodes that averaged their last round together hold bitwise the same θ; one
+    # that found itself out of sync in its last round would have loaded the group's θ at the next round start, which
+    # never came. Without averaging, each node's inner steps would take it about as far from the others as from the
+    # init (~1).
     saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
     for gap, bound in ((0, 0.15), (1, 0.25)):
         pairs = [(i, j) for i in saved for j in saved if i < j and abs(saved[i] - saved[j]) == gap]
