@@ -187,16 +187,20 @@ class VolunteerNode:
             self.trainer.set_state("left")
 
     def _save(self, folder: Path) -> None:
-        """The model as this node holds it, in diffusers format, with the epoch it is at (written atomically)."""
+        """θ of the round this node holds, in diffusers format, with that round (written atomically). A round left
+        unfinished is not saved: its inner steps were never averaged."""
         from omi.models.sampling import run_drawing, save_model
+        from omi.swarm.diloco import reset_to
 
         folder = Path(folder)
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        model = self.trainer.model
+        reset_to([p for p in model.parameters() if p.requires_grad], self.optimizer.global_params)
         parts, _ = run_drawing(self.trainer.source)
-        save_model(self.trainer.model.to("cpu"), self.trainer.scheduler, tmp, parts=parts)
+        save_model(model.to("cpu"), self.trainer.scheduler, tmp, parts=parts)
         (tmp / "omi_node.json").write_text(json.dumps({"run_id": self.status.run_id, "node_id": self.status.node_id,
-                                                       "epoch": self.optimizer.local_epoch}) + "\n")
+                                                       "epoch": self.optimizer.round}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
-        logger.info("saved the model at epoch %d to %s", self.optimizer.local_epoch, folder)
+        logger.info("saved θ of round %d to %s", self.optimizer.round, folder)
