@@ -50,7 +50,7 @@ def signal_when_parent_dies(sig: int = signal.SIGKILL) -> bool:
 
 def exit_when_orphaned(parent: int, message: str = "") -> None:
     """A daemon thread that ends this process (exit code 1, ``message`` logged) once ``parent`` is no longer its
-    parent: for a process started with ``--parent-pid`` whose parent may die by SIGKILL."""
+    parent (the fallback of :func:`end_with_parent` where prctl is missing)."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)

@@ -1,19 +1,18 @@
-"""The parameters an audited node started an epoch from, served peer to peer to validators by ``params_hash``.
+"""An audited node's training states, served peer to peer to validators by their hash.
 
-A validator recomputes an audited micro-batch bitwise only with the very parameters the node used. In a real
-swarm honest peers hold slightly different copies (hivemind adds the averaged delta to each peer's own tensors;
-partial rounds), so the validator's own copy of the epoch is rarely the node's. The node therefore keeps the
-parameters of each epoch the coordinator audits (it learns *that* it is audited in the reply to its
-contribution, before any validator asks) and serves them over hivemind's P2P — the libp2p connection it already
-has to the swarm, not the coordinator — to peers holding a valid token of the run::
+A segment audit replays ``segment_steps`` inner steps of a round from the training state (parameters and inner
+AdamW state) the node held at the segment's start, which only the node has. The node commits to the hash of its
+training state every ``segment_steps`` inner steps (:mod:`omi.models.segments`); when its contribution of a round is
+audited (it learns *that* it is audited in the reply, before any validator asks), it keeps that round's states and
+serves them over hivemind's P2P — the libp2p connection it already has to the swarm, not the coordinator — to peers
+holding a valid token of the run::
 
     server = ParamsServer.start(dht, spec)                  # the node, after start_dht
-    server.hold(started_hash, snapshot(model))              # when its contribution of an epoch is audited
-    state = fetch_params(dht, spec, node_peer_id, digest)   # a validator; None if the node did not serve them
+    server.hold(digest, state)                              # each committed state of an audited round
+    state = fetcher.fetch(node_peer_id, digest, max_bytes)  # a validator; ParamsUnavailable / ParamsRefused
 
-The validator checks that what it receives hashes to the ``params_hash`` the node signed in its contribution,
-so a node cannot swap parameters after the fact; and it measures their distance to its own copy of the epoch,
-so a node cannot compute on parameters of its own choosing (docs/verification.md).
+The validator checks that what it receives hashes to the committed segment hash the node signed, so a node cannot
+swap a state after the fact (docs/verification.md).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from safetensors.torch import save as save_safetensors
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # one P2P message; hivemind's own state download uses parts of the same order
-HELD_EPOCHS = 4  # audited epochs whose parameters a node keeps (validators ask within minutes)
+HELD_EPOCHS = 4  # audited rounds whose states a node keeps by default (validators ask within minutes)
 FETCH_TIMEOUT = 60.0  # seconds a validator waits for the next chunk
 
 
@@ -88,11 +87,11 @@ class EventLoopThread:
 
 
 class ParamsServer(ServicerBase):
-    """A node's P2P service handing out the parameters of its audited epochs to token holders.
+    """A node's P2P service handing out the training states of its audited rounds to token holders.
 
     :param dht: the node's DHT (token registry lookups)
     :param access: the run's :class:`PeerAccessGate`
-    :param keep: audited epochs kept; the oldest is dropped first
+    :param keep: states kept; the oldest is dropped first
     """
 
     def __init__(self, dht: hivemind.DHT, access: PeerAccessGate, keep: int = HELD_EPOCHS):
@@ -179,7 +178,7 @@ class ParamsServer(ServicerBase):
         if held is None:
             logger.warning("peer %s asked for parameters %s, which this node does not hold", context.remote_id,
                            request.params_hash.hex()[:12])
-            yield pb.ParamsChunk(error="parameters not held (not an audited epoch, or dropped)")
+            yield pb.ParamsChunk(error="state not held (not of an audited round, or dropped)")
             return
         total, chunks = held
         logger.info("serving the parameters %s (%d bytes) to validator peer %s", request.params_hash.hex()[:12],

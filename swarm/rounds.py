@@ -301,7 +301,7 @@ class RoundOptimizer:
             self.sync = SyncState.NEEDS_LOAD
             return False
         self._adopt(*loaded)
-        logger.info("round %d: loaded the witnessed θ from peer %s", self.round, loaded[2])
+        logger.info("round %d: loaded the witnessed θ from peer %s", self.round, loaded[1])
         return True
 
     # ---------------------------------------------------------------- a round

@@ -1,7 +1,7 @@
 """A volunteer that is killed leaves nothing behind: every process it started ends with it, however it ends.
 
-Under a training `omi-node join` run hivemind's forked DHT process (and its libp2p daemon), the gradient and
-training-state averager processes, and torch's shared-memory manager. Only the node's main process is killed,
+Under a training `omi-node join` run hivemind's forked DHT process (and its libp2p daemon), the round averager's
+process, and torch's shared-memory manager. Only the node's main process is killed,
 as the OOM killer would; the test then waits until none of them is running.
 """
 
@@ -80,8 +80,8 @@ def test_a_killed_volunteer_leaves_no_process_behind(coordinator, tmp_path, kill
     tree = process_tree(node.proc.pid)
     main_command = tree[node.proc.pid][1]
     forks = [pid for pid, (_, command) in tree.items() if command == main_command and pid != node.proc.pid]
-    # hivemind's DHT process and the two averager processes, and the DHT's libp2p daemon: what the kill must end
-    assert len(forks) >= 3 and any("p2pd" in command for _, command in tree.values()), tree
+    # hivemind's DHT process and the round averager's process, and the DHT's libp2p daemon: what the kill must end
+    assert len(forks) >= 2 and any("p2pd" in command for _, command in tree.values()), tree
 
     kill(node.proc, coordinator.proc)
     node.proc.wait(timeout=10)
