@@ -282,7 +282,8 @@ def run_trainer(config: dict) -> None:
     if config.get("forge_state"):
         honest_state = opt.averager._state
         opt.averager._state = lambda: (lambda meta, tensors: (meta, [tensors[0] + 1.0, *tensors[1:]]))(*honest_state())
-    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58()))
+    _write_json(config["ready_path"], dict(peer_id=dht.peer_id.to_base58(),
+                                           maddrs=[str(m) for m in dht.get_visible_maddrs()]))
     if not config.get("start_delay"):
         _wait_for_trainers(dht, spec, config)
     generator = torch.Generator().manual_seed(config.get("seed", 0))
