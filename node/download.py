@@ -190,17 +190,17 @@ def resume_from_checkpoint(client, spec: pb.RunSpec, model, optimizer, cache_dir
     if not checkpoints or not checkpoints[-1].url:
         return None
     latest = checkpoints[-1]
-    swarm_epoch = max(optimizer.local_epoch, optimizer.tracker.global_epoch)
+    swarm_epoch = max(optimizer.round, optimizer.tracker.global_epoch)
     if swarm_epoch >= latest.epoch:
         # The progress records say some peer is that far; they outlive peers that just left (seen: a newcomer
         # dialling two departed peers, then training alone from scratch). Load the state now: only a peer that
         # really serves it counts.
         optimizer.load_state_from_peers(min_round=latest.epoch)
-        if optimizer.local_epoch >= latest.epoch:
-            optimizer.tracker.report_local_progress(local_epoch=optimizer.local_epoch, samples_accumulated=0)
+        if optimizer.round >= latest.epoch:
+            optimizer.tracker.report_local_progress(local_epoch=optimizer.round, samples_accumulated=0)
             return None
         logger.warning("the swarm's progress records say epoch %d, but no peer served state past epoch %d",
-                       swarm_epoch, optimizer.local_epoch)
+                       swarm_epoch, optimizer.round)
     try:
         result = download_checkpoint(latest.url, spec.run_id, Path(cache_dir) / f"{spec.run_id}-epoch-{latest.epoch}",
                                      spec.coordinator_public_key, epoch=latest.epoch, progress=False)

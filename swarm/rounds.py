@@ -205,7 +205,6 @@ class RoundOptimizer:
         self._agreed = True  # this peer held its last group's θ_r: it serves its state before peers that did not
         self._next: RoundAllReduce | None = None  # this round's all-reduce, when matchmaking began before its end
         self._previous: RoundAllReduce | None = None  # with overlap: the previous round's, running in the background
-        self._group_size = 0
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self.averager = make_round_averager(spec, dht, deltas=[torch.zeros_like(p) for p in self.state.theta],
                                             state=self.state.serve, client_mode=client_mode)
@@ -221,11 +220,6 @@ class RoundOptimizer:
         return self.state.round
 
     @property
-    def local_epoch(self) -> int:
-        """The round this peer trains (hivemind.Optimizer's name, which the rest of the node uses)."""
-        return self.state.round
-
-    @property
     def global_params(self) -> list[torch.Tensor]:
         """θ_r, on the CPU in float32."""
         return self.state.theta
@@ -234,11 +228,6 @@ class RoundOptimizer:
     def start_hash(self) -> str:
         """SHA-256 of the global parameters θ_r (hex): equal on two peers exactly when they hold the same θ_r."""
         return self.state.hash()
-
-    @property
-    def grad_group_size(self) -> int:
-        """Peers averaged in the last round's update (hivemind.Optimizer's name; 0: none yet or it failed)."""
-        return self._group_size
 
     def set_state(self, round: int, params: list[torch.Tensor], momentum: list[torch.Tensor] | None = None) -> None:
         """Adopt θ (and the outer momentum; None: zeros) as round ``round``'s start; the model is reset to it."""
@@ -385,7 +374,6 @@ class RoundOptimizer:
             self.sync = SyncState.NEEDS_LOAD
         if finished.ended is Ended.GROUP:
             self._agreed = finished.canonical
-        self._group_size = decision.group_size
         self.averager.state_sharing_priority = self.round + (0.5 if self._agreed else 0.0)
         reset_to(self.params, self.state.theta)
         with self.tracker.pause_updates():
