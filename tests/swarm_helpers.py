@@ -318,7 +318,11 @@ def run_trainer(config: dict) -> None:
             opt.averager.state_sharing_priority = 1e9  # end_round announced the honest priority again
         with torch.no_grad():
             loss = torch.nn.functional.mse_loss(model(eval_x), eval_y).item()
+        # group_size: the trainers the group gathered (what the outer step decided on); exchanged: the senders whose
+        # parts this peer's last all-reduce really reduced, itself included (an intruder's group may gather three,
+        # but honest members refuse it before any tensor moves)
         rounds.append(dict(round=result.round, group_size=result.group_size, applied=result.applied,
+                           exchanged=opt.averager.last_group_size,
                            inner_steps=result.inner_steps, bytes_sent=result.bytes_sent, end_hash=theta_hash(),
                            loss=loss))
     _write_json(config["result_path"], dict(rounds=rounds, starts=log, state_loads=opt.state_loads,

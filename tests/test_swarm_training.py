@@ -146,14 +146,14 @@ def test_peer_without_a_token_for_its_peer_id_cannot_average_nor_download_state(
 
     honest, intruder = results[:2], results[2]
     for r in honest:
-        sizes = [entry["group_size"] for entry in r["rounds"]]
-        assert r["rounds_averaged"] >= 1 and set(sizes) <= {0, 1, 2}, sizes
-    # The honest peers never reduced a part of the intruder (their group sizes above are at most 2, never 3), and
-    # no honest part ever reached the intruder: it reduced only its own (a peer's group size counts the senders
-    # whose parts it received; an older count, the group's senders minus those hivemind banned, also counted
-    # members that had refused it and sent nothing, which once made it look like the intruder averaged).
+        exchanged = [entry["exchanged"] for entry in r["rounds"]]
+        assert r["rounds_averaged"] >= 1 and set(exchanged) <= {0, 1, 2}, r["rounds"]
+    # The honest peers never reduced a part of the intruder (they exchanged parts with at most 2 senders, never 3),
+    # and no honest part ever reached the intruder: it reduced only its own. (Its group_size may say 3: that counts
+    # the trainers its group gathered at matchmaking, and the honest members then refused the group before any
+    # tensor left them.)
     assert intruder["rounds_averaged"] == 0, intruder
-    assert {entry["group_size"] for entry in intruder["rounds"]} <= {0, 1}, intruder
+    assert {entry["exchanged"] for entry in intruder["rounds"]} <= {0, 1}, intruder
 
     assert refused["join"] in (averaging_pb2.PROTOCOL_VIOLATION, "no answer"), refused
     assert refused["part"] in (averaging_pb2.PROTOCOL_VIOLATION, "no answer"), refused
