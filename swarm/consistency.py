@@ -68,6 +68,7 @@ class Ended(enum.Enum):
     NONE = "none"  # with overlap, at the first round's end: no earlier round was averaged
     MISSED = "missed"  # with overlap: the others averaged the previous round while this peer loaded their state
     ALONE = "alone"  # not started: too few training peers in the swarm to average with
+    SAT_OUT = "sat out"  # not started: this peer trained nothing in the round while others trained
     FAILED = "failed"  # hivemind raised: no group in time, a member vanished mid-transfer, a reducer failed
     GROUP = "group"  # averaged in a group (see GroupOutcome)
 
@@ -106,6 +107,12 @@ def should_apply(ended: Ended, *, peers: int, samples: int, overlap: bool, train
     if ended is Ended.MISSED:
         return Decision(False, True, 0, "the others averaged the previous round while this peer loaded their state; "
                                         "it cannot apply that step and loads the state again")
+    if ended is Ended.SAT_OUT:
+        # a joiner that loaded the state as the round closed: its Δ is zero, so it would only wait for a group that
+        # formed without it (seen: 20 s, then "could not find a group", round after round) or, grouped with
+        # another such joiner, step by a zero average to a θ no other peer holds (seen: refuted by the witness)
+        return Decision(False, True, 0, "it trained nothing in this round: it sat out the all-reduce and loads the "
+                                        "state the others averaged")
     if ended is Ended.FAILED and peers > 1:
         return Decision(False, True, 0, "the all-reduce failed while other peers were there; no outer step from it, "
                                         "it loads the state next round")

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import StepControl
+from hivemind.averaging.control import AveragingStage, StepControl
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import CompressionInfo
 from hivemind.utils import MPFuture
@@ -241,12 +242,23 @@ class RoundAllReduce:
             self.control.weight = weight
             self.control.allow_allreduce()
 
-    def finish(self) -> Finished:
-        """Wait for the all-reduce; what the group gathered and averaged."""
+    def finish(self, gone: Callable[[], bool] | None = None) -> Finished:
+        """Wait for the all-reduce; what the group gathered and averaged.
+
+        :param gone: whether the swarm moved on past this round (the others averaged it and stepped): while this peer
+            still looks for a group then, no group will come (seen: a straggler that began matchmaking after the
+            others' group formed waited the whole averaging timeout), so it gives up at once
+        """
         if self.missed:
             return Finished(Ended.MISSED)
         if self.control is None:
             return Finished(Ended.ALONE)
+        while gone is not None and not self.control.done():
+            if self.control.stage is AveragingStage.LOOKING_FOR_GROUP and gone():
+                self.cancel()
+                return Finished(Ended.FAILED, error=AllreduceException(
+                    f"the others averaged round {self.round} without this peer"))
+            time.sleep(0.1)
         try:
             gathered = self.control.result()
         except Exception as e:  # hivemind raises what its matchmaking or all-reduce raised

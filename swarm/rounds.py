@@ -348,7 +348,8 @@ class RoundOptimizer:
         """Average the pseudo-gradients and take the outer step; the model then holds the next round's θ."""
         started = time.perf_counter()
         closed, samples, steps = self.round, self.samples, self.inner_steps
-        overlap, peers = self.spec.rounds.overlap, self.tracker.global_progress.num_peers
+        overlap, progress = self.spec.rounds.overlap, self.tracker.global_progress
+        peers, others_trained = progress.num_peers, progress.epoch > closed or progress.samples_accumulated > samples
         # 1. Δ = θ_r − θ_local, and what of it is sent (with top-k: the largest entries, the rest fed back)
         delta = pseudo_gradient(self.state.theta, self.params)
         sent = self.feedback(delta) if self.feedback is not None else delta
@@ -358,9 +359,11 @@ class RoundOptimizer:
             averaged = self._previous
             finished = averaged.finish() if averaged is not None else Finished(Ended.NONE)
             self._previous = self._start_average(sent, samples, peers)
+        elif samples == 0 and others_trained:  # nothing to add to the others' average (consistency.Ended.SAT_OUT)
+            averaged, finished = None, Finished(Ended.SAT_OUT)
         else:
             averaged = self._start_average(sent, samples, peers)
-            finished = averaged.finish()
+            finished = averaged.finish(gone=lambda: self.tracker.global_epoch > closed)
         # 3. the decision: every member concludes the same from the group's gathered data (omi.swarm.consistency)
         decision = should_apply(finished.ended, peers=self.tracker.global_progress.num_peers, samples=samples,
                                 overlap=overlap, trainers=finished.trainers, usable=finished.usable,
@@ -374,7 +377,10 @@ class RoundOptimizer:
             self.sync = SyncState.NEEDS_LOAD
         if finished.ended is Ended.GROUP:
             self._agreed = finished.canonical
-        self.averager.state_sharing_priority = self.round + (0.5 if self._agreed else 0.0)
+        # a peer that must load the state serves its own after every peer still at the previous round: it may not
+        # hold the swarm's θ at this one
+        self.averager.state_sharing_priority = self.round - 2 if decision.resync else \
+            self.round + (0.5 if self._agreed else 0.0)
         reset_to(self.params, self.state.theta)
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.round)

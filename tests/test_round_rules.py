@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from hivemind.averaging.control import AveragingStage
 from omi.protos import pb
 from omi.swarm.consistency import Decision, Ended, Provenance, group_outcome, should_apply
 from omi.swarm.diloco import GlobalState, outer_optimizer, outer_step, pseudo_gradient, read_served, theta_hash
@@ -42,6 +43,11 @@ def test_a_failed_all_reduce_among_others_applies_nothing_and_loads_the_state():
     assert decide(Ended.FAILED, peers=2) == (False, True, 0)
 
 
+def test_a_peer_that_trained_nothing_while_others_trained_sat_out_and_loads_their_state():
+    # a joiner that loaded the state as the round closed: no step of its own, no zero average, the others' θ next
+    assert decide(Ended.SAT_OUT, samples=0) == (False, True, 0)
+
+
 @pytest.mark.parametrize("ended", [Ended.ALONE, Ended.FAILED])
 def test_a_peer_alone_in_the_swarm_applies_its_own_pseudo_gradient(ended):
     assert decide(ended, peers=1) == (True, False, 1)
@@ -76,9 +82,10 @@ def test_no_decision_applies_a_step_without_an_all_reduce_nor_keeps_a_failed_pee
             Ended, (1, 3), (0, 8), (False, True), (False, True), (False, True)):
         apply, resync, _ = decide(ended, peers=peers, samples=samples, overlap=overlap, usable=usable,
                                   canonical=canonical)
-        if ended in (Ended.NONE, Ended.MISSED):
+        if ended in (Ended.NONE, Ended.MISSED, Ended.SAT_OUT):
             assert not apply
-        if ended is Ended.FAILED and peers > 1 or ended is Ended.MISSED or ended is Ended.GROUP and not canonical:
+        if ended is Ended.FAILED and peers > 1 or ended in (Ended.MISSED, Ended.SAT_OUT) \
+                or ended is Ended.GROUP and not canonical:
             assert resync, (ended, peers, samples, overlap, usable, canonical)
 
 
@@ -150,11 +157,15 @@ def test_set_adopts_theta_with_zero_momentum_and_a_new_hash():
 
 
 class FakeControl:
-    def __init__(self, gathered=None, error=None):
+    """hivemind's StepControl as RoundAllReduce sees it: done at once, or after ``polls`` looks at ``done``."""
+
+    def __init__(self, gathered=None, error=None, stage=AveragingStage.FINISHED, polls=0):
         self.gathered, self.error, self.weight, self.triggered, self.cancelled = gathered, error, None, False, False
+        self.stage, self.polls = stage, polls
 
     def done(self):
-        return self.cancelled
+        self.polls -= 1
+        return self.cancelled or self.polls < 0
 
     def allow_allreduce(self):
         self.triggered = True
@@ -224,3 +235,19 @@ def test_an_all_reduce_alone_failed_or_missed_reports_so():
     assert failed.finish().ended is Ended.FAILED and failed.finish().error is error
     missed = RoundAllReduce(FakeAverager(FakeControl()), SPEC, 1, "", missed=True)
     assert missed.finish().ended is Ended.MISSED and not missed.running()
+
+
+def test_a_peer_still_looking_for_a_group_when_the_swarm_moved_on_gives_up_at_once():
+    # seen: a straggler that began matchmaking after the others' group formed waited the whole averaging timeout
+    looking = FakeControl(stage=AveragingStage.LOOKING_FOR_GROUP, polls=10**6)
+    average = RoundAllReduce(FakeAverager(looking), SPEC, 3, "h")
+    average.start([torch.ones(2)], weight=8.0)
+    looks = iter([False, False, True])
+    finished = average.finish(gone=lambda: next(looks))
+    assert finished.ended is Ended.FAILED and looking.cancelled and "without this peer" in str(finished.error)
+    # in a group already: it waits for the all-reduce, whatever the swarm does meanwhile
+    gathered = {"a": dict(round=3, theta="h"), "b": dict(round=3, theta="h")}
+    running = FakeControl(gathered, stage=AveragingStage.RUNNING_ALLREDUCE, polls=3)
+    average = RoundAllReduce(FakeAverager(running), SPEC, 3, "h")
+    average.start([torch.ones(2)], weight=8.0)
+    assert average.finish(gone=lambda: True).ended is Ended.GROUP and not running.cancelled

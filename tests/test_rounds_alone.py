@@ -1,5 +1,8 @@
 """A RoundOptimizer with no other trainer (one real hivemind DHT peer in this process): the outer step it takes
-alone, and the one it must not take."""
+alone, and the one it must not take; and a joiner that trained nothing while another peer trained."""
+
+import dataclasses
+import time
 
 import torch
 from omi.swarm.rounds import RoundOptimizer, SyncState
@@ -48,3 +51,35 @@ def test_a_peer_alone_in_the_swarm_applies_its_own_pseudo_gradient(tmp_path, coo
             assert not all(torch.equal(a, b) for a, b in zip(before, opt.global_params, strict=True))
         finally:
             opt.shutdown()
+
+
+
+def test_a_joiner_that_trained_nothing_while_another_trained_sits_out_at_once_and_serves_its_state_last(
+        tmp_path, coordinator_key):
+    # seen in real swarms (2026-12-07): joiners loaded round r's state as it closed, then waited a whole averaging
+    # timeout for a group that had formed without them ("could not find a group"), or two of them grouped and stepped
+    # by a zero average to a θ the witness refuted; round after round, for a minute and more
+    with dht_peers(coordinator_key, tmp_path, count=1) as peers:
+        _, joiner = _optimizer(peers, coordinator_key)
+        try:
+            joiner.begin_round()
+            # what the progress records say as the round closes: another trainer trained the 80 samples of two
+            # (two optimizers in one process share hivemind's process-wide key, so one stands in for both: its
+            # tracker stops fetching, and the swarm's progress is set)
+            joiner.tracker.shutdown()
+            joiner.tracker.global_progress = dataclasses.replace(joiner.tracker.global_progress, num_peers=2,
+                                                                 samples_accumulated=80)
+            assert joiner.round_closed()
+            before = [p.clone() for p in joiner.global_params]
+            started = time.monotonic()
+            result = joiner.end_round()
+            waited = time.monotonic() - started
+            # no all-reduce was started: it did not wait for matchmaking (2 s here) nor for a timeout
+            assert waited < joiner.spec.averaging.matchmaking_time, waited
+            assert result.samples == 0 and not result.applied and result.group_size == 0
+            assert all(torch.equal(a, b) for a, b in zip(before, joiner.global_params, strict=True))
+            assert joiner.sync is SyncState.NEEDS_LOAD and joiner.round == 4
+            # it serves θ_3 as round 4 only after any peer still serving round 3: a newcomer loads the others' state
+            assert joiner.averager.state_sharing_priority < 3
+        finally:
+            joiner.shutdown()
