@@ -79,6 +79,7 @@ from omi.swarm.round_averager import (
     make_runner,
     rounds_prefix,
 )
+from omi.swarm.upstream import withdraw_progress
 
 __all__ = [
     "GlobalState", "GroupOutcome", "RoundAverager", "RoundOptimizer", "RoundResult", "SyncState", "group_outcome",
@@ -408,5 +409,5 @@ class RoundOptimizer:
     def shutdown(self) -> None:
         for averaging in filter(None, (self._next, self._previous)):
             averaging.cancel()
-        self.tracker.shutdown()
+        withdraw_progress(self.tracker, timeout=5.0)  # the swarm stops counting this peer's samples at once
         self.averager.shutdown()

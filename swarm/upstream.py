@@ -43,6 +43,8 @@ HIVEMIND_VERSION = "1.1.12"  # the hivemind whose sources PINNED hashes
 
 # upstream function -> sha256 of ``textwrap.dedent(inspect.getsource(function))`` under hivemind HIVEMIND_VERSION
 PINNED = {
+    "hivemind.optim.progress_tracker.ProgressTracker.shutdown":
+        "806b6000c115fc54d93b3a0d0acd69946f29521a0fd864f2841e62e9fb865910",
     "hivemind.averaging.allreduce.AllReduceRunner.__init__":
         "b83602f7892d7a88d50c1b0888fde486584d40904492b099d0547e78a4a7bb40",
     "hivemind.averaging.allreduce.AllReduceRunner._generate_input_for_peer":
@@ -337,6 +339,25 @@ async def read_state(stream, serializer, timeout: float) -> tuple[object, list[t
     if parts:
         tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
     return metadata, tensors
+
+
+# ------------------------------------------------------------------------- hivemind.optim
+
+
+# Follows hivemind.optim.progress_tracker.ProgressTracker.shutdown (hivemind 1.1.12), changed: waits (at most
+# `timeout`) until the DHT stored the empty record that withdraws this peer's progress (hivemind's store is not
+# awaited, so a peer that shuts its DHT down right after may leave its last record behind for a minute: seen, the
+# records of volunteers that had left closed a newcomer's round before it trained a step)
+def withdraw_progress(tracker, timeout: float) -> bool:
+    """Stop ``tracker`` and withdraw this peer's progress record from the swarm; True once the DHT stored that."""
+    tracker.shutdown(timeout)
+    try:
+        return bool(tracker.dht.store(tracker.training_progress_key, subkey=tracker._local_public_key, value=None,
+                                      expiration_time=get_dht_time() + tracker.metadata_expiration,
+                                      return_future=True).result(timeout=timeout))
+    except Exception as e:  # the DHT is gone or slow: the record then expires on its own
+        logger.warning("could not withdraw this peer's progress record: %r", e)
+        return False
 
 
 # ------------------------------------------------------------------------- hivemind.compression

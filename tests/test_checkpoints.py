@@ -91,9 +91,11 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
                 key=lambda c: c.epoch)
     said = " ".join(newcomer.output().split())  # rich wraps log lines
     assert f"resumed from checkpoint epoch {latest.epoch}" in said, newcomer.output()[-3000:]
-    # it resumes at the checkpoint's round; the progress records of the volunteers that left count until they expire
-    # (60 s), and may close that round before the newcomer trains a step in it (seen twice in three runs,
-    # 2026-12-07): then its first contribution is of the next round, from the same θ (no outer step was taken)
+    # it resumes at the checkpoint's round. Volunteers that leave withdraw their progress records (withdraw_progress);
+    # before that, their records counted for a minute and closed that round before the newcomer trained a step in it
+    # (seen twice in three runs, 2026-12-07; since the fix it trained the checkpoint's round at once, 114 s instead
+    # of 147-234 s). A record whose withdrawal could not be stored still expires on its own: then the first
+    # contribution is of the next round, from the same θ (the newcomer sat that round out, no outer step was taken)
     resumed_at = max(latest.epoch, run_epoch)
     assert first.epoch in (resumed_at, resumed_at + 1), (first.epoch, resumed_at)
     assert first.params_hash.hex() == manifest["params_hash"]  # it trained from the checkpoint's weights

@@ -5,6 +5,7 @@ import dataclasses
 import time
 
 import torch
+from omi.swarm.follower import add_progress_validators, read_progress
 from omi.swarm.rounds import RoundOptimizer, SyncState
 from swarm_helpers import dht_peers, make_spec, regression_batch, tiny_model
 
@@ -83,3 +84,24 @@ def test_a_joiner_that_trained_nothing_while_another_trained_sits_out_at_once_an
             assert joiner.averager.state_sharing_priority < 3
         finally:
             joiner.shutdown()
+
+
+
+def test_a_peer_that_leaves_withdraws_its_progress_record_before_its_dht_goes(tmp_path, coordinator_key):
+    # seen: the records of volunteers that had left (kept a minute) closed a newcomer's round before it trained a step
+    with dht_peers(coordinator_key, tmp_path, count=2) as peers:
+        spec, _, (dht, reader) = peers
+        spec = make_spec(coordinator_key, inner_steps=5, initial_peers=tuple(spec.initial_peers))
+        add_progress_validators(reader, spec)  # the reader tracks no progress of its own, as the witness
+        opt = RoundOptimizer(tiny_model(), spec, dht)
+        try:
+            opt.begin_round()
+            opt.tracker.report_local_progress(0, 8)
+            deadline = time.monotonic() + 30
+            while not read_progress(reader, spec) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert [r.samples_accumulated for r in read_progress(reader, spec)] == [8]
+        finally:
+            opt.shutdown()
+        dht.shutdown()  # at once, as a volunteer that leaves does
+        assert read_progress(reader, spec) == []
