@@ -17,18 +17,23 @@ within :class:`omi.models.replay.Tolerances` elsewhere.
 (2, torch.Size([256]), True)
 """
 
+from __future__ import annotations
+
 import hashlib
 import logging
 import math
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from omi.models.text_to_image import PREDICTION_TYPE as FLOW_PREDICTION
-from omi.models.text_to_image import LatentBatch, flow_matching_loss
+from omi.models.flow import PREDICTION_TYPE as FLOW_PREDICTION
+from omi.models.flow import LatentBatch, flow_matching_loss
+
+if TYPE_CHECKING:  # the schedulers are passed in; loading diffusers here would cost every importer seconds
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 logger = logging.getLogger(__name__)
 

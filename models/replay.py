@@ -13,16 +13,21 @@ True
 False
 """
 
+from __future__ import annotations
+
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import DDPMScheduler
 from omi.models.data import DataSource
 from omi.models.microbatch import GradientSketch, MicroBatchRecord, compute_micro_batch
 from omi.protos import pb
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class Tolerances:
     sketch: float = 1e-3  # ||claimed - recomputed|| / ||recomputed|| of the gradient sketch
 
     @classmethod
-    def exact(cls) -> "Tolerances":
+    def exact(cls) -> Tolerances:
         """Same machine, same thread count: recomputation is bitwise equal, so nothing may differ."""
         return cls(loss=0.0, norm=0.0, sketch=0.0)
 

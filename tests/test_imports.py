@@ -33,3 +33,13 @@ def test_protos_import_neither_torch_nor_hivemind():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == ""
+
+
+def test_the_coordinator_and_its_swarm_bootstrap_peer_load_no_diffusers():
+    """``omi-coordinator serve`` and the per-run bootstrap peer it starts need hivemind, not the models: diffusers
+    (and the transformers it pulls) cost seconds of CPU at each start of each of these processes."""
+    code = ("import sys, omi.coordinator.server, omi.coordinator.bootstrap, omi.models, omi.swarm\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers'))))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == ""
