@@ -90,7 +90,8 @@ def step_figures(name: str, batch: int) -> dict:
 
 def worker(name: str, batch: int) -> None:
     from omi.models import build_model, compute_micro_batch, model_info
-    from omi.models.text_to_image import LatentBatch, latent_config
+    from omi.models.flow import LatentBatch
+    from omi.models.text_to_image import latent_config
 
     model, scheduler = build_model(name)
     config = latent_config(name)

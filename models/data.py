@@ -310,7 +310,7 @@ class LatentShardSource(DataSource):
     RUN/data``, as the coordinator hands a run to nodes, with ``#sha256:`` pinning the manifest) only the shards
     asked for are fetched: resumably, sha256-checked, from the coordinator or the manifest's mirrors, with retries,
     into a disk cache kept under ``max_cache_bytes`` (least recently used shards go first). ``get`` returns a
-    :class:`~omi.models.text_to_image.LatentBatch`; the run's work shards (``shard_size``) are independent of the
+    :class:`~omi.models.flow.LatentBatch`; the run's work shards (``shard_size``) are independent of the
     prepared ones.
 
     :param where: the data set's folder (``manifest.json``, ``shards/``, ``null_caption.npy``) or base URL, with
@@ -455,8 +455,8 @@ class LatentShardSource(DataSource):
         return self._shard(shard_id)[index - int(self.starts[shard_id])]
 
     def get(self, indices):
-        """The samples at ``indices`` as one :class:`~omi.models.text_to_image.LatentBatch`."""
-        from omi.models.text_to_image import LatentBatch
+        """The samples at ``indices`` as one :class:`~omi.models.flow.LatentBatch`."""
+        from omi.models.flow import LatentBatch
 
         rows = [self._row(i) for i in self._indices(indices)]
         return LatentBatch.collate(torch.stack([r[0] for r in rows]), [r[1] for r in rows], self.null)

@@ -44,7 +44,7 @@ def place_model(model: torch.nn.Module, device: str | torch.device) -> torch.nn.
     On CUDA a text-to-image transformer also turns on gradient checkpointing (diffusers'
     ``enable_gradient_checkpointing``: activations of each block are recomputed in the backward pass, so a 0.6-1.6 B
     transformer fits a volunteer's GPU; the gradient is the same computation, so audits are unaffected); its forward
-    runs under bfloat16 autocast (:func:`omi.models.text_to_image.flow_matching_loss`).
+    runs under bfloat16 autocast (:func:`omi.models.flow.flow_matching_loss`).
     """
     device = torch.device(device)
     model.to(device).train()

@@ -249,7 +249,7 @@ def compute_micro_batch(
     and zero the grads themselves when an optimizer step is done.
 
     Randomness: a CPU generator seeded with ``seed`` draws everything random the objective needs
-    (:func:`ddpm_loss`, :func:`omi.models.text_to_image.flow_matching_loss` say in which order).
+    (:func:`ddpm_loss`, :func:`omi.models.flow.flow_matching_loss` say in which order).
 
     :param model: the UNet or the text-to-image transformer; its parameters decide the gradient
     :param scheduler: the DDPM scheduler of a UNet, the flow-matching scheduler of a transformer

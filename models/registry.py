@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from omi.models import text_to_image
+from omi.models import flow, text_to_image
 from omi.protos import pb
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def build_model(
     :param seed: seeds the parameter initialisation (the global torch RNG is left untouched)
     """
     if name in text_to_image.CONFIGS:
-        if prediction_type not in (None, text_to_image.PREDICTION_TYPE):
-            raise ValueError(f"'{name}' is trained with prediction_type '{text_to_image.PREDICTION_TYPE}' "
+        if prediction_type not in (None, flow.PREDICTION_TYPE):
+            raise ValueError(f"'{name}' is trained with prediction_type '{flow.PREDICTION_TYPE}' "
                              f"(flow matching), not '{prediction_type}'")
         return text_to_image.build_transformer(name, num_train_timesteps=num_train_timesteps, seed=seed)
     prediction_type = prediction_type or "epsilon"

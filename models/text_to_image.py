@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
-from omi.models.flow import PREDICTION_TYPE, LatentBatch, flow_matching_loss  # noqa: F401 (this model's objective)
 from omi.protos.files import sha256_file
 
 if TYPE_CHECKING:  # the pipeline loads transformers: seconds of CPU that a process training a UNet run needn't pay

@@ -4,7 +4,7 @@ embeddings through the one micro-batch function, saved as a stock SanaPipeline t
 import pytest
 import torch
 from diffusers import SanaPipeline
-from omi.models import GradientSketch, build_model, compute_micro_batch, micro_batch_seed, model_info, params_hash
+from omi.models import GradientSketch, build_model, compute_micro_batch, flow, micro_batch_seed, model_info, params_hash
 from omi.models import text_to_image as t2i
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: tiny models run fastest on one thread
@@ -21,7 +21,7 @@ def parts():
 def batch(parts):
     images = torch.rand(len(PROMPTS), 1, 32, 32) * 2 - 1
     latents = t2i.encode_images(parts.vae, images)
-    return t2i.LatentBatch.collate(latents, t2i.encode_captions(parts, PROMPTS), t2i.null_caption(parts))
+    return flow.LatentBatch.collate(latents, t2i.encode_captions(parts, PROMPTS), t2i.null_caption(parts))
 
 
 def _record(model, scheduler, batch, seed, sketch=None):
@@ -73,11 +73,11 @@ def test_a_latent_micro_batch_recomputes_bitwise_and_its_sketch_is_the_gradients
 def test_captions_condition_the_loss_and_dropped_captions_see_the_empty_prompt(parts, batch, monkeypatch):
     model, scheduler = build_model("sana-digits", seed=1)
     seed = micro_batch_seed(0, "captions", 0, "node-a", 1)
-    shuffled = t2i.LatentBatch(batch.latents, batch.embeds.flip(0), batch.mask.flip(0), batch.null)
+    shuffled = flow.LatentBatch(batch.latents, batch.embeds.flip(0), batch.mask.flip(0), batch.null)
     assert _record(model, scheduler, batch, seed)[0].loss != _record(model, scheduler, shuffled, seed)[0].loss
 
-    monkeypatch.setattr(t2i, "CAPTION_DROPOUT", 1.0)  # every caption dropped: only the empty prompt is seen
-    blank = t2i.LatentBatch.collate(batch.latents, [batch.null] * len(PROMPTS), batch.null)
+    monkeypatch.setattr(flow, "CAPTION_DROPOUT", 1.0)  # every caption dropped: only the empty prompt is seen
+    blank = flow.LatentBatch.collate(batch.latents, [batch.null] * len(PROMPTS), batch.null)
     dropped, _ = _record(model, scheduler, batch, seed)
     assert dropped.loss == _record(model, scheduler, blank, seed)[0].loss
     assert dropped.loss == _record(model, scheduler, shuffled, seed)[0].loss
@@ -139,8 +139,8 @@ def test_captions_are_embedded_as_a_stock_pipeline_call_embeds_the_prompt(parts)
 
 def test_bad_micro_batches_are_refused(parts, batch):
     with pytest.raises(ValueError, match="3 latents and 2 captions"):
-        t2i.LatentBatch.collate(batch.latents[:3], t2i.encode_captions(parts, PROMPTS[:2]), batch.null)
+        flow.LatentBatch.collate(batch.latents[:3], t2i.encode_captions(parts, PROMPTS[:2]), batch.null)
     with pytest.raises(ValueError, match=r"caption 0: expected \(tokens, 64\)"):
-        t2i.LatentBatch.collate(batch.latents[:1], [torch.zeros(3, 32)], batch.null)
+        flow.LatentBatch.collate(batch.latents[:1], [torch.zeros(3, 32)], batch.null)
     with pytest.raises(ValueError, match="unknown text-to-image model"):
         t2i.build_frozen_parts("sana-huge")
