@@ -79,7 +79,7 @@ from omi.swarm.round_averager import (
     make_runner,
     rounds_prefix,
 )
-from omi.swarm.upstream import withdraw_progress
+from omi.swarm.upstream import RoundProgressTracker, withdraw_progress
 
 __all__ = [
     "GlobalState", "GroupOutcome", "RoundAverager", "RoundOptimizer", "RoundResult", "SyncState", "group_outcome",
@@ -209,9 +209,9 @@ class RoundOptimizer:
         self._bytes_counted = 0  # the averager's byte count at the end of the last round
         self.averager = make_round_averager(spec, dht, deltas=[torch.zeros_like(p) for p in self.state.theta],
                                             state=self.state.serve, client_mode=client_mode)
-        self.tracker = ProgressTracker(dht, spec.dht_prefix, rounds.inner_steps * training.micro_batch_size,
-                                       client_mode=client_mode, max_refresh_period=PROGRESS_REFRESH,
-                                       default_refresh_period=PROGRESS_REFRESH, start=True)
+        self.tracker = RoundProgressTracker(dht, spec.dht_prefix, rounds.inner_steps * training.micro_batch_size,
+                                            client_mode=client_mode, max_refresh_period=PROGRESS_REFRESH,
+                                            default_refresh_period=PROGRESS_REFRESH, start=True)
         self.clock = RoundClock(self.tracker, spec)
 
     # ---------------------------------------------------------------- state

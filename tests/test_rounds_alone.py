@@ -1,8 +1,11 @@
 """A RoundOptimizer with no other trainer (one real hivemind DHT peer in this process): the outer step it takes
 alone, and the one it must not take; and a joiner that trained nothing while another peer trained."""
 
+import asyncio
 import dataclasses
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from omi.swarm.follower import add_progress_validators, read_progress
@@ -105,3 +108,44 @@ def test_a_peer_that_leaves_withdraws_its_progress_record_before_its_dht_goes(tm
             opt.shutdown()
         dht.shutdown()  # at once, as a volunteer that leaves does
         assert read_progress(reader, spec) == []
+
+
+class _SlowGets:
+    """A DHT whose reads of the progress records hang until ``release`` is set (a loaded or vanished peer)."""
+
+    def __init__(self, dht):
+        self.dht, self.release, self.reading = dht, threading.Event(), threading.Event()
+
+    def get(self, *args, **kwargs):
+        def slow():
+            self.reading.set()
+            self.release.wait(30)
+            return self.dht.get(*args, **{**kwargs, "return_future": False})
+
+        return asyncio.wrap_future(ThreadPoolExecutor(1).submit(slow))  # awaited in the tracker's event loop
+
+    def __getattr__(self, name):
+        return getattr(self.dht, name)
+
+
+def test_the_round_can_end_while_a_read_of_the_swarms_progress_hangs(tmp_path, coordinator_key):
+    # measured in a three-volunteer swarm on 2 cores: with hivemind's ProgressTracker each peer waited 0-5 s per round
+    # for its lock (held across every DHT read of the progress records) before it could move to the next round
+    with dht_peers(coordinator_key, tmp_path, count=1) as peers:
+        model, opt = _optimizer(peers, coordinator_key)
+        slow = _SlowGets(opt.tracker.dht)
+        try:
+            opt.tracker.dht = slow
+            assert slow.reading.wait(10), "the tracker never read the swarm's progress"
+            time.sleep(0.2)  # the read hangs in the tracker's fetcher now
+            assert not opt.tracker.lock_global_progress.locked()
+            with opt.tracker.pause_updates():  # what end_round does to move to the next round
+                opt.tracker.update_epoch(4)
+            assert opt.tracker.global_epoch == 4
+            slow.release.set()  # the read returns the records from before the new round: the round stays 4
+            time.sleep(1.0)
+            assert opt.tracker.global_epoch == 4
+        finally:
+            slow.release.set()
+            opt.tracker.dht = slow.dht
+            opt.shutdown()
