@@ -15,6 +15,8 @@ from omi.swarm.upstream import rsa_private_key
 
 logger = logging.getLogger(__name__)
 
+_GENERATED: set[str] = set()  # identity files this process generated: no other peer can hold those
+
 
 def load_or_create_swarm_key(path: str | os.PathLike) -> RSAPrivateKey:
     """The RSA key a node's hivemind authorizer signs DHT requests with; created (PEM, mode 0600) on first use.
@@ -44,6 +46,14 @@ def load_or_create_peer_identity(identity_path: str | os.PathLike) -> str:
     if not os.path.isfile(identity_path):
         Path(identity_path).parent.mkdir(parents=True, exist_ok=True)
         P2P.generate_identity(identity_path)
+        _GENERATED.add(os.path.realpath(identity_path))
     with open(identity_path, "rb") as f:
         return PeerID.from_identity(f.read()).to_base58()
 
+
+
+def generated_here(identity_path: str | os.PathLike) -> bool:
+    """Whether this process generated the identity at ``identity_path`` (:func:`load_or_create_peer_identity`):
+    then no other peer can be using it, and hivemind's check that it is free (a second libp2p daemon started
+    against the swarm, seconds at every start) can be skipped."""
+    return os.path.realpath(identity_path) in _GENERATED

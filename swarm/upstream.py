@@ -32,7 +32,15 @@ from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.p2p import PeerID
 from hivemind.proto import auth_pb2, averaging_pb2, runtime_pb2
 from hivemind.utils import MPFuture
-from hivemind.utils.asyncio import aiter_with_timeout, amap_in_executor, as_aiter, azip, enter_asynchronously
+from hivemind.utils.asyncio import (
+    achain,
+    aiter_with_timeout,
+    amap_in_executor,
+    anext,
+    as_aiter,
+    azip,
+    enter_asynchronously,
+)
 from hivemind.utils.auth import TokenAuthorizerBase
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.streaming import combine_from_streaming
@@ -62,6 +70,8 @@ PINNED = {
         "c26694602645246eadd98c2af1dcdf48d1549b50c238daa8601a70230ba0b34b",
     "hivemind.averaging.partition.TensorPartReducer.check_current_part_finished":
         "b4b6d729f329e73d11d197434776b6b7eafe32539833746d50d7c5a09ff1c4b4",
+    "hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part":
+        "af1261f670fff5f15864aff613f64f6c53bb76c0aba1d21d42e90fa932daaab9",
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group":
         "d9a3d2012affe949763491ef603237ea3e567dcb359eba473b857d2b6e0c4bf4",
     "hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_":
@@ -240,6 +250,29 @@ class AveragerHooks:
     # the RPC table on the first class that asks and subclasses inherit it, so each averager class starts without one
     _rpc_handlers = None
     _stub_type = None
+
+    # Copied from hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part (hivemind 1.1.12), changed: the
+    # wait for a group to register is bounded by next_chunk_timeout (the sender gives up on this peer by then anyway).
+    # Upstream waits without a bound: a part for an unknown group that came after this peer's last averaging step
+    # failed in matchmaking held its stream open until the next group formed, forever on a peer that stopped
+    # averaging (seen: tests/test_swarm_training.py's probe of a finished peer timed out in 5 of 11 runs)
+    async def rpc_aggregate_part(self, stream, context):
+        request = await anext(stream)
+        if request.group_id not in self._running_groups:
+            try:
+                await asyncio.wait_for(self._pending_groups_registered.wait(),
+                                       self.next_chunk_timeout or self._allreduce_timeout)
+            except TimeoutError:
+                pass
+
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+
+        group = await future
+        async for message in group.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
 
     # Follows hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group (hivemind 1.1.12), changed:
     # check_group first, group_finished after

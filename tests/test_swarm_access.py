@@ -6,13 +6,14 @@ import time
 
 import hivemind
 import pytest
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
 from omi import swarm
 from omi.node.client import CoordinatorClient
 from omi.protos import pb, signing
+from omi.swarm.keys import generated_here, load_or_create_peer_identity
 from processes import ServeProcess, cli, kill_group, wait_until
 from swarm_helpers import make_peer_files, make_spec
 
@@ -285,3 +286,14 @@ def test_a_dht_process_that_dies_while_starting_is_a_clear_error_not_a_wait_with
     dht = _DiesWhileStarting(start=False)
     with pytest.raises(RuntimeError, match=r"the DHT process did not start \(exit code 3\)"):  # not the timeout's
         _start(dht, timeout=600)
+
+
+def test_only_an_identity_this_process_generated_skips_hiveminds_check_that_it_is_free(tmp_path):
+    # hivemind checks that an identity file is not in use by starting a second libp2p daemon against the swarm
+    # (about 2.5 s at each node start on 2 loaded cores); one this process just generated cannot be in use
+    fresh = tmp_path / "new" / "p2p.id"
+    load_or_create_peer_identity(fresh)
+    assert generated_here(fresh) and generated_here(tmp_path / "new" / ".." / "new" / "p2p.id")
+    existing = tmp_path / "restarted.id"  # a node restarted on its state dir: another process may still hold it
+    P2P.generate_identity(str(existing))
+    assert load_or_create_peer_identity(existing) and not generated_here(existing)
