@@ -47,6 +47,7 @@ class AccessControlledAveragerMixin(AveragerHooks):
     """Adds token checks to a hivemind ``DecentralizedAverager`` subclass (put it first in the bases).
 
     - ``rpc_join_group``: a leader answers a peer without a valid token with ``PROTOCOL_VIOLATION``;
+    - matchmaking: it asks only a peer with a valid token to lead its group (``check_leader``);
     - ``rpc_aggregate_part``: a sender without a valid token gets ``PROTOCOL_VIOLATION`` and its part is dropped;
     - ``rpc_download_state``: a peer without a valid token gets nothing (hivemind's "not sharing" answer);
     - before an all-reduce, every member of the assembled group must hold a valid token, else the round fails
@@ -79,6 +80,10 @@ class AccessControlledAveragerMixin(AveragerHooks):
 
     async def _is_member(self, peer_id: PeerID) -> bool:
         return peer_id == self.peer_id or await self.access.is_allowed(self.dht, peer_id)
+
+    async def check_leader(self, peer_id: PeerID) -> bool:
+        """Ask only a token holder to lead this peer's group (a group it leads would be refused once assembled)."""
+        return await self._is_member(peer_id)
 
     @property
     def last_group_size(self) -> int:

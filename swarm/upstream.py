@@ -72,6 +72,10 @@ PINNED = {
         "b4b6d729f329e73d11d197434776b6b7eafe32539833746d50d7c5a09ff1c4b4",
     "hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part":
         "af1261f670fff5f15864aff613f64f6c53bb76c0aba1d21d42e90fa932daaab9",
+    "hivemind.averaging.averager.DecentralizedAverager._step":
+        "f70e44b237abd51d331867ca6ece630aef677ac61df54815f2cd46b2cf162a7e",
+    "hivemind.averaging.matchmaking.Matchmaking._request_join_group":
+        "2dd44b047f01c3770f948cbb6019150bbe5885d97be9bf17b73077d972c5bef1",
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group":
         "d9a3d2012affe949763491ef603237ea3e567dcb359eba473b857d2b6e0c4bf4",
     "hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_":
@@ -241,7 +245,8 @@ class AveragerHooks:
     """Put before hivemind's ``DecentralizedAverager``: its private all-reduce steps, with the hooks omi fills in.
 
     The averager provides ``check_group(group_info)`` (a coroutine that raises to refuse a group before any tensor
-    leaves this peer), ``new_runner(**kwargs)`` (an all-reduce runner with ``AllReduceRunner``'s arguments, a
+    leaves this peer), ``check_leader(peer_id)`` (a coroutine: whether to ask that peer to lead this one's group),
+    ``new_runner(**kwargs)`` (an all-reduce runner with ``AllReduceRunner``'s arguments, a
     :class:`RunnerHooks` runner), ``allreduce_finished(exchanged)`` (the peers it exchanged tensors with) and
     ``group_finished()`` (called after each all-reduce of a group).
     """
@@ -250,6 +255,25 @@ class AveragerHooks:
     # the RPC table on the first class that asks and subclasses inherit it, so each averager class starts without one
     _rpc_handlers = None
     _stub_type = None
+
+    # Follows hivemind.averaging.averager.DecentralizedAverager._step and
+    # hivemind.averaging.matchmaking.Matchmaking._request_join_group (hivemind 1.1.12), changed: nothing in them;
+    # before each step, the Matchmaking that hivemind creates in the averager's process (no hook) is made to skip a
+    # leader that check_leader refuses, as if it had not answered. Honest leaders refuse a peer without a valid
+    # token, but honest followers still asked such a peer to lead them and refused its group only once assembled:
+    # a round lost (seen: an honest peer averaged in none of its 3 rounds beside an intruder)
+    async def _step(self, *, step, future_for_init):
+        matchmaking = self._matchmaking
+        if not getattr(matchmaking, "checks_leaders", False):
+            request_join_group = matchmaking._request_join_group
+
+            async def request_join_checked_group(leader):
+                if not await self.check_leader(leader):
+                    return None
+                return await request_join_group(leader)
+
+            matchmaking._request_join_group, matchmaking.checks_leaders = request_join_checked_group, True
+        return await super()._step(step=step, future_for_init=future_for_init)
 
     # Copied from hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part (hivemind 1.1.12), changed: the
     # wait for a group to register is bounded by next_chunk_timeout (the sender gives up on this peer by then anyway).
