@@ -256,9 +256,9 @@ class AveragerHooks:
     _rpc_handlers = None
     _stub_type = None
 
-    # Follows hivemind.averaging.averager.DecentralizedAverager._step and
-    # hivemind.averaging.matchmaking.Matchmaking._request_join_group (hivemind 1.1.12), changed: nothing in them;
-    # before each step, the Matchmaking that hivemind creates in the averager's process (no hook) is made to skip a
+    # Follows hivemind.averaging.averager.DecentralizedAverager._step (hivemind 1.1.12), changed: nothing in it;
+    # Follows hivemind.averaging.matchmaking.Matchmaking._request_join_group (hivemind 1.1.12), changed: nothing in
+    # it; before each step, the Matchmaking that hivemind creates in the averager's process (no hook) is made to skip a
     # leader that check_leader refuses, as if it had not answered. Honest leaders refuse a peer without a valid
     # token, but honest followers still asked such a peer to lead them and refused its group only once assembled:
     # a round lost (seen: an honest peer averaged in none of its 3 rounds beside an intruder)
