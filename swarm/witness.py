@@ -51,8 +51,14 @@ def trainer_rounds(dht: hivemind.DHT, spec: pb.RunSpec) -> list[int]:
 
 def seconds_to_round_end(records: list[LocalTrainingProgress], spec: pb.RunSpec, round_number: int) -> float:
     """When the trainers' records say round ``round_number`` closes (as each trainer estimates it: H micro-batches
-    per trainer at the rates they report); inf when no trainer reports that round."""
-    at_round = [r for r in records if r.epoch == round_number]
+    per trainer at the rates they report); inf when no trainer reports that round.
+
+    A record with neither samples nor a rate is a peer that has not trained a step yet (a joiner, or one that sat
+    the round out because it found it closed on arrival): it moves nothing and does not count. Counted, it raised
+    the round's target while the trainers that closed it were already averaging, and the witness joined them only
+    once their extrapolated samples covered the newcomers' share (seen: 20-25 s of a three-peer swarm's round 0)."""
+    at_round = [r for r in records
+                if r.epoch == round_number and (r.samples_accumulated > 0 or r.samples_per_second > 0)]
     if not at_round:
         return float("inf")
     now = get_dht_time()

@@ -5,6 +5,7 @@ the main process, hivemind's forked DHT and averager processes and the libp2p da
 Every wait is bounded; `reap_all()` kills whatever a test left running.
 """
 
+import atexit
 import os
 import signal
 import sqlite3
@@ -21,11 +22,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from omi.coordinator.credentials import TLS_CERT_FILENAME
 from omi.protos import pb
 from omi.protos.channels import open_channel, pinned
+from zygote import Forked, Zygote
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "runs" / "digits.toml"
-_STARTED: list[subprocess.Popen] = []
+_STARTED: list[Forked] = []
 # one torch thread per process (several share 2 cores); unbuffered, so a killed process's log is complete
 PROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -57,12 +59,27 @@ def fast_run(**sections: dict) -> str:
     return sized_run(**{name: {**FAST.get(name, {}), **sections.get(name, {})} for name in {*FAST, *sections}})
 
 
-def _popen(args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                                   start_new_session=True, env={**os.environ, **PROCESS_ENV, **(env or {})})
+def _popen(target: str, args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> Forked:
+    """Run a command (``target``: its entry point, as :meth:`Zygote.spawn` takes it; ``args``: its argv) in its own
+    session with its output in ``log``: forked from this session's zygote (tests/zygote.py), which imported what it
+    imports once."""
+    with open(log, "ab") as out, open(os.devnull, "rb") as nothing:
+        process = zygote().spawn(target, [str(a) for a in args], stdin=nothing.fileno(), stdout=out.fileno(),
+                                 stderr=out.fileno(), env={**os.environ, **PROCESS_ENV, **(env or {})},
+                                 cwd=str(cwd or os.getcwd()))
     _STARTED.append(process)
     return process
+
+
+_ZYGOTE: list[Zygote] = []
+
+
+def zygote() -> Zygote:
+    """This pytest process's zygote, started on first use and stopped when the process exits."""
+    if not _ZYGOTE:
+        _ZYGOTE.append(Zygote(env={**os.environ, **PROCESS_ENV}))
+        atexit.register(_ZYGOTE[0].close)
+    return _ZYGOTE[0]
 
 
 def cli(*args, env=None) -> subprocess.CompletedProcess:
@@ -71,7 +88,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, **(env or {})})
 
 
-def kill_group(process: subprocess.Popen) -> None:
+def kill_group(process: Forked | subprocess.Popen) -> None:
     """SIGKILL the process and everything it started (its session)."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
@@ -85,7 +102,7 @@ def reap_all() -> None:
         kill_group(_STARTED.pop())
 
 
-def serving(address: str, state_dir: Path, process: subprocess.Popen, log: Path) -> str | None:
+def serving(address: str, state_dir: Path, process: Forked, log: Path) -> str | None:
     """The pinned target of the coordinator at ``address`` (its certificate read from ``state_dir``) once its health
     service says SERVING; None before. Fails if the process exited."""
     assert process.poll() is None, f"serve exited: {log.read_text()}"
@@ -101,21 +118,30 @@ def serving(address: str, state_dir: Path, process: subprocess.Popen, log: Path)
     return target if status == health_pb2.HealthCheckResponse.SERVING else None
 
 
+WITNESS_UP = "joined the swarm as the rounds' witness"  # the checkpointer's line once its swarm peer is up
+
+
 class ServeProcess:
-    """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING."""
+    """`omi-coordinator serve` in a subprocess, waited for until its health service says SERVING and (``witness``)
+    its run's witness joined the swarm: a lone volunteer averages every round with the witness, and one that
+    trained before the witness was up waited out its first all-reduce (matchmaking and averaging timeouts)."""
 
     def __init__(self, state_dir: Path, log: Path, *, run_file: Path = DIGITS, grpc_port: int | None = None,
-                 http_port: int | None = None, extra: tuple = ()):
+                 http_port: int | None = None, extra: tuple = (), witness: bool = True):
         self.state_dir, self.log = state_dir, log
         self.grpc_port, self.http_port = grpc_port or free_port(), http_port or free_port()
         listen = f"127.0.0.1:{self.grpc_port}"
         self.http = f"http://127.0.0.1:{self.http_port}"
         # as users start it: with its witness and its built-in validator
-        self.proc = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", listen,
-                            "--http", f"127.0.0.1:{self.http_port}", "--run", run_file, *extra], log)
+        self.proc = _popen("omi.coordinator.cli:app", [
+            BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", listen, "--http",
+            f"127.0.0.1:{self.http_port}", "--run", run_file, *extra], log)
         # the gRPC API's TLS certificate pinned: what nodes get as --coordinator
         self.address = wait_until(lambda: serving(listen, state_dir, self.proc, log), 60, f"serve on {listen}: "
                                   f"{log}", interval=0.1)
+        # (a run served without a swarm has no witness)
+        if witness and "--swarm-host" not in map(str, extra):
+            wait_until(lambda: WITNESS_UP in log.read_text(), 120, f"the run's witness: {log}", interval=0.2)
 
     def rounds_by_name(self, run_id: str = "digits") -> dict[str, list[int]]:
         """Display name -> the rounds of its contributions the coordinator accepted (from its SQLite file)."""
@@ -147,10 +173,11 @@ class NodeProcess:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.log = state_dir.parent / f"{state_dir.name}.log"
-        command = [sys.executable, "-m", "tests.adversaries", attack] if attack else [BIN / "omi-node", "join"]
-        self.proc = _popen([*command, "--coordinator", coordinator, "--state-dir", state_dir,
-                            "--quiet", "--name", name or state_dir.name, *args], self.log, env=env,
-                            cwd=ROOT if attack else None)
+        target, command = ("module:tests.adversaries", [sys.executable, attack]) if attack else \
+            ("omi.node.cli:app", [BIN / "omi-node", "join"])
+        self.proc = _popen(target, [*command, "--coordinator", coordinator, "--state-dir", state_dir,
+                                    "--quiet", "--name", name or state_dir.name, *args], self.log, env=env,
+                           cwd=ROOT if attack else None)
 
     def wait(self, timeout: float) -> int:
         try:

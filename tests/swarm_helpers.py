@@ -92,8 +92,16 @@ class PeerProcess:
         config_path.write_text(json.dumps(config))
         self.log = open(directory / f"{role}.log", "wb")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "swarm_helpers.py"), role, str(config_path)],
-                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        from processes import zygote  # forked from the pre-imported zygote (tests/zygote.py)
+
+        read_end, write_end = os.pipe()
+        try:
+            self.proc = zygote().spawn(f"script:{HERE / 'swarm_helpers.py'}",
+                                       [str(HERE / "swarm_helpers.py"), role, str(config_path)], stdin=read_end,
+                                       stdout=self.log.fileno(), stderr=self.log.fileno(), env=env, cwd=str(HERE))
+        finally:
+            os.close(read_end)
+        self.stdin = os.fdopen(write_end, "wb")  # closed: the peer stops
 
     def wait_ready(self, timeout: float = 60.0) -> dict:
         return self._wait_file(self.ready_path, timeout)
@@ -120,7 +128,7 @@ class PeerProcess:
     def stop(self, timeout: float = 20.0) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.close()
+                self.stdin.close()
                 self.proc.wait(timeout)
             except (subprocess.TimeoutExpired, BrokenPipeError):
                 self.proc.kill()

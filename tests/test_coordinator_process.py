@@ -26,7 +26,7 @@ def serve(tmp_path):
 
     def start(validator: bool = False) -> ServeProcess:
         process = ServeProcess(tmp_path / "state", tmp_path / "serve.log", grpc_port=grpc_port, http_port=http_port,
-                               extra=("--validator",) if validator else ())
+                               extra=("--validator",) if validator else (), witness=False)
         processes.append(process)
         return process
 
