@@ -105,7 +105,7 @@ class Node:
             shard = (self.round * needed + j) % shards
             ranges.append(pb.ShardRange(shard_id=shard, start=shard * data.shard_size,
                                         end=min((shard + 1) * data.shard_size, len(self.source))))
-        return pb.WorkAssignment(assignment_id=f"a{self.round}", run_id=self.spec.run_id, epoch=self.round,
+        return pb.WorkAssignment(assignment_id=f"a{self.round}", run_id=self.spec.run_id, round=self.round,
                                  node_id=NODE, shards=ranges, seed=training.seed,
                                  micro_batch_size=training.micro_batch_size)
 
@@ -144,7 +144,7 @@ class Node:
         train_seconds = time.perf_counter() - started
         for digest, state in zip(hashes, states, strict=True):
             fetcher.held[digest] = state
-        task = pb.AuditTask(task_id=f"t{self.round}", run_id=spec.run_id, node_id=NODE, epoch=self.round,
+        task = pb.AuditTask(task_id=f"t{self.round}", run_id=spec.run_id, node_id=NODE, round=self.round,
                             params_hash=named_tensors_hash(theta.items()), assignment=assignment, has_task=True,
                             commitment=merkle_root(records), micro_batches=len(records), peer_id="node",
                             segment_hashes=hashes, delta_sketch=delta_sketch)

@@ -6,7 +6,7 @@
 A coordinator's bootstrap DHT peer and two token-holding peers (a "node" serving with ``ParamsServer``, a
 "validator" fetching with ``ParamsFetcher``) run on 127.0.0.1 in DHT processes of this process; each model's
 parameters are fetched ``--repeats`` times. Baseline in the same run: writing the same safetensors bytes to a
-file and reading them back (page cache). Also: the cost on the node (snapshot + serialise per audited epoch) and
+file and reading them back (page cache). Also: the cost on the node (snapshot + serialise per audited round) and
 one micro-batch's recomputation, which the fetch comes on top of. Writes its section of docs/benchmarks.md.
 """
 
@@ -104,8 +104,8 @@ def main() -> None:
     for name, params, mib, node_seconds, fetch, baseline in rows:
         body.append(f"| {name} | {params:,} | {mib:.1f} | {node_seconds:.3f} s | {fetch:.3f} s | {mib / fetch:.0f} | "
                     f"{baseline:.3f} s | {fetch / baseline:.1f}× |")
-    body += ["", "The node pays the snapshot every epoch (it learns that an epoch is audited only when it reports) "
-             "and the serialisation only for audited epochs; the validator pays one fetch per audit whose "
+    body += ["", "The node pays the snapshot every round (it learns that a round is audited only when it reports) "
+             "and the serialisation only for audited rounds; the validator pays one fetch per audit whose "
              "parameters it does not already hold."]
     write_section("audit_params", "Exact-parameter audits: fetching the node's parameters", "\n".join(body))
 

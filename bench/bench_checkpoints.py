@@ -63,14 +63,14 @@ def main() -> None:
     spec = coordinator.runs.spec_for_nodes("bench")
     model, scheduler = build_model(MODEL)
     writes, copies = [], []
-    for epoch in range(1, REPEATS + 1):
+    for round_number in range(1, REPEATS + 1):
         started = time.perf_counter()
-        folder, manifest = write_checkpoint(model, scheduler, spec=spec, epoch=epoch, key=coordinator.key,
+        folder, manifest = write_checkpoint(model, scheduler, spec=spec, round_number=round_number, key=coordinator.key,
                                             run_folder=coordinator.checkpoints.run_folder("bench"),
                                             checkpoints=coordinator.checkpoints, preview=False)
         writes.append(time.perf_counter() - started)
-        coordinator.checkpoints.publish("bench", epoch, folder, manifest)
-        copies.append(plain_copy(folder, work / f"copy-{epoch}"))
+        coordinator.checkpoints.publish("bench", round_number, folder, manifest)
+        copies.append(plain_copy(folder, work / f"copy-{round_number}"))
     size = sum(entry.size for entry in manifest.files)
     key = signing.public_bytes(coordinator.key)
     coordinator.close()

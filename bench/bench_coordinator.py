@@ -115,7 +115,7 @@ async def _setup(stub, volunteers: list[Volunteer], contributors: list[Volunteer
         v.token = (await stub.Register(request, timeout=30)).token
 
     async def get_work(v: Volunteer):
-        v.work = await stub.GetWork(v.signed(pb.GetWorkRequest, epoch=0), timeout=30)
+        v.work = await stub.GetWork(v.signed(pb.GetWorkRequest, round=0), timeout=30)
 
     t0 = time.perf_counter()
     await _bounded([register(v) for v in volunteers], 64)
@@ -143,11 +143,11 @@ async def _load(stub, volunteers: list[Volunteer], contributors: list[Volunteer]
 
     async def send(kind: str, v: Volunteer):
         if kind == "heartbeat":
-            call, request = stub.Heartbeat, v.signed(pb.HeartbeatRequest, epoch=0, samples_per_second=500.0, loss=0.1)
+            call, request = stub.Heartbeat, v.signed(pb.HeartbeatRequest, round=0, samples_per_second=500.0, loss=0.1)
         else:
             samples = sum(s.end - s.start for s in v.work.shards)
             contribution = signing.sign(pb.Contribution(
-                run_id="bench", node_id=v.token.node_id, epoch=0, assignment_id=v.work.assignment_id, samples=samples,
+                run_id="bench", node_id=v.token.node_id, round=0, assignment_id=v.work.assignment_id, samples=samples,
                 mean_loss=0.1, compute_seconds=50.0, params_hash=b"p" * 32, commitment=b"c" * 32, micro_batches=8,
                 gradient_sketch=[0.0] * 64, created_at_ms=now_ms(), **hashes), v.key)
             call, request = stub.ReportContribution, v.signed(pb.ReportContributionRequest, contribution=contribution)

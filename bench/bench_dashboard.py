@@ -101,10 +101,10 @@ def _volunteers(address: str, count: int, rate: float, ready, stop, results) -> 
     for i, identity in enumerate(identities(count)):
         client = CoordinatorClient(address, generate_key(), attempts=1, timeout=30)
         client.register(RUN_ID, identity, display_name=f"volunteer {i}")
-        work = client.get_work(epoch=0)
+        work = client.get_work(round_number=0)
         samples = sum(s.end - s.start for s in work.shards)
         client.report_contribution(pb.Contribution(
-            epoch=0, assignment_id=work.assignment_id, samples=samples, mean_loss=0.3, compute_seconds=1.0,
+            round=0, assignment_id=work.assignment_id, samples=samples, mean_loss=0.3, compute_seconds=1.0,
             params_hash=b"p" * 32, commitment=b"c" * 32, micro_batches=1, gradient_sketch=[0.0] * 8,
             **round_hashes(BENCH_RUN, 1)))
         clients.append(client)
@@ -122,7 +122,7 @@ def _volunteers(address: str, count: int, rate: float, ready, stop, results) -> 
                 time.sleep(delay)
             client = mine[i % len(mine)]
             sent, start = time.time(), time.perf_counter()
-            client.heartbeat(epoch=0, samples_per_second=random.uniform(50, 150), swarm_peers=count,
+            client.heartbeat(round_number=0, samples_per_second=random.uniform(50, 150), swarm_peers=count,
                              loss=random.uniform(0.2, 0.4))
             samples.append((sent, time.perf_counter() - start))
             next_at += period

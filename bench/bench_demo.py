@@ -38,7 +38,7 @@ def run_demo(run_file: Path, minutes: float, workdir: Path) -> dict:
     subprocess.run([sys.executable, str(ROOT / "scripts/demo.py"), "--run", str(run_file), "--state-dir",
                     str(workdir), "--fresh", "--minutes", str(minutes)], check=True, stdout=subprocess.DEVNULL,
                    timeout=60 * minutes + 300)
-    folders = sorted((workdir / "coordinator" / "checkpoints" / spec.run_id).glob("epoch-*"))
+    folders = sorted((workdir / "coordinator" / "checkpoints" / spec.run_id).glob("round-*"))
     with sqlite3.connect(workdir / "coordinator" / "coordinator.db") as db:
         samples = db.execute("SELECT coalesce(sum(samples), 0) FROM contributions WHERE status != 'voided'"
                              ).fetchone()[0]

@@ -138,7 +138,7 @@ def _run_swarm(nodes: int, rounds: int, workdir: Path, rounds_toml: str, net) ->
         time.sleep(8)  # the coordinator and its bootstrap peer come up
         for i in range(nodes):
             join = [BIN / "omi-node", "join", "--coordinator", grpc_address, "--state-dir", state_dirs[i], "--quiet",
-                    "--max-epochs", rounds, "--save", workdir / f"model-{i}"]
+                    "--max-rounds", rounds, "--save", workdir / f"model-{i}"]
             if net:  # inside host i; its swarm peer listens on the host's address, the one the others dial
                 join = net.hosts[i].argv(*join, "--host", net.hosts[i].ip)
             processes.append(start(join, workdir / f"node-{i}.log"))
@@ -172,10 +172,10 @@ def _run_swarm(nodes: int, rounds: int, workdir: Path, rounds_toml: str, net) ->
         if len(items) >= 3:  # the wall time between the first and last report covers the rounds after the first
             wall = items[-1][1] - items[0][1]
             utilization.append(sum(c.compute_seconds for c, _ in items[1:]) / wall)
-    last_round = max(c.epoch for c, _ in contributions)
-    rounds_done = len({c.epoch for c, _ in contributions})
+    last_round = max(c.round for c, _ in contributions)
+    rounds_done = len({c.round for c, _ in contributions})
     total = sum(c.samples for c, _ in contributions)
-    final = [c for c, _ in contributions if c.epoch == last_round]
+    final = [c for c, _ in contributions if c.round == last_round]
     node_bytes = [sum(v for (node, _), v in sent.items() if node == i) for i in range(nodes)]
     wall = contributions[-1][1] - contributions[0][1]
     params = model_info("unet-digits-16").parameters

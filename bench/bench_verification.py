@@ -77,7 +77,7 @@ def detection(workdir: Path, rounds: int) -> dict[str, dict]:
                 row = rows.setdefault(key, dict(audits=0, failed=0, first_round_skipped=0, max_diff=[0.0, 0.0, 0.0]))
                 if audit.state not in ("passed", "failed"):
                     continue  # still open when the run ended (e.g. records withheld, window not closed yet)
-                if key in ("stale", "replay") and audit.epoch == 0:
+                if key in ("stale", "replay") and audit.round == 0:
                     row["first_round_skipped"] += 1  # nothing to replay yet: honest work
                     continue
                 row["audits"] += 1
@@ -104,12 +104,12 @@ def contributions_until_ban(detect: float, *, runs: int, audit_rate: float, max_
     coordinator = Coordinator(Store("sqlite://"), signing.generate_key())
     coordinator.runs.create(f"""[run]\nid = "mc"\nmodel = "unet-digits-16"\n[training]\nshards_per_assignment = 1
 [rounds]\ninner_steps = 2\n[verification]\naudit_rate = {audit_rate}\nmax_strikes = {max_strikes}
-audit_window_epochs = 2\nsketch_size = 8\nsegment_steps = 2\n""", start=True)
+audit_window_rounds = 2\nsketch_size = 8\nsegment_steps = 2\n""", start=True)
     validator_key = signing.generate_key()
     validator = Caller("v" * 64, "mc", "peer-v", signing.public_bytes(validator_key), pb.AccessToken())
     coordinator.auditor.grant(validator.node_id, "the bench's validator")
     coordinator.auditor.trust(validator.node_id)  # it plays the coordinator's built-in validator
-    counts, epoch = [], 0
+    counts, round_number = [], 0
     for run in range(runs):
         key = signing.generate_key()
         challenge = coordinator.registry.challenge(f"source-{run}")
@@ -118,9 +118,9 @@ audit_window_epochs = 2\nsketch_size = 8\nsegment_steps = 2\n""", start=True)
         caller = Caller(token.node_id, "mc", token.peer_id, signing.public_bytes(key), token)
         reported = 0
         while not coordinator.registry.is_banned(caller.node_id) and reported < cap:
-            work = coordinator.work.get_work(caller, epoch)
+            work = coordinator.work.get_work(caller, round_number)
             records = _records(2, run * 1000 + reported)
-            contribution = pb.Contribution(run_id="mc", node_id=caller.node_id, epoch=epoch,
+            contribution = pb.Contribution(run_id="mc", node_id=caller.node_id, round=round_number,
                                            assignment_id=work.assignment_id, samples=64, mean_loss=0.5,
                                            compute_seconds=1.0, params_hash=b"p" * 32,
                                            commitment=merkle_root(records), micro_batches=2,
@@ -128,8 +128,8 @@ audit_window_epochs = 2\nsketch_size = 8\nsegment_steps = 2\n""", start=True)
                                            segment_hashes=[b"s" * 32, b"e" * 32])  # a round of one segment
             _, task_id = coordinator.ledger.report(caller, signing.sign(contribution, key))
             reported += 1
-            epoch += 1
-            coordinator.runs.advance("mc", epoch)  # as the coordinator's witness does
+            round_number += 1
+            coordinator.runs.advance("mc", round_number)  # as the coordinator's witness does
             if task_id:
                 coordinator.auditor.submit_records(caller, pb.SubmitAuditRecordsRequest(
                     task_id=task_id, records=[record_to_proto(r) for r in records]))

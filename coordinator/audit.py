@@ -120,7 +120,7 @@ class Auditor:
     :param registry: bans nodes that reach max strikes
     :param task_timeout: seconds a validator has for a task before it is handed to another
     :param records_grace: seconds a node has from its report to hand its records over, even when the audit window
-        of its epoch closes sooner (the swarm's epoch can move past the window while the report is on its way)
+        of its round closes sooner (the swarm's round can move past the window while the report is on its way)
     """
 
     def __init__(self, store: Store, runs: Runs, registry: Registry, *, task_timeout: float = 600.0,
@@ -154,7 +154,7 @@ class Auditor:
         segment = secrets.randbelow(-(-micro_batches // k))
         indices = list(range(segment * k, min((segment + 1) * k, micro_batches)))
         audit = Audit(task_id=uuid.uuid4().hex, contribution_id=contribution.contribution_id,
-                      run_id=contribution.run_id, node_id=contribution.node_id, epoch=contribution.epoch,
+                      run_id=contribution.run_id, node_id=contribution.node_id, round=contribution.round,
                       micro_batch_indices=json.dumps(indices), audit_seed=secrets.randbits(63),
                       state=AuditState.AWAITING_RECORDS, created_at_ms=now_ms())
         session.add(audit)
@@ -163,7 +163,7 @@ class Auditor:
     # ---------------------------------------------------------------- the audited node
 
     def submit_records(self, caller: Caller, request: pb.SubmitAuditRecordsRequest) -> pb.SubmitAuditRecordsResponse:
-        """The audited node's records of the epoch: checked against its contribution; a mismatch fails the audit.
+        """The audited node's records of the round: checked against its contribution; a mismatch fails the audit.
 
         The cheap checks (the task, its owner, its state, the number of records) come before any record is turned
         into tensors, so a request of many records costs the coordinator's worker no more than a lookup."""
@@ -267,7 +267,7 @@ class Auditor:
                                                             Token.run_id == audit.run_id)
                                 .order_by(Token.issued_at_ms.desc()).limit(1)).first()
             return pb.AuditTask(task_id=audit.task_id, run_id=audit.run_id, contribution_id=audit.contribution_id,
-                                node_id=audit.node_id, epoch=audit.epoch, params_hash=contribution.params_hash,
+                                node_id=audit.node_id, round=audit.round, params_hash=contribution.params_hash,
                                 assignment=assignment, micro_batch_indices=json.loads(audit.micro_batch_indices),
                                 audit_seed=audit.audit_seed, has_task=True, records=records,
                                 commitment=contribution.commitment, micro_batches=contribution.micro_batches,
@@ -326,13 +326,13 @@ class Auditor:
             self._committed(audit.run_id, failure)
         for node_id in unbanned:
             self.registry.unbanned_committed(node_id)
-        logger.info("audit %s of node %s epoch %d: %s", audit.task_id[:8], audit.node_id[:12], audit.epoch,
+        logger.info("audit %s of node %s round %d: %s", audit.task_id[:8], audit.node_id[:12], audit.round,
                     audit.state)
 
     @staticmethod
     def _reopen(audit: Audit, state: AuditState, why: str) -> None:
         audit.state, audit.validator_node_id, audit.assigned_at_ms = state, None, None
-        logger.info("audit %s of node %s epoch %d: %s (%s)", audit.task_id[:8], audit.node_id[:12], audit.epoch,
+        logger.info("audit %s of node %s round %d: %s (%s)", audit.task_id[:8], audit.node_id[:12], audit.round,
                     state, why)
 
     def _decide(self, session, audit: Audit, passed: bool, reason: str, verdict: bytes):
@@ -391,22 +391,22 @@ class Auditor:
     # ---------------------------------------------------------------- the audit window
 
     def close_windows(self, run_id: str) -> int:
-        """Apply the audit window of ``run_id`` at its current epoch; returns contributions newly verified.
+        """Apply the audit window of ``run_id`` at its current round; returns contributions newly verified.
 
         Audits still waiting for records when the window closes, and ``records_grace`` after the report, fail (the
         node did not hand them over: a node is never struck for a deadline it could not meet). Contributions that
         were not audited become verified once their window closed **and** the audits drawn in it ran: only up to the
-        first epoch with an audit still open (pending, assigned or awaiting records), and only if some audit of
-        those epochs got a verdict. Audited contributions are verified by their passed verdict, at once.
+        first round with an audit still open (pending, assigned or awaiting records), and only if some audit of
+        those rounds got a verdict. Audited contributions are verified by their passed verdict, at once.
         """
         info = self.runs.get(run_id)
-        closed_before = info.epoch - info.spec.verification.audit_window_epochs  # epochs <= this are closed
+        closed_before = info.round - info.spec.verification.audit_window_rounds  # rounds <= this are closed
         if closed_before < 0:
             return 0
         reported_before = now_ms() - int(self.records_grace * 1000)
         with self.store.session() as s:
             overdue = list(s.scalars(select(Audit.task_id).where(
-                Audit.run_id == run_id, Audit.state == AuditState.AWAITING_RECORDS, Audit.epoch <= closed_before,
+                Audit.run_id == run_id, Audit.state == AuditState.AWAITING_RECORDS, Audit.round <= closed_before,
                 Audit.created_at_ms <= reported_before)))
         for task_id in overdue:
             failure = None
@@ -417,19 +417,19 @@ class Auditor:
                     failure = self._fail(s, audit, contribution, "records not handed over within the audit window")
             self._committed(run_id, failure)
         with self.store.transaction() as s:
-            # unaudited work counts as checked only where the audits drawn beside it ran: up to the first epoch with
-            # an audit still open, and only once some audit of those epochs got a verdict (a run without validators,
+            # unaudited work counts as checked only where the audits drawn beside it ran: up to the first round with
+            # an audit still open, and only once some audit of those rounds got a verdict (a run without validators,
             # or with audit_rate 0, verifies nothing: its credit stays provisional)
-            first_open = s.scalar(select(func.min(Audit.epoch)).where(Audit.run_id == run_id,
+            first_open = s.scalar(select(func.min(Audit.round)).where(Audit.run_id == run_id,
                                                                        Audit.state.in_(OPEN_AUDIT_STATES)))
             upto = closed_before if first_open is None else min(closed_before, first_open - 1)
             audited = s.scalar(select(func.count()).select_from(Audit).where(
-                Audit.run_id == run_id, Audit.epoch <= upto, Audit.state.in_((AuditState.PASSED, AuditState.FAILED))))
+                Audit.run_id == run_id, Audit.round <= upto, Audit.state.in_((AuditState.PASSED, AuditState.FAILED))))
             if not audited:
                 return 0
             result = s.execute(update(Contribution).where(
                 Contribution.run_id == run_id, Contribution.status == ContributionStatus.ACCEPTED,
-                Contribution.epoch <= upto,
+                Contribution.round <= upto,
             ).values(status=ContributionStatus.VERIFIED))
             return result.rowcount or 0
 
@@ -452,7 +452,7 @@ class Auditor:
         node = session.get(Node, audit.node_id)
         node.strikes += 1
         max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
-        logger.warning("node %s failed an audit of epoch %d (%s): strike %d of %d", node.node_id[:12], audit.epoch,
+        logger.warning("node %s failed an audit of round %d (%s): strike %d of %d", node.node_id[:12], audit.round,
                        reason or "no reason", node.strikes, max_strikes)
         if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits",
                                                                 BanKind.FAILED_AUDITS):

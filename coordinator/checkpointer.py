@@ -9,11 +9,11 @@ It runs in its own process because hivemind must be created in a main thread, wh
 runs the gRPC API's event loop. The process joins the run's swarm with a token the coordinator mints for it (it
 holds the coordinator's key), builds the run's model and takes part in every round's all-reduce as the run's
 :class:`omi.swarm.RoundWitness`: each round it sees moves the run's round in the database, with the hash of the θ it
-confirmed; every ``checkpoints.every_epochs`` rounds it writes the confirmed θ as a checkpoint folder atomically
+confirmed; every ``checkpoints.every_rounds`` rounds it writes the confirmed θ as a checkpoint folder atomically
 (:func:`write_checkpoint`), then lists it in the same database
 (:meth:`omi.coordinator.checkpoints.Checkpoints.publish`; SQLite in WAL mode takes the two writers).
 
-Test hook: ``OMI_CHECKPOINT_STALL=EPOCH:SECONDS`` pauses the write of every checkpoint of epoch >= EPOCH for
+Test hook: ``OMI_CHECKPOINT_STALL=ROUND:SECONDS`` pauses the write of every checkpoint of round >= ROUND for
 SECONDS after the weights are on disk (so a test can kill the coordinator mid-write).
 """
 
@@ -47,7 +47,7 @@ from sqlalchemy import select
 
 logger = logging.getLogger(__name__)
 
-POLL_INTERVAL = 1.0  # seconds between two reads of the run's epoch
+POLL_INTERVAL = 1.0  # seconds between two reads of the run's round
 RETRY_INTERVAL = 5.0  # seconds before the witness tries again after it failed
 PREVIEW_STEPS = 25  # DDIM steps of the preview grid
 PREVIEW_SEED = 0  # fixed: previews of successive checkpoints show the same noise
@@ -72,23 +72,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _stall(epoch: int) -> None:
+def _stall(round_number: int) -> None:
     value = os.environ.get(STALL_ENV)
     if not value:
         return
-    from_epoch, seconds = value.split(":")
-    if epoch >= int(from_epoch):
-        logger.warning("stalling the write of checkpoint epoch %d for %s s (%s)", epoch, seconds, STALL_ENV)
+    from_round, seconds = value.split(":")
+    if round_number >= int(from_round):
+        logger.warning("stalling the write of checkpoint round %d for %s s (%s)", round_number, seconds, STALL_ENV)
         time.sleep(float(seconds))
 
 
-def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epoch: int, run_folder: Path,
+def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, round_number: int, run_folder: Path,
                      checkpoints: Checkpoints, key, preview: bool = True, source=None,
                      state_hash: str | None = None) -> tuple[Path, CheckpointManifest]:
-    """Write the checkpoint of ``model`` at ``epoch`` under ``run_folder`` atomically; returns (folder, manifest).
+    """Write the checkpoint of ``model`` at ``round_number`` under ``run_folder`` atomically; returns (folder,
+    manifest).
 
     Order: weights and configs (diffusers ``save_pretrained``), the preview grid, then the signed manifest, all in a
-    temporary folder that is fsynced and renamed to ``epoch-<E>``. Until the rename nothing is at the final name,
+    temporary folder that is fsynced and renamed to ``round-<E>``. Until the rename nothing is at the final name,
     and nothing is listed until the caller publishes the folder. The manifest of a text-to-image run's preview also
     says what each cell shows: ``preview_prompts`` (one per cell, left to right, top to bottom) and
     ``preview_columns`` (cells per row), which the dashboard prints under the grid.
@@ -96,28 +97,28 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
     :param model: the UNet holding the swarm's parameters
     :param scheduler: the run's DDPM scheduler
     :param spec: the RunSpec (run id, model name, preview size)
-    :param epoch: the round of these parameters θ
+    :param round_number: the round of these parameters θ
     :param run_folder: the run's checkpoint folder
     :param checkpoints: reads the ledger for the manifest
     :param key: the coordinator's Ed25519 key, which signs the manifest
     :param preview: also draw the preview grid
     :param source: the run's data source (opened from the RunSpec if not given); a text-to-image data set gives the
         frozen parts saved beside the transformer, the preview prompts, and the data provenance of the manifest
-    :param state_hash: the witness's hash of θ at ``epoch`` (:func:`omi.swarm.diloco.theta_hash`), signed in the
+    :param state_hash: the witness's hash of θ at ``round_number`` (:func:`omi.swarm.diloco.theta_hash`), signed in the
         manifest as ``state_hash``
     """
     from omi.models import open_source, params_hash, save_grid
     from omi.models.sampling import cell_prompts, draw, grid_columns, run_drawing, save_model
 
-    final = run_folder / folder_name(epoch)
-    tmp = run_folder / f"{TMP_PREFIX}{folder_name(epoch)}-{os.getpid()}"
+    final = run_folder / folder_name(round_number)
+    tmp = run_folder / f"{TMP_PREFIX}{folder_name(round_number)}-{os.getpid()}"
     run_folder.mkdir(parents=True, exist_ok=True)
     model = model.to("cpu").eval()
     source = source if source is not None else (open_source(spec.data) if DataRef.parse(spec.data.source).is_manifest
                                                 else None)
     parts, prompts = run_drawing(source)
     save_model(model, scheduler, tmp, parts=parts)
-    _stall(epoch)
+    _stall(round_number)
     shown = {}  # a grid drawn from prompts: what each of its cells shows
     if preview:
         n = spec.checkpoints.preview_samples
@@ -128,9 +129,9 @@ def write_checkpoint(model: torch.nn.Module, scheduler, *, spec: pb.RunSpec, epo
             shown = dict(preview_prompts=cell_prompts(prompts, n), preview_columns=columns)
     files = [dict(path=path.relative_to(tmp).as_posix(), size=path.stat().st_size, sha256=sha256_file(path))
              for path in sorted(tmp.rglob("*")) if path.is_file()]
-    summary = checkpoints.ledger_summary(spec.run_id, epoch)
+    summary = checkpoints.ledger_summary(spec.run_id, round_number)
     manifest, manifest_bytes = sign_checkpoint_manifest(dict(
-        format=MANIFEST_FORMAT, run_id=spec.run_id, model=spec.model, epoch=epoch,
+        format=MANIFEST_FORMAT, run_id=spec.run_id, model=spec.model, round=round_number,
         total_samples=summary.total_samples, loss=summary.loss, created_at_ms=now_ms(),
         params_hash=params_hash(model).hex(), files=files, contributors=summary.contributors,
         data_shards=summary.data_shards, data_source=spec.data.source,
@@ -201,22 +202,22 @@ class Checkpointer:
 
     def _run_row(self) -> tuple[int, int]:
         with self.store.session() as s:
-            state, epoch = s.execute(select(Run.state, Run.epoch).where(Run.run_id == self.run_id)).one()
-        return state, epoch
+            state, round_number = s.execute(select(Run.state, Run.round).where(Run.run_id == self.run_id)).one()
+        return state, round_number
 
     def run(self) -> None:
-        """Repair, join the swarm, then move the run's round and checkpoint every ``every_epochs``, until stopped."""
+        """Repair, join the swarm, then move the run's round and checkpoint every ``every_rounds``, until stopped."""
         self.checkpoints.repair(self.run_id, signing.public_bytes(self.key))
         self._start_swarm_peer()
         latest = self.checkpoints.get(self.run_id)
-        self._last_epoch = latest.epoch if latest is not None else 0
+        self._last_round = latest.round if latest is not None else 0
         threading.Thread(target=self._witness, name="witness", daemon=True).start()
         while not self._stop.wait(POLL_INTERVAL):
             if self._run_row()[0] == pb.RUN_STATE_RUNNING:
                 self._checkpoint_witnessed()
 
     def _witness(self) -> None:
-        """The witness's loop (a thread): each round it saw moves the run's epoch; a confirmed one publishes θ's
+        """The witness's loop (a thread): each round it saw moves the run's round; a confirmed one publishes θ's
         hash."""
         while not self._stop.is_set():
             try:
@@ -238,20 +239,20 @@ class Checkpointer:
         self._write(seen.round, time.perf_counter() - started, state_hash=seen.state_hash)
 
     def _due(self) -> int:
-        every = self.spec.checkpoints.every_epochs
-        return (self._last_epoch // every + 1) * every
+        every = self.spec.checkpoints.every_rounds
+        return (self._last_round // every + 1) * every
 
-    def _write(self, epoch: int, copied_seconds: float, state_hash: str) -> None:
+    def _write(self, round_number: int, copied_seconds: float, state_hash: str) -> None:
         started = time.perf_counter()
-        folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, epoch=epoch,
+        folder, manifest = write_checkpoint(self.model, self.scheduler, spec=self.spec, round_number=round_number,
                                             run_folder=self.checkpoints.run_folder(self.run_id),
                                             checkpoints=self.checkpoints, key=self.key, source=self.source,
                                             state_hash=state_hash)
         written = time.perf_counter()
-        self.checkpoints.publish(self.run_id, epoch, folder, manifest)
-        self._last_epoch = epoch
+        self.checkpoints.publish(self.run_id, round_number, folder, manifest)
+        self._last_round = round_number
         logger.info("run %s: checkpoint of round %d written (witnessed θ copied in %.1f s, written in %.1f s, %d "
-                    "samples, loss %s)", self.run_id, epoch, copied_seconds, written - started,
+                    "samples, loss %s)", self.run_id, round_number, copied_seconds, written - started,
                     manifest.total_samples, manifest.loss)
 
     def shutdown(self) -> None:

@@ -146,9 +146,9 @@ def _admin(coordinator: str, state_dir: Path, token_file: Path | None, method: s
 
 
 def _print_runs(runs: list[pb.RunSummary]) -> None:
-    table = Table("run", "name", "model", "state", "epoch", "samples", "online")
+    table = Table("run", "name", "model", "state", "round", "samples", "online")
     for r in runs:
-        table.add_row(r.run_id, r.name, r.model, RUN_STATE_NAMES.get(r.state, "?"), str(r.epoch),
+        table.add_row(r.run_id, r.name, r.model, RUN_STATE_NAMES.get(r.state, "?"), str(r.round),
                       f"{r.total_samples:,}", str(r.volunteers_online))
     console.print(table)
 

@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # a heartbeat's self-reported figures are shown (as claims) beside the measured ones: bounded, finite, non-negative
 MAX_SAMPLES_PER_SECOND = 1e7
 MAX_LOSS = 1e6
-MAX_EPOCH = 2**31 - 1  # a node's epoch is stored as a signed 32-bit integer (PostgreSQL's INTEGER)
+MAX_ROUND = 2**31 - 1  # a node's round is stored as a signed 32-bit integer (PostgreSQL's INTEGER)
 
 T = TypeVar("T")
 
@@ -80,8 +80,10 @@ class Coordinator:
         the state dir unless ``db_url``) and its checkpoint folders; ``kwargs`` go to the constructor."""
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        return cls(Store(db_url or sqlite_url(state_dir)), load_or_create_coordinator_key(state_dir), config,
-                   state_dir=state_dir, **kwargs)
+        coordinator = cls(Store(db_url or sqlite_url(state_dir)), load_or_create_coordinator_key(state_dir), config,
+                          state_dir=state_dir, **kwargs)
+        coordinator.checkpoints.rename_epoch_folders()  # before the checkpointer or the dashboard looks for them
+        return coordinator
 
     async def call(self, fn: Callable[..., T], /, *args, **kwargs) -> T:
         """``fn(*args, **kwargs)`` run in the coordinator's worker thread, awaited without blocking the event loop.
@@ -94,13 +96,13 @@ class Coordinator:
 
     def heartbeat(self, caller: Caller, request: pb.HeartbeatRequest) -> pb.HeartbeatResponse:
         for name, value, most in (("samples_per_second", request.samples_per_second, MAX_SAMPLES_PER_SECOND),
-                                  ("loss", request.loss, MAX_LOSS), ("epoch", request.epoch, MAX_EPOCH)):
+                                  ("loss", request.loss, MAX_LOSS), ("round", request.round, MAX_ROUND)):
             if not 0.0 <= value <= most:  # also NaN: SQLite would store it as NULL and every later flush fail
                 raise InvalidArgument(f"heartbeat {name} must be a number from 0 to {most:g}, not {value!r}")
-        self.liveness.beat(caller.run_id, caller.node_id, Beat(request.epoch, request.samples_per_second,
+        self.liveness.beat(caller.run_id, caller.node_id, Beat(request.round, request.samples_per_second,
                                                                request.swarm_peers, request.loss, now_ms()))
         run = self.runs.get(caller.run_id)
-        return pb.HeartbeatResponse(run_state=run.state, epoch=run.epoch,
+        return pb.HeartbeatResponse(run_state=run.state, round=run.round,
                                     token_expires_at_ms=caller.token.expires_at_ms)
 
     def leave(self, caller: Caller) -> None:
@@ -138,7 +140,7 @@ class Coordinator:
             if info.state != pb.RUN_STATE_RUNNING:
                 continue
             status = self.run_status(run_id)
-            points.append(RunMetric(run_id=run_id, at_ms=now, epoch=info.epoch, total_samples=info.total_samples,
+            points.append(RunMetric(run_id=run_id, at_ms=now, round=info.round, total_samples=info.total_samples,
                                     loss=status.last_loss or None, samples_per_second=status.samples_per_second,
                                     volunteers_online=status.summary.volunteers_online))
         if points:

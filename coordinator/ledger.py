@@ -1,7 +1,7 @@
-"""The contribution ledger: one signed Contribution per (node, run, epoch), checked against its assignment.
+"""The contribution ledger: one signed Contribution per (node, run, round), checked against its assignment.
 
 Credit is verified samples. A contribution is ``accepted`` (provisional) when it arrives, ``verified`` when its
-audit passed or its audit window (``verification.audit_window_epochs``) closed without a failed audit, and
+audit passed or its audit window (``verification.audit_window_rounds``) closed without a failed audit, and
 ``voided`` when an audit failed or its node was banned while it was still provisional
 (:class:`omi.coordinator.states.ContributionStatus`). Only verified samples count as a volunteer's credit.
 """
@@ -52,7 +52,7 @@ class Ledger:
     def report(self, caller: Caller, contribution: pb.Contribution) -> tuple[str, str]:
         """Check and store a contribution; returns its id and the audit task id ("" if not audited).
 
-        A second report for the epoch is AlreadyExists. Reports also move the run's audit windows on.
+        A second report for the round is AlreadyExists. Reports also move the run's audit windows on.
         """
         try:
             return self._record(caller, contribution)
@@ -65,20 +65,20 @@ class Ledger:
         with self.store.session() as s:
             if s.scalar(select(Contribution.contribution_id).where(
                     Contribution.node_id == caller.node_id, Contribution.run_id == caller.run_id,
-                    Contribution.epoch == contribution.epoch)) is not None:
-                raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}")
+                    Contribution.round == contribution.round)) is not None:
+                raise AlreadyExists(f"node {caller.node_id[:12]} already reported round {contribution.round}")
             assignment = s.get(WorkAssignment, contribution.assignment_id)
         if assignment is None:
             raise NotFound(f"no assignment {contribution.assignment_id!r}")
-        if (assignment.node_id, assignment.run_id, assignment.epoch) != (caller.node_id, caller.run_id,
-                                                                          contribution.epoch):
-            raise InvalidArgument("the assignment belongs to another node, run or epoch")
+        if (assignment.node_id, assignment.run_id, assignment.round) != (caller.node_id, caller.run_id,
+                                                                          contribution.round):
+            raise InvalidArgument("the assignment belongs to another node, run or round")
         if assignment.released_at_ms is not None:
             raise FailedPrecondition("the assignment was released after missed heartbeats; ask for new work")
         if contribution.samples > assignment.num_samples:  # a round never goes past its assignment
             raise InvalidArgument(f"samples {contribution.samples} exceed the assignment's {assignment.num_samples}")
         row = Contribution(contribution_id=uuid.uuid4().hex, run_id=caller.run_id, node_id=caller.node_id,
-                           epoch=contribution.epoch, assignment_id=contribution.assignment_id,
+                           round=contribution.round, assignment_id=contribution.assignment_id,
                            samples=contribution.samples, mean_loss=contribution.mean_loss,
                            compute_seconds=contribution.compute_seconds, status=ContributionStatus.ACCEPTED,
                            message=contribution.SerializeToString(deterministic=True), received_at_ms=now_ms())
@@ -89,7 +89,7 @@ class Ledger:
                 self.runs.add_samples(s, caller.run_id, contribution.samples)
                 audit = self.auditor.maybe_queue(s, row, contribution.micro_batches)
         except IntegrityError as e:  # a concurrent duplicate got in first
-            raise AlreadyExists(f"node {caller.node_id[:12]} already reported epoch {contribution.epoch}") from e
+            raise AlreadyExists(f"node {caller.node_id[:12]} already reported round {contribution.round}") from e
         self.runs.samples_committed(caller.run_id, contribution.samples)
         self.auditor.close_windows(caller.run_id)
         return row.contribution_id, audit.task_id if audit is not None else ""

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 class Beat:
     """The latest heartbeat of one node in one run."""
 
-    epoch: int
+    round: int
     samples_per_second: float
     swarm_peers: int
     loss: float
@@ -45,12 +45,13 @@ class Liveness:
         """Take the beats in the store that are newer than the ones held here; returns how many were."""
         newer = 0
         with self.store.session() as s:
-            rows = s.execute(select(Heartbeat.run_id, Heartbeat.node_id, Heartbeat.epoch, Heartbeat.samples_per_second,
+            rows = s.execute(select(Heartbeat.run_id, Heartbeat.node_id, Heartbeat.round, Heartbeat.samples_per_second,
                                     Heartbeat.swarm_peers, Heartbeat.loss, Heartbeat.at_ms)).all()
-        for run_id, node_id, epoch, samples_per_second, swarm_peers, loss, at_ms in rows:
+        for run_id, node_id, round_number, samples_per_second, swarm_peers, loss, at_ms in rows:
             held = self._beats.get(run_id, {}).get(node_id)
             if (held is None or at_ms > held.at_ms) and (run_id, node_id) not in self._dirty:
-                self._beats.setdefault(run_id, {})[node_id] = Beat(epoch, samples_per_second, swarm_peers, loss, at_ms)
+                self._beats.setdefault(run_id, {})[node_id] = Beat(round_number, samples_per_second, swarm_peers, loss,
+                                                                   at_ms)
                 newer += 1
         return newer
 
@@ -87,7 +88,7 @@ class Liveness:
         rows = []
         for run_id, node_id in dirty:
             b = self._beats[run_id][node_id]
-            rows.append(dict(run_id=run_id, node_id=node_id, epoch=b.epoch, samples_per_second=b.samples_per_second,
+            rows.append(dict(run_id=run_id, node_id=node_id, round=b.round, samples_per_second=b.samples_per_second,
                              swarm_peers=b.swarm_peers, loss=b.loss, at_ms=b.at_ms))
         dialect = self.store.engine.dialect.name
         insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
@@ -98,7 +99,7 @@ class Liveness:
                         s.merge(Heartbeat(**row))
                 else:
                     stmt = insert(Heartbeat)
-                    columns = ("epoch", "samples_per_second", "swarm_peers", "loss", "at_ms")
+                    columns = ("round", "samples_per_second", "swarm_peers", "loss", "at_ms")
                     update = {c: stmt.excluded[c] for c in columns}
                     s.execute(stmt.on_conflict_do_update(index_elements=["node_id", "run_id"], set_=update), rows)
         except Exception:

@@ -164,7 +164,7 @@ class Registry:
         except IntegrityError:  # another coordinator process bound the peer id (or stored the node) meanwhile
             raise FailedPrecondition(f"peer {request.peer_id} was registered at the same time elsewhere; "
                                      "try again") from None
-        self.liveness.beat(request.run_id, node_id, Beat(run.epoch, 0.0, 0, 0.0, now))
+        self.liveness.beat(request.run_id, node_id, Beat(run.round, 0.0, 0, 0.0, now))
         logger.info("registered node %s (%s) for run %s", node_id[:12], display_name or "-", request.run_id)
         return pb.RegisterResponse(node_id=node_id, token=token, run_spec=spec)
 

@@ -40,7 +40,7 @@ class RunInfo:
 
     spec: pb.RunSpec
     state: int
-    epoch: int
+    round: int
     total_samples: int
     created_at_ms: int
 
@@ -62,7 +62,7 @@ class Runs:
                  swarm_peers: Callable[[pb.RunSpec], list[str]] | None = None, public_url: str = ""):
         self.store, self.coordinator_public_key, self.swarm_peers = store, coordinator_public_key, swarm_peers
         self.public_url = public_url.rstrip("/")  # the HTTP port nodes fetch a prepared data set's shards from
-        # A cache of the runs table: a spec never changes once stored; state, epoch and samples follow this
+        # A cache of the runs table: a spec never changes once stored; state, round and samples follow this
         # process's own writes as they commit, and :meth:`refresh` (every flush interval) re-reads them and picks
         # up runs created elsewhere, so a change by another coordinator process on the same database shows here
         # within that interval.
@@ -70,18 +70,18 @@ class Runs:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read every run's state, epoch and sample count from the store, and load runs created elsewhere."""
+        """Re-read every run's state, round and sample count from the store, and load runs created elsewhere."""
         with self.store.session() as s:
-            rows = s.execute(select(Run.run_id, Run.state, Run.epoch, Run.total_samples, Run.created_at_ms)).all()
+            rows = s.execute(select(Run.run_id, Run.state, Run.round, Run.total_samples, Run.created_at_ms)).all()
             new = [row.run_id for row in rows if row.run_id not in self._runs]
             specs = dict(s.execute(select(Run.run_id, Run.spec).where(Run.run_id.in_(new))).all()) if new else {}
         for row in rows:
             info = self._runs.get(row.run_id)
             if info is None:
-                self._runs[row.run_id] = RunInfo(pb.RunSpec.FromString(specs[row.run_id]), row.state, row.epoch,
+                self._runs[row.run_id] = RunInfo(pb.RunSpec.FromString(specs[row.run_id]), row.state, row.round,
                                                  row.total_samples, row.created_at_ms)
-            else:  # the epoch only grows: a concurrent observe_epoch may have moved it past what was read
-                info.state, info.epoch, info.total_samples = row.state, max(info.epoch, row.epoch), row.total_samples
+            else:  # the round only grows: a concurrent advance may have moved it past what was read
+                info.state, info.round, info.total_samples = row.state, max(info.round, row.round), row.total_samples
 
     def create(self, spec_toml: str, *, start: bool = False) -> pb.RunSummary:
         """Parse and store a new run; a bad TOML key or value is InvalidArgument naming the key."""
@@ -96,7 +96,7 @@ class Runs:
         try:
             with self.store.transaction() as s:
                 s.add(Run(run_id=spec.run_id, name=spec.name, model=spec.model, state=state,
-                          spec=spec.SerializeToString(deterministic=True), spec_toml=spec_toml, epoch=0,
+                          spec=spec.SerializeToString(deterministic=True), spec_toml=spec_toml, round=0,
                           total_samples=0, created_at_ms=now, updated_at_ms=now))
         except IntegrityError as e:  # another coordinator process created it first
             raise AlreadyExists(f"run '{spec.run_id}' already exists") from e
@@ -153,26 +153,26 @@ class Runs:
         ``manifest:URL`` this coordinator does not hold)."""
         return DataRef.parse(self.get(run_id).spec.data.source).folder
 
-    def advance(self, run_id: str, epoch: int, state_hash: str | None = None) -> None:
-        """The coordinator's own swarm peer observed the run at ``epoch``: the run's epoch (round) follows, never
+    def advance(self, run_id: str, round_number: int, state_hash: str | None = None) -> None:
+        """The coordinator's own swarm peer observed the run at ``round_number``: the run's round follows, never
         backwards. Only the checkpointer process calls this (its witness of each round's all-reduce); no node's
         claim moves the run. ``state_hash``: the hash of θ at that round, as the witness computed it (published for
         late joiners; the newest :data:`KEPT_ROUND_STATES` are kept)."""
         info = self.get(run_id)
         with self.store.transaction() as s:
             row = s.get(Run, run_id, with_for_update=True)
-            row.epoch = max(row.epoch, epoch)
+            row.round = max(row.round, round_number)
             if state_hash is not None:
-                s.merge(RoundState(run_id=run_id, round=epoch, state_hash=state_hash, at_ms=now_ms()))
+                s.merge(RoundState(run_id=run_id, round=round_number, state_hash=state_hash, at_ms=now_ms()))
                 s.execute(delete(RoundState).where(RoundState.run_id == run_id,
-                                                   RoundState.round <= epoch - KEPT_ROUND_STATES))
-            info.epoch = max(info.epoch, row.epoch)
+                                                   RoundState.round <= round_number - KEPT_ROUND_STATES))
+            info.round = max(info.round, row.round)
 
-    def round_state(self, run_id: str, epoch: int) -> str | None:
-        """The published hash of round ``epoch``'s start state θ (None: not witnessed, or long ago)."""
+    def round_state(self, run_id: str, round_number: int) -> str | None:
+        """The published hash of round ``round_number``'s start state θ (None: not witnessed, or long ago)."""
         with self.store.session() as s:
             return s.scalar(select(RoundState.state_hash).where(RoundState.run_id == run_id,
-                                                                RoundState.round == epoch))
+                                                                RoundState.round == round_number))
 
     def add_samples(self, session, run_id: str, samples: int) -> None:
         """Add to the run's sample count inside the caller's transaction; ``samples_committed`` once it is."""
@@ -185,5 +185,5 @@ class Runs:
     def summary(self, run_id: str, volunteers_online: int = 0) -> pb.RunSummary:
         info = self.get(run_id)
         return pb.RunSummary(run_id=run_id, name=info.spec.name, model=info.spec.model, state=info.state,
-                             epoch=info.epoch, total_samples=info.total_samples, volunteers_online=volunteers_online,
+                             round=info.round, total_samples=info.total_samples, volunteers_online=volunteers_online,
                              created_at_ms=info.created_at_ms)

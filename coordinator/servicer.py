@@ -50,7 +50,7 @@ class CoordinatorServicer:
         return await self.c.call(self.c.runs.spec_for_nodes, request.run_id)
 
     async def GetWork(self, request: pb.GetWorkRequest, context) -> pb.WorkAssignment:
-        return await self.c.call(lambda: self.c.work.get_work(self.c.registry.authenticate(request), request.epoch,
+        return await self.c.call(lambda: self.c.work.get_work(self.c.registry.authenticate(request), request.round,
                                                               source_address(context)))
 
     async def ReportContribution(self, request: pb.ReportContributionRequest,

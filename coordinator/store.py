@@ -35,6 +35,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class Run(Base):
     state: Mapped[int] = mapped_column(Integer)  # pb.RunState value
     spec: Mapped[bytes] = mapped_column(LargeBinary)  # serialized RunSpec as parsed (no coordinator key)
     spec_toml: Mapped[str] = mapped_column(Text)
-    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    round: Mapped[int] = mapped_column(Integer, default=0)
     total_samples: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     updated_at_ms: Mapped[int] = mapped_column(BigInteger)
@@ -94,7 +95,7 @@ class Heartbeat(Base):
     __tablename__ = "heartbeats"
     node_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     samples_per_second: Mapped[float] = mapped_column(Float)
     swarm_peers: Mapped[int] = mapped_column(Integer)
     loss: Mapped[float] = mapped_column(Float)
@@ -105,22 +106,22 @@ class WorkAssignment(Base):
     __tablename__ = "work_assignments"
     assignment_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"))
     num_samples: Mapped[int] = mapped_column(BigInteger)
     seed: Mapped[int] = mapped_column(BigInteger)
     message: Mapped[bytes] = mapped_column(LargeBinary)  # the coordinator-signed WorkAssignment as sent
     created_at_ms: Mapped[int] = mapped_column(BigInteger)
     released_at_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # node went offline
-    __table_args__ = (Index("ix_assignments_run_epoch_node", "run_id", "epoch", "node_id"),)
+    __table_args__ = (Index("ix_assignments_run_round_node", "run_id", "round", "node_id"),)
 
 
 class AssignedShard(Base):
-    """A shard taken in one epoch: the primary key is what forbids handing it out twice."""
+    """A shard taken in one round: the primary key is what forbids handing it out twice."""
 
     __tablename__ = "assigned_shards"
     run_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
     shard_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"))
 
@@ -131,9 +132,9 @@ class AssignmentSource(Base):
     __tablename__ = "assignment_sources"
     assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"), primary_key=True)
     run_id: Mapped[str] = mapped_column(String(64))
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     address: Mapped[str] = mapped_column(String(128))
-    __table_args__ = (Index("ix_assignment_sources_run_epoch_address", "run_id", "epoch", "address"),)
+    __table_args__ = (Index("ix_assignment_sources_run_round_address", "run_id", "round", "address"),)
 
 
 class Contribution(Base):
@@ -141,7 +142,7 @@ class Contribution(Base):
     contribution_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.node_id"))
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     assignment_id: Mapped[str] = mapped_column(ForeignKey("work_assignments.assignment_id"))
     samples: Mapped[int] = mapped_column(BigInteger)
     mean_loss: Mapped[float] = mapped_column(Float)
@@ -149,7 +150,7 @@ class Contribution(Base):
     status: Mapped[str] = mapped_column(String(16))  # a ContributionStatus (omi.coordinator.states)
     message: Mapped[bytes] = mapped_column(LargeBinary)  # the node-signed Contribution as received
     received_at_ms: Mapped[int] = mapped_column(BigInteger)
-    __table_args__ = (UniqueConstraint("node_id", "run_id", "epoch", name="uq_contribution_node_run_epoch"),)
+    __table_args__ = (UniqueConstraint("node_id", "run_id", "round", name="uq_contribution_node_run_round"),)
 
 
 class Audit(Base):
@@ -158,7 +159,7 @@ class Audit(Base):
     contribution_id: Mapped[str] = mapped_column(ForeignKey("contributions.contribution_id"))
     run_id: Mapped[str] = mapped_column(String(64))
     node_id: Mapped[str] = mapped_column(String(64))
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     micro_batch_indices: Mapped[str] = mapped_column(Text)  # JSON list
     audit_seed: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16))  # an AuditState (omi.coordinator.states)
@@ -220,7 +221,7 @@ class Checkpoint(Base):
     __tablename__ = "checkpoints"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     total_samples: Mapped[int] = mapped_column(BigInteger)
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -246,7 +247,7 @@ class RunMetric(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.run_id"))
     at_ms: Mapped[int] = mapped_column(BigInteger)
-    epoch: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
     total_samples: Mapped[int] = mapped_column(BigInteger)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
     samples_per_second: Mapped[float] = mapped_column(Float)
@@ -279,6 +280,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _rename_epoch_to_round(self.engine)
         _add_ban_kinds(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -312,6 +314,67 @@ def _add_ban_kinds(engine) -> None:
         connection.execute(update(Ban).where(Ban.reason.like("% failed audits"))
                            .values(kind=BanKind.FAILED_AUDITS))
     logger.info("added bans.kind to the database's bans")
+
+
+def _rename_epoch_to_round(engine) -> None:
+    """Give the tables of a database from before the round was called ``round`` everywhere their ``round`` column:
+    it was named ``epoch``, and so were the indexes and the constraint over it (``ix_assignments_run_epoch_node``,
+    ``ix_assignment_sources_run_epoch_address``, ``uq_contribution_node_run_epoch``). Every row is kept."""
+    inspector = inspect(engine)
+    tables = sorted(name for name in inspector.get_table_names() if name in Base.metadata.tables
+                    and "epoch" in {column["name"] for column in inspector.get_columns(name)})
+    if not tables:
+        return
+    if engine.dialect.name == "sqlite":
+        _remake_sqlite_tables(engine, tables)
+    else:  # PostgreSQL renames a column, an index and a constraint in place (indexes follow their column)
+        statements = []
+        for name in tables:
+            statements.append(f'ALTER TABLE {name} RENAME COLUMN epoch TO "round"')
+            statements += [f"ALTER TABLE {name} RENAME CONSTRAINT {c} TO {c.replace('epoch', 'round')}"
+                           for c in (uc["name"] for uc in inspector.get_unique_constraints(name)) if "epoch" in c]
+            statements += [f"ALTER INDEX {i['name']} RENAME TO {i['name'].replace('epoch', 'round')}"
+                           for i in inspector.get_indexes(name)  # a constraint's index goes with its constraint
+                           if "epoch" in i["name"] and not i.get("duplicates_constraint")]
+        with engine.begin() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+    logger.info("renamed the column epoch to round in the database's %s", ", ".join(tables))
+
+
+def _remake_sqlite_tables(engine, names: list[str]) -> None:
+    """Make each table of ``names`` again as :class:`Base` defines it now and copy its rows over (``epoch`` into
+    ``round``), all in one transaction: SQLite renames a column but no constraint, whose name is part of the table's
+    definition (SQLite's own procedure for any other change: https://www.sqlite.org/lang_altertable.html)."""
+    raw = engine.raw_connection()
+    db = raw.driver_connection
+    try:
+        db.execute("PRAGMA foreign_keys=OFF")  # outside the transaction (SQLite ignores it inside one): a table that
+        db.execute("BEGIN IMMEDIATE")          # others refer to is dropped and made again
+        try:
+            for name in names:
+                table = Base.metadata.tables[name]
+                old = {row[1] for row in db.execute(f'PRAGMA table_info("{name}")')}
+                create = str(CreateTable(table).compile(dialect=engine.dialect)).strip()
+                assert create.startswith(f"CREATE TABLE {name} ("), create
+                db.execute(f"CREATE TABLE _new_{name} (" + create.removeprefix(f"CREATE TABLE {name} ("))
+                copied = [c.name for c in table.columns if ("epoch" if c.name == "round" else c.name) in old]
+                new_columns = ", ".join(f'"{column}"' for column in copied)
+                old_columns = ", ".join('"epoch"' if column == "round" else f'"{column}"' for column in copied)
+                db.execute(f"INSERT INTO _new_{name} ({new_columns}) SELECT {old_columns} FROM {name}")
+                db.execute(f"DROP TABLE {name}")
+                db.execute(f"ALTER TABLE _new_{name} RENAME TO {name}")
+                for index in table.indexes:
+                    db.execute(str(CreateIndex(index).compile(dialect=engine.dialect)))
+            broken = db.execute("PRAGMA foreign_key_check").fetchall()
+            assert not broken, f"rows whose foreign key has no row after the rename: {broken[:5]}"
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    finally:
+        db.execute("PRAGMA foreign_keys=ON")
+        raw.close()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -64,13 +64,13 @@ class CheckpointFile:
 
 @dataclass
 class CheckpointView:
-    epoch: int
+    round: int
     total_samples: int
     manifest_sha256: str
     size_bytes: int
     created_at_ms: int
     milestone: bool
-    manifest_url: str  # /runs/{run}/checkpoints/{epoch}/manifest.json
+    manifest_url: str  # /runs/{run}/checkpoints/{round}/manifest.json
     preview_url: str | None = None  # the preview grid PNG listed in the manifest, if any
     files: list[CheckpointFile] = field(default_factory=list)  # from the manifest, when it is readable here
     # a text-to-image preview: the prompt of each cell (left to right, top to bottom) and the cells per row
@@ -84,7 +84,7 @@ class RunStatusView:
     name: str
     model: str
     state: str                 # created | running | paused | stopped
-    epoch: int
+    round: int
     total_samples: int         # samples trained, voided contributions excluded
     volunteers_online: int
     samples_per_second: float  # the ledger's growth over the last minute
@@ -102,7 +102,7 @@ class RunStatusView:
 @dataclass
 class HistoryPoint:
     at_ms: int
-    epoch: int
+    round: int
     total_samples: int
     loss: float | None
     samples_per_second: float
@@ -182,7 +182,7 @@ def run_status(coordinator: Coordinator, run_id: str) -> RunStatusView:
             Audit.run_id == run_id).group_by(Audit.state)).all())
     checkpoints = checkpoint_views(coordinator, run_id)
     return RunStatusView(
-        run_id=run_id, name=summary.name, model=summary.model, state=state_name(summary.state), epoch=summary.epoch,
+        run_id=run_id, name=summary.name, model=summary.model, state=state_name(summary.state), round=summary.round,
         total_samples=summary.total_samples, volunteers_online=summary.volunteers_online,
         samples_per_second=status.samples_per_second, loss=finite_or_none(status.last_loss or None),
         contributions=status.contributions, verified_samples=status.verified_samples,
@@ -210,7 +210,7 @@ def history(coordinator: Coordinator, run_id: str, since_ms: int = 0, limit: int
             query = query.where(RunMetric.id % stride == 0)
         rows = s.scalars(query.order_by(RunMetric.at_ms)).all()
         last = s.scalar(select(func.max(RunMetric.at_ms)).where(*where))
-    points = [HistoryPoint(r.at_ms, r.epoch, r.total_samples, finite_or_none(r.loss), r.samples_per_second,
+    points = [HistoryPoint(r.at_ms, r.round, r.total_samples, finite_or_none(r.loss), r.samples_per_second,
                            r.volunteers_online)
               for r in rows]
     return HistoryView(run_id=run_id, since_ms=since_ms, points=points, next_since_ms=last or since_ms,
@@ -291,12 +291,12 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
     """
     coordinator.runs.get(run_id)
     with coordinator.store.session() as s:
-        rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.epoch)).all()
+        rows = s.scalars(select(Checkpoint).where(Checkpoint.run_id == run_id).order_by(Checkpoint.round)).all()
     has_folders = coordinator.checkpoints.state_dir is not None
     views = []
     for r in rows:
-        base = f"/runs/{run_id}/checkpoints/{r.epoch}"
-        manifest = checkpoint_manifest(coordinator.checkpoints.folder(run_id, r.epoch), r.manifest_sha256,
+        base = f"/runs/{run_id}/checkpoints/{r.round}"
+        manifest = checkpoint_manifest(coordinator.checkpoints.folder(run_id, r.round), r.manifest_sha256,
                                        coordinator.public_key) if has_folders else None
         files, prompts, columns = [], [], None
         if manifest is not None:
@@ -304,7 +304,7 @@ def checkpoint_views(coordinator: Coordinator, run_id: str) -> list[CheckpointVi
                      for entry in sorted(manifest.files, key=lambda entry: entry.path)]
             prompts, columns = list(manifest.preview_prompts or []), manifest.preview_columns
         preview = next((f.url for f in files if f.name.lower().endswith(".png")), None)
-        views.append(CheckpointView(epoch=r.epoch, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
+        views.append(CheckpointView(round=r.round, total_samples=r.total_samples, manifest_sha256=r.manifest_sha256,
                                     size_bytes=r.size_bytes, created_at_ms=r.created_at_ms, milestone=r.milestone,
                                     manifest_url=f"{base}/{CHECKPOINT_MANIFEST_NAME}", preview_url=preview,
                                     files=files, preview_prompts=prompts, preview_columns=columns))

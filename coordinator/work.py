@@ -1,7 +1,7 @@
-"""Work assignment: which data shards a node trains on in an epoch, and the seed its noise derives from.
+"""Work assignment: which data shards a node trains on in a round, and the seed its noise derives from.
 
-For (run, epoch, node) the choice is deterministic given which shards are already taken: the epoch's
-shards are put in an order seeded by (run seed, run, epoch), and a node walks that order from a
+For (run, round, node) the choice is deterministic given which shards are already taken: the round's
+shards are put in an order seeded by (run seed, run, round), and a node walks that order from a
 position derived from its id, taking the first free shards. The assignment is stored, so asking
 again returns it unchanged. The primary key of ``assigned_shards`` is what makes double
 assignment impossible. When free shards run short, the shards of nodes that missed their heartbeats
@@ -43,7 +43,7 @@ from sqlalchemy import delete, exists, func, select
 
 logger = logging.getLogger(__name__)
 
-# Work is handed out for at most this many epochs past the run's: the run's epoch follows the coordinator's witness
+# Work is handed out for at most this many rounds past the run's: the run's round follows the coordinator's witness
 # (written by the checkpointer process, read here every flush interval), which may trail the trainers by a round.
 MAX_AHEAD = 2
 
@@ -98,9 +98,9 @@ def derive_seed(*parts) -> int:
 
 
 @lru_cache(maxsize=16)
-def _shard_order(run_seed: int, run_id: str, epoch: int, num_shards: int) -> tuple[int, ...]:
+def _shard_order(run_seed: int, run_id: str, round_number: int, num_shards: int) -> tuple[int, ...]:
     order = list(range(num_shards))
-    random.Random(derive_seed(run_seed, run_id, epoch, "shards")).shuffle(order)
+    random.Random(derive_seed(run_seed, run_id, round_number, "shards")).shuffle(order)
     return tuple(order)
 
 
@@ -138,8 +138,8 @@ class WorkPlanner:
                                              f"{e}") from e
             return self._layouts[run_id]
 
-    def get_work(self, caller: Caller, epoch: int, source: str = "") -> pb.WorkAssignment:
-        """The caller's assignment for ``epoch``: the stored one if it has it, else a new one.
+    def get_work(self, caller: Caller, round_number: int, source: str = "") -> pb.WorkAssignment:
+        """The caller's assignment for ``round_number``: the stored one if it has it, else a new one.
 
         :param source: the address the request came from ("": not counted against a per-address cap)
         """
@@ -148,75 +148,79 @@ class WorkPlanner:
             raise FailedPrecondition(f"run '{caller.run_id}' is stopped", reason=pb.REFUSAL_RUN_STOPPED)
         if run.state != pb.RUN_STATE_RUNNING:
             raise FailedPrecondition(f"run '{caller.run_id}' is not running", reason=pb.REFUSAL_RUN_NOT_RUNNING)
-        if run.spec.training.max_epochs and epoch >= run.spec.training.max_epochs:
-            raise FailedPrecondition(f"run '{caller.run_id}' ends before epoch {epoch}", reason=pb.REFUSAL_RUN_ENDED)
-        if epoch > run.epoch + MAX_AHEAD:  # the run's epoch is what the coordinator's witness observed, no claim
-            raise Unavailable(f"epoch {epoch} is ahead of the run (epoch {run.epoch}); retry once the swarm is there")
+        if run.spec.training.max_rounds and round_number >= run.spec.training.max_rounds:
+            raise FailedPrecondition(f"run '{caller.run_id}' ends before round {round_number}",
+                                     reason=pb.REFUSAL_RUN_ENDED)
+        if round_number > run.round + MAX_AHEAD:  # the run's round is what the coordinator's witness observed, no claim
+            raise Unavailable(f"round {round_number} is ahead of the run (round {run.round}); retry once the swarm is "
+                              "there")
         with self.store.session() as s:
             stored = s.scalar(select(WorkAssignment.message).where(
-                WorkAssignment.run_id == caller.run_id, WorkAssignment.epoch == epoch,
+                WorkAssignment.run_id == caller.run_id, WorkAssignment.round == round_number,
                 WorkAssignment.node_id == caller.node_id, WorkAssignment.released_at_ms.is_(None)))
-        assignment = pb.WorkAssignment.FromString(stored) if stored is not None else self._assign(caller, epoch, source)
+        assignment = (pb.WorkAssignment.FromString(stored) if stored is not None
+                      else self._assign(caller, round_number, source))
         # what the witness holds at this round's start, once it is published
-        assignment.state_hash = self.runs.round_state(caller.run_id, epoch) or ""
+        assignment.state_hash = self.runs.round_state(caller.run_id, round_number) or ""
         return assignment
 
-    def _assign(self, caller: Caller, epoch: int, source: str) -> pb.WorkAssignment:
+    def _assign(self, caller: Caller, round_number: int, source: str) -> pb.WorkAssignment:
         run = self.runs.get(caller.run_id)
         layout = self.layout(caller.run_id)
         now = now_ms()
-        assignment = pb.WorkAssignment(run_id=caller.run_id, epoch=epoch, node_id=caller.node_id,
+        assignment = pb.WorkAssignment(run_id=caller.run_id, round=round_number, node_id=caller.node_id,
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         training = run.spec.training
         with self.store.transaction() as s:
             cap = self.config.max_assignments_per_address
-            if cap and source and self._held_by(s, caller.run_id, epoch, source) >= cap:
+            if cap and source and self._held_by(s, caller.run_id, round_number, source) >= cap:
                 # like a round whose data is all taken: the node averages without data and asks again later
-                logger.warning("address %s holds %d assignments of run %s epoch %d already (the cap): none for node "
-                               "%s", source, cap, caller.run_id, epoch, caller.node_id[:12])
+                logger.warning("address %s holds %d assignments of run %s round %d already (the cap): none for node "
+                               "%s", source, cap, caller.run_id, round_number, caller.node_id[:12])
                 return assignment
             needed = samples_per_assignment(run.spec, layout.shard_range(layout.num_shards - 1)[1],
                                             self._volunteers(caller),
                                             probation=not has_verified_contribution(s, caller.run_id, caller.node_id))
             wanted = max(training.shards_per_assignment, -(-needed // run.spec.data.shard_size))
-            chosen = self._pick_free(s, caller, epoch, wanted)
-            if len(chosen) < wanted and self._release_offline(s, caller.run_id, epoch, now):
-                chosen = self._pick_free(s, caller, epoch, wanted)
+            chosen = self._pick_free(s, caller, round_number, wanted)
+            if len(chosen) < wanted and self._release_offline(s, caller.run_id, round_number, now):
+                chosen = self._pick_free(s, caller, round_number, wanted)
             while chosen and self._samples(layout, chosen) < needed:
-                more = self._pick_free(s, caller, epoch, 1, exclude=frozenset(chosen))
+                more = self._pick_free(s, caller, round_number, 1, exclude=frozenset(chosen))
                 if not more:
-                    break  # the epoch's data is nearly all taken: the node trains on less
+                    break  # the round's data is nearly all taken: the node trains on less
                 chosen += more
             if not chosen:
-                # Every shard of this epoch is taken: the node averages with the swarm without data of its own
+                # Every shard of this round is taken: the node averages with the swarm without data of its own
                 # and asks again later (shards come back when their nodes go offline). Nothing is stored.
-                logger.info("no free shard in run %s epoch %d for node %s", caller.run_id, epoch, caller.node_id[:12])
+                logger.info("no free shard in run %s round %d for node %s", caller.run_id, round_number,
+                            caller.node_id[:12])
                 return assignment
             assignment.assignment_id = uuid.uuid4().hex
-            assignment.seed = derive_seed(run.spec.training.seed, caller.run_id, epoch, caller.node_id)
+            assignment.seed = derive_seed(run.spec.training.seed, caller.run_id, round_number, caller.node_id)
             for shard in sorted(chosen):
                 begin, end = layout.shard_range(shard)
                 assignment.shards.add(shard_id=shard, start=begin, end=end)
             signing.sign(assignment, self.key)
-            s.add(WorkAssignment(assignment_id=assignment.assignment_id, run_id=caller.run_id, epoch=epoch,
+            s.add(WorkAssignment(assignment_id=assignment.assignment_id, run_id=caller.run_id, round=round_number,
                                  node_id=caller.node_id, num_samples=sum(r.end - r.start for r in assignment.shards),
                                  seed=assignment.seed, message=assignment.SerializeToString(deterministic=True),
                                  created_at_ms=now))
             s.flush()
             if source:
-                s.add(AssignmentSource(assignment_id=assignment.assignment_id, run_id=caller.run_id, epoch=epoch,
+                s.add(AssignmentSource(assignment_id=assignment.assignment_id, run_id=caller.run_id, round=round_number,
                                        address=source))
-            s.add_all([AssignedShard(run_id=caller.run_id, epoch=epoch, shard_id=shard,
+            s.add_all([AssignedShard(run_id=caller.run_id, round=round_number, shard_id=shard,
                                      assignment_id=assignment.assignment_id) for shard in chosen])
         return assignment
 
     @staticmethod
-    def _held_by(session, run_id: str, epoch: int, address: str) -> int:
-        """Assignments of the run's ``epoch`` asked for from ``address`` and not released."""
+    def _held_by(session, run_id: str, round_number: int, address: str) -> int:
+        """Assignments of the run's ``round_number`` asked for from ``address`` and not released."""
         return session.scalar(select(func.count()).select_from(AssignmentSource).join(
             WorkAssignment, WorkAssignment.assignment_id == AssignmentSource.assignment_id).where(
-            AssignmentSource.run_id == run_id, AssignmentSource.epoch == epoch, AssignmentSource.address == address,
-            WorkAssignment.released_at_ms.is_(None)))
+            AssignmentSource.run_id == run_id, AssignmentSource.round == round_number,
+            AssignmentSource.address == address, WorkAssignment.released_at_ms.is_(None)))
 
     def _volunteers(self, caller: Caller) -> int:
         """Training volunteers online in the caller's run (they heartbeat; validators do not), the caller included."""
@@ -228,42 +232,43 @@ class WorkPlanner:
     def _samples(layout: ShardLayout, shards: list[int]) -> int:
         return sum(end - begin for begin, end in map(layout.shard_range, shards))
 
-    def _pick_free(self, session, caller: Caller, epoch: int, wanted: int,
+    def _pick_free(self, session, caller: Caller, round_number: int, wanted: int,
                    exclude: frozenset[int] = frozenset()) -> list[int]:
-        """Walk the epoch's shard order from the node's own position; the first ``wanted`` free shards.
+        """Walk the round's shard order from the node's own position; the first ``wanted`` free shards.
 
         Candidates are checked in small batches, so a call costs about ``wanted`` lookups while shards are free."""
         run = self.runs.get(caller.run_id)
         num_shards = self.layout(caller.run_id).num_shards
-        order = _shard_order(run.spec.training.seed, caller.run_id, epoch, num_shards)
-        start = derive_seed(caller.run_id, epoch, caller.node_id) % num_shards
+        order = _shard_order(run.spec.training.seed, caller.run_id, round_number, num_shards)
+        start = derive_seed(caller.run_id, round_number, caller.node_id) % num_shards
         chosen: list[int] = []
         position, batch = 0, max(16, 2 * wanted)
         while len(chosen) < wanted and position < num_shards:
             candidates = [order[(start + position + i) % num_shards] for i in range(min(batch, num_shards - position))]
             position += len(candidates)
             taken = set(session.scalars(select(AssignedShard.shard_id).where(
-                AssignedShard.run_id == caller.run_id, AssignedShard.epoch == epoch,
+                AssignedShard.run_id == caller.run_id, AssignedShard.round == round_number,
                 AssignedShard.shard_id.in_(candidates))))
             free = [shard for shard in candidates if shard not in taken and shard not in exclude]
             chosen += free[: wanted - len(chosen)]
         return chosen
 
-    def _release_offline(self, session, run_id: str, epoch: int, now: int) -> int:
-        """Put back the shards of this epoch's assignments whose node missed its heartbeats and reported nothing.
+    def _release_offline(self, session, run_id: str, round_number: int, now: int) -> int:
+        """Put back the shards of this round's assignments whose node missed its heartbeats and reported nothing.
 
-        Called when free shards run short, so the scan over the epoch's assignments happens only then."""
+        Called when free shards run short, so the scan over the round's assignments happens only then."""
         timeout_ms = int(self.runs.get(run_id).spec.liveness.heartbeat_timeout * 1000)
         open_assignments = session.execute(select(WorkAssignment.assignment_id, WorkAssignment.node_id).where(
-            WorkAssignment.run_id == run_id, WorkAssignment.epoch == epoch, WorkAssignment.released_at_ms.is_(None),
+            WorkAssignment.run_id == run_id, WorkAssignment.round == round_number,
+            WorkAssignment.released_at_ms.is_(None),
             ~exists().where(Contribution.assignment_id == WorkAssignment.assignment_id))).all()
         released = 0
         for assignment_id, node_id in open_assignments:
             if now - self.liveness.last_seen_ms(run_id, node_id) > timeout_ms:
                 self.release(session, assignment_id, now)
                 released += 1
-                logger.info("node %s missed its heartbeats: shards of run %s epoch %d back in the pool",
-                            node_id[:12], run_id, epoch)
+                logger.info("node %s missed its heartbeats: shards of run %s round %d back in the pool",
+                            node_id[:12], run_id, round_number)
         return released
 
     def release(self, session, assignment_id: str, now: int) -> None:

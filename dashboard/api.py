@@ -115,7 +115,7 @@ def create_router(coordinator: Coordinator, snapshots: Snapshots) -> APIRouter:
         return await answer(("runs",), compute)
 
     @router.get("/runs/{run}/status", response_model=views.RunStatusView, responses=NOT_FOUND,
-                summary="Headline of a run: state, epoch, samples, volunteers online, throughput, loss, audits")
+                summary="Headline of a run: state, round, samples, volunteers online, throughput, loss, audits")
     async def run_status(run: str) -> Response:
         known(run)
         return await answer(("status", run), lambda: views.run_status(coordinator, run))

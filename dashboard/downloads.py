@@ -1,8 +1,8 @@
 """HTTP download routes of published checkpoints (on the coordinator's HTTP port, beside the dashboard).
 
     GET /runs/{run}/checkpoints                           the run's checkpoints (JSON, oldest first)
-    GET /runs/{run}/checkpoints/{epoch|latest}/manifest.json
-    GET /runs/{run}/checkpoints/{epoch|latest}/{file}     a file the manifest lists; ``Range`` requests honoured
+    GET /runs/{run}/checkpoints/{round|latest}/manifest.json
+    GET /runs/{run}/checkpoints/{round|latest}/{file}     a file the manifest lists; ``Range`` requests honoured
     GET /runs/{run}/data/{file}                           a text-to-image run's prepared data set: its
                                                           manifest.json, the files it lists (shards) and
                                                           DATA_CARD.md
@@ -38,7 +38,7 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
 
     def find(run_id: str, ref: str) -> pb.Checkpoint:
         if ref != "latest" and not ref.isdigit():
-            raise HTTPException(404, f"checkpoint must be an epoch number or 'latest', got {ref!r}")
+            raise HTTPException(404, f"checkpoint must be a round number or 'latest', got {ref!r}")
         try:
             checkpoint = checkpoints.get(run_id, None if ref == "latest" else int(ref))
         except NotFound as e:
@@ -59,22 +59,22 @@ def checkpoint_router(coordinator: Coordinator) -> APIRouter:
     @router.get("/runs/{run_id}/checkpoints/{ref}/manifest.json")
     def manifest(run_id: str, ref: str) -> FileResponse:
         checkpoint = find(run_id, ref)
-        path = checkpoints.folder(run_id, checkpoint.epoch) / CHECKPOINT_MANIFEST_NAME
+        path = checkpoints.folder(run_id, checkpoint.round) / CHECKPOINT_MANIFEST_NAME
         if not path.is_file():  # retention removed it between the lookup and now
-            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone")
+            raise HTTPException(404, f"checkpoint {checkpoint.round} of run {run_id!r} is gone")
         return FileResponse(path, media_type="application/json")
 
     @router.get("/runs/{run_id}/checkpoints/{ref}/{file_path:path}")
     def checkpoint_file(run_id: str, ref: str, file_path: str) -> FileResponse:
         checkpoint = find(run_id, ref)
-        folder = checkpoints.folder(run_id, checkpoint.epoch)
+        folder = checkpoints.folder(run_id, checkpoint.round)
         manifest = checkpoint_manifest(folder, checkpoint.manifest_sha256, coordinator.public_key)
         if manifest is None:
-            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} is gone (or its manifest does "
+            raise HTTPException(404, f"checkpoint {checkpoint.round} of run {run_id!r} is gone (or its manifest does "
                                      "not verify)")
         listed = {entry.path for entry in manifest.files}
         if file_path not in listed:
-            raise HTTPException(404, f"checkpoint {checkpoint.epoch} of run {run_id!r} has no file {file_path!r}")
+            raise HTTPException(404, f"checkpoint {checkpoint.round} of run {run_id!r} has no file {file_path!r}")
         return FileResponse(folder / file_path, media_type="application/octet-stream")
 
     @router.get("/runs/{run_id}/data/{file_path:path}")

@@ -33,7 +33,7 @@ class RunCollector(Collector):
                                                   "passed an audit", labels=["run"]),
             "samples_per_second": GaugeMetricFamily("omi_run_samples_per_second", "Swarm throughput: samples the "
                                                     "ledger grew by over the last minute, per second", labels=["run"]),
-            "epoch": GaugeMetricFamily("omi_run_epoch", "Current epoch of the run", labels=["run"]),
+            "round": GaugeMetricFamily("omi_run_round", "Current round of the run", labels=["run"]),
             "loss": GaugeMetricFamily("omi_run_loss", "Mean latest training loss of the volunteers online",
                                       labels=["run"]),
         }
@@ -47,7 +47,7 @@ class RunCollector(Collector):
                                    labels=["run", "state"])
         age = GaugeMetricFamily("omi_checkpoint_age_seconds", "Seconds since the latest checkpoint was written",
                                 labels=["run"])
-        checkpoint_epoch = GaugeMetricFamily("omi_checkpoint_epoch", "Epoch of the latest checkpoint", labels=["run"])
+        checkpoint_round = GaugeMetricFamily("omi_checkpoint_round", "Round of the latest checkpoint", labels=["run"])
         codes = {}
         for (run, code), n in self.coordinator.ledger.refused.items():
             codes.setdefault(run, {})[code] = n
@@ -67,6 +67,6 @@ class RunCollector(Collector):
                 audits.add_metric([run, audit_state.value], getattr(s.audits, audit_state.value))
             if s.latest_checkpoint is not None:
                 age.add_metric([run], max(0.0, (s.server_time_ms - s.latest_checkpoint.created_at_ms) / 1000))
-                checkpoint_epoch.add_metric([run], s.latest_checkpoint.epoch)
+                checkpoint_round.add_metric([run], s.latest_checkpoint.round)
         yield from gauges.values()
-        yield from (state, accepted, refused, contributions, audits, age, checkpoint_epoch)
+        yield from (state, accepted, refused, contributions, audits, age, checkpoint_round)

@@ -25,7 +25,7 @@ def assignment_indices(assignment: pb.WorkAssignment) -> list[int]:
 
 
 def micro_batches(indices: list[int], size: int) -> Iterator[list[int]]:
-    """Consecutive micro-batches of ``size`` samples, wrapping around the assignment if the epoch lasts longer
+    """Consecutive micro-batches of ``size`` samples, wrapping around the assignment if the round lasts longer
     (none for an empty assignment)."""
     if not indices:
         return

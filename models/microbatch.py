@@ -2,7 +2,7 @@
 
 The node trainer, the validator and the checkpointer all call :func:`compute_micro_batch`; nothing else in the
 project draws diffusion noise or timesteps for training. Noise and timesteps come from a CPU ``torch.Generator``
-seeded with :func:`micro_batch_seed` (run, epoch, node, micro-batch index), so anyone holding the same parameters
+seeded with :func:`micro_batch_seed` (run, round, node, micro-batch index), so anyone holding the same parameters
 and the same samples recomputes the same gradient: bitwise on the same CPU with the same torch thread count,
 within :class:`omi.models.replay.Tolerances` elsewhere.
 
@@ -11,7 +11,7 @@ within :class:`omi.models.replay.Tolerances` elsewhere.
 >>> model, scheduler = build_model("unet-digits-16")
 >>> sketch = GradientSketch(model, size=256, seed=0)
 >>> batch = torch.zeros(2, 1, 16, 16)
->>> seed = micro_batch_seed(0, "digits", epoch=0, node_id="node-a", index=0)
+>>> seed = micro_batch_seed(0, "digits", round_number=0, node_id="node-a", index=0)
 >>> record = compute_micro_batch(model, scheduler, batch, seed, prediction_type="epsilon", sketch=sketch)
 >>> record.samples, record.sketch.shape, record.grad_norm > 0
 (2, torch.Size([256]), True)
@@ -38,13 +38,13 @@ if TYPE_CHECKING:  # the schedulers are passed in; loading diffusers here would 
 logger = logging.getLogger(__name__)
 
 
-def micro_batch_seed(base_seed: int, run_id: str, epoch: int, node_id: str, index: int) -> int:
+def micro_batch_seed(base_seed: int, run_id: str, round_number: int, node_id: str, index: int) -> int:
     """The 63-bit seed of one micro-batch's noise and timesteps, hash-derived so nearby inputs give unrelated seeds.
 
     >>> micro_batch_seed(0, "digits", 0, "node-a", 0) == micro_batch_seed(0, "digits", 0, "node-a", 1)
     False
     """
-    text = f"omi-micro-batch-v1|{int(base_seed)}|{run_id}|{int(epoch)}|{node_id}|{int(index)}"
+    text = f"omi-micro-batch-v1|{int(base_seed)}|{run_id}|{int(round_number)}|{node_id}|{int(index)}"
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & (2**63 - 1)
 
 
@@ -192,7 +192,7 @@ def flatten_grads(grads: list[torch.Tensor | None], params: list[torch.Tensor]) 
 class MicroBatchRecord:
     """What a node records about one micro-batch: enough for a validator to check it after recomputing."""
 
-    index: int  # micro-batch index within the node's epoch
+    index: int  # micro-batch index within the node's round
     samples: int  # number of samples in the micro-batch
     loss: float  # mean DDPM loss over the micro-batch
     grad_norm: float  # L2 norm of this micro-batch's own gradient

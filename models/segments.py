@@ -55,11 +55,11 @@ def held_states(spec: pb.RunSpec) -> int:
     (one every ``segment_steps`` of up to 2H inner steps, and the start and end).
 
     >>> held_states(pb.RunSpec(rounds=pb.RoundsSpec(inner_steps=20), verification=pb.VerificationSpec(
-    ...     audit_window_epochs=5, segment_steps=2)))
+    ...     audit_window_rounds=5, segment_steps=2)))
     132
     """
     per_round = 2 * spec.rounds.inner_steps // max(segment_steps(spec), 1) + 2
-    return (spec.verification.audit_window_epochs + 1) * per_round
+    return (spec.verification.audit_window_rounds + 1) * per_round
 
 
 def training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -118,7 +118,7 @@ def join(
     port: int = typer.Option(0, "--port", min=0, max=65535, help="TCP port of the swarm peer (0: any free one)."),
     announce: str | None = typer.Option(None, "--announce", help="Address other peers dial (needs --port)."),
     client_mode: bool = typer.Option(False, "--client-mode", help="Behind NAT: outgoing connections only."),
-    max_epochs: int = typer.Option(0, "--max-epochs", min=0, help="Leave after this many contributions (0: never)."),
+    max_rounds: int = typer.Option(0, "--max-rounds", min=0, help="Leave after this many contributions (0: never)."),
     threads: int = typer.Option(0, "--threads", min=0, help="torch CPU threads (0: torch's default)."),
     save: Path | None = typer.Option(None, "--save",
                                      help="On leaving, save θ of the round this node holds here (diffusers format)."),
@@ -139,7 +139,7 @@ def join(
         logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     config = NodeConfig(coordinator=coordinator, run_id=run, device=device, batch_size=batch_size,
                         state_dir=state_dir, identity=identity, display_name=name, host=host, port=port,
-                        announce=announce, client_mode=client_mode, max_epochs=max_epochs, threads=threads,
+                        announce=announce, client_mode=client_mode, max_rounds=max_rounds, threads=threads,
                         save_dir=save, connect_attempts=connect_attempts)
     view = None if (quiet or log_json or not console.is_terminal) else LiveView(console)
     node = VolunteerNode(config, on_status=view.update if view else None)
@@ -163,8 +163,8 @@ def join(
 @app.command("download")
 def download(
     run: str = typer.Argument(..., help="Run id."),
-    checkpoint: str = typer.Option("latest", "--checkpoint", help="Epoch number or 'latest'."),
-    out: Path | None = typer.Option(None, "--out", help="Folder to write (default: RUN-epoch-E here)."),
+    checkpoint: str = typer.Option("latest", "--checkpoint", help="Round number or 'latest'."),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write (default: RUN-round-E here)."),
     coordinator: str | None = typer.Option(None, "--coordinator", "-c",
                                            help=COORDINATOR_HELP + " Gives the coordinator's key and the URL."),
     http: str | None = typer.Option(None, "--http", help="Base URL of the coordinator's HTTP port "
@@ -172,7 +172,7 @@ def download(
     coordinator_key: str | None = typer.Option(None, "--coordinator-key",
                                                help="Pinned coordinator public key (64 hex characters)."),
     state_dir: Path = typer.Option(Path.home() / ".omi", "--state-dir", envvar="OMI_HOME",
-                                   help="Where the newest epoch verified per run is remembered (a 'latest' older "
+                                   help="Where the newest round verified per run is remembered (a 'latest' older "
                                         "than it is refused as a rollback)."),
 ) -> None:
     """Download a checkpoint, resumably; refuse it unless the coordinator's signature and every sha256 check out."""
@@ -180,25 +180,25 @@ def download(
     from omi.protos.channels import KNOWN_FILENAME
 
     if checkpoint != "latest" and not checkpoint.isdigit():
-        console.print(f"[red]error:[/red] --checkpoint must be an epoch number or 'latest', got {checkpoint!r}")
+        console.print(f"[red]error:[/red] --checkpoint must be a round number or 'latest', got {checkpoint!r}")
         raise typer.Exit(2)
-    epoch = None if checkpoint == "latest" else int(checkpoint)
+    round_number = None if checkpoint == "latest" else int(checkpoint)
     try:
-        public_key, folder_url = _checkpoint_source(run, epoch, coordinator, http, coordinator_key,
+        public_key, folder_url = _checkpoint_source(run, round_number, coordinator, http, coordinator_key,
                                                     state_dir / KNOWN_FILENAME)
-        result = download_checkpoint(folder_url, run, out, public_key, epoch=epoch, console=console,
+        result = download_checkpoint(folder_url, run, out, public_key, round_number=round_number, console=console,
                                      progress=console.is_terminal,
                                      seen=SeenCheckpoints(state_dir / "checkpoints-seen.json"))
     except DownloadError as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(e.exit_code) from None
     mib = result.total_bytes / 2**20
-    console.print(f"run {run} epoch {result.epoch}: {len(result.manifest.files)} files, {mib:.1f} MiB verified "
+    console.print(f"run {run} round {result.round}: {len(result.manifest.files)} files, {mib:.1f} MiB verified "
                   f"(signature and sha256) in {result.folder} ({result.downloaded_bytes / 2**20:.1f} MiB fetched "
                   f"in {result.seconds:.1f} s)")
 
 
-def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, http: str | None,
+def _checkpoint_source(run: str, round_number: int | None, coordinator: str | None, http: str | None,
                        coordinator_key: str | None, known: Path) -> tuple[bytes, str]:
     """(the coordinator's public key, the checkpoint folder URL) from the flags and, if needed, the gRPC API."""
     import grpc
@@ -218,31 +218,31 @@ def _checkpoint_source(run: str, epoch: int | None, coordinator: str | None, htt
     if coordinator is None:
         if http is None or public_key is None:
             raise DownloadError("pass --coordinator HOST:PORT, or both --http URL and --coordinator-key", 2)
-        return public_key, _folder_url(http, run, epoch)
+        return public_key, _folder_url(http, run, round_number)
     try:
         with open_channel(coordinator, known=known) as channel:
             stub = rpc.CoordinatorStub(channel)
             if public_key is None:
                 public_key = stub.GetRunSpec(pb.GetRunSpecRequest(run_id=run), timeout=10).coordinator_public_key
             if http is not None:
-                return public_key, _folder_url(http, run, epoch)
+                return public_key, _folder_url(http, run, round_number)
             listed = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run), timeout=10).checkpoints
     except grpc.RpcError as e:
         code = 4 if refusal_of(e) == pb.REFUSAL_UNKNOWN_RUN else 3
         raise DownloadError(f"coordinator {coordinator}: {e.code().name}: {e.details()}", code) from None
     except CertificateRefused as e:
         raise DownloadError(str(e), 5) from None
-    chosen = [c for c in listed if epoch is None or c.epoch == epoch]
+    chosen = [c for c in listed if round_number is None or c.round == round_number]
     if not chosen:
-        raise DownloadError(f"run {run} has no checkpoint {epoch if epoch is not None else ''} "
-                            f"(listed: {', '.join(str(c.epoch) for c in listed) or 'none'})", 4)
+        raise DownloadError(f"run {run} has no checkpoint {round_number if round_number is not None else ''} "
+                            f"(listed: {', '.join(str(c.round) for c in listed) or 'none'})", 4)
     if not chosen[-1].url:
         raise DownloadError("the coordinator serves no HTTP download URL; pass --http", 2)
     return public_key, chosen[-1].url
 
 
-def _folder_url(http: str, run: str, epoch: int | None) -> str:
-    return f"{http.rstrip('/')}/runs/{run}/checkpoints/{epoch if epoch is not None else 'latest'}"
+def _folder_url(http: str, run: str, round_number: int | None) -> str:
+    return f"{http.rstrip('/')}/runs/{run}/checkpoints/{round_number if round_number is not None else 'latest'}"
 
 
 @app.command("status")
@@ -288,7 +288,7 @@ def status(
     except CertificateRefused as e:
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(5) from None
-    table = Table("run", "epoch", "samples", "verified samples", "audits passed", "audits failed", "online")
+    table = Table("run", "round", "samples", "verified samples", "audits passed", "audits failed", "online")
     joined = 0
     for run in runs:
         try:
@@ -302,7 +302,7 @@ def status(
         if mine is None:
             continue
         joined += 1
-        table.add_row(run.run_id, str(run.epoch), f"{mine.get('samples', 0):,}",
+        table.add_row(run.run_id, str(run.round), f"{mine.get('samples', 0):,}",
                       f"{mine.get('verified_samples', 0):,}", str(mine.get("audits_passed", 0)),
                       str(mine.get("audits_failed", 0)), "yes" if mine.get("online") else "no")
     if joined:

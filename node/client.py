@@ -3,7 +3,7 @@
 >>> from omi.node.identity import NodeIdentity
 >>> client = CoordinatorClient("127.0.0.1:50051", NodeIdentity.load_or_create().key)  # doctest: +SKIP
 >>> client.register("digits", Path("p2p.id").read_bytes(), display_name="alice")      # doctest: +SKIP
->>> work = client.get_work(epoch=0)                                                     # doctest: +SKIP
+>>> work = client.get_work(round_number=0)                                                   # doctest: +SKIP
 """
 
 import logging
@@ -120,17 +120,17 @@ class CoordinatorClient:
         self.token = self._call("RenewToken", lambda: self._signed(pb.RenewTokenRequest))
         return self.token
 
-    def heartbeat(self, epoch: int = 0, samples_per_second: float = 0.0, swarm_peers: int = 0,
+    def heartbeat(self, round_number: int = 0, samples_per_second: float = 0.0, swarm_peers: int = 0,
                   loss: float = 0.0) -> pb.HeartbeatResponse:
         return self._call("Heartbeat", lambda: self._signed(
-            pb.HeartbeatRequest, epoch=epoch, samples_per_second=samples_per_second, swarm_peers=swarm_peers,
+            pb.HeartbeatRequest, round=round_number, samples_per_second=samples_per_second, swarm_peers=swarm_peers,
             loss=loss))
 
     def get_run_spec(self, run_id: str | None = None) -> pb.RunSpec:
         return self._call("GetRunSpec", lambda: pb.GetRunSpecRequest(run_id=run_id or self.token.run_id))
 
-    def get_work(self, epoch: int) -> pb.WorkAssignment:
-        return self._call("GetWork", lambda: self._signed(pb.GetWorkRequest, epoch=epoch))
+    def get_work(self, round_number: int) -> pb.WorkAssignment:
+        return self._call("GetWork", lambda: self._signed(pb.GetWorkRequest, round=round_number))
 
     def report_contribution(self, contribution: pb.Contribution) -> pb.ReportContributionResponse:
         """Fill in run, node and time if unset, sign the Contribution, and report it."""
@@ -157,7 +157,7 @@ class CoordinatorClient:
         return self._call("ReportAuditVerdict", lambda: self._signed(pb.ReportAuditVerdictRequest, verdict=verdict))
 
     def submit_audit_records(self, task_id: str, records: list[pb.MicroBatchRecord]) -> pb.SubmitAuditRecordsResponse:
-        """Hand over every record of an audited epoch (the coordinator checks them against the commitment)."""
+        """Hand over every record of an audited round (the coordinator checks them against the commitment)."""
         return self._call("SubmitAuditRecords", lambda: self._signed(pb.SubmitAuditRecordsRequest, task_id=task_id,
                                                                      records=records))
 

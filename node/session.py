@@ -158,7 +158,7 @@ class NodeSession:
                          on_refused: Callable[[], None]) -> threading.Thread:
         """Renew the token and send a heartbeat every ``interval`` seconds until ``stop`` is set.
 
-        :param beat: the heartbeat's fields now (epoch, samples_per_second, swarm_peers, loss)
+        :param beat: the heartbeat's fields now (round, samples_per_second, swarm_peers, loss)
         :param on_refused: called once when the coordinator refuses to renew the token
         """
 

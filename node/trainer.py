@@ -64,7 +64,7 @@ class NodeStatus:
     run_id: str = ""
     node_id: str = ""
     state: str = "starting"
-    epoch: int = 0
+    round: int = 0
     local_samples_per_second: float = 0.0
     swarm_samples_per_second: float = 0.0
     peers: int = 0
@@ -123,7 +123,7 @@ class Trainer:
                 assignment = self.client.get_work(round_number)
             except grpc.RpcError as e:
                 refusal = refusal_of(e)
-                if refusal in (pb.REFUSAL_RUN_STOPPED, pb.REFUSAL_RUN_ENDED):  # ended: past training.max_epochs
+                if refusal in (pb.REFUSAL_RUN_STOPPED, pb.REFUSAL_RUN_ENDED):  # ended: past training.max_rounds
                     raise RunStopped() from e
                 if refusal == pb.REFUSAL_RUN_NOT_RUNNING:
                     self.set_state("paused")
@@ -135,7 +135,7 @@ class Trainer:
             if assignment.run_state == pb.RUN_STATE_STOPPED:
                 raise RunStopped()
             return assignment
-        return pb.WorkAssignment(epoch=round_number)
+        return pb.WorkAssignment(round=round_number)
 
     def set_state(self, state: str) -> None:
         if self.status.state != state:
@@ -168,7 +168,7 @@ class Trainer:
                 logger.error("round %d: no peer served the witnessed θ in %d tries; training from this peer's own",
                              round_number, STATE_CHECKS)
         self.set_state("training")
-        self.status.epoch = round_number
+        self.status.round = round_number
         segments = RoundStates(self.segments_dir)  # the training state at step 0, k, 2k, ..., the end
         try:
             self._train_round(round_number, assignment, segments)
@@ -257,7 +257,7 @@ class Trainer:
         status.loss = sum(record.loss for record in records[-8:]) / len(records[-8:])
         status.local_samples_per_second = sum(record.samples for record in records) / elapsed
         status.peers = progress.num_peers
-        if progress.epoch == status.epoch:  # what the swarm's progress records say it trained in this round so far
+        if progress.epoch == status.round:  # what the swarm's progress records say it trained in this round so far
             status.swarm_samples_per_second = progress.samples_accumulated / elapsed
         self.on_status(status)
 
@@ -269,7 +269,7 @@ class Trainer:
             return
         samples = sum(record.samples for record in records)
         contribution = pb.Contribution(
-            epoch=round_number, assignment_id=assignment.assignment_id, samples=samples,
+            round=round_number, assignment_id=assignment.assignment_id, samples=samples,
             mean_loss=sum(record.loss * record.samples for record in records) / samples,
             compute_seconds=compute_seconds, params_hash=started_hash, commitment=merkle_root(records),
             micro_batches=len(records), gradient_sketch=sent_sketch(records).tolist(),
@@ -277,7 +277,7 @@ class Trainer:
             delta_sketch=self.sketch.of_grads(result.delta, result.delta).tolist(),
         )
         self.records[round_number] = records
-        kept = max(RECORDS_KEPT_ROUNDS, self.spec.verification.audit_window_epochs + 1)
+        kept = max(RECORDS_KEPT_ROUNDS, self.spec.verification.audit_window_rounds + 1)
         for old in [r for r in self.records if r <= round_number - kept]:
             del self.records[old]
         try:

@@ -4,7 +4,7 @@
     omi-node validate --coordinator coord.example.org:50051 --state-dir ~/.omi/validator
 
 A validator is a token-holding swarm peer that never trains. It keeps θ_r of the last W rounds
-(``verification.audit_window_epochs`` + 1), downloaded from peers as the swarm's round moves on
+(``verification.audit_window_rounds`` + 1), downloaded from peers as the swarm's round moves on
 (:class:`omi.swarm.SwarmFollower`), keyed by :func:`omi.models.params_hash`. For an ``AuditTask`` — one segment of
 ``verification.segment_steps`` inner steps of a contribution's round — it
 
@@ -82,45 +82,45 @@ STATE_TIMEOUT_FACTOR = 2.0  # a state download may take this many averaging time
 
 @dataclass
 class Snapshot:
-    """The parameters θ_r some peer held at round ``epoch``."""
+    """The parameters θ_r some peer held at the start of a round."""
 
-    epoch: int
+    round: int
     params_hash: bytes
     state: dict[str, torch.Tensor]
 
 
 class ParameterHistory:
-    """θ_r of the last ``keep_epochs`` rounds, several per round (one per distinct hash).
+    """θ_r of the last ``keep_rounds`` rounds, several per round (one per distinct hash).
 
-    :param keep_epochs: rounds kept (the audit window + 1)
-    :param per_epoch: distinct snapshots kept per round
+    :param keep_rounds: rounds kept (the audit window + 1)
+    :param per_round: distinct snapshots kept per round
     """
 
-    def __init__(self, keep_epochs: int, per_epoch: int = 4):
-        self.keep_epochs, self.per_epoch = keep_epochs, per_epoch
+    def __init__(self, keep_rounds: int, per_round: int = 4):
+        self.keep_rounds, self.per_round = keep_rounds, per_round
         self._snapshots: OrderedDict[bytes, Snapshot] = OrderedDict()
 
-    def add(self, epoch: int, model: torch.nn.Module) -> bytes:
+    def add(self, round_number: int, model: torch.nn.Module) -> bytes:
         digest = params_hash(model)
         if digest not in self._snapshots:
             state = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()}
-            self._snapshots[digest] = Snapshot(epoch, digest, state)
-        latest = max(s.epoch for s in self._snapshots.values())
+            self._snapshots[digest] = Snapshot(round_number, digest, state)
+        latest = max(s.round for s in self._snapshots.values())
         for key, snap in list(self._snapshots.items()):
-            same_epoch = [s for s in self._snapshots.values() if s.epoch == snap.epoch]
-            if snap.epoch <= latest - self.keep_epochs or len(same_epoch) > self.per_epoch:
+            same_round = [s for s in self._snapshots.values() if s.round == snap.round]
+            if snap.round <= latest - self.keep_rounds or len(same_round) > self.per_round:
                 del self._snapshots[key]
         return digest
 
-    def find(self, digest: bytes, epoch: int) -> tuple[Snapshot | None, bool]:
-        """The snapshot with ``digest`` (exact: True), else the newest one of round ``epoch`` (False), else None."""
+    def find(self, digest: bytes, round_number: int) -> tuple[Snapshot | None, bool]:
+        """The snapshot with ``digest`` (exact: True), else the newest one of ``round_number`` (False), else None."""
         if digest in self._snapshots:
             return self._snapshots[digest], True
-        same = [s for s in self._snapshots.values() if s.epoch == epoch]
+        same = [s for s in self._snapshots.values() if s.round == round_number]
         return (same[-1], False) if same else (None, False)
 
-    def epochs(self) -> list[int]:
-        return sorted({s.epoch for s in self._snapshots.values()})
+    def rounds(self) -> list[int]:
+        return sorted({s.round for s in self._snapshots.values()})
 
 
 @dataclass
@@ -205,15 +205,15 @@ class Recomputer:
         if segment == 0 and theta != task.params_hash:
             return fail("the round's first segment does not start at the parameters the contribution names (θ_r)",
                         params_hash=theta)
-        own, exact = history.find(task.params_hash, task.epoch)
+        own, exact = history.find(task.params_hash, task.round)
         if segment == 0 and own is not None and not exact:
             logger.warning("task %s: the node's θ_r of round %d is not this validator's; no verdict",
-                           task.task_id[:8], task.epoch)
+                           task.task_id[:8], task.round)
             return None
         training = self.spec.training
         claimed = {r.index: r for r in (record_from_proto(a.record) for a in task.records)}
         steps = [SegmentStep(index=i, samples=micro_batch_samples(task.assignment, i, max(claimed[i].samples, 1)),
-                             seed=micro_batch_seed(training.seed, self.spec.run_id, task.epoch, task.node_id, i))
+                             seed=micro_batch_seed(training.seed, self.spec.run_id, task.round, task.node_id, i))
                  for i in indices]
         replayed = replay_segment(self.model, optimizer, self.scheduler, self.source, steps,
                                   prediction_type=training.prediction_type, sketch=self.sketch)
@@ -333,7 +333,7 @@ class Validator:
         spec = self.session.open(self.config.run_id, display_name="validator")
         self.client = self.session.client
         self.recomputer = Recomputer.for_spec(spec)
-        self.history = ParameterHistory(spec.verification.audit_window_epochs + 1)
+        self.history = ParameterHistory(spec.verification.audit_window_rounds + 1)
         self.dht = start_dht(spec, self.session.tokens, swarm_key=self.session.swarm_key,
                              identity_path=self.config.state_dir / "p2p.id", host=self.config.host)
         self.follower = SwarmFollower(self.dht, spec, self.recomputer.model)
@@ -343,8 +343,8 @@ class Validator:
         while not self._stop.is_set():
             if self.config.max_tasks and self.verdicts >= self.config.max_tasks:
                 break
-            swarm_epoch = self.follower.swarm_epoch()
-            if swarm_epoch > held:
+            swarm_round = self.follower.swarm_round()
+            if swarm_round > held:
                 round_number = self.follower.pull(timeout=STATE_TIMEOUT_FACTOR * spec.averaging.averaging_timeout)
                 held = max(held, round_number)
                 digest = self.history.add(round_number, self.recomputer.model)
@@ -373,7 +373,7 @@ class Validator:
             logger.warning("verdict refused: %s %s", e.code().name, e.details())
             return False
         self.verdicts += 1
-        logger.info("audit %s of node %s epoch %d: %s%s", task.task_id[:8], task.node_id[:12], task.epoch,
+        logger.info("audit %s of node %s round %d: %s%s", task.task_id[:8], task.node_id[:12], task.round,
                     "passed" if verdict.passed else "FAILED", "" if verdict.passed else f" ({verdict.reason})")
         return True
 

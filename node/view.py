@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def status_table(status: NodeStatus) -> Table:
-    """The live panel: run, epoch, local and swarm samples/s, peers, loss, contributions."""
+    """The live panel: run, round, local and swarm samples/s, peers, loss, contributions."""
     table = Table(title=f"omi-node · run [bold]{status.run_id or '?'}[/bold] · {status.state}", show_header=False,
                   title_justify="left", min_width=52)
     table.add_column(style="dim")
@@ -22,7 +22,7 @@ def status_table(status: NodeStatus) -> Table:
     loss = "—" if math.isnan(status.loss) else f"{status.loss:.4f}"
     rows = [
         ("node", status.node_id[:12] or "?"),
-        ("epoch", str(status.epoch)),
+        ("round", str(status.round)),
         ("local samples/s", f"{status.local_samples_per_second:,.0f}"),
         ("swarm samples/s", f"{status.swarm_samples_per_second:,.0f}"),
         ("peers in the run", str(status.peers)),

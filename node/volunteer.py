@@ -7,7 +7,7 @@ Run it from the command line (``omi.node.cli`` parses the flags and builds a :cl
 
 :class:`VolunteerNode` composes the parts: a :class:`~omi.node.session.NodeSession` (registration, token,
 heartbeats), the swarm peer (DHT, round optimizer and state server of :mod:`omi.swarm`, created in this, the main
-thread), and a :class:`~omi.node.trainer.Trainer` that trains rounds until Ctrl-C, ``--max-epochs`` or the end
+thread), and a :class:`~omi.node.trainer.Trainer` that trains rounds until Ctrl-C, ``--max-rounds`` or the end
 of the run; on leaving it can save the model in diffusers format.
 """
 
@@ -47,10 +47,10 @@ class NodeConfig:
     port: int = 0  # TCP port of the swarm peer (0: any free one)
     announce: str | None = None  # address other peers dial (behind NAT with port forwarding)
     client_mode: bool = False  # behind NAT without forwarding: outgoing connections only
-    max_epochs: int = 0  # leave after contributing to this many epochs (0: until Ctrl-C or the run stops)
+    max_rounds: int = 0  # leave after contributing to this many rounds (0: until Ctrl-C or the run stops)
     connect_attempts: int = 6  # tries to reach the coordinator before giving up (backoff doubles from 1 s)
     threads: int = 0  # torch CPU threads (0: torch's default)
-    save_dir: Path | None = None  # on leaving, save the model here in diffusers format (with its epoch)
+    save_dir: Path | None = None  # on leaving, save the model here in diffusers format (with its round)
 
 
 class VolunteerNode:
@@ -121,11 +121,11 @@ class VolunteerNode:
 
     def _beat(self) -> dict:
         status = self.status
-        return dict(epoch=status.epoch, samples_per_second=status.local_samples_per_second, swarm_peers=status.peers,
-                    loss=status.loss)
+        return dict(round_number=status.round, samples_per_second=status.local_samples_per_second,
+                    swarm_peers=status.peers, loss=status.loss)
 
     def run(self) -> NodeStatus:
-        """Train until Ctrl-C, ``max_epochs`` contributions, or the run stops; returns the final status."""
+        """Train until Ctrl-C, ``max_rounds`` contributions, or the run stops; returns the final status."""
         try:
             device = pick_device(self.config.device)
         except ValueError as e:
@@ -135,15 +135,15 @@ class VolunteerNode:
         self._build(spec, device)
         if self.reinstall_signals is not None:
             self.reinstall_signals()  # hivemind's averagers just set SIGINT to "ignore"
-        # until the node leaves, not until it is asked to stop: the epoch it finishes after a Ctrl-C is reported with
+        # until the node leaves, not until it is asked to stop: the round it finishes after a Ctrl-C is reported with
         # a token that must still be valid (seen: a SIGTERM during an all-reduce, the report 18 s later refused as
         # "access token expired" with a 30 s token)
         self.session.start_heartbeats(spec.liveness.heartbeat_interval, self._leaving, self._beat,
                                       on_refused=self.stop)
         try:
             while not self.stop_event.is_set():
-                if self.config.max_epochs and self.status.contributions >= self.config.max_epochs:
-                    logger.info("contributed to %d epochs, leaving as asked (--max-epochs)", self.status.contributions)
+                if self.config.max_rounds and self.status.contributions >= self.config.max_rounds:
+                    logger.info("contributed to %d rounds, leaving as asked (--max-rounds)", self.status.contributions)
                     break
                 self.trainer.train_round()
         except RunStopped:
@@ -200,7 +200,7 @@ class VolunteerNode:
         parts, _ = run_drawing(self.trainer.source)
         save_model(model.to("cpu"), self.trainer.scheduler, tmp, parts=parts)
         (tmp / "omi_node.json").write_text(json.dumps({"run_id": self.status.run_id, "node_id": self.status.node_id,
-                                                       "epoch": self.optimizer.round}) + "\n")
+                                                       "round": self.optimizer.round}) + "\n")
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
         logger.info("saved θ of round %d to %s", self.optimizer.round, folder)

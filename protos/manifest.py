@@ -4,26 +4,26 @@ The coordinator's checkpointer signs and writes it (:func:`sign_checkpoint_manif
 coordinator's repair and its dashboard read it with one reader (:func:`read_checkpoint_manifest`), which refuses it
 unless the signature verifies and every field has its type. On disk a manifest is a JSON object; its canonical
 bytes are the UTF-8 JSON of that object without its ``signature`` key, keys sorted, no whitespace. ``signature`` is
-the hex Ed25519 signature of those bytes, so any edit of any other key (a hash, a size, the epoch, a contributor)
+the hex Ed25519 signature of those bytes, so any edit of any other key (a hash, a size, the round, a contributor)
 breaks it, whatever the file's formatting. The signature is checked over the JSON object as it was read, never
 over a re-serialized :class:`CheckpointManifest`.
 
 >>> from omi.protos import signing
 >>> key = signing.generate_key()
->>> fields = dict(format=MANIFEST_FORMAT, run_id="digits", model="unet-digits-16", epoch=5, total_samples=640,
+>>> fields = dict(format=MANIFEST_FORMAT, run_id="digits", model="unet-digits-16", round=5, total_samples=640,
 ...     loss=0.25, created_at_ms=1_700_000_000_000, params_hash="0" * 64, files=[], contributors=[], data_shards=[],
 ...     data_source="digits", coordinator_public_key=signing.public_bytes(key).hex())
 >>> manifest, data = sign_checkpoint_manifest(fields, key)
->>> read_checkpoint_manifest(data, signing.public_bytes(key)).epoch
+>>> read_checkpoint_manifest(data, signing.public_bytes(key)).round
 5
->>> read_checkpoint_manifest(data.replace(b'"epoch": 5', b'"epoch": 6'), signing.public_bytes(key))
+>>> read_checkpoint_manifest(data.replace(b'"round": 5', b'"round": 6'), signing.public_bytes(key))
 Traceback (most recent call last):
 ...
 omi.protos.manifest.CheckpointManifestError: the manifest's signature does not verify under the coordinator's key ...
->>> sign_checkpoint_manifest({**fields, "epoch": "5"}, key)
+>>> sign_checkpoint_manifest({**fields, "round": "5"}, key)
 Traceback (most recent call last):
 ...
-omi.protos.manifest.CheckpointManifestError: not a checkpoint manifest: epoch: Input should be a valid integer
+omi.protos.manifest.CheckpointManifestError: not a checkpoint manifest: round: Input should be a valid integer
 """
 
 import json
@@ -34,12 +34,14 @@ from typing import Annotated, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import signing
 from omi.protos.files import RelativePath, Sha256, sha256_file
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_MANIFEST_NAME = "manifest.json"  # in the checkpoint folder, beside the files it lists
-MANIFEST_FORMAT = "omi-checkpoint-v1"
+MANIFEST_FORMAT = "omi-checkpoint-v2"
+# v1 called the round "epoch"; milestones are kept for ever, so v1 manifests stay readable (as their round)
+MANIFEST_FORMAT_V1 = "omi-checkpoint-v1"
 SIGNATURE_KEY = "signature"
 
 # strict: a JSON string is never taken for a number, nor a number for a string
@@ -92,13 +94,14 @@ class DataProvenance(BaseModel):
 
 
 class CheckpointManifest(BaseModel):
-    """``manifest.json`` of a checkpoint folder, as the checkpointer writes it (``format`` omi-checkpoint-v1)."""
+    """``manifest.json`` of a checkpoint folder, as the checkpointer writes it (``format`` omi-checkpoint-v2; a
+    v1 manifest, whose ``round`` was named ``epoch``, is read as well)."""
 
     model_config = _STRICT
-    format: Literal["omi-checkpoint-v1"]
+    format: Literal["omi-checkpoint-v1", "omi-checkpoint-v2"]
     run_id: str
     model: str  # the registry model of the run
-    epoch: Count  # the round of the parameters θ
+    round: Count  # the round of the parameters θ
     total_samples: Count  # samples of the contributions to earlier rounds (voided ones left out)
     loss: float | None  # sample-weighted mean loss of the last round with contributions; None before any
     created_at_ms: int
@@ -113,6 +116,14 @@ class CheckpointManifest(BaseModel):
     preview_columns: Annotated[int, Field(gt=0)] | None = None  # cells per row of the preview grid
     state_hash: Sha256 | None = None  # the witness's θ hash of the round (omi.swarm.diloco.theta_hash)
     signature: Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]  # Ed25519 over the canonical bytes, hex
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v1_named_the_round_epoch(cls, manifest: Any) -> Any:
+        # only the field's name changed; the signature was checked over the JSON object as read, before this
+        if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT_V1 and "epoch" in manifest:
+            return {("round" if key == "epoch" else key): value for key, value in manifest.items()}
+        return manifest
 
     @field_validator("files")
     @classmethod

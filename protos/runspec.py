@@ -91,8 +91,8 @@ class TrainingSection(BaseModel):
     # what the model predicts: a UNet the noise (epsilon) or v; a text-to-image transformer the flow (noise - x0)
     prediction_type: Literal["epsilon", "v_prediction", "flow"] = "epsilon"
     num_train_timesteps: PositiveInt = 1000  # T of the DDPM noise schedule
-    max_epochs: NonNegativeInt = 0  # 0 = no limit
-    shards_per_assignment: PositiveInt = 4  # shards handed to one node per epoch
+    max_rounds: NonNegativeInt = 0  # 0 = no limit
+    shards_per_assignment: PositiveInt = 4  # shards handed to one node per round
     seed: Seed = 0  # base of every micro-batch seed, so validators can recompute a micro-batch
     max_grad_norm: NonNegativeFloat = 1.0  # gradient clipping; 0 = no clipping
 
@@ -145,7 +145,7 @@ class VerificationSection(BaseModel):
 
     audit_rate: Annotated[float, Field(ge=0, le=1)] = 0.2  # fraction of rounds a validator replays a segment of
     max_strikes: PositiveInt = 2  # failed audits before a node is banned
-    audit_window_epochs: PositiveInt = 5  # epochs within which a contribution may still be audited
+    audit_window_rounds: PositiveInt = 5  # rounds within which a contribution may still be audited
     sketch_size: PositiveInt = 1024  # floats in each micro-batch's gradient sketch
     segment_steps: PositiveInt = 5  # inner steps between two committed training-state hashes (an audit replays one)
 
@@ -155,9 +155,9 @@ class CheckpointSection(BaseModel):
 
     model_config = _SECTION
 
-    every_epochs: PositiveInt = 5  # epochs between checkpoints
+    every_rounds: PositiveInt = 5  # rounds between checkpoints
     keep: PositiveInt = 3  # latest checkpoints kept
-    milestone_every: NonNegativeInt = 50  # epochs between checkpoints kept forever; 0 = none
+    milestone_every: NonNegativeInt = 50  # rounds between checkpoints kept forever; 0 = none
     preview_samples: PositiveInt = 16  # images drawn for each checkpoint's preview
 
 
@@ -185,6 +185,17 @@ class RunSpecFile(BaseModel):
     verification: VerificationSection = Field(default_factory=dict)
     checkpoints: CheckpointSection = Field(default_factory=dict)
     liveness: LivenessSection = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_renamed_keys(cls, doc: Any) -> Any:
+        # A key that still says "epoch" for a round gets a message that names its new name, not "unknown key".
+        for (section, key), instead in RENAMED_KEYS.items():
+            table = doc.get(section) if isinstance(doc, dict) else None
+            if isinstance(table, dict) and key in table:
+                raise ValueError(f"'{section}.{key}' was renamed: write '{section}.{instead}' instead (the same "
+                                 "value: it always counted rounds)")
+        return doc
 
     @model_validator(mode="before")
     @classmethod
@@ -220,6 +231,14 @@ RETIRED_KEYS = {
                                             "(checked against the coordinator's witness)",
     ("verification", "micro_batches_per_audit"): "remove it; an audit replays one segment of "
                                                  "[verification] segment_steps inner steps",
+}
+
+
+# The keys that called the round an epoch, and their names now.
+RENAMED_KEYS = {
+    ("training", "max_epochs"): "max_rounds",
+    ("verification", "audit_window_epochs"): "audit_window_rounds",
+    ("checkpoints", "every_epochs"): "every_rounds",
 }
 
 

@@ -58,7 +58,7 @@ def progress_table(status: pb.RunStatus, volunteers: list[subprocess.Popen], das
     state = pb.RunState.Name(summary.state).removeprefix("RUN_STATE_").lower()
     alive = sum(p.poll() is None for p in volunteers)
     for name, value in [
-        ("run", f"{summary.run_id} ({state})"), ("model", summary.model), ("epoch", str(summary.epoch)),
+        ("run", f"{summary.run_id} ({state})"), ("model", summary.model), ("round", str(summary.round)),
         ("samples trained", f"{summary.total_samples:,}"),
         ("samples/s (ledger, last minute)", f"{status.samples_per_second:,.0f}"),
         ("volunteers online", f"{summary.volunteers_online} (processes alive: {alive}/{len(volunteers)})"),

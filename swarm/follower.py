@@ -7,7 +7,7 @@ and reports no training progress (it is not counted as a training peer). It read
 records hivemind's trackers publish in the DHT and pulls the state when asked::
 
     follower = SwarmFollower(dht, spec, model)
-    if follower.swarm_epoch() > follower.epoch:
+    if follower.swarm_round() > follower.round:
         follower.pull(timeout=600)          # model now holds the newest θ_r a volunteer serves
 """
 
@@ -70,7 +70,7 @@ class SwarmFollower:
     def __init__(self, dht: hivemind.DHT, spec: pb.RunSpec, model: torch.nn.Module):
         self.dht, self.spec, self.model = dht, spec, model
         add_progress_validators(dht, spec)
-        self._swarm_epoch = self._round = 0
+        self._swarm_round = self._round = 0
         # it serves no state, and waits a round's averaging_timeout for each chunk of the state it pulls (no round's
         # clock runs against it)
         self.averager = make_round_averager(
@@ -79,16 +79,16 @@ class SwarmFollower:
             allow_state_sharing=False, next_chunk_timeout=spec.averaging.averaging_timeout)
 
     @property
-    def epoch(self) -> int:
+    def round(self) -> int:
         """The round of the θ this follower holds (0 before the first pull)."""
         return self._round
 
-    def swarm_epoch(self) -> int:
-        """The newest epoch a training peer reports in the DHT (0 when none ever did; the last one read when the
+    def swarm_round(self) -> int:
+        """The newest round a training peer reports in the DHT (0 when none ever did; the last one read when the
         DHT does not answer)."""
-        epochs = [record.epoch for record in read_progress(self.dht, self.spec)]
-        self._swarm_epoch = max([self._swarm_epoch, *epochs])
-        return self._swarm_epoch
+        rounds = [record.epoch for record in read_progress(self.dht, self.spec)]
+        self._swarm_round = max([self._swarm_round, *rounds])
+        return self._swarm_round
 
     def pull(self, timeout: float) -> int:
         """Download the newest θ_r a training peer serves (if any answers within ``timeout``); returns its round."""

@@ -38,7 +38,7 @@ from safetensors.torch import save as save_safetensors
 logger = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # one P2P message; hivemind's own state download uses parts of the same order
-HELD_EPOCHS = 4  # audited rounds whose states a node keeps by default (validators ask within minutes)
+HELD_ROUNDS = 4  # audited rounds whose states a node keeps by default (validators ask within minutes)
 FETCH_TIMEOUT = 60.0  # seconds a validator waits for the next chunk
 
 
@@ -94,7 +94,7 @@ class ParamsServer(ServicerBase):
     :param keep: states kept; the oldest is dropped first
     """
 
-    def __init__(self, dht: hivemind.DHT, access: PeerAccessGate, keep: int = HELD_EPOCHS):
+    def __init__(self, dht: hivemind.DHT, access: PeerAccessGate, keep: int = HELD_ROUNDS):
         self.dht, self.access, self.keep = dht, access, keep
         self._held: OrderedDict[bytes, bytes | Path] = OrderedDict()  # params_hash -> safetensors bytes or file
         self._lock = threading.Lock()
@@ -103,7 +103,7 @@ class ParamsServer(ServicerBase):
         self.served = 0
 
     @classmethod
-    def start(cls, dht: hivemind.DHT, spec: pb.RunSpec, keep: int = HELD_EPOCHS) -> ParamsServer:
+    def start(cls, dht: hivemind.DHT, spec: pb.RunSpec, keep: int = HELD_ROUNDS) -> ParamsServer:
         """Serve on the DHT's libp2p daemon under the run's namespace (from any thread of the node's process)."""
         server = cls(dht, PeerAccessGate(spec.coordinator_public_key, spec.run_id, spec.dht_prefix), keep)
         server._loop = EventLoopThread("omi-audit-params")

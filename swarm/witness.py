@@ -45,7 +45,7 @@ POLL = 0.5  # seconds between two looks at the step and the swarm's progress
 
 
 def trainer_rounds(dht: hivemind.DHT, spec: pb.RunSpec) -> list[int]:
-    """The round (epoch) each training peer reports in its progress record."""
+    """The round each training peer reports in its progress record (hivemind's ``epoch``)."""
     return [int(record.epoch) for record in read_progress(dht, spec)]
 
 

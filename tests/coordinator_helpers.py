@@ -81,7 +81,7 @@ class ServerThread:
     :param registry: TTLs and rate limits
     :param http: also serve the dashboard, at ``self.http`` (any free port)
     :param records_grace: seconds a node has to hand over audited records (0: the audit window alone decides;
-        the lock-step tests move many epochs in a few seconds of wall time)
+        the lock-step tests move many rounds in a few seconds of wall time)
     :param db_url: the store's SQLAlchemy URL (None: SQLite in the state dir)
     :param grpc_port: where the API listens (0: any free port)
     :param per_address: assignments one source address may hold per round (the lock-step swarms register a dozen
@@ -215,7 +215,7 @@ def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **
     hashes a round commits to (every ``segment_steps`` of the run ``spec``; None: the RunSpec's default)."""
     samples = sum(s.end - s.start for s in work.shards)
     micro_batches = -(-samples // max(1, work.micro_batch_size))
-    values = dict(epoch=work.epoch, assignment_id=work.assignment_id, samples=samples, mean_loss=0.5,
+    values = dict(round=work.round, assignment_id=work.assignment_id, samples=samples, mean_loss=0.5,
                   compute_seconds=3.0, params_hash=b"p" * 32, commitment=b"c" * 32,
                   micro_batches=micro_batches, gradient_sketch=[0.1, 0.2])
     segments = -(-micro_batches // segment_steps(spec or pb.RunSpec()))

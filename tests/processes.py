@@ -51,7 +51,7 @@ FAST = dict(
 )
 # what the tests that do not look at checkpoints give as [checkpoints]: none is drawn (each costs the checkpointer a
 # 16-image preview on the same 2 cores)
-NO_CHECKPOINTS = dict(every_epochs=100000)
+NO_CHECKPOINTS = dict(every_rounds=100000)
 
 
 def fast_run(**sections: dict) -> str:
@@ -146,8 +146,8 @@ class ServeProcess:
     def rounds_by_name(self, run_id: str = "digits") -> dict[str, list[int]]:
         """Display name -> the rounds of its contributions the coordinator accepted (from its SQLite file)."""
         with sqlite3.connect(self.state_dir / "coordinator.db") as db:
-            rows = db.execute("SELECT n.display_name, c.epoch FROM contributions c JOIN nodes n "
-                              "ON c.node_id = n.node_id WHERE c.run_id = ? ORDER BY c.epoch", (run_id,)).fetchall()
+            rows = db.execute("SELECT n.display_name, c.round FROM contributions c JOIN nodes n "
+                              "ON c.node_id = n.node_id WHERE c.run_id = ? ORDER BY c.round", (run_id,)).fetchall()
         rounds: dict[str, list[int]] = {}
         for name, round_number in rows:
             rounds.setdefault(name, []).append(round_number)
@@ -156,7 +156,7 @@ class ServeProcess:
     def contributions(self, run_id: str = "digits") -> list[pb.Contribution]:
         """The ledger as stored in the coordinator's SQLite file."""
         with sqlite3.connect(self.state_dir / "coordinator.db") as db:
-            rows = db.execute("SELECT message FROM contributions WHERE run_id = ? ORDER BY epoch", (run_id,))
+            rows = db.execute("SELECT message FROM contributions WHERE run_id = ? ORDER BY round", (run_id,))
             return [pb.Contribution.FromString(row[0]) for row in rows]
 
 

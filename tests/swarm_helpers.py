@@ -241,7 +241,7 @@ def _trainer_peer(config: dict):
 
 
 def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
-    """Wait until the other trainers published their tokens (they are up), so the first epochs are less often
+    """Wait until the other trainers published their tokens (they are up), so the first rounds are less often
     stepped alone; the progress tracker sees a peer only after that peer reported samples."""
     registry_key, expected = swarm.token_registry_key(spec.dht_prefix), config.get("expected_peers", 1)
     deadline = time.monotonic() + config.get("wait_peers_timeout", 30.0)

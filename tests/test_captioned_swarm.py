@@ -23,7 +23,7 @@ SIZED = {
     "segment_steps = 2": "segment_steps = 2",
     "matchmaking_time = 3.0": "matchmaking_time = 2.0",
     "averaging_timeout = 30.0": "averaging_timeout = 20.0",
-    "every_epochs = 5": "every_epochs = 1",
+    "every_rounds = 5": "every_rounds = 1",
     "preview_samples = 16": "preview_samples = 4",
     "heartbeat_interval = 5.0": "heartbeat_interval = 1.0",
     "heartbeat_timeout = 30.0": "heartbeat_timeout = 6.0",
@@ -51,7 +51,7 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
     assert spec.data.source.startswith(f"manifest:{server.http}/")  # nodes get the data set as a pinned URL
 
     caches = [tmp_path / f"cache-{i}" for i in range(2)]
-    nodes = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 2, env={"OMI_SWARM_CACHE": str(cache)})
+    nodes = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-rounds", 2, env={"OMI_SWARM_CACHE": str(cache)})
              for i, cache in enumerate(caches)]
     for node in nodes:
         assert node.wait(timeout=300) == 0, node.output()[-3000:]
@@ -94,13 +94,13 @@ def test_volunteers_fetch_only_their_shards_and_the_checkpoint_is_a_stock_sana_p
     # as the coordinator's checkpoint of round r + 1 holds it (the same hash: omi.models.params_hash)
     by_round: dict[int, dict[str, pb.Contribution]] = {}
     for c in contributions:
-        by_round.setdefault(c.epoch, {})[c.node_id] = c
+        by_round.setdefault(c.round, {})[c.node_id] = c
     theta = {r: {c.params_hash.hex() for c in reports.values()} for r, reports in by_round.items()}
-    theta.setdefault(signed["epoch"], set()).add(signed["params_hash"])
+    theta.setdefault(signed["round"], set()).add(signed["params_hash"])
     together = [r for r, reports in by_round.items() if len(reports) == 2 and len(theta[r]) == 1
                 and all(c.bytes_sent > 0 for c in reports.values())
                 and len(theta.get(r + 1, ())) == 1 and theta[r + 1] != theta[r]]
-    assert together, [(c.epoch, c.node_id[:8], c.params_hash.hex()[:8], c.bytes_sent) for c in contributions]
+    assert together, [(c.round, c.node_id[:8], c.params_hash.hex()[:8], c.bytes_sent) for c in contributions]
 
     # no code of ours from here on: a stock pipeline loads the checkpoint and draws from a prompt
     import torch

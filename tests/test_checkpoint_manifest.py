@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from omi.protos import signing
 from omi.protos.manifest import (
     CHECKPOINT_MANIFEST_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_FORMAT_V1,
     CheckpointManifestError,
     canonical_manifest_bytes,
     read_checkpoint_manifest,
@@ -22,7 +24,7 @@ from omi.protos.manifest import (
 KEY = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 PUBLIC = signing.public_bytes(KEY)
 FIELDS = dict(  # every field the checkpointer writes, the optional ones included
-    format="omi-checkpoint-v1", run_id="digits-captioned", model="sana-digits", epoch=3, total_samples=1536,
+    format=MANIFEST_FORMAT, run_id="digits-captioned", model="sana-digits", round=3, total_samples=1536,
     loss=0.4821, created_at_ms=1765000000000, params_hash="ab" * 32,
     files=[dict(path="preview.png", size=1234, sha256="cd" * 32),
            dict(path="transformer/config.json", size=10, sha256="ef" * 32)],
@@ -32,8 +34,10 @@ FIELDS = dict(  # every field the checkpointer writes, the optional ones include
               shards=[dict(id=0, file="shards/shard-000000.tar", sha256="34" * 32, samples=64)]),
     preview_prompts=["a zero", "a one"], preview_columns=2, state_hash="56" * 32,
 )
-# The signature of FIELDS under KEY by the writer before the manifest had a type (commit 7a7e202's sign_manifest);
-# Ed25519 signatures are deterministic, so the writer of today must give exactly this one.
+# FIELDS as an omi-checkpoint-v1 manifest, which named the round "epoch", and its signature under KEY by the writer
+# before the manifest had a type (commit 7a7e202's sign_manifest); Ed25519 signatures are deterministic, so the writer
+# of today must give exactly this one.
+PUBLISHED_V1 = {**{k: v for k, v in FIELDS.items() if k != "round"}, "format": MANIFEST_FORMAT_V1, "epoch": 3}
 SIGNED_BEFORE = ("e0a51465dcdb0f6ea52add5940bfac8ab378aaa68335cf7165508b90a3a9f78ab4a80a68d2e8337496a6598a88901d11a7"
                  "4ff9180db387d68f6f7bac78414c09")
 
@@ -45,18 +49,19 @@ def signed(fields: dict) -> bytes:
 
 
 def test_a_manifest_published_before_still_verifies_and_the_writer_writes_the_same_bytes():
-    published = (json.dumps({**FIELDS, "signature": SIGNED_BEFORE}, indent=2, sort_keys=True, ensure_ascii=False)
-                 + "\n").encode()
-    manifest = read_checkpoint_manifest(published, PUBLIC)
-    assert (manifest.epoch, manifest.contributors[0].display_name, manifest.data.shards[0].id) == (3, "Zoë ✓", 0)
-    assert sign_checkpoint_manifest(FIELDS, KEY) == (manifest, published)
+    published = (json.dumps({**PUBLISHED_V1, "signature": SIGNED_BEFORE}, indent=2, sort_keys=True,
+                            ensure_ascii=False) + "\n").encode()
+    manifest = read_checkpoint_manifest(published, PUBLIC)  # a v1 manifest's "epoch" is read as its round
+    assert (manifest.round, manifest.contributors[0].display_name, manifest.data.shards[0].id) == (3, "Zoë ✓", 0)
+    assert sign_checkpoint_manifest(PUBLISHED_V1, KEY) == (manifest, published)
+    assert read_checkpoint_manifest(sign_checkpoint_manifest(FIELDS, KEY)[1], PUBLIC).round == 3
     optional = ("data", "preview_prompts", "preview_columns", "state_hash")
     plain = read_checkpoint_manifest(signed({k: v for k, v in FIELDS.items() if k not in optional}), PUBLIC)
     assert (plain.data, plain.preview_prompts, plain.preview_columns, plain.state_hash) == (None, None, None, None)
 
 
 @pytest.mark.parametrize("change, field", [
-    ({"epoch": "3"}, "epoch"),
+    ({"round": "3"}, "round"),
     ({"loss": "0.48"}, "loss"),
     ({"params_hash": None}, "params_hash"),
     ({"files": [dict(path="../../coordinator_key.pem", size=1, sha256="cd" * 32)]}, "files.0.path"),
@@ -65,7 +70,8 @@ def test_a_manifest_published_before_still_verifies_and_the_writer_writes_the_sa
     ({"files": [dict(path="preview.png", size=1)]}, "files.0.sha256"),
     ({"contributors": [dict(node_id="n1", samples=1, verified_samples=0)]}, "contributors.0.display_name"),
     ({"data_shards": [[0]]}, "data_shards.0"),
-    ({"format": "omi-checkpoint-v2"}, "format"),
+    ({"format": "omi-checkpoint-v3"}, "format"),
+    ({"epoch": 3}, "epoch"),  # only a v1 manifest names the round so
     ({"surprise": 1}, "surprise"),
 ])
 def test_a_malformed_manifest_is_refused_naming_its_field(change, field):

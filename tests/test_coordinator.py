@@ -73,7 +73,7 @@ def test_register_gives_signed_token_and_runspec(server):
     renewed = client.renew_token()
     assert signing.verify(renewed, spec.coordinator_public_key) and renewed.expires_at_ms >= token.expires_at_ms
     assert server.store.row_counts()["tokens"] == 2
-    assert client.heartbeat(epoch=0).run_state == pb.RUN_STATE_RUNNING
+    assert client.heartbeat(round_number=0).run_state == pb.RUN_STATE_RUNNING
 
 
 def test_reused_nonce_and_expired_challenge_are_refused(tmp_path, db_url):
@@ -190,7 +190,7 @@ def test_a_signed_request_is_accepted_once_and_only_by_its_own_rpc(server):
     # the renewal itself is accepted once; its replay is refused
     assert server.stub.RenewToken(renewal).node_id == victim.node_id
     refused(server, lambda: server.stub.RenewToken(renewal), grpc.StatusCode.UNAUTHENTICATED, "replayed")
-    heartbeat = victim._signed(pb.HeartbeatRequest, epoch=0)
+    heartbeat = victim._signed(pb.HeartbeatRequest, round=0)
     server.stub.Heartbeat(heartbeat)
     refused(server, lambda: server.stub.Heartbeat(heartbeat), grpc.StatusCode.UNAUTHENTICATED, "replayed")
     # the victim's assignment was never released by any of it: it still reports its work
@@ -302,7 +302,7 @@ def test_work_is_deterministic_and_idempotent(tmp_path):
         assert (shard.start, shard.end) == (shard.shard_id * 64, min(1797, shard.shard_id * 64 + 64))
 
 
-def test_no_shard_is_assigned_twice_in_an_epoch(server):
+def test_no_shard_is_assigned_twice_in_a_round(server):
     nodes = [server.node(name=f"n{i}") for i in range(8)]
     works = [n.get_work(0) for n in nodes]
     shards = [s.shard_id for w in works for s in w.shards]
@@ -316,28 +316,28 @@ def test_no_shard_is_assigned_twice_in_an_epoch(server):
     latecomer = server.node(name="late")
     empty = latecomer.get_work(0)
     assert not empty.shards and not empty.assignment_id
-    next_epoch = nodes[0].get_work(1)
-    assert len(next_epoch.shards) == expected_shards(next_epoch)  # the next epoch has its own pool
+    next_round = nodes[0].get_work(1)
+    assert len(next_round.shards) == expected_shards(next_round)  # the next round has its own pool
     with pytest.raises(grpc.RpcError) as info:
         nodes[0].get_work(5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "ahead" in info.value.details()  # retry later
 
 
-def test_no_node_moves_the_runs_epoch_only_the_coordinators_witness_does(server):
-    # issue 12, point 3: 20 heartbeats naming epoch 4e9 moved the run from 0 to 20 in 0.02 s, each move handing out
-    # a fresh assignment and closing audit windows early; the run's epoch is now what the coordinator's own witness
+def test_no_node_moves_the_runs_round_only_the_coordinators_witness_does(server):
+    # issue 12, point 3: 20 heartbeats naming round 4e9 moved the run from 0 to 20 in 0.02 s, each move handing out
+    # a fresh assignment and closing audit windows early; the run's round is now what the coordinator's own witness
     # of the rounds observed (omi.swarm.witness, in the checkpointer process: Runs.advance), never a node's claim
     liar = server.node(name="liar")
     for _ in range(20):
-        liar.heartbeat(epoch=2**31 - 1)
-    assert code_of(lambda: liar.heartbeat(epoch=4_000_000_000)) == grpc.StatusCode.INVALID_ARGUMENT  # > INTEGER
+        liar.heartbeat(round_number=2**31 - 1)
+    assert code_of(lambda: liar.heartbeat(round_number=4_000_000_000)) == grpc.StatusCode.INVALID_ARGUMENT  # > INTEGER
     work = liar.get_work(2)  # work for a round the witness may not have written yet (MAX_AHEAD)
     assert liar.report_contribution(contribution_for(work)).accepted
-    assert liar.get_run_status().summary.epoch == 0
+    assert liar.get_run_status().summary.round == 0
     assert code_of(lambda: liar.get_work(3)) == grpc.StatusCode.UNAVAILABLE  # no hoarding of future rounds
     server.coordinator.runs.advance("t", 7, "ab" * 32)  # the witness saw round 7 start from θ with this hash
     server.coordinator.runs.advance("t", 5)  # a late, older observation never moves it back
-    assert liar.get_run_status().summary.epoch == 7
+    assert liar.get_run_status().summary.round == 7
     runs = server.coordinator.runs
     assert runs.round_state("t", 7) == "ab" * 32 and runs.round_state("t", 5) is None
 
@@ -494,16 +494,16 @@ def test_bad_contributions_are_refused_and_change_nothing(server):
 
 def test_run_status_and_views(server):
     a, b = server.node(name="a"), server.node(name="b")
-    a.heartbeat(epoch=0, samples_per_second=100.0, loss=0.5)
-    b.heartbeat(epoch=1, samples_per_second=50.0, loss=0.3)
+    a.heartbeat(round_number=0, samples_per_second=100.0, loss=0.5)
+    b.heartbeat(round_number=1, samples_per_second=50.0, loss=0.3)
     status = a.get_run_status()
     # throughput is the ledger's growth over the last minute; what the nodes say of their speed does not count
     assert status.summary.volunteers_online == 2 and status.samples_per_second == 0.0
-    contribution = contribution_for(a.get_work(epoch=0))
+    contribution = contribution_for(a.get_work(round_number=0))
     assert a.report_contribution(contribution).accepted
     status = a.get_run_status()
     assert status.samples_per_second == pytest.approx(contribution.samples / 60)
-    assert abs(status.last_loss - 0.4) < 1e-9 and status.summary.epoch == 0  # b's epoch 1 is only its word
+    assert abs(status.last_loss - 0.4) < 1e-9 and status.summary.round == 0  # b's round 1 is only its word
     assert a.list_checkpoints() == []
     assert a.get_run_spec().coordinator_public_key == server.coordinator.public_key
     assert code_of(lambda: a.get_run_status("nope")) == grpc.StatusCode.NOT_FOUND

@@ -81,14 +81,15 @@ def swarm(tmp_path_factory, request):
         alice, mallory = server.node("t", "alice"), server.node("t", XSS_NAME)
         validator = server.validator("t", "validator")
         for node, loss in ((alice, 0.4), (mallory, 0.6)):
-            contribution, records = records_for(node.get_work(epoch=0), loss)
+            contribution, records = records_for(node.get_work(round_number=0), loss)
             reply = node.report_contribution(contribution)
             assert reply.audit_task_id, "audit_rate 1.0 audits every contribution"
             handed = records if node is alice else records[:-1]
             assert node.submit_audit_records(reply.audit_task_id, handed).accepted == (node is alice)
-            node.heartbeat(epoch=0, samples_per_second=120.0 if node is alice else 80.0, swarm_peers=2, loss=loss)
-        with pytest.raises(Exception, match="already reported"):  # a second report of epoch 0 is refused
-            alice.report_contribution(records_for(alice.get_work(epoch=0), 0.4)[0])
+            node.heartbeat(round_number=0, samples_per_second=120.0 if node is alice else 80.0, swarm_peers=2,
+                           loss=loss)
+        with pytest.raises(Exception, match="already reported"):  # a second report of round 0 is refused
+            alice.report_contribution(records_for(alice.get_work(round_number=0), 0.4)[0])
         task = validator.get_audit_task()
         assert task.has_task and task.node_id == alice.node_id
         validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
@@ -208,7 +209,7 @@ def test_metrics_parse_and_match_the_api(swarm):
     assert samples[("omi_run_samples", run)] == status["total_samples"]
     assert samples[("omi_run_verified_samples", run)] == status["verified_samples"]
     assert samples[("omi_run_samples_per_second", run)] == pytest.approx(status["samples_per_second"])
-    assert samples[("omi_run_epoch", run)] == status["epoch"]
+    assert samples[("omi_run_round", run)] == status["round"]
     assert samples[("omi_run_loss", run)] == pytest.approx(status["loss"])
     assert samples[("omi_contributions_accepted_total", run)] == 2
     assert samples[("omi_contributions_refused_total", (("code", "ALREADY_EXISTS"), ("run", "t")))] == 1
@@ -220,7 +221,7 @@ def test_metrics_parse_and_match_the_api(swarm):
 
 def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
     assert get_json(swarm.http, "/api/runs/t/checkpoints") == []
-    folder = swarm.coordinator.checkpoints.folder("t", 1)  # where the checkpointer writes epoch 1
+    folder = swarm.coordinator.checkpoints.folder("t", 1)  # where the checkpointer writes round 1
     folder.mkdir(parents=True)
     files = {"unet/diffusion_pytorch_model.safetensors": b"weights", "preview.png": b"\x89PNG fake"}
     for name, data in files.items():
@@ -228,7 +229,7 @@ def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
         (folder / name).write_bytes(data)
     key = swarm.coordinator.key
     _, manifest_bytes = sign_checkpoint_manifest(dict(
-        format=MANIFEST_FORMAT, run_id="t", model="unet-digits-16", epoch=1, total_samples=256, loss=None,
+        format=MANIFEST_FORMAT, run_id="t", model="unet-digits-16", round=1, total_samples=256, loss=None,
         created_at_ms=0, params_hash="0" * 64, contributors=[], data_shards=[], data_source="digits",
         coordinator_public_key=signing.public_bytes(key).hex(),
         files=[{"path": name, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -237,16 +238,16 @@ def test_checkpoints_listed_with_links_sha256_and_preview(swarm):
     manifest_sha = hashlib.sha256(manifest_bytes).hexdigest()
     created = int(time.time() * 1000) - 30_000
     with swarm.store.transaction() as s:
-        s.add(Checkpoint(run_id="t", epoch=1, total_samples=256, manifest_sha256=manifest_sha, size_bytes=1234,
+        s.add(Checkpoint(run_id="t", round=1, total_samples=256, manifest_sha256=manifest_sha, size_bytes=1234,
                          path="/runs/t/checkpoints/1", milestone=False, created_at_ms=created))
     [checkpoint] = fresh(swarm, "/api/runs/t/checkpoints")
-    assert checkpoint["manifest_sha256"] == manifest_sha and checkpoint["epoch"] == 1
+    assert checkpoint["manifest_sha256"] == manifest_sha and checkpoint["round"] == 1
     assert checkpoint["manifest_url"] == "/runs/t/checkpoints/1/manifest.json"
     assert checkpoint["preview_url"] == "/runs/t/checkpoints/1/preview.png"
     assert {f["name"]: f["sha256"] for f in checkpoint["files"]} == {
         name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
     assert checkpoint["preview_prompts"] == [] and checkpoint["preview_columns"] is None  # an unconditional run
-    assert get_json(swarm.http, "/api/runs/t/status")["latest_checkpoint"]["epoch"] == 1
+    assert get_json(swarm.http, "/api/runs/t/status")["latest_checkpoint"]["round"] == 1
     _, body, _ = get(swarm.http, "/metrics")
     ages = [s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples
             if s.name == "omi_checkpoint_age_seconds"]
@@ -278,7 +279,8 @@ def test_a_text_to_image_run_shows_its_data_card_and_the_prompts_of_its_preview(
 
         coordinator = server.coordinator
         model, scheduler = build_model("sana-digits")
-        folder, manifest = write_checkpoint(model, scheduler, spec=coordinator.runs.spec_for_nodes(run_id), epoch=1,
+        folder, manifest = write_checkpoint(model, scheduler, spec=coordinator.runs.spec_for_nodes(run_id),
+                                            round_number=1,
                                             run_folder=coordinator.checkpoints.run_folder(run_id),
                                             checkpoints=coordinator.checkpoints, key=coordinator.key)
         coordinator.checkpoints.publish(run_id, 1, folder, manifest)
@@ -368,11 +370,11 @@ def test_contributors_show_utilization_and_round_figures(tmp_path):
     with ServerThread(tmp_path / "state", run_toml("r")) as server:
         carol = server.node("r", "carol")
         reported = []
-        for epoch in (0, 1):
-            if epoch:  # the two reports must arrive at different milliseconds for a wall time to exist
+        for round_number in (0, 1):
+            if round_number:  # the two reports must arrive at different milliseconds for a wall time to exist
                 time.sleep(0.05)
-            contribution = contribution_for(carol.get_work(epoch=epoch), compute_seconds=0.02,
-                                            end_params_hash=b"e" * 32, bytes_sent=1000 * (epoch + 1))
+            contribution = contribution_for(carol.get_work(round_number=round_number), compute_seconds=0.02,
+                                            end_params_hash=b"e" * 32, bytes_sent=1000 * (round_number + 1))
             assert carol.report_contribution(contribution).accepted
             reported.append(contribution)
         view = {v.display_name: v for v in contributors(server.coordinator, "r")}["carol"]

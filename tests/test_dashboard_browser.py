@@ -23,7 +23,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 XSS_NAME = "<img src=x onerror=\"window.__xss=1\">"
 ARTIFACTS = ROOT / "test-artifacts"
 # the test run: the fast digits run with a checkpoint every round, so one is published while the swarm trains
-RUN = fast_run(checkpoints=dict(every_epochs=1))
+RUN = fast_run(checkpoints=dict(every_rounds=1))
 
 
 @pytest.fixture
@@ -68,20 +68,20 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     run_file = tmp_path / "run.toml"
     run_file.write_text(RUN)
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
-    # enough epochs that the swarm is still training when a slow browser has taken its first figures
-    [NodeProcess(server.address, tmp_path / "alice", "--max-epochs", 4, name="alice"),
-     NodeProcess(server.address, tmp_path / "mallory", "--max-epochs", 4, name=XSS_NAME)]
+    # enough rounds that the swarm is still training when a slow browser has taken its first figures
+    [NodeProcess(server.address, tmp_path / "alice", "--max-rounds", 4, name="alice"),
+     NodeProcess(server.address, tmp_path / "mallory", "--max-rounds", 4, name=XSS_NAME)]
 
     browser.get(f"{server.http}/runs/digits")
     browser.execute_script("window.__loaded = 'once'")  # gone if the page ever reloads
     assert browser.find_element("id", "run-name").text  # the page rendered the headline
     wait_for(browser, "document.querySelectorAll('#contributors tbody tr').length === 2", 90, "both volunteers")
-    epoch0, samples0 = figure(browser, "epoch"), figure(browser, "total-samples")
+    round0, samples0 = figure(browser, "round"), figure(browser, "total-samples")
 
-    # the epoch and the sample count rise without a reload; the loss chart gets points
+    # the round and the sample count rise without a reload; the loss chart gets points
     wait_for(browser, f"+document.getElementById('total-samples').textContent.replace(/,/g, '') > {samples0}",
              150, "the sample count to rise")
-    wait_for(browser, f"+document.getElementById('epoch').textContent > {epoch0}", 120, "the epoch to rise")
+    wait_for(browser, f"+document.getElementById('round').textContent > {round0}", 120, "the round to rise")
     wait_for(browser, "omiDashboard.charts.loss && omiDashboard.charts.loss.data[1].some(v => v != null)",
              60, "a point on the loss chart")
     assert browser.execute_script("return window.__loaded") == "once"
@@ -101,9 +101,9 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     listed = api(server, "/api/runs/digits/checkpoints")
     latest = listed[-1]
     # the API may already list a checkpoint newer than the page's last poll: wait for the page to catch up
-    wait_for(browser, f"document.querySelector(\"#checkpoints tbody tr[data-epoch='{latest['epoch']}']\")", 30,
-             f"the row of checkpoint {latest['epoch']}")
-    row = browser.find_element("css selector", f"#checkpoints tbody tr[data-epoch='{latest['epoch']}']")
+    wait_for(browser, f"document.querySelector(\"#checkpoints tbody tr[data-round='{latest['round']}']\")", 30,
+             f"the row of checkpoint {latest['round']}")
+    row = browser.find_element("css selector", f"#checkpoints tbody tr[data-round='{latest['round']}']")
     assert latest["manifest_sha256"] in row.text
     link = row.find_element("link text", "manifest.json").get_attribute("href")
     assert link == f"{server.http}{latest['manifest_url']}"

@@ -26,22 +26,22 @@ pytestmark = [pytest.mark.slow]
 WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
 
-def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16", run_id="digits"):
-    """Write and list checkpoints of the run at ``epochs`` the way the checkpointer does."""
+def publish_checkpoints(state_dir, run_file, rounds, model="unet-digits-16", run_id="digits"):
+    """Write and list checkpoints of the run at ``rounds`` the way the checkpointer does."""
     coordinator = Coordinator.open(state_dir)
     coordinator.checkpoints.state_dir = state_dir
     coordinator.runs.create(run_file.read_text(), start=True)
     spec = coordinator.runs.spec_for_nodes(run_id)
     unet, scheduler = build_model(model)
-    for epoch in epochs:
+    for round_number in rounds:
         with torch.no_grad():
             for p in unet.parameters():
-                p.add_(0.01 * epoch)
-        folder, manifest = write_checkpoint(unet, scheduler, spec=spec, epoch=epoch,
+                p.add_(0.01 * round_number)
+        folder, manifest = write_checkpoint(unet, scheduler, spec=spec, round_number=round_number,
                                             checkpoints=coordinator.checkpoints,
                                             run_folder=coordinator.checkpoints.run_folder(run_id),
                                             key=coordinator.key, preview=model in ("unet-digits-16", "sana-digits"))
-        coordinator.checkpoints.publish(run_id, epoch, folder, manifest)
+        coordinator.checkpoints.publish(run_id, round_number, folder, manifest)
     coordinator.close()
     return signing.public_bytes(coordinator.key)
 
@@ -49,7 +49,7 @@ def publish_checkpoints(state_dir, run_file, epochs, model="unet-digits-16", run
 @pytest.fixture
 def served(tmp_path):
     run_file = tmp_path / "run.toml"
-    run_file.write_text(fast_run(checkpoints=dict(every_epochs=1, keep=5)))
+    run_file.write_text(fast_run(checkpoints=dict(every_rounds=1, keep=5)))
     state = tmp_path / "coordinator"
     key = publish_checkpoints(state, run_file, [1, 2])
     server = ServeProcess(state, tmp_path / "coordinator.log", run_file=run_file, extra=("--swarm-host", ""))
@@ -64,14 +64,14 @@ def sha256(path):
 def test_download_verifies_and_loads_with_stock_diffusers(served, tmp_path):
     server, key = served
     listed = json.loads(urllib.request.urlopen(f"{server.http}/runs/digits/checkpoints").read())
-    assert [c["epoch"] for c in listed] == [1, 2]
+    assert [c["round"] for c in listed] == [1, 2]
     assert listed[-1]["url"] == f"{server.http}/runs/digits/checkpoints/2"
 
     out = tmp_path / "out"
     result = run_node("download", "digits", "--checkpoint", "latest", "--out", out, "--coordinator", server.address)
     assert result.returncode == 0, result.stdout + result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["epoch"] == 2 and verify_manifest(manifest, key)
+    assert manifest["round"] == 2 and verify_manifest(manifest, key)
     for entry in manifest["files"]:
         assert sha256(out / entry["path"]) == entry["sha256"]
     assert not list(out.rglob("*.part"))
@@ -98,7 +98,7 @@ def test_download_verifies_and_loads_with_stock_diffusers(served, tmp_path):
     # a pinned key and --http without gRPC work too; the wrong pinned key is refused
     result = run_node("download", "digits", "--checkpoint", "1", "--out", tmp_path / "one", "--http", server.http,
                       "--coordinator-key", key.hex())
-    assert result.returncode == 0 and json.loads((tmp_path / "one" / "manifest.json").read_text())["epoch"] == 1
+    assert result.returncode == 0 and json.loads((tmp_path / "one" / "manifest.json").read_text())["round"] == 1
     other = signing.public_bytes(signing.generate_key()).hex()
     result = run_node("download", "digits", "--out", tmp_path / "two", "--http", server.http,
                       "--coordinator-key", other)
@@ -108,7 +108,7 @@ def test_download_verifies_and_loads_with_stock_diffusers(served, tmp_path):
 
 def test_flipped_byte_or_edited_manifest_is_refused(served, tmp_path):
     server, _ = served
-    folder = server.state_dir / "checkpoints" / "digits" / "epoch-00000002"
+    folder = server.state_dir / "checkpoints" / "digits" / "round-00000002"
     weights = folder / WEIGHTS
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
@@ -119,7 +119,7 @@ def test_flipped_byte_or_edited_manifest_is_refused(served, tmp_path):
     assert not (out / "manifest.json").exists() and not (out / WEIGHTS).exists()
     assert (out / (WEIGHTS + ".corrupt")).exists()  # kept, marked, never under the real name
 
-    manifest_path = server.state_dir / "checkpoints" / "digits" / "epoch-00000001" / "manifest.json"
+    manifest_path = server.state_dir / "checkpoints" / "digits" / "round-00000001" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["total_samples"] += 1000
     manifest_path.write_text(json.dumps(manifest, indent=2))
@@ -192,7 +192,7 @@ def test_a_file_longer_than_the_manifest_says_is_refused_at_its_size(tmp_path):
     assert not target.exists() and (tmp_path / "out" / "big.bin.corrupt").stat().st_size == 10
 
 
-def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
+def test_latest_older_than_a_round_verified_before_is_refused(tmp_path):
     # issue 12 point 12: `latest` accepted an older signed manifest (a rollback by a mirror or a man in the middle)
     import http.server
     import shutil
@@ -201,13 +201,13 @@ def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
     from omi.node.download import DownloadError, SeenCheckpoints, download_checkpoint
 
     run_file = tmp_path / "run.toml"
-    run_file.write_text(fast_run(checkpoints=dict(every_epochs=1, keep=5)))
+    run_file.write_text(fast_run(checkpoints=dict(every_rounds=1, keep=5)))
     state = tmp_path / "coordinator"
     key = publish_checkpoints(state, run_file, [1, 2])
     site = tmp_path / "site" / "runs" / "digits" / "checkpoints"
     site.mkdir(parents=True)
-    for epoch in (1, 2):
-        shutil.copytree(state / CHECKPOINTS_DIR / "digits" / folder_name(epoch), site / str(epoch))
+    for round_number in (1, 2):
+        shutil.copytree(state / CHECKPOINTS_DIR / "digits" / folder_name(round_number), site / str(round_number))
     shutil.copytree(site / "2", site / "latest")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(http.server.SimpleHTTPRequestHandler,
                                                                       directory=str(tmp_path / "site")))
@@ -215,17 +215,17 @@ def test_latest_older_than_an_epoch_verified_before_is_refused(tmp_path):
     url = f"http://127.0.0.1:{server.server_address[1]}/runs/digits/checkpoints/latest"
     seen = SeenCheckpoints(tmp_path / "home" / "checkpoints-seen.json")
     try:
-        assert download_checkpoint(url, "digits", tmp_path / "a", key, seen=seen, progress=False).epoch == 2
+        assert download_checkpoint(url, "digits", tmp_path / "a", key, seen=seen, progress=False).round == 2
         shutil.rmtree(site / "latest")
-        shutil.copytree(site / "1", site / "latest")  # the mirror now serves epoch 1 as latest: validly signed
-        with pytest.raises(DownloadError, match="older than epoch 2 verified before"):
+        shutil.copytree(site / "1", site / "latest")  # the mirror now serves round 1 as latest: validly signed
+        with pytest.raises(DownloadError, match="older than round 2 verified before"):
             download_checkpoint(url, "digits", tmp_path / "b", key, seen=seen, progress=False)
         assert not (tmp_path / "b").exists()
         # asked for by number, the old one is still there for whoever wants it; without memory, latest takes it
-        assert download_checkpoint(url.replace("latest", "1"), "digits", tmp_path / "c", key, epoch=1, seen=seen,
-                                   progress=False).epoch == 1
+        assert download_checkpoint(url.replace("latest", "1"), "digits", tmp_path / "c", key, round_number=1, seen=seen,
+                                   progress=False).round == 1
         assert seen.newest(key, "digits") == 2
-        assert download_checkpoint(url, "digits", tmp_path / "d", key, progress=False).epoch == 1
+        assert download_checkpoint(url, "digits", tmp_path / "d", key, progress=False).round == 1
     finally:
         server.shutdown()
         server.server_close()

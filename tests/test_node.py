@@ -23,17 +23,17 @@ def test_churn_kill9_and_late_joiner(coordinator, tmp_path):
     wait_until(lambda: client.get_run_status("digits").summary.volunteers_online == 3, 120, "3 volunteers online")
     wait_until(lambda: coordinator.rounds_by_name().get("victim"), 120, "the victim's first contribution")
     kill_group(victim.proc)  # kill -9 of the whole machine: node, DHT, averagers, libp2p daemon
-    killed_epoch = max(c.epoch for c in coordinator.contributions())
+    killed_round = max(c.round for c in coordinator.contributions())
 
-    # the coordinator notices the missed heartbeats; the survivors finish the epoch and go on without it
+    # the coordinator notices the missed heartbeats; the survivors finish the round and go on without it
     wait_until(lambda: client.get_run_status("digits").summary.volunteers_online == 2, 60, "the victim offline")
     late = NodeProcess(coordinator.address, tmp_path / "late")
 
     wait_until(lambda: coordinator.rounds_by_name().get("late"), 240, "the late joiner's first contribution")
     # the swarm goes on past the kill (a group that still held the victim first waits for its averaging timeout;
-    # seen in CI: the late joiner reported one epoch after the kill, before the others had gone further)
-    wait_until(lambda: len({c.node_id for c in coordinator.contributions() if c.epoch > killed_epoch + 1}) >= 2,
-               180, f"two nodes contributing past epoch {killed_epoch + 1}")
+    # seen in CI: the late joiner reported one round after the kill, before the others had gone further)
+    wait_until(lambda: len({c.node_id for c in coordinator.contributions() if c.round > killed_round + 1}) >= 2,
+               180, f"two nodes contributing past round {killed_round + 1}")
     for node in [*survivors, late]:  # (a graceful leave is test_three_volunteers_train_together's; it takes ~10 s)
         assert node.proc.poll() is None, node.output()[-3000:]
         kill_group(node.proc)
@@ -41,10 +41,10 @@ def test_churn_kill9_and_late_joiner(coordinator, tmp_path):
     ledger = coordinator.contributions()
     by_node: dict[str, list[int]] = {}
     for c in ledger:
-        by_node.setdefault(c.node_id, []).append(c.epoch)
+        by_node.setdefault(c.node_id, []).append(c.round)
     assert len(by_node) == 4
-    survivor_epochs = [epochs for epochs in by_node.values() if max(epochs) > killed_epoch + 1]
-    assert len(survivor_epochs) >= 2, f"the swarm did not go on after the kill at epoch {killed_epoch}: {by_node}"
+    survivor_rounds = [rounds for rounds in by_node.values() if max(rounds) > killed_round + 1]
+    assert len(survivor_rounds) >= 2, f"the swarm did not go on after the kill at round {killed_round}: {by_node}"
     # the late joiner loaded the running swarm's state: its first contribution is not at round 0
     assert coordinator.rounds_by_name()["late"][0] > 0, late.output()[-3000:]
 

@@ -60,7 +60,7 @@ def test_a_stopped_run_refuses_work_renewal_and_registration_with_run_stopped_an
 
 
 def test_a_round_past_the_runs_end_is_refused_with_run_ended_and_the_node_leaves(tmp_path):
-    with ServerThread(tmp_path / "state", run_toml().replace("[training]", "[training]\nmax_epochs = 2")) as server:
+    with ServerThread(tmp_path / "state", run_toml().replace("[training]", "[training]\nmax_rounds = 2")) as server:
         node, volunteer = server.node(), trainer(server, tmp_path)
         assert node.get_work(1).shards
         assert refusal(lambda: node.get_work(2)) == (grpc.StatusCode.FAILED_PRECONDITION, "REFUSAL_RUN_ENDED")
@@ -89,7 +89,7 @@ def test_a_volunteer_waits_while_its_run_is_paused_and_trains_once_it_resumes(se
         assert not got  # it waits, rather than leaving or crashing on the refusal
         server.admin_call("ResumeRun", pb.RunRequest(run_id="t"))
         waiting.join(timeout=3 * PAUSED_POLL + 5)
-        assert got and got[0].shards and got[0].epoch == 0
+        assert got and got[0].shards and got[0].round == 0
     finally:
         volunteer.stop.set()
         waiting.join(timeout=10)

@@ -30,6 +30,19 @@ def test_bad_key_or_value_is_named(extra, key):
         parse_runspec(BASE + extra)
 
 
+@pytest.mark.parametrize("section, old, new, value", [
+    ("training", "max_epochs", "max_rounds", 40),
+    ("verification", "audit_window_epochs", "audit_window_rounds", 3),
+    ("checkpoints", "every_epochs", "every_rounds", 10),
+])
+def test_a_key_that_said_epoch_is_refused_with_its_new_name(section, old, new, value):
+    with pytest.raises(RunSpecError) as refused:
+        parse_runspec(BASE + f"[{section}]\n{old} = {value}\n")
+    assert str(refused.value) == (f"'{section}.{old}' was renamed: write '{section}.{new}' instead (the same value: "
+                                  "it always counted rounds)")
+    assert getattr(getattr(parse_runspec(BASE + f"[{section}]\n{new} = {value}\n"), section), new) == value
+
+
 def test_missing_required_and_bad_run_id():
     with pytest.raises(RunSpecError, match="run.model"):
         parse_runspec('[run]\nid = "demo"\n')
@@ -55,7 +68,7 @@ def test_defaults_fill_every_section():
         "run_id": "demo", "name": "demo", "description": "", "model": "unet-digits-16",
         "data": {"source": "builtin:digits", "shard_size": 64, "resolution": 16},
         "training": {"micro_batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.0,
-                     "prediction_type": "epsilon", "num_train_timesteps": 1000, "max_epochs": 0,
+                     "prediction_type": "epsilon", "num_train_timesteps": 1000, "max_rounds": 0,
                      "shards_per_assignment": 4, "seed": "0", "max_grad_norm": 1.0},
         "averaging": {"matchmaking_time": 3.0, "averaging_timeout": 30.0, "reducer": "mean",
                       "clip_tau": 1.0, "clip_iterations": 3},
@@ -63,8 +76,8 @@ def test_defaults_fill_every_section():
                    "overlap": False, "compression": "uniform8bit", "topk_density": 1.0,
                    "max_round_seconds": 0.0},
         "verification": {"audit_rate": 0.2, "max_strikes": 2,
-                         "audit_window_epochs": 5, "sketch_size": 1024, "segment_steps": 5},
-        "checkpoints": {"every_epochs": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
+                         "audit_window_rounds": 5, "sketch_size": 1024, "segment_steps": 5},
+        "checkpoints": {"every_rounds": 5, "keep": 3, "milestone_every": 50, "preview_samples": 16},
         "liveness": {"heartbeat_interval": 5.0, "heartbeat_timeout": 30.0, "token_ttl": 3600.0},
         "coordinator_public_key": "", "initial_peers": [], "dht_prefix": "omi-demo", "witnessed": False,
     }
@@ -110,7 +123,7 @@ def test_bad_run_keys_are_named():
 
 
 def test_boundaries_are_accepted():
-    spec = parse_runspec(BASE + "[training]\nmax_epochs = 0\n[rounds]\ninner_steps = 1\n"
+    spec = parse_runspec(BASE + "[training]\nmax_rounds = 0\n[rounds]\ninner_steps = 1\n"
                                 "[verification]\naudit_rate = 1\n")
     assert spec.rounds.inner_steps == 1 and spec.verification.audit_rate == 1.0
     assert parse_runspec(BASE + "[verification]\naudit_rate = 0\n").verification.audit_rate == 0.0

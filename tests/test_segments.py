@@ -119,7 +119,7 @@ def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes,
 
     k = SPEC.verification.segment_steps
     indices = list(range(segment * k, (segment + 1) * k))
-    return pb.AuditTask(task_id="t" * 8, run_id=SPEC.run_id, node_id="node", epoch=0, params_hash=params_hash,
+    return pb.AuditTask(task_id="t" * 8, run_id=SPEC.run_id, node_id="node", round=0, params_hash=params_hash,
                         assignment=_assignment(), micro_batch_indices=indices, has_task=True,
                         records=[audited_record(records, i) for i in indices], commitment=merkle_root(records),
                         micro_batches=len(records), peer_id=peer_id,

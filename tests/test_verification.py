@@ -110,7 +110,7 @@ def test_audit_flow_failed_audits_void_strike_and_ban(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=0.0, max_strikes=2)) as server:
         worker, validator = server.node(name="worker"), server.validator(name="validator")
         # no audit window closes in this test: unaudited credit stays provisional until the ban voids it
-        server.coordinator.runs.get("t").spec.verification.audit_window_epochs = 20
+        server.coordinator.runs.get("t").spec.verification.audit_window_rounds = 20
         # an unaudited contribution first (audit_rate 0): provisional credit
         first = committed(worker.get_work(0), fake_records(4))
         assert worker.report_contribution(first).audit_task_id == ""
@@ -140,11 +140,11 @@ def test_audit_flow_failed_audits_void_strike_and_ban(tmp_path):
         # a struck node is audited on every contribution, whatever the run's rate: at 0.05 (on probation 0.1) a node
         # without that rule would see all 8 audited with probability 0.1^8 = 1e-8
         server.coordinator.runs.get("t").spec.verification.audit_rate = 0.05
-        for epoch in range(2, 10):
-            server.coordinator.runs.advance("t", epoch)  # as the coordinator's witness of the swarm does
-            records = fake_records(4, seed=epoch)
-            reply = worker.report_contribution(committed(worker.get_work(epoch), records))
-            assert reply.audit_task_id, f"a struck node's round {epoch} was not audited"
+        for round_number in range(2, 10):
+            server.coordinator.runs.advance("t", round_number)  # as the coordinator's witness of the swarm does
+            records = fake_records(4, seed=round_number)
+            reply = worker.report_contribution(committed(worker.get_work(round_number), records))
+            assert reply.audit_task_id, f"a struck node's round {round_number} was not audited"
             assert worker.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
             task = validator.get_audit_task()
             assert validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True)).accepted
@@ -214,21 +214,21 @@ def test_a_new_identity_is_audited_at_twice_the_rate_until_its_work_is_verified(
                       registry=RegistryConfig(node_burst=2000)) as server:
         node, validator = server.node(name="new"), server.validator()
 
-        def report(epoch: int) -> bool:
-            records = fake_records(2, seed=epoch)
-            server.coordinator.runs.advance("t", epoch)  # as the coordinator's witness of the swarm does
-            reply = node.report_contribution(committed(node.get_work(epoch), records))
+        def report(round_number: int) -> bool:
+            records = fake_records(2, seed=round_number)
+            server.coordinator.runs.advance("t", round_number)  # as the coordinator's witness of the swarm does
+            reply = node.report_contribution(committed(node.get_work(round_number), records))
             if reply.audit_task_id:
                 assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
             return bool(reply.audit_task_id)
 
-        on_probation = sum(report(epoch) for epoch in range(ROUNDS_PER_PHASE))
+        on_probation = sum(report(round_number) for round_number in range(ROUNDS_PER_PHASE))
         assert PROBATION_THRESHOLD <= on_probation < ROUNDS_PER_PHASE, \
             f"{on_probation} of {ROUNDS_PER_PHASE} rounds of a new identity audited (expected about 86)"
         task = validator.get_audit_task()  # one passed audit: the node has verified work
         validator.report_audit_verdict(pb.AuditVerdict(task_id=task.task_id, passed=True))
         assert node.get_run_status().verified_samples > 0
-        verified = sum(report(epoch) for epoch in range(ROUNDS_PER_PHASE, 2 * ROUNDS_PER_PHASE))
+        verified = sum(report(round_number) for round_number in range(ROUNDS_PER_PHASE, 2 * ROUNDS_PER_PHASE))
         assert 20 <= verified < PROBATION_THRESHOLD, \
             f"{verified} of {ROUNDS_PER_PHASE} rounds of a verified node audited (expected about 43)"
 
@@ -286,16 +286,16 @@ def test_nothing_is_verified_while_no_audit_runs(tmp_path):
     with ServerThread(tmp_path / "state", run_toml(audit_rate=0.5, max_strikes=5)) as server:
         nodes = [server.node(name=f"n{i}") for i in range(6)]
         audited = []
-        for epoch in range(3):
+        for round_number in range(3):
             for node in nodes:
-                records = fake_records(2, seed=epoch)
-                reply = node.report_contribution(committed(node.get_work(epoch), records))
+                records = fake_records(2, seed=round_number)
+                reply = node.report_contribution(committed(node.get_work(round_number), records))
                 if reply.audit_task_id:
                     assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
                     audited.append(reply.audit_task_id)
         assert audited, "audit_rate 0.5 over 18 contributions drew no audit"
-        for epoch in range(3, 12):  # every window closes; nobody validates
-            server.coordinator.runs.advance("t", epoch)
+        for round_number in range(3, 12):  # every window closes; nobody validates
+            server.coordinator.runs.advance("t", round_number)
         server.coordinator.auditor.close_windows("t")
         status = nodes[0].get_run_status()
         assert status.verified_samples == 0 and status.provisional_samples == 18 * 64, status
@@ -328,8 +328,8 @@ def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_recor
         assert unaudited.report_contribution(committed(unaudited.get_work(0), fake_records(3))).audit_task_id == ""
         status = validator.get_run_status()  # a passed audit is credit at once; the others wait for the window
         assert status.verified_samples == 96 and status.provisional_samples == 2 * 96
-        for epoch in range(1, 7):  # the run moves on; the window of epoch 0 closes at epoch 5
-            server.coordinator.runs.advance("t", epoch)
+        for round_number in range(1, 7):  # the run moves on; the window of round 0 closes at round 5
+            server.coordinator.runs.advance("t", round_number)
         server.coordinator.auditor.close_windows("t")
         status = validator.get_run_status()
         assert status.verified_samples == 2 * 96 and status.provisional_samples == 0
@@ -339,13 +339,13 @@ def test_audit_window_credits_passed_and_unaudited_work_and_fails_withheld_recor
 
 
 def test_a_node_is_not_struck_when_the_window_closes_while_its_report_is_on_its_way(tmp_path):
-    # seen in a real swarm on a busy machine: the run's epoch moved past the window of an honest node's epoch
+    # seen in a real swarm on a busy machine: the run's round moved past the window of an honest node's round
     # between its report and its hand-over of the records, and the node was struck for records "not handed over"
     with ServerThread(tmp_path / "state", run_toml(audit_rate=1.0), records_grace=60.0) as server:
         node, records = server.node(name="n"), fake_records(3)
         reply = node.report_contribution(committed(node.get_work(0), records))
-        for epoch in range(1, 7):  # the window of epoch 0 closes at epoch 5
-            server.coordinator.runs.advance("t", epoch)
+        for round_number in range(1, 7):  # the window of round 0 closes at round 5
+            server.coordinator.runs.advance("t", round_number)
         server.coordinator.auditor.close_windows("t")
         assert node.submit_audit_records(reply.audit_task_id, as_protos(records)).accepted
         with server.store.session() as s:
@@ -362,7 +362,7 @@ def test_replayed_contributions_are_refused(tmp_path):
         assert code_of(lambda: server.stub.ReportContribution(request)) == grpc.StatusCode.ALREADY_EXISTS
         replay = pb.Contribution()
         replay.CopyFrom(contribution)
-        replay.epoch, replay.signature, replay.created_at_ms = 1, b"", 0  # old work for a new epoch
+        replay.round, replay.signature, replay.created_at_ms = 1, b"", 0  # old work for a new round
         assert code_of(lambda: worker.report_contribution(replay)) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -493,7 +493,7 @@ def test_honest_segment_replays_pass_across_thread_counts():
             states.append(training_state(model, optimizer))
         fetcher.held = {training_state_hash(state): state for state in states}
         delta = [theta[n] - states[-1][n] for n in names]
-        template = pb.AuditTask(task_id="t", run_id=spec.run_id, node_id="node", epoch=round_number,
+        template = pb.AuditTask(task_id="t", run_id=spec.run_id, node_id="node", round=round_number,
                                 params_hash=named_tensors_hash(theta.items()), assignment=assignment, has_task=True,
                                 commitment=merkle_root(records), micro_batches=len(records), peer_id="node",
                                 segment_hashes=[training_state_hash(state) for state in states],

@@ -69,7 +69,7 @@ def test_centered_clip_keeps_a_sign_flipper_harmless_where_the_mean_blows_up(tmp
 
 
 CHEAT_RUN = fast_run(liveness=dict(token_ttl=30.0), checkpoints=NO_CHECKPOINTS,
-                     verification=dict(audit_rate=1.0, max_strikes=1, audit_window_epochs=3))
+                     verification=dict(audit_rate=1.0, max_strikes=1, audit_window_rounds=3))
 
 
 def _audit_states(tmp_path) -> list[tuple[str, str]]:
@@ -82,12 +82,12 @@ def _audit_states(tmp_path) -> list[tuple[str, str]]:
 @pytest.mark.timeout(600)
 def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_path):
     # one strike bans here (strikes adding up to max_strikes are checked in process, tests/test_verification.py):
-    # the second strike cost this test 40 s, one more epoch of a three-node swarm
+    # the second strike cost this test 40 s, one more round of a three-node swarm
     run_file = tmp_path / "run.toml"
     run_file.write_text(CHEAT_RUN)
     server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
     try:
-        honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-epochs", 6) for i in range(2)]
+        honest = [NodeProcess(server.address, tmp_path / f"node-{i}", "--max-rounds", 6) for i in range(2)]
         cheater = NodeProcess(server.address, tmp_path / "cheater", name="cheater", attack="sign_flip")
         # banned: its next GetWork or token renewal is refused, and it leaves with exit code 5
         wait_until(lambda: cheater.proc.poll() is not None, 420, "the cheater to be refused and leave", 2)
@@ -99,7 +99,7 @@ def test_a_sign_flipper_is_banned_by_the_built_in_validator_and_drops_out(tmp_pa
         wait_until(lambda: "passed" in [s for name, s in _audit_states(tmp_path) if name != "cheater"], 180,
                    "an honest node's audit to pass", 2)
         # the honest nodes were never refused: asked to leave now (SIGTERM: a graceful leave), they exit with 0, not
-        # with 5 as a refused node does (waiting for their --max-epochs cost this test a minute)
+        # with 5 as a refused node does (waiting for their --max-rounds cost this test a minute)
         for node in honest:
             if node.proc.poll() is None:
                 node.proc.send_signal(signal.SIGTERM)

@@ -132,14 +132,14 @@ def relative_spread(folders) -> float:
 
 def contributions(state_dir: Path) -> list[pb.Contribution]:
     with sqlite3.connect(state_dir / "coordinator.db") as db:
-        rows = db.execute("SELECT message FROM contributions WHERE run_id = 'digits' ORDER BY epoch")
+        rows = db.execute("SELECT message FROM contributions WHERE run_id = 'digits' ORDER BY round")
         return [pb.Contribution.FromString(row[0]) for row in rows]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(tmp_path):
-    epochs = 2
+    rounds = 2
     run_file = tmp_path / "run.toml"
     run_file.write_text(fast_run(checkpoints=NO_CHECKPOINTS))
     state_dir, logs = tmp_path / "coordinator", [tmp_path / f"node-{i}.log" for i in range(3)]
@@ -168,11 +168,11 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
 
             def together() -> bool:
                 counts = ledger(state_dir)
-                return (len(counts) == 3 and min(counts.values()) >= epochs
+                return (len(counts) == 3 and min(counts.values()) >= rounds
                         and all(max(group_sizes(log), default=0) >= 2 for log in logs))
 
             try:
-                wait_until(together, 150, f"every volunteer contributing {epochs} epochs, averaged with another")
+                wait_until(together, 150, f"every volunteer contributing {rounds} rounds, averaged with another")
             except AssertionError as e:
                 raise AssertionError(f"{e}: ledger {dict(ledger(state_dir))}, "
                                      f"group sizes {[group_sizes(log) for log in logs]}") from None
@@ -189,18 +189,18 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
     print(f"ledger {sorted(ledger(state_dir).values())}, group sizes per node {[group_sizes(log) for log in logs]}")
 
     ledger_rows = contributions(state_dir)
-    assert len({(c.node_id, c.epoch) for c in ledger_rows}) == len(ledger_rows)  # one per node per epoch
+    assert len({(c.node_id, c.round) for c in ledger_rows}) == len(ledger_rows)  # one per node per round
     assert all(c.samples > 0 for c in ledger_rows)
-    first_epoch = [c.mean_loss for c in ledger_rows if c.epoch == min(c.epoch for c in ledger_rows)]
-    last_epoch = [c.mean_loss for c in ledger_rows if c.epoch == max(c.epoch for c in ledger_rows)]
-    assert sum(last_epoch) / len(last_epoch) < 0.7 * sum(first_epoch) / len(first_epoch), (first_epoch, last_epoch)
+    first_round = [c.mean_loss for c in ledger_rows if c.round == min(c.round for c in ledger_rows)]
+    last_round = [c.mean_loss for c in ledger_rows if c.round == max(c.round for c in ledger_rows)]
+    assert sum(last_round) / len(last_round) < 0.7 * sum(first_round) / len(first_round), (first_round, last_round)
 
     # the swarm averaged: nodes that averaged their last round together hold bitwise the same θ. A node whose last
     # group was another (a split group: seen, one node with the witness, the other two together) holds the θ of its
     # own group until the next round start reconciles it through the witnessed hash, which never came here (seen:
     # 0.55 of the distance from the init apart, 2026-12-07). So at least one pair at the same round is bitwise equal,
     # and every node averaged with another at least once (above). Without averaging, no two nodes would be equal.
-    saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["epoch"] for i in range(3)}
+    saved = {i: json.loads((tmp_path / f"model-{i}" / "omi_node.json").read_text())["round"] for i in range(3)}
     same_round = [(i, j) for i in saved for j in saved if i < j and saved[i] == saved[j]]
     spreads = {(i, j): relative_spread([tmp_path / f"model-{i}", tmp_path / f"model-{j}"]) for i, j in same_round}
     assert any(spread == 0.0 for spread in spreads.values()), (saved, spreads)

@@ -78,7 +78,7 @@ function runCard(run) {
        el("span", {class: `state ${run.state}`, text: run.state})),
     el("div", {class: "subtitle", text: `model ${run.model} · run id ${run.run_id}`}),
     el("dl", {class: "figures small"},
-       ...[["epoch", fmtInt.format(run.epoch)], ["samples trained", fmtInt.format(run.total_samples)],
+       ...[["round", fmtInt.format(run.round)], ["samples trained", fmtInt.format(run.total_samples)],
            ["volunteers online", fmtInt.format(run.volunteers_online)],
            ["samples / s", fmt1.format(run.samples_per_second)]]
          .map(([k, v]) => el("div", {}, el("dt", {text: k}), el("dd", {text: v})))));
@@ -100,7 +100,7 @@ function renderStatus(s) {
   const state = $("run-state");
   state.className = `state ${s.state}`;
   setText("run-state", s.state);
-  setText("epoch", fmtInt.format(s.epoch));
+  setText("round", fmtInt.format(s.round));
   setText("total-samples", fmtInt.format(s.total_samples));
   setText("volunteers-online", fmtInt.format(s.volunteers_online));
   setText("samples-per-second", fmt1.format(s.samples_per_second));
@@ -210,8 +210,8 @@ function renderCheckpoints() {
       if (f.name === "manifest.json") continue;
       links.append(" ", el("a", {href: f.url, text: f.name, download: "", title: `sha256 ${f.sha256}`}));
     }
-    return el("tr", {"data-epoch": String(c.epoch)},
-      el("td", {class: "num", text: fmtInt.format(c.epoch) + (c.milestone ? " ★" : "")}),
+    return el("tr", {"data-round": String(c.round)},
+      el("td", {class: "num", text: fmtInt.format(c.round) + (c.milestone ? " ★" : "")}),
       el("td", {class: "num", text: fmtInt.format(c.total_samples)}),
       el("td", {text: new Date(c.created_at_ms).toLocaleString()}),
       el("td", {class: "num", text: bytes(c.size_bytes)}),
@@ -223,8 +223,8 @@ function renderCheckpoints() {
 
   const withPreview = list.filter((c) => c.preview_url).slice(-RECENT_PREVIEWS).reverse();
   $("previews").replaceChildren(...withPreview.map((c, i) => el("figure", {class: i === 0 ? "latest" : "recent"},
-    el("img", {src: c.preview_url, alt: `samples at epoch ${c.epoch}`, loading: "lazy"}),
-    el("figcaption", {text: `${i === 0 ? "latest · " : ""}epoch ${fmtInt.format(c.epoch)}`}))));
+    el("img", {src: c.preview_url, alt: `samples at round ${c.round}`, loading: "lazy"}),
+    el("figcaption", {text: `${i === 0 ? "latest · " : ""}round ${fmtInt.format(c.round)}`}))));
   $("previews-empty").hidden = withPreview.length > 0;
   renderPreviewPrompts(withPreview[0]);
 }
@@ -238,7 +238,7 @@ function renderPreviewPrompts(checkpoint) {
     rows.push(el("tr", {}, ...prompts.slice(i, i + columns).map((prompt) => el("td", {text: prompt}))));
   }
   $("preview-prompts").querySelector("tbody").replaceChildren(...rows);
-  if (checkpoint) setText("preview-prompts-epoch", `epoch ${fmtInt.format(checkpoint.epoch)}`);
+  if (checkpoint) setText("preview-prompts-round", `round ${fmtInt.format(checkpoint.round)}`);
   $("preview-prompts").hidden = prompts.length === 0;
 }
 

@@ -54,7 +54,7 @@ clip_iterations = 5
 [verification]
 audit_rate = {audit_rate}
 max_strikes = {max_strikes}
-audit_window_epochs = {audit_window}
+audit_window_rounds = {audit_window}
 sketch_size = 256
 segment_steps = {segment_steps}
 [rounds]
@@ -186,7 +186,7 @@ class LockstepSwarm:
         self.recomputer = Recomputer(spec, copy.deepcopy(self.model), self.scheduler, self.source,
                                      GradientSketch(self.model, spec.verification.sketch_size, seed=training.seed))
         # the validator's own θ_r of each round (what its follower would hold): the shared parameters, bitwise
-        self.history = ParameterHistory(spec.verification.audit_window_epochs + 2)
+        self.history = ParameterHistory(spec.verification.audit_window_rounds + 2)
         self.eval_batches = [(self.source.get(list(range(i, 1797, 29))[:32]), 1000 + i) for i in range(4)]
         self.result = SimResult(rounds=0, losses=[])
 
@@ -234,7 +234,7 @@ class LockstepSwarm:
             tick = time.perf_counter()
             verdict = self.recomputer.check_segment(task, self.history, self.fetcher)
             self.result.verify_seconds += time.perf_counter() - tick
-            assert verdict is not None, f"no verdict on round {task.epoch} of node {task.node_id[:12]}"
+            assert verdict is not None, f"no verdict on round {task.round} of node {task.node_id[:12]}"
             self._paced(lambda: self.validator.report_audit_verdict(verdict))  # noqa: B023 (called at once)
             self.result.verdicts.append(verdict)
 

@@ -48,13 +48,13 @@ class DataSpec(_message.Message):
     def __init__(self, source: _Optional[str] = ..., shard_size: _Optional[int] = ..., resolution: _Optional[int] = ...) -> None: ...
 
 class TrainingSpec(_message.Message):
-    __slots__ = ("micro_batch_size", "learning_rate", "weight_decay", "prediction_type", "num_train_timesteps", "max_epochs", "shards_per_assignment", "seed", "max_grad_norm")
+    __slots__ = ("micro_batch_size", "learning_rate", "weight_decay", "prediction_type", "num_train_timesteps", "max_rounds", "shards_per_assignment", "seed", "max_grad_norm")
     MICRO_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_DECAY_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_TRAIN_TIMESTEPS_FIELD_NUMBER: _ClassVar[int]
-    MAX_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SHARDS_PER_ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     MAX_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
@@ -63,11 +63,11 @@ class TrainingSpec(_message.Message):
     weight_decay: float
     prediction_type: str
     num_train_timesteps: int
-    max_epochs: int
+    max_rounds: int
     shards_per_assignment: int
     seed: int
     max_grad_norm: float
-    def __init__(self, micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prediction_type: _Optional[str] = ..., num_train_timesteps: _Optional[int] = ..., max_epochs: _Optional[int] = ..., shards_per_assignment: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
+    def __init__(self, micro_batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., weight_decay: _Optional[float] = ..., prediction_type: _Optional[str] = ..., num_train_timesteps: _Optional[int] = ..., max_rounds: _Optional[int] = ..., shards_per_assignment: _Optional[int] = ..., seed: _Optional[int] = ..., max_grad_norm: _Optional[float] = ...) -> None: ...
 
 class AveragingSpec(_message.Message):
     __slots__ = ("matchmaking_time", "averaging_timeout", "reducer", "clip_tau", "clip_iterations")
@@ -104,30 +104,30 @@ class RoundsSpec(_message.Message):
     def __init__(self, inner_steps: _Optional[int] = ..., outer_learning_rate: _Optional[float] = ..., outer_momentum: _Optional[float] = ..., outer_nesterov: _Optional[bool] = ..., overlap: _Optional[bool] = ..., compression: _Optional[str] = ..., topk_density: _Optional[float] = ..., max_round_seconds: _Optional[float] = ...) -> None: ...
 
 class VerificationSpec(_message.Message):
-    __slots__ = ("audit_rate", "max_strikes", "audit_window_epochs", "sketch_size", "segment_steps")
+    __slots__ = ("audit_rate", "max_strikes", "audit_window_rounds", "sketch_size", "segment_steps")
     AUDIT_RATE_FIELD_NUMBER: _ClassVar[int]
     MAX_STRIKES_FIELD_NUMBER: _ClassVar[int]
-    AUDIT_WINDOW_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_WINDOW_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     SKETCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_STEPS_FIELD_NUMBER: _ClassVar[int]
     audit_rate: float
     max_strikes: int
-    audit_window_epochs: int
+    audit_window_rounds: int
     sketch_size: int
     segment_steps: int
-    def __init__(self, audit_rate: _Optional[float] = ..., max_strikes: _Optional[int] = ..., audit_window_epochs: _Optional[int] = ..., sketch_size: _Optional[int] = ..., segment_steps: _Optional[int] = ...) -> None: ...
+    def __init__(self, audit_rate: _Optional[float] = ..., max_strikes: _Optional[int] = ..., audit_window_rounds: _Optional[int] = ..., sketch_size: _Optional[int] = ..., segment_steps: _Optional[int] = ...) -> None: ...
 
 class CheckpointSpec(_message.Message):
-    __slots__ = ("every_epochs", "keep", "milestone_every", "preview_samples")
-    EVERY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("every_rounds", "keep", "milestone_every", "preview_samples")
+    EVERY_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     MILESTONE_EVERY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_SAMPLES_FIELD_NUMBER: _ClassVar[int]
-    every_epochs: int
+    every_rounds: int
     keep: int
     milestone_every: int
     preview_samples: int
-    def __init__(self, every_epochs: _Optional[int] = ..., keep: _Optional[int] = ..., milestone_every: _Optional[int] = ..., preview_samples: _Optional[int] = ...) -> None: ...
+    def __init__(self, every_rounds: _Optional[int] = ..., keep: _Optional[int] = ..., milestone_every: _Optional[int] = ..., preview_samples: _Optional[int] = ...) -> None: ...
 
 class LivenessSpec(_message.Message):
     __slots__ = ("heartbeat_interval", "heartbeat_timeout", "token_ttl")
@@ -174,12 +174,12 @@ class RunSpec(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., model: _Optional[str] = ..., data: _Optional[_Union[DataSpec, _Mapping]] = ..., training: _Optional[_Union[TrainingSpec, _Mapping]] = ..., averaging: _Optional[_Union[AveragingSpec, _Mapping]] = ..., verification: _Optional[_Union[VerificationSpec, _Mapping]] = ..., checkpoints: _Optional[_Union[CheckpointSpec, _Mapping]] = ..., liveness: _Optional[_Union[LivenessSpec, _Mapping]] = ..., coordinator_public_key: _Optional[bytes] = ..., initial_peers: _Optional[_Iterable[str]] = ..., dht_prefix: _Optional[str] = ..., rounds: _Optional[_Union[RoundsSpec, _Mapping]] = ..., witnessed: _Optional[bool] = ...) -> None: ...
 
 class RunSummary(_message.Message):
-    __slots__ = ("run_id", "name", "model", "state", "epoch", "total_samples", "volunteers_online", "created_at_ms")
+    __slots__ = ("run_id", "name", "model", "state", "round", "total_samples", "volunteers_online", "created_at_ms")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     VOLUNTEERS_ONLINE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -187,11 +187,11 @@ class RunSummary(_message.Message):
     name: str
     model: str
     state: RunState
-    epoch: int
+    round: int
     total_samples: int
     volunteers_online: int
     created_at_ms: int
-    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., epoch: _Optional[int] = ..., total_samples: _Optional[int] = ..., volunteers_online: _Optional[int] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., name: _Optional[str] = ..., model: _Optional[str] = ..., state: _Optional[_Union[RunState, str]] = ..., round: _Optional[int] = ..., total_samples: _Optional[int] = ..., volunteers_online: _Optional[int] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
 
 class Challenge(_message.Message):
     __slots__ = ("nonce", "expires_at_ms")
@@ -270,10 +270,10 @@ class RenewTokenRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "epoch", "samples_per_second", "swarm_peers", "loss", "nonce", "signature")
+    __slots__ = ("token", "timestamp_ms", "round", "samples_per_second", "swarm_peers", "loss", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     SWARM_PEERS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -281,23 +281,23 @@ class HeartbeatRequest(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
-    epoch: int
+    round: int
     samples_per_second: float
     swarm_peers: int
     loss: float
     nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., swarm_peers: _Optional[int] = ..., loss: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., round: _Optional[int] = ..., samples_per_second: _Optional[float] = ..., swarm_peers: _Optional[int] = ..., loss: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("run_state", "epoch", "token_expires_at_ms")
+    __slots__ = ("run_state", "round", "token_expires_at_ms")
     RUN_STATE_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     TOKEN_EXPIRES_AT_MS_FIELD_NUMBER: _ClassVar[int]
     run_state: RunState
-    epoch: int
+    round: int
     token_expires_at_ms: int
-    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., epoch: _Optional[int] = ..., token_expires_at_ms: _Optional[int] = ...) -> None: ...
+    def __init__(self, run_state: _Optional[_Union[RunState, str]] = ..., round: _Optional[int] = ..., token_expires_at_ms: _Optional[int] = ...) -> None: ...
 
 class GetRunSpecRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -306,18 +306,18 @@ class GetRunSpecRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class GetWorkRequest(_message.Message):
-    __slots__ = ("token", "timestamp_ms", "epoch", "nonce", "signature")
+    __slots__ = ("token", "timestamp_ms", "round", "nonce", "signature")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     token: AccessToken
     timestamp_ms: int
-    epoch: int
+    round: int
     nonce: bytes
     signature: bytes
-    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., epoch: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., round: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ShardRange(_message.Message):
     __slots__ = ("shard_id", "start", "end")
@@ -330,10 +330,10 @@ class ShardRange(_message.Message):
     def __init__(self, shard_id: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class WorkAssignment(_message.Message):
-    __slots__ = ("assignment_id", "run_id", "epoch", "node_id", "shards", "seed", "micro_batch_size", "run_state", "state_hash", "signature")
+    __slots__ = ("assignment_id", "run_id", "round", "node_id", "shards", "seed", "micro_batch_size", "run_state", "state_hash", "signature")
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
@@ -343,7 +343,7 @@ class WorkAssignment(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     assignment_id: str
     run_id: str
-    epoch: int
+    round: int
     node_id: str
     shards: _containers.RepeatedCompositeFieldContainer[ShardRange]
     seed: int
@@ -351,13 +351,13 @@ class WorkAssignment(_message.Message):
     run_state: RunState
     state_hash: str
     signature: bytes
-    def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., state_hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, assignment_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., node_id: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[ShardRange, _Mapping]]] = ..., seed: _Optional[int] = ..., micro_batch_size: _Optional[int] = ..., run_state: _Optional[_Union[RunState, str]] = ..., state_hash: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Contribution(_message.Message):
-    __slots__ = ("run_id", "node_id", "epoch", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "segment_hashes", "signature")
+    __slots__ = ("run_id", "node_id", "round", "assignment_id", "samples", "mean_loss", "compute_seconds", "params_hash", "commitment", "micro_batches", "gradient_sketch", "created_at_ms", "delta_sketch", "bytes_sent", "end_params_hash", "segment_hashes", "signature")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MEAN_LOSS_FIELD_NUMBER: _ClassVar[int]
@@ -374,7 +374,7 @@ class Contribution(_message.Message):
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     node_id: str
-    epoch: int
+    round: int
     assignment_id: str
     samples: int
     mean_loss: float
@@ -389,7 +389,7 @@ class Contribution(_message.Message):
     end_params_hash: bytes
     segment_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     signature: bytes
-    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., assignment_id: _Optional[str] = ..., samples: _Optional[int] = ..., mean_loss: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., params_hash: _Optional[bytes] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., gradient_sketch: _Optional[_Iterable[float]] = ..., created_at_ms: _Optional[int] = ..., delta_sketch: _Optional[_Iterable[float]] = ..., bytes_sent: _Optional[int] = ..., end_params_hash: _Optional[bytes] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class ReportContributionRequest(_message.Message):
     __slots__ = ("token", "timestamp_ms", "contribution", "nonce", "signature")
@@ -444,12 +444,12 @@ class GetAuditTaskRequest(_message.Message):
     def __init__(self, token: _Optional[_Union[AccessToken, _Mapping]] = ..., timestamp_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class AuditTask(_message.Message):
-    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "epoch", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes", "delta_sketch")
+    __slots__ = ("task_id", "run_id", "contribution_id", "node_id", "round", "params_hash", "assignment", "micro_batch_indices", "audit_seed", "has_task", "records", "commitment", "micro_batches", "peer_id", "segment_hashes", "delta_sketch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTION_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     PARAMS_HASH_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCH_INDICES_FIELD_NUMBER: _ClassVar[int]
@@ -465,7 +465,7 @@ class AuditTask(_message.Message):
     run_id: str
     contribution_id: str
     node_id: str
-    epoch: int
+    round: int
     params_hash: bytes
     assignment: WorkAssignment
     micro_batch_indices: _containers.RepeatedScalarFieldContainer[int]
@@ -477,7 +477,7 @@ class AuditTask(_message.Message):
     peer_id: str
     segment_hashes: _containers.RepeatedScalarFieldContainer[bytes]
     delta_sketch: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., epoch: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., delta_sketch: _Optional[_Iterable[float]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., contribution_id: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., params_hash: _Optional[bytes] = ..., assignment: _Optional[_Union[WorkAssignment, _Mapping]] = ..., micro_batch_indices: _Optional[_Iterable[int]] = ..., audit_seed: _Optional[int] = ..., has_task: _Optional[bool] = ..., records: _Optional[_Iterable[_Union[AuditedRecord, _Mapping]]] = ..., commitment: _Optional[bytes] = ..., micro_batches: _Optional[int] = ..., peer_id: _Optional[str] = ..., segment_hashes: _Optional[_Iterable[bytes]] = ..., delta_sketch: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class MicroBatchCheck(_message.Message):
     __slots__ = ("index", "loss_diff", "norm_diff", "sketch_diff", "passed")
@@ -640,9 +640,9 @@ class RunStatus(_message.Message):
     def __init__(self, summary: _Optional[_Union[RunSummary, _Mapping]] = ..., samples_per_second: _Optional[float] = ..., last_loss: _Optional[float] = ..., contributions: _Optional[int] = ..., verified_samples: _Optional[int] = ..., provisional_samples: _Optional[int] = ...) -> None: ...
 
 class Checkpoint(_message.Message):
-    __slots__ = ("run_id", "epoch", "total_samples", "manifest_sha256", "size_bytes", "created_at_ms", "path", "milestone", "url")
+    __slots__ = ("run_id", "round", "total_samples", "manifest_sha256", "size_bytes", "created_at_ms", "path", "milestone", "url")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -651,7 +651,7 @@ class Checkpoint(_message.Message):
     MILESTONE_FIELD_NUMBER: _ClassVar[int]
     URL_FIELD_NUMBER: _ClassVar[int]
     run_id: str
-    epoch: int
+    round: int
     total_samples: int
     manifest_sha256: str
     size_bytes: int
@@ -659,7 +659,7 @@ class Checkpoint(_message.Message):
     path: str
     milestone: bool
     url: str
-    def __init__(self, run_id: _Optional[str] = ..., epoch: _Optional[int] = ..., total_samples: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., path: _Optional[str] = ..., milestone: _Optional[bool] = ..., url: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., total_samples: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_at_ms: _Optional[int] = ..., path: _Optional[str] = ..., milestone: _Optional[bool] = ..., url: _Optional[str] = ...) -> None: ...
 
 class ListCheckpointsRequest(_message.Message):
     __slots__ = ("run_id",)
