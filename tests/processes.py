@@ -27,7 +27,7 @@ from zygote import Forked, Zygote
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "runs" / "digits.toml"
-_STARTED: list[Forked] = []
+_STARTED: list[Forked | subprocess.Popen] = []
 # one torch thread per process (several share 2 cores); unbuffered, so a killed process's log is complete
 PROCESS_ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -67,6 +67,16 @@ def _popen(target: str, args: list, log: Path, env: dict | None = None, cwd: Pat
         process = zygote().spawn(target, [str(a) for a in args], stdin=nothing.fileno(), stdout=out.fileno(),
                                  stderr=out.fileno(), env={**os.environ, **PROCESS_ENV, **(env or {})},
                                  cwd=str(cwd or os.getcwd()))
+    _STARTED.append(process)
+    return process
+
+
+def popen_argv(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Run ``args`` as a fresh process in its own session (output in ``log``): for commands the zygote cannot fork,
+    as those that start inside another network namespace (``ip netns exec``, tests/wan.py)."""
+    with open(log, "ab") as out:
+        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env={**os.environ, **PROCESS_ENV, **(env or {})})
     _STARTED.append(process)
     return process
 

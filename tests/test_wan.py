@@ -17,7 +17,7 @@ from coordinator_helpers import free_port
 from omi.coordinator.states import ContributionStatus
 from omi.models import build_model, load_pretrained
 from omi.protos import pb
-from processes import BIN, NO_CHECKPOINTS, _popen, fast_run, kill_group, serving, wait_until
+from processes import BIN, NO_CHECKPOINTS, fast_run, kill_group, popen_argv, serving, wait_until
 from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
 
 UNAVAILABLE = unavailable()  # not root, or no iproute2
@@ -146,9 +146,8 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
     with wan(3, rate_mbit=100) as net:  # on exit the harness kills whatever still runs in the hosts
         address = f"{net.gateway}:{free_port()}"
         coordinator_log = tmp_path / "coordinator.log"
-        coordinator = _popen([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", address,
-                              "--http", "", "--swarm-host", net.gateway, "--run", run_file],
-                             coordinator_log)
+        coordinator = popen_argv([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", address,
+                                  "--http", "", "--swarm-host", net.gateway, "--run", run_file], coordinator_log)
         try:
             address = wait_until(lambda: serving(address, state_dir, coordinator, coordinator_log), 60,
                                  "the coordinator serving on the bridge")  # now with its certificate pinned
@@ -156,9 +155,10 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
             def join(i: int) -> subprocess.Popen:
                 host = net.hosts[i]  # its swarm peer listens on the host's own address: the one others can dial
                 # (`ip netns exec` execs the node: a signal to this process reaches the node)
-                return _popen(host.argv(BIN / "omi-node", "join", "--coordinator", address, "--quiet", "--threads", 1,
-                                        "--state-dir", tmp_path / f"node-{i}", "--name", f"node-{i}", "--host",
-                                        host.ip, "--save", tmp_path / f"model-{i}"), logs[i])
+                return popen_argv(host.argv(BIN / "omi-node", "join", "--coordinator", address, "--quiet",
+                                            "--threads", 1, "--state-dir", tmp_path / f"node-{i}", "--name",
+                                            f"node-{i}", "--host", host.ip, "--save", tmp_path / f"model-{i}"),
+                                  logs[i])
 
             # a swarm forms over time: peers that start at the very same moment each see "no other peers" and take
             # their first step alone (a lasting offset); later joiners load the state of the running swarm instead

@@ -15,6 +15,7 @@ the reply is a line with the child's pid, and later a line with its exit status 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import select
@@ -39,6 +40,7 @@ def _run_child(request: dict, fds: list[int]) -> int:
     for target_fd, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target_fd)
         os.close(fd)
+    faulthandler.enable()  # a crash in native code leaves its Python stack in the command's log
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
         signal.signal(number, signal.SIG_DFL if number != signal.SIGINT else signal.default_int_handler)
     os.environ.clear()
@@ -126,12 +128,16 @@ def serve(path: str) -> None:
             for fd in fds:
                 os.close(fd)
             connection.sendall(f"{pid}\n".encode())
+            print(f"{time.strftime('%H:%M:%S')} pid {pid} started: {json.loads(message)['argv'][:4]}", file=sys.stderr,
+                  flush=True)
             children[pid] = connection
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
             connection = children.pop(pid, None)
+            print(f"{time.strftime('%H:%M:%S')} pid {pid} ended: {os.waitstatus_to_exitcode(status)}", file=sys.stderr,
+                  flush=True)
             if connection is not None:
                 try:
                     connection.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
@@ -201,8 +207,9 @@ class Zygote:
 
     def __init__(self, env: dict):
         self.path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"omi-zygote-{os.getpid()}-{time.monotonic_ns()}")
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "zygote.py"), self.path], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, cwd=HERE, env=env)
+        with open(f"{self.path}.log", "ab") as log:  # which command started and ended when, with its exit code
+            self.proc = subprocess.Popen([sys.executable, str(HERE / "zygote.py"), self.path], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, cwd=HERE, env=env)
         ready = self.proc.stdout.readline()
         if ready.strip() != b"ready":
             self.proc.kill()
