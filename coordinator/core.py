@@ -46,7 +46,8 @@ class Coordinator:
       receive (None: no swarm peer)
     :param state_dir: checkpoint folders live in ``state_dir/checkpoints`` (None: none on disk; listing still works)
     :param public_url: base URL of the coordinator's HTTP port (``http://host:port``) for ``Checkpoint.url``
-    :param clock: wall-clock milliseconds the registry judges challenges and tokens by (tests move one forward)
+    :param clock: wall-clock milliseconds the registry judges challenges and tokens by, and heartbeats and
+        assignments are stamped and judged by (tests move one forward)
 
     >>> from omi.protos.signing import generate_key
     >>> coordinator = Coordinator(Store("sqlite://"), generate_key())
@@ -64,7 +65,9 @@ class Coordinator:
         self.runs = Runs(store, self.public_key, swarm_peers=swarm_peers, public_url=public_url)
         self.liveness = Liveness(store)
         self.registry = Registry(store, key, self.runs, self.liveness, self.config.registry, clock=clock)
-        self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout, config=self.config.work)
+        self.work = WorkPlanner(store, key, self.runs, self.liveness, layout=layout, config=self.config.work,
+                                clock=clock)
+        self.clock = clock  # wall-clock ms: heartbeats are stamped and judged by it
         self.auditor = Auditor(store, self.runs, self.registry, task_timeout=self.config.audit_task_timeout,
                                records_grace=self.config.records_grace)
         self.ledger = Ledger(store, self.runs, self.auditor)
@@ -100,7 +103,7 @@ class Coordinator:
             if not 0.0 <= value <= most:  # also NaN: SQLite would store it as NULL and every later flush fail
                 raise InvalidArgument(f"heartbeat {name} must be a number from 0 to {most:g}, not {value!r}")
         self.liveness.beat(caller.run_id, caller.node_id, Beat(request.round, request.samples_per_second,
-                                                               request.swarm_peers, request.loss, now_ms()))
+                                                               request.swarm_peers, request.loss, self.clock()))
         run = self.runs.get(caller.run_id)
         return pb.HeartbeatResponse(run_state=run.state, round=run.round,
                                     token_expires_at_ms=caller.token.expires_at_ms)
@@ -114,7 +117,7 @@ class Coordinator:
     # ---------------------------------------------------------------- public views
 
     def volunteers_online(self, run_id: str) -> list[Beat]:
-        return self.liveness.online(run_id, now_ms(), self.runs.get(run_id).spec.liveness.heartbeat_timeout)
+        return self.liveness.online(run_id, self.clock(), self.runs.get(run_id).spec.liveness.heartbeat_timeout)
 
     def list_runs(self) -> list[pb.RunSummary]:
         return [self.runs.summary(r, len(self.volunteers_online(r))) for r in self.runs.run_ids()]

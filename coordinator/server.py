@@ -49,7 +49,7 @@ class CoordinatorServer:
     :param http_app: builds the app served on ``config.http_address`` (the CLI passes the dashboard's
       ``create_app``); required when ``http_address`` is set
     :param layout: DataSpec -> ShardLayout (benchmarks pass a synthetic one; by default the run's real data)
-    :param clock: wall-clock milliseconds of the registry (:class:`omi.coordinator.registry.Registry`)
+    :param clock: wall-clock milliseconds of the registry, the work planner and the heartbeats
 
     What ``omi-coordinator serve`` does, ``create_app`` being :func:`omi.dashboard.app.create_app`:
 

@@ -113,11 +113,13 @@ class WorkPlanner:
     :param liveness: to tell which assigned nodes went offline
     :param layout: DataSpec -> ShardLayout (``data_layout`` reads the real data source)
     :param config: per-address caps
+    :param clock: wall-clock milliseconds (assignments' times, who is online; tests move one forward)
     """
 
     def __init__(self, store: Store, key: Ed25519PrivateKey, runs: Runs, liveness: Liveness, *,
-                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout, config: WorkConfig | None = None):
-        self.store, self.key, self.runs, self.liveness = store, key, runs, liveness
+                 layout: Callable[[pb.DataSpec], ShardLayout] = data_layout, config: WorkConfig | None = None,
+                 clock: Callable[[], int] = now_ms):
+        self.store, self.key, self.runs, self.liveness, self.clock = store, key, runs, liveness, clock
         self.config = config or WorkConfig()
         self._layout = layout
         # Run id -> its layout, opened once: a run's DataSpec never changes, so an entry never goes stale, in this
@@ -167,7 +169,7 @@ class WorkPlanner:
     def _assign(self, caller: Caller, round_number: int, source: str) -> pb.WorkAssignment:
         run = self.runs.get(caller.run_id)
         layout = self.layout(caller.run_id)
-        now = now_ms()
+        now = self.clock()
         assignment = pb.WorkAssignment(run_id=caller.run_id, round=round_number, node_id=caller.node_id,
                                        micro_batch_size=run.spec.training.micro_batch_size, run_state=run.state)
         training = run.spec.training
@@ -225,7 +227,7 @@ class WorkPlanner:
     def _volunteers(self, caller: Caller) -> int:
         """Training volunteers online in the caller's run (they heartbeat; validators do not), the caller included."""
         run = self.runs.get(caller.run_id)
-        online = self.liveness.online_nodes(caller.run_id, now_ms(), run.spec.liveness.heartbeat_timeout)
+        online = self.liveness.online_nodes(caller.run_id, self.clock(), run.spec.liveness.heartbeat_timeout)
         return len(online | {caller.node_id})
 
     @staticmethod
@@ -277,7 +279,7 @@ class WorkPlanner:
 
     def release_node(self, run_id: str, node_id: str) -> int:
         """The node left: put back the shards of its assignments that have no contribution yet."""
-        now = now_ms()
+        now = self.clock()
         with self.store.transaction() as s:
             ids = list(s.scalars(select(WorkAssignment.assignment_id).where(
                 WorkAssignment.run_id == run_id, WorkAssignment.node_id == node_id,

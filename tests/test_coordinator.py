@@ -388,7 +388,9 @@ def test_identities_made_by_the_dozen_behind_one_address_leave_a_rounds_data_to_
 
 
 def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path, db_url):
-    with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=3.0), db_url=db_url) as server:
+    clock = FakeClock()
+    with ServerThread(tmp_path / "state", run_toml(shards=15, heartbeat_timeout=3.0), db_url=db_url,
+                      clock=clock) as server:
         silent, alive, newcomer = (server.node(name=n) for n in ("silent", "alive", "new"))
         for node in (silent, alive, newcomer):  # registering three (keys, TLS) can take longer than the timeout
             node.heartbeat()
@@ -396,8 +398,8 @@ def test_shards_of_a_node_that_missed_heartbeats_go_back_to_the_pool(tmp_path, d
         alive_work = alive.get_work(0)
         assert len(silent_work.shards) == 15 and len(alive_work.shards) == 14
         assert not newcomer.get_work(0).shards
-        for _ in range(8):
-            time.sleep(0.45)
+        for _ in range(2):  # 4 s without a beat of the silent one: past its timeout; the others beat every 2 s
+            clock.advance(2.0)
             alive.heartbeat()
             newcomer.heartbeat()
         taken_over = newcomer.get_work(0)
