@@ -53,12 +53,12 @@ def seconds_to_round_end(records: list[LocalTrainingProgress], spec: pb.RunSpec,
     """When the trainers' records say round ``round_number`` closes (as each trainer estimates it: H micro-batches
     per trainer at the rates they report); inf when no trainer reports that round.
 
-    A record with neither samples nor a rate is a peer that has not trained a step yet (a joiner, or one that sat
-    the round out because it found it closed on arrival): it moves nothing and does not count. Counted, it raised
-    the round's target while the trainers that closed it were already averaging, and the witness joined them only
-    once their extrapolated samples covered the newcomers' share (seen: 20-25 s of a three-peer swarm's round 0)."""
-    at_round = [r for r in records
-                if r.epoch == round_number and (r.samples_accumulated > 0 or r.samples_per_second > 0)]
+    Every record of the round counts, a peer that has not trained a step yet too (as the trainers' own clocks count
+    it). Known cost: a trainer that closed the round before joiners reported waits in its all-reduce until the
+    others' extrapolated samples cover the joiners' share (seen: 20-25 s of a three-peer swarm's round 0). Leaving
+    them out was tried (2026-12-07): in one of two suite runs the witness then confirmed a θ no trainer started
+    from (tests/test_rounds.py); not shown to be the cause, but not kept."""
+    at_round = [r for r in records if r.epoch == round_number]
     if not at_round:
         return float("inf")
     now = get_dht_time()

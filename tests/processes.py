@@ -59,26 +59,28 @@ def fast_run(**sections: dict) -> str:
     return sized_run(**{name: {**FAST.get(name, {}), **sections.get(name, {})} for name in {*FAST, *sections}})
 
 
-def _popen(target: str, args: list, log: Path, env: dict | None = None, cwd: Path | None = None) -> Forked:
+def _popen(target: str, args: list, log: Path, env: dict | None = None, cwd: Path | None = None,
+           netns: str | None = None) -> Forked:
     """Run a command (``target``: its entry point, as :meth:`Zygote.spawn` takes it; ``args``: its argv) in its own
-    session with its output in ``log``: forked from this session's zygote (tests/zygote.py), which imported what it
-    imports once."""
+    session with its output in ``log`` (in the network namespace ``netns``, if given): forked from this session's
+    zygote (tests/zygote.py), which imported what it imports once."""
     with open(log, "ab") as out, open(os.devnull, "rb") as nothing:
         process = zygote().spawn(target, [str(a) for a in args], stdin=nothing.fileno(), stdout=out.fileno(),
                                  stderr=out.fileno(), env={**os.environ, **PROCESS_ENV, **(env or {})},
-                                 cwd=str(cwd or os.getcwd()))
+                                 cwd=str(cwd or os.getcwd()), netns=netns)
     _STARTED.append(process)
     return process
 
 
-def popen_argv(args: list, log: Path, env: dict | None = None) -> subprocess.Popen:
-    """Run ``args`` as a fresh process in its own session (output in ``log``): for commands the zygote cannot fork,
-    as those that start inside another network namespace (``ip netns exec``, tests/wan.py)."""
-    with open(log, "ab") as out:
-        process = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True, env={**os.environ, **PROCESS_ENV, **(env or {})})
-    _STARTED.append(process)
-    return process
+def node_in(netns: str, coordinator: str, state_dir: Path, *args, log: Path) -> Forked:
+    """``omi-node join`` inside the network namespace ``netns`` (a host of tests/wan.py), output in ``log``."""
+    return _popen("omi.node.cli:app", [BIN / "omi-node", "join", "--coordinator", coordinator, "--state-dir",
+                                       state_dir, "--quiet", *args], log, netns=netns)
+
+
+def serve_command(*args, log: Path) -> Forked:
+    """``omi-coordinator serve ARGS``, output in ``log`` (:class:`ServeProcess` waits for it, this does not)."""
+    return _popen("omi.coordinator.cli:app", [BIN / "omi-coordinator", "serve", *args], log)
 
 
 _ZYGOTE: list[Zygote] = []

@@ -127,7 +127,7 @@ def test_coordinator_killed_mid_checkpoint_keeps_the_previous_one(tmp_path, monk
         listed_before = [row[0] for row in db.execute("SELECT round FROM checkpoints ORDER BY round")]
     assert listed_before and max(listed_before) < 3, listed_before
 
-    restarted = ServeProcess(state, tmp_path / "restarted.log", run_file=run_file)
+    restarted = ServeProcess(state, tmp_path / "restarted.log", run_file=run_file, witness=False)
     wait_until(lambda: "removing unfinished" in restarted.log.read_text(), 120, "the checkpointer's repair")
     assert not list(run_folder.glob(".tmp-*"))
     client = CoordinatorClient(restarted.address, signing.generate_key(), attempts=3)

@@ -130,7 +130,7 @@ def test_page_follows_a_live_swarm_and_survives_a_restart(tmp_path, browser):
     wait_for(browser, "document.getElementById('connection').classList.contains('offline')", 30, "the offline notice")
     assert "unreachable" in browser.find_element("id", "connection").text
     server = ServeProcess(server.state_dir, tmp_path / "coordinator-2.log", run_file=run_file,
-                          grpc_port=server.grpc_port, http_port=server.http_port)
+                          grpc_port=server.grpc_port, http_port=server.http_port, witness=False)
     wait_for(browser, "!document.getElementById('connection').classList.contains('offline')", 90, "the page to recover")
     total = api(server, "/api/runs/digits/status")["total_samples"]
     wait_for(browser, f"+document.getElementById('total-samples').textContent.replace(/,/g, '') === {total}", 20,

@@ -17,8 +17,9 @@ from coordinator_helpers import free_port
 from omi.coordinator.states import ContributionStatus
 from omi.models import build_model, load_pretrained
 from omi.protos import pb
-from processes import BIN, NO_CHECKPOINTS, fast_run, kill_group, popen_argv, serving, wait_until
+from processes import NO_CHECKPOINTS, fast_run, kill_group, node_in, serve_command, serving, wait_until
 from wan import PREFIX, Host, leftovers, sweep, unavailable, wan
+from zygote import Forked
 
 UNAVAILABLE = unavailable()  # not root, or no iproute2
 pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "available")
@@ -146,19 +147,16 @@ def test_three_volunteers_train_together_across_namespaces_and_leave_gracefully(
     with wan(3, rate_mbit=100) as net:  # on exit the harness kills whatever still runs in the hosts
         address = f"{net.gateway}:{free_port()}"
         coordinator_log = tmp_path / "coordinator.log"
-        coordinator = popen_argv([BIN / "omi-coordinator", "serve", "--state-dir", state_dir, "--grpc", address,
-                                  "--http", "", "--swarm-host", net.gateway, "--run", run_file], coordinator_log)
+        coordinator = serve_command("--state-dir", state_dir, "--grpc", address, "--http", "", "--swarm-host",
+                                    net.gateway, "--run", run_file, log=coordinator_log)
         try:
             address = wait_until(lambda: serving(address, state_dir, coordinator, coordinator_log), 60,
                                  "the coordinator serving on the bridge")  # now with its certificate pinned
 
-            def join(i: int) -> subprocess.Popen:
+            def join(i: int) -> Forked:
                 host = net.hosts[i]  # its swarm peer listens on the host's own address: the one others can dial
-                # (`ip netns exec` execs the node: a signal to this process reaches the node)
-                return popen_argv(host.argv(BIN / "omi-node", "join", "--coordinator", address, "--quiet",
-                                            "--threads", 1, "--state-dir", tmp_path / f"node-{i}", "--name",
-                                            f"node-{i}", "--host", host.ip, "--save", tmp_path / f"model-{i}"),
-                                  logs[i])
+                return node_in(host.name, address, tmp_path / f"node-{i}", "--threads", 1, "--name", f"node-{i}",
+                               "--host", host.ip, "--save", tmp_path / f"model-{i}", log=logs[i])
 
             # a swarm forms over time: peers that start at the very same moment each see "no other peers" and take
             # their first step alone (a lasting offset); later joiners load the state of the running swarm instead

@@ -9,8 +9,9 @@ console script would. What differs from a fresh interpreter is only what was imp
 check a command's start-up (bad input, ``omi-node download``, the admin CLI) still start the console scripts.
 
 ``python tests/zygote.py SOCKET``: serves on the Unix socket SOCKET until its stdin closes. Each request is one JSON
-line (``target``, ``argv``, ``env``, ``cwd``) with the child's stdin, stdout and stderr passed as file descriptors;
-the reply is a line with the child's pid, and later a line with its exit status (``os.waitstatus_to_exitcode``).
+line (``target``, ``argv``, ``env``, ``cwd``, ``netns``: a network namespace to enter first) with the child's stdin,
+stdout and stderr passed as file descriptors; the reply is a line with the child's pid, and later a line with its
+exit status (``os.waitstatus_to_exitcode``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ MAX_REQUEST = 1 << 20
 def _run_child(request: dict, fds: list[int]) -> int:
     """In the forked child: become the command, run it, return its exit code."""
     os.setsid()  # its own session: a test kills the whole "machine" with killpg, as a console script's
+    if request.get("netns"):  # a host of tests/wan.py: its network, as `ip netns exec NAME` gives it
+        _enter_network_namespace(request["netns"])
     for target_fd, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target_fd)
         os.close(fd)
@@ -77,6 +80,21 @@ def _run_child(request: dict, fds: list[int]) -> int:
 
         traceback.print_exc()
         return 1
+
+
+CLONE_NEWNET = 0x40000000  # from <sched.h>
+
+
+def _enter_network_namespace(name: str) -> None:
+    """Move this process into the named network namespace (``ip netns add NAME``; root)."""
+    import ctypes
+
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into network namespace {name}")
+    finally:
+        os.close(fd)
 
 
 def _reseed() -> None:
@@ -216,10 +234,10 @@ class Zygote:
             raise RuntimeError(f"the zygote did not start (exit code {self.proc.wait()})")
 
     def spawn(self, target: str, argv: list[str], *, stdin: int, stdout: int, stderr: int, env: dict,
-              cwd: str) -> Forked:
+              cwd: str, netns: str | None = None) -> Forked:
         connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         connection.connect(self.path)
-        request = json.dumps(dict(target=target, argv=argv, env=env, cwd=cwd)).encode()
+        request = json.dumps(dict(target=target, argv=argv, env=env, cwd=cwd, netns=netns)).encode()
         socket.send_fds(connection, [request], [stdin, stdout, stderr])
         return Forked(connection, argv)
 
