@@ -171,6 +171,12 @@ class LivenessSection(BaseModel):
     token_ttl: PositiveFloat = 3600.0  # seconds an access token is valid
 
 
+def _present(doc: Any, keys: dict[tuple[str, str], str]) -> list[tuple[str, str, str]]:
+    """(section, key, what to write instead) of each of ``keys`` that the TOML document ``doc`` holds."""
+    return [(section, key, instead) for (section, key), instead in keys.items()
+            if isinstance(doc, dict) and isinstance(doc.get(section), dict) and key in doc[section]]
+
+
 class RunSpecFile(BaseModel):
     """A whole RunSpec TOML file; every section but ``[run]`` may be left out."""
 
@@ -190,11 +196,9 @@ class RunSpecFile(BaseModel):
     @classmethod
     def _no_renamed_keys(cls, doc: Any) -> Any:
         # A key that still says "epoch" for a round gets a message that names its new name, not "unknown key".
-        for (section, key), instead in RENAMED_KEYS.items():
-            table = doc.get(section) if isinstance(doc, dict) else None
-            if isinstance(table, dict) and key in table:
-                raise ValueError(f"'{section}.{key}' was renamed: write '{section}.{instead}' instead (the same "
-                                 "value: it always counted rounds)")
+        for section, key, instead in _present(doc, RENAMED_KEYS):
+            raise ValueError(f"'{section}.{key}' was renamed: write '{section}.{instead}' instead (the same "
+                             "value: it always counted rounds)")
         return doc
 
     @model_validator(mode="before")
@@ -202,10 +206,8 @@ class RunSpecFile(BaseModel):
     def _no_per_step_training(cls, doc: Any) -> Any:
         # Per-step training was retired (issue 20): its keys get a message that says what to write instead, not
         # "unknown key"; checked first, so an old run file gets this message before any other.
-        for (section, key), instead in RETIRED_KEYS.items():
-            table = doc.get(section) if isinstance(doc, dict) else None
-            if isinstance(table, dict) and key in table:
-                raise ValueError(f"'{section}.{key}' belonged to per-step training, which was retired: {instead}")
+        for section, key, instead in _present(doc, RETIRED_KEYS):
+            raise ValueError(f"'{section}.{key}' belonged to per-step training, which was retired: {instead}")
         rounds = doc.get("rounds") if isinstance(doc, dict) else None
         if isinstance(rounds, dict) and type(rounds.get("inner_steps")) is int and rounds["inner_steps"] == 0:
             raise ValueError("'rounds.inner_steps' = 0 asks for per-step training, which was retired: every run "
