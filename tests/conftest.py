@@ -18,6 +18,18 @@ if "OMI_HOME" not in os.environ or _home_owner not in (None, str(os.getpid())):
     os.environ["OMI_TEST_HOME_OWNER"] = str(os.getpid())
 
 
+# In-process tests of 20-60 s each (fresh clone, 2 cores, 2026-12-07: the lock-step CenteredClip swarm 59 s,
+# train-local 51 s, the attacks under segment audits 42 s, the data CLI 31 s, the other-process recompute 29 s). In
+# file order their files came last, and the phase could end with one pytest-xdist worker running one of them while
+# the other idled; their files go first, so they overlap with the many short tests.
+LONG_FIRST = ("test_verification.py", "test_train_local.py", "test_data_prepare.py", "test_models_microbatch.py",
+              "test_dashboard_api.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONG_FIRST)  # stable: file order otherwise
+
+
 @pytest.fixture(autouse=True)
 def _reap_processes():
     """Kill what the test started: the processes this pytest process keeps in its own list (tests/processes.py),

@@ -89,8 +89,6 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
 
     first = min(wait_until(newcomers_contributions, 240, "the newcomer's first contribution", 1),
                 key=lambda c: c.round)
-    said = " ".join(newcomer.output().split())  # rich wraps log lines
-    assert f"resumed from checkpoint round {latest.round}" in said, newcomer.output()[-3000:]
     # it resumes at the checkpoint's round. Volunteers that leave withdraw their progress records (withdraw_progress);
     # before that, their records counted for a minute and closed that round before the newcomer trained a step in it
     # (seen twice in three runs, 2026-12-07; since the fix it trained the checkpoint's round at once, 114 s instead
@@ -98,7 +96,8 @@ def test_checkpoints_during_training_retention_and_resume(run_file, tmp_path):
     # contribution is of the next round, from the same θ (the newcomer sat that round out, no outer step was taken)
     resumed_at = max(latest.round, run_round)
     assert first.round in (resumed_at, resumed_at + 1), (first.round, resumed_at)
-    assert first.params_hash.hex() == manifest["params_hash"]  # it trained from the checkpoint's weights
+    # it trained from the checkpoint's weights (no peer was left to serve a state)
+    assert first.params_hash.hex() == manifest["params_hash"], newcomer.output()[-3000:]
     # the run's round is what the coordinator's own swarm peer observes (the round at least half the trainers'
     # progress records in the DHT report), not what a contribution says. The records of the volunteers that left
     # stay until they expire (60 s after their last refresh), so the newcomer keeps training (refreshing its own)
