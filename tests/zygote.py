@@ -44,8 +44,12 @@ def _run_child(request: dict, fds: list[int]) -> int:
         os.dup2(fd, target_fd)
         os.close(fd)
     faulthandler.enable()  # a crash in native code leaves its Python stack in the command's log
-    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
-        signal.signal(number, signal.SIG_DFL if number != signal.SIGINT else signal.default_int_handler)
+    # the dispositions a fresh interpreter starts with. SIGPIPE stays ignored, as Python sets it at start-up (a write
+    # to a closed pipe raises BrokenPipeError): at SIG_DFL a volunteer leaving the swarm died of SIGPIPE once, silently
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
