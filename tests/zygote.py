@@ -3,7 +3,7 @@
 Starting ``omi-node join`` costs 7-10 s of CPU before its first line (torch, hivemind, diffusers with torch._dynamo
 and every diffusers transformer), on 2 cores shared with the swarm the test already runs; the slow tests start about
 fifty. This process imports those modules once; each command is then a fork of it that runs the command's own entry
-point (``omi.node.cli:app``, ``python -m tests.adversaries``, ``tests/swarm_helpers.py``) with its own argv,
+point (``omi.node.cli:app``, ``omi.coordinator.cli:app``, ``python -m tests.adversaries``) with its own argv,
 environment, working directory, standard streams and session, and exits with that entry point's exit code, as the
 console script would. What differs from a fresh interpreter is only what was imported before ``main`` ran; tests that
 check a command's start-up (bad input, ``omi-node download``, the admin CLI) still start the console scripts.
@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # what the commands import before their first line (the trainer, the validator and the coordinator's own modules)
 PRELOAD = ("omi.node.cli", "omi.node.volunteer", "omi.node.trainer", "omi.node.validator", "omi.coordinator.cli",
-           "omi.coordinator.server", "omi.dashboard.app", "diffusers.models.unets.unet_2d", "swarm_helpers")
+           "omi.coordinator.server", "omi.dashboard.app", "diffusers.models.unets.unet_2d")
 MAX_REQUEST = 1 << 20
 
 
