@@ -62,12 +62,6 @@ def _run_child(request: dict, fds: list[int]) -> int:
 
             sys.path.insert(0, request["cwd"])
             runpy.run_module(target.removeprefix("module:"), run_name="__main__", alter_sys=True)
-        elif target.startswith("script:"):  # python SCRIPT
-            import runpy
-
-            script = target.removeprefix("script:")
-            sys.path.insert(0, str(Path(script).parent))
-            runpy.run_path(script, run_name="__main__")
         else:  # a console script: package.module:callable
             import importlib
 
