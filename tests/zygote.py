@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -35,9 +36,53 @@ PRELOAD = ("omi.node.cli", "omi.node.volunteer", "omi.node.trainer", "omi.node.v
 MAX_REQUEST = 1 << 20
 
 
+def _process_locks() -> list[tuple[object, str]]:
+    """Where the preloaded modules keep a ``multiprocessing`` lock made at import (hivemind's ``MPFuture`` and
+    ``SharedBytes`` locks): (module or class, attribute name).
+
+    Such a lock is a semaphore that every fork shares. A fresh interpreter makes its own, shared only with the
+    processes it forks itself; inherited from the zygote, one lock would be shared by every command of the session,
+    and a command killed while holding it (``kill -9`` of a volunteer in the middle of an ``MPFuture`` update) would
+    leave it held for good: every volunteer forked after it then waited without end for its DHT to start (seen on CI,
+    all of one xdist worker's later volunteers). Each child makes fresh ones (``_fresh_process_locks``). A shared
+    synchronization object of any other kind (an event, a semaphore, a shared value) is refused here, at start."""
+    import multiprocessing.sharedctypes
+    import multiprocessing.synchronize as synchronize
+
+    shared = (synchronize.SemLock, synchronize.Condition, synchronize.Event, synchronize.Barrier,
+              multiprocessing.sharedctypes.SynchronizedBase)
+    found = []
+    with warnings.catch_warnings():  # reading a deprecated name's __module__ warns (torch.distributed.reduce_op)
+        warnings.simplefilter("ignore")
+        for module in list(sys.modules.values()):
+            owners = [module, *(value for value in vars(module).values()
+                                if isinstance(value, type) and value.__module__ == module.__name__)]
+            found += [(owner, name) for owner in owners for name, value in list(vars(owner).items())
+                      if isinstance(value, shared)]
+    for owner, name in found:
+        if type(vars(owner)[name]) not in (synchronize.Lock, synchronize.RLock):
+            raise RuntimeError(f"{owner!r}.{name} is a shared {type(vars(owner)[name]).__name__} made at import; the "
+                               "zygote can only give each command fresh locks")
+    return found
+
+
+def _fresh_process_locks(locks: list[tuple[object, str]]) -> None:
+    """In the forked child: replace each lock of ``_process_locks`` by a new one of the same kind, as the command's
+    own imports would have made it."""
+    import multiprocessing
+
+    for owner, name in locks:
+        kind = type(vars(owner)[name]).__name__  # Lock or RLock
+        setattr(owner, name, getattr(multiprocessing, kind)())
+
+
+PROCESS_LOCKS: list[tuple[object, str]] = []  # filled by serve() once the modules are imported
+
+
 def _run_child(request: dict, fds: list[int]) -> int:
     """In the forked child: become the command, run it, return its exit code."""
     os.setsid()  # its own session: a test kills the whole "machine" with killpg, as a console script's
+    _fresh_process_locks(PROCESS_LOCKS)
     if request.get("netns"):  # a host of tests/wan.py: its network, as `ip netns exec NAME` gives it
         _enter_network_namespace(request["netns"])
     for target_fd, fd in zip((0, 1, 2), fds, strict=True):
@@ -124,6 +169,10 @@ def serve(path: str) -> None:
     for module in PRELOAD:
         __import__(module)
     assert threading.active_count() == 1, f"a preloaded module started threads: {threading.enumerate()}"
+    PROCESS_LOCKS.extend(_process_locks())
+    names = ", ".join(f"{getattr(owner, '__qualname__', getattr(owner, '__name__', owner))}.{name}"
+                      for owner, name in PROCESS_LOCKS)
+    print(f"{time.strftime('%H:%M:%S')} each command gets fresh locks for: {names}", file=sys.stderr, flush=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)
