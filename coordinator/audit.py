@@ -8,10 +8,10 @@ An audit goes through these states (``Audit.state``):
    training states) a validator will replay, and the audit seed. The node is told only *that* it is audited
    (``ReportContributionResponse.audit_task_id``) and hands over all records of the round (``SubmitAuditRecords``);
    it never learns which segment gets replayed.
-2. The coordinator checks the records without recomputing anything (:func:`check_records`): their Merkle root
-   is the commitment, their count is ``micro_batches``, their samples add up to ``samples``, their losses to
-   ``mean_loss``, and their sketches' sample-weighted combination is the ``gradient_sketch`` the node said it
-   sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
+2. The coordinator checks the records without recomputing anything (:mod:`omi.coordinator.records_check`): their
+   Merkle root is the commitment, their count is ``micro_batches``, their samples add up to ``samples``, their
+   losses to ``mean_loss``, and their sketches' sample-weighted combination is the ``gradient_sketch`` the node
+   said it sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
    proofs) are kept and the audit becomes ``pending``.
 3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator replays the chosen segment from the start state
    the node serves (``omi.node.validator``) and returns a signed verdict. Only nodes an admin granted the role take
@@ -22,27 +22,25 @@ An audit goes through these states (``Audit.state``):
    the trusted verdict overturns loses the role, and every audit its opinion decided is reopened for the
    coordinator's validator (its verified work provisional again, its failures' strikes lifted meanwhile).
 
-A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node,
-which also voids its provisional (not yet verified) contributions. Records not handed over before the audit
-window closes (and at least ``records_grace`` seconds after the report) count as a failed audit.
+A failed audit voids the contribution and adds a strike; ``verification.max_strikes`` strikes ban the node
+(:mod:`omi.coordinator.strikes`). Records not handed over before the audit window closes (and at least
+``records_grace`` seconds after the report) count as a failed audit.
 """
 
 import json
 import logging
-import math
 import secrets
 import uuid
 
-import torch
 from omi.coordinator.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from omi.coordinator.records_check import audited_records, check_records
 from omi.coordinator.registry import Caller, Registry
 from omi.coordinator.runs import Runs
-from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, BanKind, ContributionStatus
+from omi.coordinator.states import OPEN_AUDIT_STATES, AuditState, ContributionStatus
 from omi.coordinator.store import (
     Audit,
     AuditOpinion,
     AuditRecords,
-    Ban,
     Contribution,
     Node,
     Store,
@@ -51,7 +49,8 @@ from omi.coordinator.store import (
     WorkAssignment,
     has_verified_contribution,
 )
-from omi.models import MicroBatchRecord, audited_record, merkle_root, record_from_proto, sent_sketch
+from omi.coordinator.strikes import Strikes
+from omi.models import record_from_proto
 from omi.models.segments import segment_steps
 from omi.protos import pb, signing
 from omi.protos.clock import now_ms
@@ -64,52 +63,7 @@ STRUCK_AUDIT_RATE = 1.0  # a node with a strike is audited on every contribution
 PROBATION_AUDIT_FACTOR = 2.0  # a node without verified work in the run is audited at twice the run's rate
 CROSS_CHECK_RATE = 0.25  # share of a volunteer validator's passing verdicts a second validator checks (failing: all)
 TASK_CANDIDATES = 50  # open audits a validator's request looks through for one it may take
-SKETCH_SUM_TOLERANCE = 1e-5  # relative; the node and the coordinator compute the same float32 sum
 MAX_VERDICT_CHECKS = 4096  # inner-step checks in one verdict: far above any segment's segment_steps
-
-
-def check_records(contribution: pb.Contribution, records: list[MicroBatchRecord], sketch_size: int) -> str:
-    """Why the handed-over records contradict the signed contribution ("" if they do not); no recomputation.
-
-    >>> import torch
-    >>> records = [MicroBatchRecord(i, 32, 0.5, 1.0, torch.ones(4)) for i in range(3)]
-    >>> c = pb.Contribution(samples=96, micro_batches=3, mean_loss=0.5, commitment=merkle_root(records),
-    ...                     gradient_sketch=[1.0] * 4)
-    >>> check_records(c, records, 4)
-    ''
-    >>> check_records(c, records[:2], 4)
-    'contribution claims 3 micro-batches, 2 records handed over'
-    """
-    if len(records) != contribution.micro_batches:
-        return f"contribution claims {contribution.micro_batches} micro-batches, {len(records)} records handed over"
-    if [r.index for r in records] != list(range(len(records))):
-        return "records are not micro-batches 0..n-1 in order"
-    if any(r.sketch.numel() != sketch_size for r in records):
-        return f"a record's sketch does not have verification.sketch_size = {sketch_size} numbers"
-    if merkle_root(records) != contribution.commitment:
-        return "records do not match the commitment (Merkle root differs)"
-    sizes = {r.samples for r in records}
-    if len(sizes) != 1 or 0 in sizes:
-        return f"micro-batches of different or zero sizes: {sorted(sizes)}"
-    samples = sum(r.samples for r in records)
-    if samples != contribution.samples:
-        return f"contribution claims {contribution.samples} samples, records hold {samples}"
-    mean_loss = sum(r.loss * r.samples for r in records) / samples
-    if not math.isclose(mean_loss, contribution.mean_loss, rel_tol=1e-9, abs_tol=1e-12):
-        return f"mean_loss {contribution.mean_loss:.6g} is not the records' {mean_loss:.6g}"
-    expected = sent_sketch(records)
-    claimed = torch.tensor(list(contribution.gradient_sketch), dtype=torch.float32)
-    if claimed.shape != expected.shape:
-        return "gradient_sketch has the wrong length"
-    difference = float((claimed - expected).norm() / expected.norm().clamp_min(1e-12))
-    if not difference <= SKETCH_SUM_TOLERANCE:
-        return f"gradient_sketch is not the records' sample-weighted sum (relative difference {difference:.2e})"
-    return ""
-
-
-def audited_records(records: list[MicroBatchRecord], indices: list[int]) -> list[pb.AuditedRecord]:
-    """The chosen records with their Merkle proofs, as a validator receives them."""
-    return [audited_record(records, i) for i in indices]
 
 
 class Auditor:
@@ -126,6 +80,7 @@ class Auditor:
     def __init__(self, store: Store, runs: Runs, registry: Registry, *, task_timeout: float = 600.0,
                  records_grace: float = 60.0):
         self.store, self.runs, self.registry = store, runs, registry
+        self.strikes = Strikes(runs, registry)
         self.task_timeout, self.records_grace = task_timeout, records_grace
         self._trusted: set[str] = set()  # this process's own (built-in) validators: their verdict decides
 
@@ -192,7 +147,7 @@ class Auditor:
                 s.add(AuditRecords(task_id=audit.task_id, records=pb.AuditTask(
                     records=audited_records(records, indices)).SerializeToString(deterministic=True)))
                 audit.state = AuditState.PENDING
-        self._committed(audit.run_id, failure)
+        self.strikes.committed(audit.run_id, failure)
         if problem:
             return pb.SubmitAuditRecordsResponse(accepted=False, reason=problem)
         return pb.SubmitAuditRecordsResponse(accepted=True)
@@ -323,7 +278,7 @@ class Auditor:
             for node_id in overturned:
                 failures += self._overturn(s, node_id, unbanned)
         for failure in failures:
-            self._committed(audit.run_id, failure)
+            self.strikes.committed(audit.run_id, failure)
         for node_id in unbanned:
             self.registry.unbanned_committed(node_id)
         logger.info("audit %s of node %s round %d: %s", audit.task_id[:8], audit.node_id[:12], audit.round,
@@ -366,27 +321,9 @@ class Auditor:
             if decided and contribution.status == ContributionStatus.VERIFIED:
                 contribution.status = ContributionStatus.ACCEPTED  # provisional until re-examined
             elif not decided:
-                failures.append(self._lift_strike(session, audit, contribution, unbanned))
+                failures.append(self.strikes.lift(session, audit, contribution, unbanned))
             self._reopen(audit, AuditState.DISPUTED, f"decided by overturned validator {node_id[:12]}")
         return failures
-
-    def _lift_strike(self, session, audit: Audit, contribution: Contribution, unbanned: list[str]):
-        """Undo a failed audit's strike and voiding while it is re-examined: a ban for failed audits that falls
-        below ``max_strikes`` is lifted (the provisional work that ban voided stays voided)."""
-        restored = 0
-        if contribution.status == ContributionStatus.VOIDED:
-            contribution.status = ContributionStatus.ACCEPTED
-            self.runs.add_samples(session, contribution.run_id, contribution.samples)
-            restored = contribution.samples
-        node = session.get(Node, audit.node_id)
-        node.strikes = max(0, node.strikes - 1)
-        max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
-        ban = session.get(Ban, node.node_id)
-        if ban is not None and node.strikes < max_strikes and ban.kind == BanKind.FAILED_AUDITS:
-            session.delete(ban)
-            unbanned.append(node.node_id)
-            logger.warning("node %s: ban lifted while its failed audit is re-examined", node.node_id[:12])
-        return None, -restored
 
     # ---------------------------------------------------------------- the audit window
 
@@ -415,7 +352,7 @@ class Auditor:
                 if audit.state == AuditState.AWAITING_RECORDS:
                     contribution = s.get(Contribution, audit.contribution_id)
                     failure = self._fail(s, audit, contribution, "records not handed over within the audit window")
-            self._committed(run_id, failure)
+            self.strikes.committed(run_id, failure)
         with self.store.transaction() as s:
             # unaudited work counts as checked only where the audits drawn beside it ran: up to the first round with
             # an audit still open, and only once some audit of those rounds got a verdict (a run without validators,
@@ -437,9 +374,9 @@ class Auditor:
 
     def _fail(self, session, audit: Audit, contribution: Contribution, reason: str,
               verdict: bytes | None = None) -> tuple[str | None, int]:
-        """Fail the audit, void the contribution and strike its node.
+        """Fail the audit, void the contribution and strike its node (:meth:`Strikes.strike`).
 
-        :returns: (the node id if this strike bans it, samples voided) for :meth:`_committed`
+        :returns: (the node id if this strike bans it, samples voided) for :meth:`Strikes.committed`
         """
         audit.state = AuditState.FAILED
         audit.decided_at_ms = now_ms()
@@ -448,33 +385,4 @@ class Auditor:
             audit.verdict = pb.AuditVerdict(task_id=audit.task_id, validator_node_id=COORDINATOR, passed=False,
                                              reason=reason, created_at_ms=audit.decided_at_ms
                                              ).SerializeToString(deterministic=True)
-        voided = self._void(session, contribution)
-        node = session.get(Node, audit.node_id)
-        node.strikes += 1
-        max_strikes = self.runs.get(audit.run_id).spec.verification.max_strikes
-        logger.warning("node %s failed an audit of round %d (%s): strike %d of %d", node.node_id[:12], audit.round,
-                       reason or "no reason", node.strikes, max_strikes)
-        if node.strikes >= max_strikes and self.registry.ban_in(session, node.node_id, f"{node.strikes} failed audits",
-                                                                BanKind.FAILED_AUDITS):
-            for provisional in session.scalars(select(Contribution).where(
-                    Contribution.node_id == node.node_id, Contribution.status == ContributionStatus.ACCEPTED)):
-                voided += self._void(session, provisional)
-            return node.node_id, voided
-        return None, voided
-
-    def _void(self, session, contribution: Contribution) -> int:
-        """Void a contribution inside the transaction; returns the samples taken off the run's total."""
-        if contribution.status == ContributionStatus.VOIDED:
-            return 0
-        contribution.status = ContributionStatus.VOIDED
-        self.runs.add_samples(session, contribution.run_id, -contribution.samples)
-        return contribution.samples
-
-    def _committed(self, run_id: str, failure: tuple[str | None, int] | None) -> None:
-        """Once a failing transaction committed: the in-memory ban list and sample total follow the store."""
-        if failure is None:
-            return
-        banned, voided = failure
-        if banned:
-            self.registry.banned_committed(banned)
-        self.runs.samples_committed(run_id, -voided)
+        return self.strikes.strike(session, audit, contribution, reason)

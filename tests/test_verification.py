@@ -14,7 +14,7 @@ from adversaries import ATTACKS, HONEST
 from adversaries.sim import LockstepSwarm, sim_run_toml
 from coordinator_helpers import ServerThread, contribution_for, run_toml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from omi.coordinator.audit import check_records
+from omi.coordinator.records_check import check_records
 from omi.coordinator.registry import RegistryConfig
 from omi.coordinator.store import Audit, Ban, Contribution, Node
 from omi.models import (
