@@ -48,7 +48,8 @@ from omi.models.microbatch import named_tensors_hash
 from omi.models.optimizer import optimizer_for
 from omi.models.records import audited_record
 from omi.models.segments import SegmentStep, replay_segment, segment_steps, training_state, training_state_hash
-from omi.node.validator import ParameterHistory, Recomputer
+from omi.node.parameter_history import ParameterHistory
+from omi.node.recompute import Recomputer
 from omi.protos import pb
 from omi.protos.runspec import load_runspec
 from rich.logging import RichHandler
@@ -257,7 +258,7 @@ def main() -> None:
         parser.error(f"--segment-steps: positive integers separated by commas, not {args.segment_steps!r}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
-    logging.getLogger("omi.node.validator").setLevel(logging.ERROR)
+    logging.getLogger("omi.node.recompute").setLevel(logging.ERROR)
     spec = load_runspec(RUN)
     device = pick_device("cpu")
     started = time.perf_counter()

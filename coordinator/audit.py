@@ -14,7 +14,7 @@ An audit goes through these states (``Audit.state``):
    said it sent into the averaging. Any mismatch fails the audit at once; otherwise the chosen records (with Merkle
    proofs) are kept and the audit becomes ``pending``.
 3. ``pending`` → ``assigned`` → ``passed``/``failed``: a validator replays the chosen segment from the start state
-   the node serves (``omi.node.validator``) and returns a signed verdict. Only nodes an admin granted the role take
+   the node serves (``omi.node.recompute``) and returns a signed verdict. Only nodes an admin granted the role take
    tasks. The coordinator's own (built-in) validators are trusted: their verdict decides. A volunteer validator's
    verdict is an *opinion* (``audit_opinions``): a failing one always, and a passing one with probability
    :data:`CROSS_CHECK_RATE`, goes back to ``pending`` for a second validator; two that agree decide; two that

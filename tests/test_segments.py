@@ -131,7 +131,8 @@ def _audit_task(records, states, segment: int, peer_id: str, params_hash: bytes,
 @pytest.mark.parametrize("cheat", ["honest", "skips_a_step", "other_data", "end_elsewhere", "delta_elsewhere"])
 def test_a_validator_replays_a_segment_from_the_state_the_node_serves(swarm_dht, parts, cheat, tmp_path):
     from omi.models import micro_batch_samples, params_hash
-    from omi.node.validator import ParameterHistory, Recomputer
+    from omi.node.parameter_history import ParameterHistory
+    from omi.node.recompute import Recomputer
     from omi.swarm.params_p2p import ParamsFetcher, ParamsServer
 
     swarm_spec, _bootstrap, (node_dht, validator_dht) = swarm_dht

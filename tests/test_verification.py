@@ -34,7 +34,8 @@ from omi.models.commitment import verify_proof
 from omi.models.microbatch import GradientSketch, named_tensors_hash
 from omi.models.optimizer import optimizer_for
 from omi.models.segments import SegmentStep, replay_segment, segment_steps, training_state, training_state_hash
-from omi.node.validator import ParameterHistory, Recomputer
+from omi.node.parameter_history import ParameterHistory
+from omi.node.recompute import Recomputer
 from omi.protos import pb, rpc, signing
 from omi.protos.runspec import parse_runspec
 

@@ -4,7 +4,7 @@ What is real: every node is an ``omi.node.trainer.Trainer`` (or an adversary sub
 with a real coordinator (``ServerThread``); it gets its ``WorkAssignment``, runs its own ``train_round`` — inner
 steps through ``compute_micro_batch``, ``_report`` with the Merkle commitment, the training-state hashes of its
 segments and the sketch of its pseudo-gradient, the hand-over of records and states when audited — and the
-validator's segment audit (``omi.node.validator.Recomputer.check_segment``) takes ``AuditTask``s over gRPC and
+validator's segment audit (``omi.node.recompute.Recomputer.check_segment``) takes ``AuditTask``s over gRPC and
 reports signed verdicts. What is simulated: hivemind. :class:`LockstepRoundOptimizer` stands in for
 ``omi.swarm.RoundOptimizer``: each node takes its inner AdamW steps, then :class:`LockstepSwarm` reduces the
 nodes' pseudo-gradients (``mean`` or :func:`omi.swarm.centered_clip`, weighted by samples as the real all-reduce
@@ -29,9 +29,10 @@ from omi.models.microbatch import compute_micro_batch, flatten_grads, trainable_
 from omi.models.optimizer import optimizer_for
 from omi.models.segments import held_states
 from omi.node.client import CoordinatorClient
+from omi.node.parameter_history import ParameterHistory
+from omi.node.recompute import Recomputer
 from omi.node.session import NodeError, NodeSession
 from omi.node.trainer import Trainer
-from omi.node.validator import ParameterHistory, Recomputer
 from omi.protos import pb
 from omi.protos.peer_ids import new_identity
 from omi.protos.signing import generate_key
