@@ -61,7 +61,7 @@ def conditional_quality(data: Path, samples: int) -> dict:
 
 
 def fetch_figures(data: Path) -> dict:
-    from omi.models.data import LatentShardSource
+    from omi.models.latent_source import LatentShardSource
 
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(data))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

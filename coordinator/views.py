@@ -338,7 +338,7 @@ def data_card(coordinator: Coordinator, run_id: str) -> DataCardView:
     (``manifest:FOLDER``, served by this coordinator), or for a ``manifest:URL`` run the manifest this coordinator
     fetched (and checked against the run's pin) when it opened the run; ``NotFound`` for an unknown run and for a
     run without a prepared data set (a built-in source)."""
-    from omi.models.data import fetched_manifest  # imported late: it pulls in torch and the data libraries
+    from omi.models.data_cache import fetched_manifest  # imported late: it pulls in torch and the data libraries
 
     folder = coordinator.runs.data_folder(run_id)
     source = coordinator.runs.get(run_id).spec.data.source

@@ -84,7 +84,7 @@ def one_thread() -> Iterator[None]:
 
 
 def _cache_dir(cache_dir: str | Path | None) -> Path:
-    from omi.models.data import cache_root
+    from omi.models.data_cache import cache_root
 
     return Path(cache_dir) if cache_dir is not None else cache_root()
 

@@ -167,7 +167,7 @@ def cell_prompts(prompts: tuple[str, ...] | list[str], n: int) -> list[str]:
 
 def run_drawing(source) -> tuple[Any, tuple[str, ...]]:
     """The frozen parts and preview prompts of a run's data source: ``(None, ())`` for image sources."""
-    from omi.models.data import LatentShardSource
+    from omi.models.latent_source import LatentShardSource
 
     if not isinstance(source, LatentShardSource):
         return None, ()

@@ -84,7 +84,7 @@ class ProvenanceShard(BaseModel):
 
 
 class DataProvenance(BaseModel):
-    """What a text-to-image checkpoint trained on (:meth:`omi.models.data.ManifestSource.provenance`)."""
+    """What a text-to-image checkpoint trained on (:meth:`omi.models.latent_source.LatentShardSource.provenance`)."""
 
     model_config = _STRICT
     dataset: str  # the data set's name

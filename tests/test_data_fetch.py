@@ -9,8 +9,9 @@ import urllib.request
 
 import pytest
 import torch
-from omi.models import data as data_module
-from omi.models.data import DataSourceError, LatentShardSource, open_source
+from omi.models import data_cache
+from omi.models.data import DataSourceError, open_source
+from omi.models.latent_source import LatentShardSource
 from omi.node.client import CoordinatorClient
 from omi.protos import signing
 from processes import ROOT, ServeProcess, free_port, kill_group
@@ -32,7 +33,7 @@ def served(captioned_digits, tmp_path):  # per test: conftest reaps every proces
 
 
 def test_a_node_fetches_only_the_shards_it_reads_and_checks_them(served, captioned_digits, tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "FETCH_BACKOFF", 0.05)
+    monkeypatch.setattr(data_cache, "FETCH_BACKOFF", 0.05)
     spec = CoordinatorClient(served.address, signing.generate_key(), attempts=3).get_run_spec("digits-captioned")
     manifest_bytes = (captioned_digits / "manifest.json").read_bytes()
     url = f"{served.http}/runs/digits-captioned/data"
@@ -69,7 +70,7 @@ def test_a_node_fetches_only_the_shards_it_reads_and_checks_them(served, caption
 
 def test_a_changed_shard_a_wrong_manifest_and_no_coordinator_are_clear_errors(served, captioned_digits, tmp_path,
                                                                               monkeypatch):
-    monkeypatch.setattr(data_module, "FETCH_BACKOFF", 0.05)
+    monkeypatch.setattr(data_cache, "FETCH_BACKOFF", 0.05)
     url = f"{served.http}/runs/digits-captioned/data"
     with pytest.raises(DataSourceError, match="not the one the run names"):
         LatentShardSource(f"{url}#sha256:{'0' * 64}", 64, 32, cache_dir=tmp_path / "a")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 from omi.models import text_to_image as t2i
-from omi.models.data import DataSourceError, LatentShardSource, digit_caption, open_source
+from omi.models.data import DataSourceError, digit_caption, open_source
+from omi.models.latent_source import LatentShardSource
 from omi.models.prepare import PreparationError, prepare, save_frozen_parts
 from omi.protos import pb
 from omi.protos.dataset import DataCard, ManifestError, parse_manifest, read_manifest

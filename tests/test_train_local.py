@@ -87,7 +87,8 @@ def test_a_text_to_image_run_refuses_frozen_parts_that_are_not_the_ones_its_data
         captioned_digits, tmp_path):
     import shutil
 
-    from omi.models.data import DataSourceError, LatentShardSource
+    from omi.models.data import DataSourceError
+    from omi.models.latent_source import LatentShardSource
 
     copy = tmp_path / "data"
     shutil.copytree(captioned_digits, copy)
