@@ -73,7 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="omi-clip-tau-") as scratch:
         data = args.data
         if data is None:
-            from omi.models.prepare import make_toy_parts, prepare
+            from omi.models.prepare import prepare
+            from omi.models.toy_parts import make_toy_parts
 
             parts, _ = make_toy_parts(MODEL, Path(scratch) / "parts", steps=20)
             data = Path(scratch) / "data"

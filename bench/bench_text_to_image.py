@@ -36,7 +36,8 @@ RUN = ROOT / "examples" / "runs" / "digits-captioned.toml"
 
 
 def prepare_data(root: Path) -> dict:
-    from omi.models.prepare import make_toy_parts, prepare
+    from omi.models.prepare import prepare
+    from omi.models.toy_parts import make_toy_parts
 
     started = time.perf_counter()
     parts, mse = make_toy_parts("sana-digits", root / "parts", steps=200)

@@ -38,7 +38,7 @@ def toy_parts(
     seed: int = typer.Option(0, "--seed", min=0, help="Seeds the parts' initialisation and the fitting."),
 ) -> None:
     """Build a toy model's frozen parts from config (nothing downloaded) and fit its autoencoder to the digits."""
-    from omi.models.prepare import make_toy_parts
+    from omi.models.toy_parts import make_toy_parts
 
     try:
         with console.status(f"fitting {model}'s autoencoder to the digits ({steps} steps)"):
@@ -70,8 +70,8 @@ def prepare(
     """Encode licensed image-caption samples into latent shards with a manifest; resumes an interrupted run."""
     import torch
     from omi.models.device import pick_device
-    from omi.models.prepare import PreparationError
     from omi.models.prepare import prepare as run_prepare
+    from omi.models.prepare_input import PreparationError
     from omi.protos.dataset import DataCard
 
     if threads:
@@ -98,7 +98,7 @@ def prepare(
 @app.command("show")
 def show(folder: Path = typer.Argument(..., help="A prepared data set (or its manifest.json).")) -> None:
     """Print a prepared data set's data card and licence tally."""
-    from omi.models.prepare import data_card_markdown
+    from omi.models.data_card import data_card_markdown
     from omi.protos.dataset import ManifestError, read_manifest
 
     try:

@@ -1,11 +1,7 @@
 """Data preparation: licensed image-caption samples -> webdataset shards of latents and caption embeddings.
 
-The data working group's pipeline (``omi-data prepare``). Input is one of
-
-- ``builtin:digits``: scikit-learn's bundled digits, captioned "a handwritten digit seven" (UCI, CC BY 4.0);
-- an image folder: every ``NAME.png|jpg|jpeg|webp`` with ``NAME.json`` (``caption``, ``license``, optionally
-  ``source`` and ``attribution``) or ``NAME.txt`` (the caption; the licence then comes from ``--license``);
-- webdataset tars (a brace pattern or a glob): ``KEY.png|jpg|webp`` with ``KEY.json`` or ``KEY.txt`` as above.
+The data working group's pipeline (``omi-data prepare``). Input is ``builtin:digits``, an image folder or webdataset
+tars, each sample with a caption and a licence (:mod:`omi.models.prepare_input`).
 
 Samples without a known licence (:data:`omi.protos.dataset.KNOWN_LICENSES`), without a caption, or whose image does
 not decode are refused and counted by reason. The rest are encoded in batches with the frozen parts (the
@@ -15,14 +11,15 @@ prompt) and written as ``shards/shard-NNNNNN.tar``, each sample ``KEY.latent.npy
 
 Resumable: after each shard, ``progress.json`` records the shards written (with sha256) and how far into the input
 they reach; a second run with the same input and parts checks those shards and carries on after them. The last
-step writes ``manifest.json`` (:class:`omi.protos.dataset.DatasetManifest`) and ``DATA_CARD.md``.
+step writes ``manifest.json`` (:class:`omi.protos.dataset.DatasetManifest`) and ``DATA_CARD.md``
+(:mod:`omi.models.data_card`).
 """
 
 import io
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +27,9 @@ import numpy as np
 import torch
 import webdataset as wds
 from omi.models import text_to_image as t2i
-from omi.models.data import DIGIT_PROMPTS, IMAGE_EXTENSIONS, digit_caption, expand_pattern, load_image
-from omi.models.quality import one_thread
+from omi.models.data import DIGIT_PROMPTS
+from omi.models.data_card import DIGITS_CARD, data_card_markdown
+from omi.models.prepare_input import PreparationError, RawSample, read_input
 from omi.protos.dataset import (
     DATA_CARD_NAME,
     DATASET_MANIFEST_NAME,
@@ -50,141 +48,6 @@ logger = logging.getLogger(__name__)
 PROGRESS_NAME = "progress.json"
 PREVIEW_PROMPTS = 16  # distinct captions the manifest names for previews
 NULL_CAPTION_NAME = "null_caption.npy"
-DIGITS_CARD = DataCard(
-    source="UCI ML hand-written digits (Alpaydin & Kaynak 1998), the 1,797 8x8 images bundled with scikit-learn",
-    license_terms="CC BY 4.0: training and redistribution allowed with attribution to the UCI repository",
-    filtering="none; every image kept, upscaled bilinearly to the model's resolution",
-    caption_origin="generated from the label: 'a handwritten digit <word>'",
-)
-
-
-class PreparationError(ValueError):
-    """Input or output that preparation cannot use; the message names it."""
-
-
-@dataclass
-class RawSample:
-    """One input sample before encoding: a key, how to decode its image, and its metadata."""
-
-    key: str
-    image: Callable[[], torch.Tensor]  # -> uint8 (C, R, R); raises on a corrupt image
-    caption: str | None
-    license: str | None
-    source: str = ""
-    attribution: str = ""
-
-
-def _sidecar(meta: dict | None, text: str | None, default_license: str | None) -> dict:
-    meta = dict(meta or {})
-    caption = meta.get("caption") if meta.get("caption") is not None else text
-    return dict(caption=caption.strip() if isinstance(caption, str) else None,
-                license=meta.get("license") or default_license, source=str(meta.get("source", "")),
-                attribution=str(meta.get("attribution", "")))
-
-
-def read_input(where: str, *, resolution: int, channels: int,
-               default_license: str | None = None) -> Iterator[RawSample]:
-    """The input samples in a fixed order (see the module docstring for the layouts)."""
-    if where == "builtin:digits":
-        from omi.models.data import DigitsSource
-
-        digits = DigitsSource(shard_size=1, resolution=resolution, channels=channels)
-        pixels = ((digits.images + 1) * 127.5).round().to(torch.uint8)
-        for i in range(len(digits)):
-            yield RawSample(key=f"digits-{i:05d}", image=lambda i=i: pixels[i], caption=digit_caption(digits.labels[i]),
-                            license="CC-BY-4.0", source="https://archive.ics.uci.edu/dataset/80",
-                            attribution="E. Alpaydin, C. Kaynak, UCI ML Repository")
-        return
-    root = Path(where).expanduser()
-    if root.is_dir():
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            raise PreparationError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        for file in files:
-            meta_file, text_file = file.with_suffix(".json"), file.with_suffix(".txt")
-            try:
-                meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {"caption": None}
-            text = text_file.read_text() if text_file.is_file() else None
-            yield RawSample(key=file.relative_to(root).as_posix(),
-                            image=lambda file=file: load_image(file, resolution, channels),
-                            **_sidecar(meta if isinstance(meta, dict) else {}, text, default_license))
-        return
-    urls = expand_pattern(where)
-    if not urls or not all(os.path.isfile(u) for u in urls):
-        raise PreparationError(f"input {where!r} is not builtin:digits, an image folder, or tar files that exist")
-    for url in urls:
-        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False, nodesplitter=None,
-                                     workersplitter=None):
-            image_key = next((k for k in ("png", "jpg", "jpeg", "webp") if k in sample), None)
-            try:
-                meta = json.loads(sample["json"]) if "json" in sample else None
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                meta = {"caption": None}
-            text = sample["txt"].decode("utf-8", "replace") if "txt" in sample else None
-            data = sample.get(image_key) if image_key else None
-
-            def decode(data=data):
-                if data is None:
-                    raise ValueError("no image in sample")
-                return load_image(data, resolution, channels)
-
-            yield RawSample(key=f"{os.path.basename(url)}:{sample['__key__']}", image=decode,
-                            **_sidecar(meta if isinstance(meta, dict) else {}, text, default_license))
-
-
-def save_frozen_parts(parts: t2i.FrozenParts, directory: str | Path) -> Path:
-    """Write the parts as a Sana pipeline folder would hold them (``vae/``, ``text_encoder/``, ``tokenizer/``)."""
-    directory = Path(directory)
-    parts.vae.save_pretrained(directory / "vae", safe_serialization=True)
-    parts.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
-    parts.tokenizer.save_pretrained(directory / "tokenizer")
-    return directory
-
-
-def fit_toy_autoencoder(parts: t2i.FrozenParts, images: torch.Tensor, *, steps: int, seed: int = 0,
-                        batch_size: int = 64, lr: float = 2e-3) -> float:
-    """Fit a toy model's random autoencoder to reconstruct ``images`` ([-1, 1]), then scale its latents to unit
-    variance (``scaling_factor``, as Stable Diffusion's and Sana's autoencoders carry). Returns the last batch's
-    reconstruction MSE. A real model's autoencoder is a released one, never fitted here.
-
-    Seeded (batches from a CPU generator), so the same images, steps and thread count give the same weights.
-    """
-    if steps <= 0:
-        raise PreparationError(f"autoencoder steps must be > 0, got {steps}")
-    with one_thread():  # a toy: one thread is fastest, two wait on each other on a busy machine
-        return _fit(parts.vae, images, steps=steps, seed=seed, batch_size=batch_size, lr=lr)
-
-
-def _fit(vae, images: torch.Tensor, *, steps: int, seed: int, batch_size: int, lr: float) -> float:
-    vae = vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    loss = torch.tensor(float("nan"))
-    for _ in range(steps):
-        batch = images[torch.randint(0, len(images), (batch_size,), generator=generator)]
-        loss = torch.nn.functional.mse_loss(vae.decode(vae.encode(batch).latent).sample, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        std = torch.cat([vae.encode(chunk).latent for chunk in images.split(256)]).std()
-    vae.register_to_config(scaling_factor=float(1 / std))
-    return float(loss.detach())
-
-
-def make_toy_parts(model: str, directory: str | Path, *, steps: int = 200, seed: int = 0) -> tuple[Path, float]:
-    """A toy model's frozen parts, built from config with its autoencoder fitted to the digits, saved to a folder
-    ``--parts`` can name. Returns the folder and the autoencoder's last reconstruction MSE."""
-    from omi.models.data import DigitsSource
-
-    config = t2i.latent_config(model)
-    parts = t2i.build_frozen_parts(model, seed=seed)
-    images = DigitsSource(shard_size=1, resolution=config.resolution, channels=config.channels).images
-    mse = fit_toy_autoencoder(parts, images, steps=steps, seed=seed)
-    return save_frozen_parts(parts, directory), mse
 
 
 @dataclass
@@ -401,20 +264,3 @@ def _first_member(tar_path: Path, suffix: str) -> bytes:
     with tarfile.open(tar_path) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(suffix))
         return tar.extractfile(member).read()
-
-
-def data_card_markdown(manifest: DatasetManifest) -> str:
-    """The human-readable data card written beside the manifest."""
-    card = manifest.card
-    lines = [f"# Data card: {manifest.name}", "",
-             f"- **Source**: {card.source}", f"- **Licence terms**: {card.license_terms}",
-             f"- **Filtering**: {card.filtering or 'not stated'}",
-             f"- **Captions**: {card.caption_origin or 'not stated'}",
-             f"- **Samples**: {manifest.samples:,} in {len(manifest.shards)} shards, for `{manifest.model}` "
-             f"({manifest.resolution}x{manifest.resolution}, latents {'x'.join(map(str, manifest.latent_shape))})",
-             "", "| licence | samples |", "|---|---|"]
-    lines += [f"| {name} | {count:,} |" for name, count in sorted(manifest.licenses.items())]
-    if manifest.refused:
-        lines += ["", "Refused at preparation:", "", "| reason | samples |", "|---|---|"]
-        lines += [f"| {reason} | {count:,} |" for reason, count in sorted(manifest.refused.items())]
-    return "\n".join(lines) + "\n"

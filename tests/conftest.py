@@ -114,7 +114,8 @@ def db_url(request):
 def captioned_digits(tmp_path_factory):
     """The captioned digits as examples/runs/digits-captioned.toml expects them: toy frozen parts (the autoencoder
     fitted briefly) and latent shards of 64 samples; prepared once per session (~25 s)."""
-    from omi.models.prepare import make_toy_parts, prepare
+    from omi.models.prepare import prepare
+    from omi.models.toy_parts import make_toy_parts
 
     root = tmp_path_factory.mktemp("captioned")
     parts, _ = make_toy_parts("sana-digits", root / "parts", steps=20)

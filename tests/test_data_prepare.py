@@ -16,7 +16,9 @@ import torch
 from omi.models import text_to_image as t2i
 from omi.models.data import DataSourceError, digit_caption, open_source
 from omi.models.latent_source import LatentShardSource
-from omi.models.prepare import PreparationError, prepare, save_frozen_parts
+from omi.models.prepare import prepare
+from omi.models.prepare_input import PreparationError
+from omi.models.toy_parts import save_frozen_parts
 from omi.protos import pb
 from omi.protos.dataset import DataCard, ManifestError, parse_manifest, read_manifest
 from PIL import Image
