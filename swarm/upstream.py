@@ -308,8 +308,9 @@ class AveragerHooks:
 
     # Copied from hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_ (hivemind 1.1.12),
     # changed: the runner comes from new_runner; results are copied when the runner returns averages
-    # (returns_averages), hivemind's deltas added; allreduce_finished gets the peers exchanged with; a failed
-    # all-reduce leaves the inputs as they were, so hivemind's retry (a new group) starts from them
+    # (returns_averages), hivemind's deltas added, and a partial result raises (raise_if_partial); allreduce_finished
+    # gets the peers exchanged with; a failed all-reduce leaves the inputs as they were, so hivemind's retry (a new
+    # group) starts from them
     async def _run_allreduce_inplace_(self, tensors, group_info: GroupInfo, group_id: bytes | None = None,
                                       **kwargs):
         inputs = [t.clone() for t in tensors]
@@ -329,6 +330,8 @@ class AveragerHooks:
                         tensor.add_(update, alpha=self._averaging_alpha)
                     self.last_updated = get_dht_time()
                     self._state_updated.set()
+                if exact:  # azip stops at the last tensor: what the runner checks after its last output may not run
+                    runner.raise_if_partial()
             else:
                 async for _ in runner:
                     raise ValueError("aux peers should not receive averaged tensors")
