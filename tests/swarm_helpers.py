@@ -92,12 +92,16 @@ class PeerProcess:
         config_path.write_text(json.dumps(config))
         self.log = open(directory / f"{role}.log", "wb")
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        # a fresh interpreter, not a fork of tests/zygote.py: forked, the peers of a swarm start within milliseconds
-        # of each other, and the swarms of tests/test_rounds.py then failed one run in three (a peer's token not yet
-        # in the DHT when the others met; groups of two; partial results) where their imports used to stagger them
-        self.proc = subprocess.Popen([sys.executable, str(HERE / "swarm_helpers.py"), role, str(config_path)],
-                                     stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.stdin = self.proc.stdin  # closed: the peer stops
+        from processes import zygote  # forked from the pre-imported zygote (tests/zygote.py)
+
+        read_end, write_end = os.pipe()
+        try:
+            self.proc = zygote().spawn("swarm_helpers:main", [str(HERE / "swarm_helpers.py"), role, str(config_path)],
+                                       stdin=read_end, stdout=self.log.fileno(), stderr=self.log.fileno(), env=env,
+                                       cwd=str(HERE))
+        finally:
+            os.close(read_end)
+        self.stdin = os.fdopen(write_end, "wb")  # closed: the peer stops
 
     def wait_ready(self, timeout: float = 60.0) -> dict:
         return self._wait_file(self.ready_path, timeout)
@@ -365,8 +369,13 @@ def run_witness(config: dict) -> None:
         dht.shutdown()
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``swarm_helpers.py ROLE CONFIG``: run one peer of a test swarm (as :class:`PeerProcess` starts it)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
     role, config_path = sys.argv[1], sys.argv[2]
     roles = {"bootstrap": run_bootstrap, "trainer": run_trainer, "witness": run_witness}
     roles[role](json.loads(Path(config_path).read_text()))
+
+
+if __name__ == "__main__":
+    main()
