@@ -79,7 +79,7 @@ class ExactResultMixin(AverageReturningRunner):
         so a check after the loop of :meth:`run` may never run (seen: a peer applied 11 % of the group's average and
         89 % of its own pseudo-gradient, "Averaging: received 11.3% results", and held another θ than its group)."""
         failed = len(self.failed_reducers)
-        if failed or self.tensor_part_container.failed_size:
+        if failed or self.unaveraged_size:
             raise AllreduceException(f"{failed} reducer(s) failed; the partial average is unused")
 
     async def run(self):

@@ -161,6 +161,12 @@ class AverageReturningRunner:
         """The compression this peer's parts travel in (the run's compression object)."""
         return self.tensor_part_container.compression
 
+    @property
+    def unaveraged_size(self) -> int:
+        """Entries of this peer's result that came back as its own (their reducer failed; hivemind's part container
+        counts them for its "Averaging: received N% results" warning)."""
+        return self.tensor_part_container.failed_size
+
     # Copied from hivemind.averaging.allreduce.AllReduceRunner._communicate_with_peer (hivemind 1.1.12), changed:
     # only the local part (other peers: hivemind's), registering the average serialized once as sent, not a delta
     async def _communicate_with_peer(self, peer_id):
