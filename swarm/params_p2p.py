@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # one P2P message; hivemind's own state download uses parts of the same order
 HELD_ROUNDS = 4  # audited rounds whose states a node keeps by default (validators ask within minutes)
 FETCH_TIMEOUT = 60.0  # seconds a validator waits for the next chunk
+# a stream cut short is asked for once more (seen on 2 loaded cores, 2026-12-07: a node's libp2p stream closed after
+# 10 of 11 MiB without an error, and the audit went back to the queue without a verdict)
+CUT_STREAM_RETRIES = 1
 
 
 def namespace(spec: pb.RunSpec) -> str:
@@ -211,6 +214,10 @@ class ParamsUnavailable(Exception):
     """The node could not be asked (unreachable, timed out) — nothing is known about its honesty."""
 
 
+class StreamCut(ParamsUnavailable):
+    """The node's stream ended before the bytes it announced (the connection closed mid-transfer)."""
+
+
 class ParamsRefused(Exception):
     """The node answered but did not hand over parameters (not held, or it refused us)."""
 
@@ -237,12 +244,18 @@ class ParamsFetcher:
             peer = PeerID.from_base58(peer_id)
         except Exception as e:
             raise ParamsRefused(f"bad peer id {peer_id!r}") from e
-        try:
-            data = self._loop.run(self._fetch(peer, digest, max_bytes), timeout=self.timeout * 4)
-        except (ParamsRefused, ParamsUnavailable):
-            raise
-        except Exception as e:
-            raise ParamsUnavailable(f"{type(e).__name__}: {e}") from e
+        for attempt in range(1 + CUT_STREAM_RETRIES):
+            try:
+                data = self._loop.run(self._fetch(peer, digest, max_bytes), timeout=self.timeout * 4)
+                break
+            except StreamCut as e:
+                if attempt == CUT_STREAM_RETRIES:
+                    raise
+                logger.warning("peer %s: %s; asking once more", peer_id, e)
+            except (ParamsRefused, ParamsUnavailable):
+                raise
+            except Exception as e:
+                raise ParamsUnavailable(f"{type(e).__name__}: {e}") from e
         try:
             return load_safetensors(data)
         except Exception as e:  # the node sent bytes that are not a safetensors file
@@ -266,7 +279,7 @@ class ParamsFetcher:
                 raise ParamsRefused("the node sent more bytes than it announced")
         data = b"".join(parts)
         if total is None or len(data) != total:
-            raise ParamsUnavailable(f"stream ended after {len(data)} of {total} bytes")
+            raise StreamCut(f"stream ended after {len(data)} of {total} bytes")
         return data
 
     def shutdown(self) -> None:

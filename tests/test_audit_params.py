@@ -1,13 +1,21 @@
 """An audited round's training states, served peer to peer (real hivemind DHT peers and libp2p daemons on loopback)."""
 
 import asyncio
+import functools
 
 import pytest
 import torch
 from hivemind.p2p import P2P
 from omi.models.segments import RoundStates, training_state, training_state_hash
 from omi.protos import pb
-from omi.swarm.params_p2p import ParamsFetcher, ParamsRefused, ParamsServer, ParamsUnavailable, namespace
+from omi.swarm.params_p2p import (
+    ParamsFetcher,
+    ParamsRefused,
+    ParamsServer,
+    ParamsUnavailable,
+    StreamCut,
+    namespace,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -63,6 +71,47 @@ def test_a_node_serves_its_audited_training_states_by_hash_to_token_holders_only
 
         chunks = asyncio.run(intruder())
         assert [c.error for c in chunks] == ["no valid access token for this run"] and not chunks[0].data
+    finally:
+        fetcher.shutdown()
+        server.shutdown()
+
+
+def cut_streams(monkeypatch, cuts: list[int]) -> None:
+    """The node's next ``cuts[0]`` streams close after their first chunk without an error (as a libp2p stream closed
+    mid-transfer does). hivemind names a handler by its servicer's class: the method is replaced, not subclassed."""
+    serve = ParamsServer.rpc_get_params
+
+    @functools.wraps(serve)
+    async def cutting(self, request, context):
+        cut = cuts[0] > 0
+        cuts[0] -= cut
+        async for chunk in serve(self, request, context):
+            yield chunk
+            if cut:
+                return
+
+    monkeypatch.setattr(ParamsServer, "rpc_get_params", cutting)
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_cut_short_is_asked_for_once_more(swarm_dht, monkeypatch):
+    spec, _bootstrap, (node_dht, validator_dht) = swarm_dht
+    state = {"weight": torch.randn(1 << 19)}  # 2 MiB: two chunks
+    digest = b"d" * 32
+    cuts = [0]
+    cut_streams(monkeypatch, cuts)
+    server = ParamsServer.start(node_dht, spec)
+    fetcher = ParamsFetcher(validator_dht, spec, timeout=10)
+    node = node_dht.peer_id.to_base58()
+    try:
+        server.hold(digest, state)
+        cuts[0] = 1  # cut once: the second stream delivers
+        assert torch.equal(fetcher.fetch(node, digest, max_bytes=10 << 20)["weight"], state["weight"])
+        assert server.served == 2
+        cuts[0] = 2  # cut twice: no parameters, unavailable (nothing known about the node's honesty)
+        with pytest.raises(StreamCut, match="stream ended after 1048576 of"):
+            fetcher.fetch(node, digest, max_bytes=10 << 20)
+        assert server.served == 4
     finally:
         fetcher.shutdown()
         server.shutdown()
