@@ -14,10 +14,8 @@ and so holds θ_{r+1} itself::
 
 **Confirmed state.** The witness starts from θ_0 (every peer builds it from the RunSpec's seed). A round's group
 gathers each member's (round, hash of θ_r); when the group's canonical θ_r (the one most trainers hold,
-:func:`omi.swarm.consistency.group_outcome`) is the witness's own and the group holds more than half of the
-round's trainers (peers whose progress records show samples of the round), the θ_{r+1} it computes is *confirmed*:
-the run's round moves to r+1 and its hash is published. A smaller group (the swarm split) moves the witness's θ
-but leaves it unconfirmed. When the witness missed a round (restarted, not matched, the swarm
+:func:`omi.swarm.consistency.group_outcome`) is the witness's own, the θ_{r+1} it computes is *confirmed*: the run's
+round moves to r+1 and its hash is published. When the witness missed a round (restarted, not matched, the swarm
 split) or its θ is not the group's, it loads the state of the round at least half the trainers report (the lower
 median of their progress records: one liar cannot move it) from a peer, skipping peers whose state a group
 refuted before, and holds it unconfirmed until a group trained from it.
@@ -67,23 +65,6 @@ def seconds_to_round_end(records: list[LocalTrainingProgress], spec: pb.RunSpec,
     target = spec.rounds.inner_steps * spec.training.micro_batch_size * len(at_round)
     done = sum(r.samples_accumulated + max(0.0, now - r.time) * r.samples_per_second for r in at_round)
     return max(target - done, 0.0) / max(sum(r.samples_per_second for r in at_round), 1e-9)
-
-
-def trainers_in_round(records: list[LocalTrainingProgress], round_number: int) -> int:
-    """Peers that trained samples in round ``round_number`` as their records say (a peer that joined and has not
-    trained a step sits the round out: it does not take part in its all-reduce)."""
-    return sum(1 for r in records if r.epoch == round_number and r.samples_accumulated > 0)
-
-
-def the_swarms_group(group_trainers: int, round_trainers: int) -> bool:
-    """Whether a group of ``group_trainers`` trainers decides the run's θ: more than half of the ``round_trainers``
-    that trained in the round (:func:`trainers_in_round`). One peer alone with the witness while two others averaged
-    together (the swarm split in matchmaking) does not.
-
-    >>> the_swarms_group(2, 3), the_swarms_group(1, 3), the_swarms_group(1, 2), the_swarms_group(1, 1)
-    (True, False, False, True)
-    """
-    return 2 * group_trainers > round_trainers
 
 
 def swarm_round(rounds: list[int]) -> int | None:
@@ -159,7 +140,6 @@ class RoundWitness:
                 break
             if stop.wait(POLL):
                 return None
-        training = trainers_in_round(records, r)
         self.averager.set_group_bits(format(r % 256, "08b"))
         control = self.averager.step(gather=dict(round=r, theta=held, witness=True), weight=0.0,
                                      scheduled_time=get_dht_time() + self.wait - 1.0, timeout=self.wait, wait=False)
@@ -188,22 +168,13 @@ class RoundWitness:
             return self._catch_up(r + 1)
         with self.averager.get_tensors() as tensors:
             averaged = [t.clone() for t in tensors]
-        # a smaller group than the swarm's (seen in tests/test_rounds.py: one peer alone with the witness while the
-        # two others averaged together) moves the witness's θ but confirms nothing, or one peer could make its θ the
-        # run's. Trainers still at round r after the all-reduce count too (the other group's, still averaging)
-        training = max(training, trainers_in_round(read_progress(self.dht, self.spec), r))
-        majority = the_swarms_group(outcome.trainers, training)
         with self.state.lock:
             self.state.advance(averaged if outcome.usable else None)
-            self.confirmed = majority
+            self.confirmed = True
         self._loaded_from = None
         now = time.monotonic()
         self._round_seconds, self._round_began = now - self._round_began, now
-        seen = Witnessed(self.state.round, self.state.hash(), majority, outcome.trainers)
-        if not majority:
-            logger.warning("round %d: the witness's group held %d of the round's %d trainers; round %d's θ %s… stays "
-                           "unconfirmed", r, outcome.trainers, training, seen.round, seen.state_hash[:12])
-            return seen
+        seen = Witnessed(self.state.round, self.state.hash(), True, outcome.trainers)
         logger.info("round %d witnessed: %d trainer(s)%s; round %d starts from θ %s…", r, outcome.trainers,
                     "" if outcome.usable else " (too few for the reducer: no outer step)", seen.round,
                     seen.state_hash[:12])
