@@ -152,8 +152,6 @@ class Auditor:
             return pb.SubmitAuditRecordsResponse(accepted=False, reason=problem)
         return pb.SubmitAuditRecordsResponse(accepted=True)
 
-    # ---------------------------------------------------------------- validators
-
     # ---------------------------------------------------------------- the validator role
 
     def grant(self, node_id: str, reason: str = "") -> bool:
