@@ -48,6 +48,9 @@ from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time
 
 logger = logging.getLogger(__name__)
 
+# asyncio tasks of hivemind's averager process that must not be garbage-collected before they end (AveragerHooks._step)
+HELD_TASKS: set[asyncio.Task] = set()
+
 HIVEMIND_VERSION = "1.1.12"  # the hivemind whose sources PINNED hashes
 
 # upstream function -> sha256 of ``textwrap.dedent(inspect.getsource(function))`` under hivemind HIVEMIND_VERSION
@@ -76,6 +79,10 @@ PINNED = {
         "f70e44b237abd51d331867ca6ece630aef677ac61df54815f2cd46b2cf162a7e",
     "hivemind.averaging.matchmaking.Matchmaking._request_join_group":
         "2dd44b047f01c3770f948cbb6019150bbe5885d97be9bf17b73077d972c5bef1",
+    "hivemind.averaging.matchmaking.Matchmaking.look_for_group":
+        "c17a13faa5b99d0b3c79c7fc01bd53a2c7464318272664ef84f375987fadb53d",
+    "hivemind.averaging.matchmaking.PotentialLeaders._declare_averager_periodically":
+        "22b0b11217092f574859d8366629c7a3423e629c0ef2075b8c02e8fad476a33e",
     "hivemind.averaging.averager.DecentralizedAverager._aggregate_with_group":
         "d9a3d2012affe949763491ef603237ea3e567dcb359eba473b857d2b6e0c4bf4",
     "hivemind.averaging.averager.DecentralizedAverager._run_allreduce_inplace_":
@@ -267,18 +274,34 @@ class AveragerHooks:
     # it; before each step, the Matchmaking that hivemind creates in the averager's process (no hook) is made to skip a
     # leader that check_leader refuses, as if it had not answered. Honest leaders refuse a peer without a valid
     # token, but honest followers still asked such a peer to lead them and refused its group only once assembled:
-    # a round lost (seen: an honest peer averaged in none of its 3 rounds beside an intruder)
+    # a round lost (seen: an honest peer averaged in none of its 3 rounds beside an intruder).
+    # Follows hivemind.averaging.matchmaking.Matchmaking.look_for_group (hivemind 1.1.12) and
+    # Follows hivemind.averaging.matchmaking.PotentialLeaders._declare_averager_periodically (hivemind 1.1.12),
+    # changed: nothing in them; the task that runs look_for_group is held (HELD_TASKS) until it ends. A cancelled step
+    # cancels that task and drops it (_step keeps no reference), and its clean-up awaits a DHT store, an MPFuture
+    # that hivemind refers to only weakly: the garbage collector then destroyed the task mid-clean-up, inside
+    # `async with lock_looking_for_group`, so the lock stayed taken and every later step of the peer waited for it
+    # (seen: "Task was destroyed but it is pending!", then a peer that averaged in none of its next 4 rounds)
     async def _step(self, *, step, future_for_init):
         matchmaking = self._matchmaking
         if not getattr(matchmaking, "checks_leaders", False):
-            request_join_group = matchmaking._request_join_group
+            request_join_group, look_for_group = matchmaking._request_join_group, matchmaking.look_for_group
 
             async def request_join_checked_group(leader):
                 if not await self.check_leader(leader):
                     return None
                 return await request_join_group(leader)
 
-            matchmaking._request_join_group, matchmaking.checks_leaders = request_join_checked_group, True
+            async def look_for_group_held(step_control):
+                task = asyncio.current_task()
+                HELD_TASKS.add(task)
+                try:
+                    return await look_for_group(step_control)
+                finally:
+                    HELD_TASKS.discard(task)
+
+            matchmaking._request_join_group = request_join_checked_group
+            matchmaking.look_for_group, matchmaking.checks_leaders = look_for_group_held, True
         return await super()._step(step=step, future_for_init=future_for_init)
 
     # Copied from hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part (hivemind 1.1.12), changed: the
