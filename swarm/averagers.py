@@ -7,6 +7,7 @@ import multiprocessing as mp
 import typing
 from collections.abc import Callable
 
+import torch
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner
 from hivemind.averaging.group_info import GroupInfo
 from hivemind.p2p import P2PContext, PeerID
@@ -76,6 +77,7 @@ class AccessControlledAveragerMixin(AveragerHooks):
         # hivemind's DecentralizedAverager.run, in the forked averager process, which ends with its parent: a node
         # killed by SIGKILL would otherwise leave it running, re-parented to init, holding the model's memory
         end_with_parent(mp.parent_process().pid)
+        renew_torch_thread_pool()
         super().run()
 
     async def _is_member(self, peer_id: PeerID) -> bool:
@@ -148,6 +150,18 @@ class AccessControlledAveragerMixin(AveragerHooks):
         # nothing when the round ended before their timeout: an intruder then "saw" a group of 3 whose honest
         # members had refused it.
         self._last_group_size.value = len(exchanged | {self.peer_id})
+
+
+def renew_torch_thread_pool() -> None:
+    """In a process forked from one that used torch's thread pool: renew the pool now, in this thread.
+
+    torch renews it lazily, in the first thread that asks for it after the fork, and a second thread asking at the
+    same moment gets none: "pool INTERNAL ASSERT FAILED ... Invalid thread pool!" from ``torch.quantize_per_tensor``
+    in one of the averager's executor threads, which compress parts side by side (seen: a peer's 8-bit part never
+    reached its reducer, and the group's all-reduce failed for it; a child that quantizes in 8 threads at once failed
+    22 times in 40 forks).
+    """
+    torch.set_num_threads(torch.get_num_threads())
 
 
 class AllReduceRefused(AllreduceException):

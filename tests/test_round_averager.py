@@ -1,13 +1,17 @@
-"""The round averager (two real hivemind averagers in processes of this one): a step cancelled while it looks for a
-group leaves the averager able to average again."""
+"""The round averager (real hivemind averagers in processes of this one): a step cancelled while it looks for a
+group leaves the averager able to average again; its forked process renews torch's thread pool."""
 
 import asyncio
 import gc
+import multiprocessing
+import os
+import threading
 import time
 
 import torch
 from hivemind.averaging.control import AveragingStage
 from hivemind.averaging.key_manager import GroupKeyManager
+from omi.swarm.averagers import renew_torch_thread_pool
 from omi.swarm.round_averager import make_round_averager
 from swarm_helpers import dht_peers
 
@@ -52,3 +56,38 @@ def test_a_step_cancelled_while_looking_for_a_group_leaves_the_averager_able_to_
         finally:
             first.shutdown()
             second.shutdown()
+
+
+def _quantize_in_threads_after_fork() -> None:
+    renew_torch_thread_pool()  # as the averager's process does first (without it: 15 of 20 children failed here)
+    failed, start = [], threading.Barrier(8)
+
+    def quantize() -> None:
+        start.wait()
+        try:
+            torch.quantize_per_tensor(torch.randn(5000), 0.1, 10, torch.quint8).int_repr()
+        except RuntimeError as e:
+            failed.append(e)
+
+    threads = [threading.Thread(target=quantize) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    os._exit(1 if failed else 0)
+
+
+def test_a_forked_averager_renews_torchs_thread_pool_before_its_threads_quantize():
+    # the averager's executor threads compress parts side by side: in a process forked from one that had quantized,
+    # torch renews its thread pool lazily and a second thread asking at once got none ("Invalid thread pool!")
+    # this process sets its thread count (as a volunteer does) and quantizes: it used the pool
+    torch.set_num_threads(torch.get_num_threads())
+    torch.quantize_per_tensor(torch.randn(5000), 0.1, 10, torch.quint8).int_repr()
+    context = multiprocessing.get_context("fork")
+    failures = 0
+    for _ in range(20):
+        child = context.Process(target=_quantize_in_threads_after_fork)
+        child.start()
+        child.join(timeout=60)
+        failures += child.exitcode != 0
+    assert failures == 0, f"{failures} of 20 forked processes failed to quantize in 8 threads at once"
