@@ -73,16 +73,38 @@ def swarm_dht(coordinator_key, tmp_path):
         yield peers
 
 
-@pytest.fixture
-def coordinator(tmp_path):
-    """A real ``omi-coordinator serve`` process with the fast test run (``processes.FAST``), drawing no checkpoints."""
-    from processes import NO_CHECKPOINTS, ServeProcess, fast_run, kill_group
+def _serve_fast_run(directory, *, witness: bool = True, shared: bool = False):
+    """A real ``omi-coordinator serve`` process with the fast test run (``processes.FAST``), drawing no checkpoints,
+    in ``directory``; killed with its process group on exit. ``witness``: wait for the run's witness too;
+    ``shared``: it outlives each test (a fixture of wider scope)."""
+    from processes import NO_CHECKPOINTS, ServeProcess, fast_run, kill_group, outlive_the_test
 
-    run_file = tmp_path / "run.toml"
+    run_file = directory / "run.toml"
     run_file.write_text(fast_run(checkpoints=NO_CHECKPOINTS))
-    server = ServeProcess(tmp_path / "coordinator", tmp_path / "coordinator.log", run_file=run_file)
+    server = ServeProcess(directory / "coordinator", directory / "coordinator.log", run_file=run_file,
+                          witness=witness)
+    if shared:
+        outlive_the_test(server.proc)
     yield server
     kill_group(server.proc)
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """A real ``omi-coordinator serve`` process with the fast test run, its witness up (:func:`_serve_fast_run`)."""
+    yield from _serve_fast_run(tmp_path)
+
+
+@pytest.fixture
+def serving_coordinator(tmp_path):
+    """As :func:`coordinator`, without waiting for the run's witness: for tests of what the API answers."""
+    yield from _serve_fast_run(tmp_path, witness=False)
+
+
+@pytest.fixture(scope="module")
+def module_coordinator(tmp_path_factory):
+    """As :func:`coordinator`, one for the tests of a module (each start costs ~15 s of the slow phase)."""
+    yield from _serve_fast_run(tmp_path_factory.mktemp("coordinator"), shared=True)
 
 
 @pytest.fixture(scope="session")

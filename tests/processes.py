@@ -114,6 +114,12 @@ def reap_all() -> None:
         kill_group(_STARTED.pop())
 
 
+def outlive_the_test(process: Forked | subprocess.Popen) -> None:
+    """Leave ``process`` out of the reaping after each test (conftest): a server of a module-scoped fixture, which
+    kills it itself."""
+    _STARTED.remove(process)
+
+
 def serving(address: str, state_dir: Path, process: Forked, log: Path) -> str | None:
     """The pinned target of the coordinator at ``address`` (its certificate read from ``state_dir``) once its health
     service says SERVING; None before. Fails if the process exited."""

@@ -74,7 +74,8 @@ def sigterm_then_kill9(node: subprocess.Popen, coordinator: subprocess.Popen) ->
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("kill", [kill9, sigterm_then_kill9])
-def test_a_killed_volunteer_leaves_no_process_behind(coordinator, tmp_path, kill):
+def test_a_killed_volunteer_leaves_no_process_behind(module_coordinator, tmp_path, kill):
+    coordinator = module_coordinator
     node = NodeProcess(coordinator.address, tmp_path / "node")
     wait_until(lambda: "state: training" in node.output(), 60, "the volunteer training")
     tree = process_tree(node.proc.pid)

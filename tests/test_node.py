@@ -49,7 +49,8 @@ def test_churn_kill9_and_late_joiner(coordinator, tmp_path):
     assert coordinator.rounds_by_name()["late"][0] > 0, late.output()[-3000:]
 
 
-def test_bad_input_is_a_clear_error(coordinator, tmp_path):
+def test_bad_input_is_a_clear_error(serving_coordinator, tmp_path):
+    coordinator = serving_coordinator
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     attempts = {  # run side by side: each is a CLI start (imports) of several seconds
