@@ -79,6 +79,8 @@ PINNED = {
         "f70e44b237abd51d331867ca6ece630aef677ac61df54815f2cd46b2cf162a7e",
     "hivemind.averaging.matchmaking.Matchmaking._request_join_group":
         "2dd44b047f01c3770f948cbb6019150bbe5885d97be9bf17b73077d972c5bef1",
+    "hivemind.averaging.control.StepControl.cancel":
+        "c8638e0f8408bf3a6e0557650a89ec1d1d541f1ecfe92714d2feb5c864b39302",
     "hivemind.averaging.matchmaking.Matchmaking.look_for_group":
         "c17a13faa5b99d0b3c79c7fc01bd53a2c7464318272664ef84f375987fadb53d",
     "hivemind.averaging.matchmaking.PotentialLeaders._declare_averager_periodically":
@@ -254,6 +256,33 @@ class PartReducerHooks:
 # ------------------------------------------------------------------------- hivemind.averaging.averager
 
 
+# Follows hivemind.averaging.control.StepControl.cancel (hivemind 1.1.12), changed: nothing; it resolves the step's
+# cancel future and then cancels the step itself, each a message to the averager's process. hivemind's _step checks
+# step.cancelled() once the cancel future resolved: when the second message had not arrived yet (seen under load),
+# it kept looking for a group, with the matchmaking lock, until the step's deadline, and the peer's next step waited
+# for that lock (tests/test_round_averager.py: "Another look_for_group is already in progress", then no group)
+async def look_for_group_until_cancelled(look_for_group, step_control):
+    """``look_for_group(step_control)``, ended (CancelledError) as soon as the step's cancel is requested; once it is,
+    every later call ends at once too (after a short wait), until hivemind's _step sees the step cancelled."""
+    if step_control._cancel.done():
+        await asyncio.sleep(0.05)
+        raise asyncio.CancelledError()
+    looking = asyncio.ensure_future(look_for_group(step_control))
+    HELD_TASKS.add(looking)
+    cancel = asyncio.ensure_future(step_control.wait_for_cancel())
+    try:
+        await asyncio.wait({looking, cancel}, return_when=asyncio.FIRST_COMPLETED)
+        if not looking.done():
+            raise asyncio.CancelledError()
+        return looking.result()
+    finally:
+        cancel.cancel()
+        if not looking.done():
+            looking.cancel()
+            await asyncio.gather(looking, return_exceptions=True)  # its clean-up: leave the DHT, free the lock
+        HELD_TASKS.discard(looking)
+
+
 class AveragerHooks:
     """Put before hivemind's ``DecentralizedAverager``: its private all-reduce steps, with the hooks omi fills in.
 
@@ -296,7 +325,7 @@ class AveragerHooks:
                 task = asyncio.current_task()
                 HELD_TASKS.add(task)
                 try:
-                    return await look_for_group(step_control)
+                    return await look_for_group_until_cancelled(look_for_group, step_control)
                 finally:
                     HELD_TASKS.discard(task)
 
