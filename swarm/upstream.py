@@ -313,7 +313,7 @@ class AveragerHooks:
     # (seen: "Task was destroyed but it is pending!", then a peer that averaged in none of its next 4 rounds)
     async def _step(self, *, step, future_for_init):
         matchmaking = self._matchmaking
-        if not getattr(matchmaking, "checks_leaders", False):
+        if not getattr(matchmaking, "omi_hooks_installed", False):
             request_join_group, look_for_group = matchmaking._request_join_group, matchmaking.look_for_group
 
             async def request_join_checked_group(leader):
@@ -330,7 +330,7 @@ class AveragerHooks:
                     HELD_TASKS.discard(task)
 
             matchmaking._request_join_group = request_join_checked_group
-            matchmaking.look_for_group, matchmaking.checks_leaders = look_for_group_held, True
+            matchmaking.look_for_group, matchmaking.omi_hooks_installed = look_for_group_held, True
         return await super()._step(step=step, future_for_init=future_for_init)
 
     # Copied from hivemind.averaging.averager.DecentralizedAverager.rpc_aggregate_part (hivemind 1.1.12), changed: the
