@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 PAUSED_POLL = 2.0  # seconds between checks of a paused run
 RECORDS_KEPT_ROUNDS = 8  # rounds of micro-batch records kept in memory for audits (at least the audit window)
 STATE_CHECKS = 3  # tries to start a round from the θ the coordinator witnessed (each one a state load)
+WITNESSED_POLL = 0.5  # seconds between two asks for the hash of a loaded θ the coordinator has not published yet
 
 
 class RunStopped(Exception):
@@ -137,6 +138,20 @@ class Trainer:
             return assignment
         return pb.WorkAssignment(round=round_number)
 
+    def _await_witnessed(self, round_number: int, assignment: pb.WorkAssignment) -> pb.WorkAssignment:
+        """This peer loaded θ from a peer, and the coordinator has not published the round's hash yet: ask again for
+        up to ``averaging_timeout`` seconds (the witness publishes it once its all-reduce of the previous round ends),
+        so that a θ served by a forger is refused before it is trained from. An unwitnessed run publishes none."""
+        if not self.spec.witnessed:
+            return assignment
+        deadline = time.monotonic() + self.spec.averaging.averaging_timeout
+        while not assignment.state_hash and time.monotonic() < deadline and not self.stop.wait(WITNESSED_POLL):
+            assignment = self._get_work(round_number)
+        if not assignment.state_hash:
+            logger.warning("round %d: the coordinator published no θ hash for the state loaded from a peer; training "
+                           "from it unchecked", round_number)
+        return assignment
+
     def set_state(self, state: str) -> None:
         if self.status.state != state:
             logger.info("state: %s", state)
@@ -157,6 +172,8 @@ class Trainer:
         for attempt in range(STATE_CHECKS):
             round_number = self.optimizer.begin_round()
             assignment = self._get_work(round_number)
+            if not assignment.state_hash and getattr(self.optimizer, "holds_served_state", False):
+                assignment = self._await_witnessed(round_number, assignment)
             if self.stop.is_set():
                 return
             # a late joiner refuses a θ the witness did not see; if the swarm moved on meanwhile, it catches up and

@@ -230,6 +230,12 @@ class RoundOptimizer:
         """SHA-256 of the global parameters θ_r (hex): equal on two peers exactly when they hold the same θ_r."""
         return self.state.hash()
 
+    @property
+    def holds_served_state(self) -> bool:
+        """Whether θ_r is as a peer served it (loaded, not stepped since): in a witnessed run it is to be checked
+        against the hash the coordinator publishes for the round before it is trained from."""
+        return self.provenance.source is not None and self.provenance.source[1:] == (self.round, self.start_hash)
+
     def set_state(self, round: int, params: list[torch.Tensor], momentum: list[torch.Tensor] | None = None) -> None:
         """Adopt θ (and the outer momentum; None: zeros) as round ``round``'s start; the model is reset to it."""
         self.state.set(round, params, momentum)

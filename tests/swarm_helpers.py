@@ -252,10 +252,10 @@ def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
         time.sleep(0.2)
 
 
-def _confirmed_hash(path: str, round_number: int, timeout: float = 15.0) -> str:
-    """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``)."""
+def _confirmed_hash(path: str, round_number: int, timeout: float) -> str:
+    """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``; 0: one look)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         try:
             held = json.loads(Path(path).read_text())["rounds"]
         except (OSError, ValueError, KeyError):
@@ -263,8 +263,9 @@ def _confirmed_hash(path: str, round_number: int, timeout: float = 15.0) -> str:
         for entry in held:
             if entry["round"] == round_number and entry["confirmed"]:
                 return entry["state_hash"]
+        if time.monotonic() >= deadline:
+            return ""
         time.sleep(0.2)
-    return ""
 
 
 def run_trainer(config: dict) -> None:
@@ -275,7 +276,7 @@ def run_trainer(config: dict) -> None:
     pseudo-gradient θ_r − θ_local is ``delta_scale`` times the one it trained (-1000: a x-1000 sign-flipper).
     ``forge_state`` makes another: it trains honestly but serves late joiners a θ shifted by 1, announcing the top
     priority. ``witness_file`` (a witness's result file) stands in for the coordinator's published hashes: each
-    round starts with ``check_state`` against the hash the witness confirmed for it.
+    round starts with ``check_state`` against the hash the witness confirmed for it, as every node's does.
     """
     import hashlib
 
@@ -305,7 +306,11 @@ def run_trainer(config: dict) -> None:
     while opt.round < config["rounds"] and time.monotonic() < deadline:
         started = opt.begin_round()
         for _ in range(2):  # as the node's trainer does: a refused θ is not trained from, the swarm's newest is checked
-            if not config.get("witness_file") or opt.check_state(_confirmed_hash(config["witness_file"], started)):
+            if not config.get("witness_file"):
+                break
+            # a θ loaded from a peer waits for the round's published hash (node.trainer: _await_witnessed)
+            wait = spec.averaging.averaging_timeout if opt.holds_served_state else 0.0
+            if opt.check_state(_confirmed_hash(config["witness_file"], started, wait)):
                 break
             started = opt.begin_round()
         if config.get("forge_state"):

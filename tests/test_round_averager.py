@@ -91,3 +91,33 @@ def test_a_forked_averager_renews_torchs_thread_pool_before_its_threads_quantize
         child.join(timeout=60)
         failures += child.exitcode != 0
     assert failures == 0, f"{failures} of 20 forked processes failed to quantize in 8 threads at once"
+
+
+def test_the_witness_serves_its_state_after_every_trainer(tmp_path, coordinator_key):
+    # seen on CI: two honest peers lost a round that a state forger and the witness averaged; both loaded the forger's
+    # θ (it announces the top priority), and no trainer held the θ the witness published. The witness now serves the
+    # state it holds, last of all peers: a check against the published hash finds it there.
+    from omi.swarm.diloco import GlobalState
+    from omi.swarm.witness import RoundWitness
+    from swarm_helpers import tiny_model
+
+    with dht_peers(coordinator_key, tmp_path, count=3) as (spec, _, dhts):
+        spec.witnessed = True
+        witness = RoundWitness(dhts[0], spec, tiny_model())
+        params = [p.detach() for p in tiny_model().parameters()]
+        forged = GlobalState.initial([p + 1.0 for p in params], spec.rounds)
+        forger = make_round_averager(spec, dhts[1], deltas=[torch.zeros_like(p) for p in params], state=forged.serve)
+        forger.state_sharing_priority = 1e9
+        wanted = GlobalState.initial(params, spec.rounds)
+        loader = make_round_averager(spec, dhts[2], deltas=[torch.zeros_like(p) for p in params])
+        try:
+            assert witness.snapshot().state_hash == wanted.hash() != forged.hash()
+            time.sleep(2.0)  # both declared themselves for download in the DHT
+            served, peer = loader.download_state(wanted, timeout=30.0, skip=set())
+            assert peer == dhts[1].peer_id.to_base58(), "a trainer's state comes before the witness's"
+            served, peer = loader.download_state(wanted, timeout=30.0, skip=set(), expect=wanted.hash())
+            assert peer == dhts[0].peer_id.to_base58(), peer
+            assert all(torch.equal(a, b) for a, b in zip(served.theta, params, strict=True))
+        finally:
+            for averager in (loader, forger, witness):
+                averager.shutdown()

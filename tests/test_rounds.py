@@ -43,6 +43,14 @@ def _agree(results: list[dict], peers: int) -> int:
     return together
 
 
+def _compact(result: dict) -> dict:
+    """A trainer's result, short enough for an assertion message: starts (round, θ) and rounds (round, group size,
+    applied, end θ), hashes cut to 8 characters."""
+    return dict(starts=[(s["round"], s["start_hash"][:8]) for s in result["starts"]],
+                rounds=[(e["round"], e["group_size"], e["applied"], e["end_hash"][:8]) for e in result["rounds"]],
+                state_loads=result["state_loads"])
+
+
 def test_honest_peers_hold_bitwise_identical_parameters_after_every_round(tmp_path, coordinator_key):
     # 8-bit pseudo-gradients: with hivemind's own runner every peer would add back its own compression error
     results = _run(tmp_path, coordinator_key, [dict(rounds=5) for _ in range(3)], inner_steps=5,
@@ -96,7 +104,8 @@ def test_the_witness_follows_the_rounds_and_a_late_joiner_refuses_a_forged_state
     spec = make_spec(coordinator_key, matchmaking_time=1.5, averaging_timeout=10.0, inner_steps=5)
     spec.witnessed = True
     witness_file = str(tmp_path / "witness" / "result.json")
-    trainers = [dict(rounds=10), dict(rounds=10, forge_state=True),
+    # the honest trainers check each round's θ against the witness's hash, as every node does
+    trainers = [dict(rounds=10, witness_file=witness_file), dict(rounds=10, forge_state=True),
                 dict(rounds=10, start_delay=6.0, intruder=True, witness_file=witness_file)]
     procs, _ = start_swarm(tmp_path, coordinator_key, spec, trainers, witness=True)
     try:
@@ -121,8 +130,10 @@ def test_the_witness_follows_the_rounds_and_a_late_joiner_refuses_a_forged_state
             starts.setdefault(start["round"], set()).add(start["start_hash"])
     assert len([h for h in held if h["confirmed"] and h["trainers"] >= 2]) >= 4, held
     last = max(starts)  # the θ the witness confirms after the trainers' last round has no start to compare with
+    seen = {"held": [(h["round"], h["state_hash"][:8], h["confirmed"], h["trainers"]) for h in held],
+            **{name: _compact(result) for name, result in (("first", first_trainer), ("joiner", joiner))}}
     for round_number, state in confirmed.items():
-        assert round_number > last or state in starts.get(round_number, set()), (round_number, state, starts)
+        assert round_number > last or state in starts.get(round_number, set()), (round_number, state[:8], seen)
     assert all(e["group_size"] <= 3 for e in joiner["rounds"]), joiner  # the witness is not counted as a trainer
     # it joined late (loaded, refused the forger's θ, loaded the witnessed one) and trained only from confirmed θs.
     # With rounds of ~1.7 s the honest peer may be a round further by the time the check runs (seen on CI): the
