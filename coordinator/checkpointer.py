@@ -20,6 +20,7 @@ SECONDS after the weights are on disk (so a test can kill the coordinator mid-wr
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from omi.coordinator.bootstrap import STARTUP_TIMEOUT
 from omi.coordinator.checkpoints import TMP_PREFIX, Checkpoints, folder_name
 from omi.coordinator.credentials import KEY_FILENAME
 from omi.coordinator.runs import Runs
@@ -270,13 +272,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--db", default=None, help="SQLAlchemy URL (default: SQLite under the state dir)")
     parser.add_argument("--run", required=True)
     parser.add_argument("--initial-peer", action="append", default=[])
+    parser.add_argument("--initial-peers-on-stdin", action="store_true",
+                        help="read the run's bootstrap multiaddrs as one JSON line on stdin, after start-up")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--public-url", default="")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # shares the coordinator's machine; pulling state and writing files is I/O-bound
-    checkpointer = Checkpointer(args.state_dir, args.db, args.run, args.initial_peer, host=args.host,
+    initial_peers = args.initial_peer
+    if args.initial_peers_on_stdin:  # started beside the run's bootstrap peer: import while it starts (~4 s)
+        import omi.models.registry  # noqa: F401 - what _start_swarm_peer imports: diffusers' models, ~7 s of CPU
+        import omi.swarm  # noqa: F401
+
+        line = sys.stdin.readline()
+        if not line.strip():
+            raise SystemExit(f"run {args.run}: the coordinator handed no bootstrap peer to the checkpointer")
+        initial_peers += json.loads(line)
+    checkpointer = Checkpointer(args.state_dir, args.db, args.run, initial_peers, host=args.host,
                                 public_url=args.public_url)
     from omi.swarm.signals import install_stop_signals
 
@@ -294,7 +307,8 @@ class CheckpointerSupervisor:
     :param state_dir: the coordinator's state dir
     :param db_url: the coordinator's database URL (None: SQLite under ``state_dir``)
     :param runs: the coordinator's runs
-    :param initial_peers: RunSpec -> multiaddrs of the run's bootstrap peer (starts it if needed)
+    :param initial_peers: ``(RunSpec, timeout=seconds)`` -> multiaddrs of the run's bootstrap peer (starts it if
+        needed; raises Unavailable if it does not listen within the timeout)
     :param host: address the checkpointers' swarm peers listen on
     :param public_url: base URL of the coordinator's HTTP port
     """
@@ -316,10 +330,10 @@ class CheckpointerSupervisor:
             command += ["--db", self.db_url]
         if self.public_url:
             command += ["--public-url", self.public_url]
-        # Unavailable while the run's swarm peer is still starting: the supervisor's next check starts ours
-        for peer in self.initial_peers(self.runs.get(run_id).spec):
-            command += ["--initial-peer", peer]
-        return Launch(command)
+        # it starts beside the run's bootstrap peer and gets its addresses once it listens
+        spec = self.runs.get(run_id).spec
+        command.append("--initial-peers-on-stdin")
+        return Launch(command, stdin=lambda: json.dumps(self.initial_peers(spec, timeout=STARTUP_TIMEOUT)))
 
     def shutdown(self) -> None:
         self.processes.shutdown()

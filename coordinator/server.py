@@ -97,7 +97,13 @@ class CoordinatorServer:
         if self.config.run_file is not None:
             self.ensure_run(self.config.run_file)
         self._start_running_runs()
-        if self.bootstrap is not None:  # serve once the running runs' peers listen: every registration hands them out
+        if self.bootstrap is not None:
+            # the checkpointer is a swarm peer (without a swarm there is nothing to pull); it starts up beside the
+            # bootstrap peer (both import torch and hivemind, ~3 s each) and is handed its addresses once it listens
+            self.checkpointers = CheckpointerSupervisor(
+                self.config.state_dir, self.config.db_url, self.coordinator.runs, self.bootstrap.initial_peers,
+                host=self.config.swarm_host, public_url=self.coordinator.checkpoints.public_url)
+            # serve once the running runs' peers listen: every registration hands them out
             for run_id in sorted(self._running_runs):
                 await asyncio.to_thread(self.bootstrap.initial_peers, self.coordinator.runs.get(run_id).spec,
                                         timeout=STARTUP_TIMEOUT)
@@ -127,10 +133,6 @@ class CoordinatorServer:
             self._start_validators(host)
         if self.config.http_address:
             await self._start_http(self.config.http_address)
-        if self.bootstrap is not None:  # the checkpointer is a swarm peer: without a swarm there is nothing to pull
-            self.checkpointers = CheckpointerSupervisor(
-                self.config.state_dir, self.config.db_url, self.coordinator.runs, self.bootstrap.initial_peers,
-                host=self.config.swarm_host, public_url=self.coordinator.checkpoints.public_url)
 
     def _run_started(self, run_id: str) -> None:
         """Run ``run_id`` is running: start its swarm peer process and open its data source (in a thread of its own)

@@ -52,11 +52,14 @@ class Launch:
     :param command: the program and its arguments
     :param log: file its stdout and stderr are appended to (None: the coordinator's own, unless ``read_stdout``)
     :param read_stdout: the coordinator reads what it prints (``Popen.stdout``); its stderr stays the coordinator's
+    :param stdin: returns one line for the child's stdin, called on a thread of its own once the child started
+        (it may wait: the child starts up meanwhile); an exception closes its stdin with nothing written
     """
 
     command: list[str]
     log: Path | None = None
     read_stdout: bool = False
+    stdin: Callable[[], str] | None = None
 
     def __post_init__(self):
         assert not (self.log and self.read_stdout), "a child's stdout goes to its log or to the coordinator, not both"
@@ -181,14 +184,31 @@ class RunProcesses:
         try:
             child.process = subprocess.Popen(
                 launch.command, stdout=subprocess.PIPE if launch.read_stdout else log,
-                stderr=subprocess.STDOUT if log else None, start_new_session=True, preexec_fn=end_with_coordinator)
+                stdin=subprocess.PIPE if launch.stdin else None, stderr=subprocess.STDOUT if log else None,
+                start_new_session=True, preexec_fn=end_with_coordinator)
         finally:
             if log is not None:
                 log.close()
         logger.info("run %s: %s started (pid %d%s)", run_id, self.name, child.process.pid,
                     f", log {launch.log}" if launch.log else "")
+        if launch.stdin is not None:
+            threading.Thread(target=self._write_stdin, args=(run_id, child.process, launch.stdin),
+                             name=f"{self.name}-stdin-{run_id}", daemon=True).start()
         self.started(run_id, child.process)
         return child.process
+
+    def _write_stdin(self, run_id: str, process: subprocess.Popen, line: Callable[[], str]) -> None:
+        try:
+            text = line()
+        except Exception as e:  # the child reads end-of-file, exits, and is restarted
+            logger.warning("run %s: nothing to hand the %s (pid %d): %s", run_id, self.name, process.pid, e)
+            text = None
+        try:
+            with process.stdin:
+                if text is not None:
+                    process.stdin.write((text.rstrip("\n") + "\n").encode())
+        except OSError:  # it died meanwhile: the watch restarts it
+            pass
 
     def _stop(self, run_id: str) -> None:
         child = self._children.get(run_id)

@@ -140,11 +140,13 @@ class Trainer:
 
     def _await_witnessed(self, round_number: int, assignment: pb.WorkAssignment) -> pb.WorkAssignment:
         """This peer loaded θ from a peer, and the coordinator has not published the round's hash yet: ask again for
-        up to ``averaging_timeout`` seconds (the witness publishes it once its all-reduce of the previous round ends),
-        so that a θ served by a forger is refused before it is trained from. An unwitnessed run publishes none."""
+        up to two matchmaking times, so that a θ served by a forger is refused before it is trained from. The witness
+        publishes the hash as its all-reduce of the previous round ends, the one the peers served from ended too;
+        when it missed that round it publishes none (seen with a wait of ``averaging_timeout``: 20 s of a joiner's
+        round spent waiting for it). An unwitnessed run publishes none."""
         if not self.spec.witnessed:
             return assignment
-        deadline = time.monotonic() + self.spec.averaging.averaging_timeout
+        deadline = time.monotonic() + 2 * self.spec.averaging.matchmaking_time
         while not assignment.state_hash and time.monotonic() < deadline and not self.stop.wait(WITNESSED_POLL):
             assignment = self._get_work(round_number)
         if not assignment.state_hash:

@@ -309,7 +309,7 @@ def run_trainer(config: dict) -> None:
             if not config.get("witness_file"):
                 break
             # a θ loaded from a peer waits for the round's published hash (node.trainer: _await_witnessed)
-            wait = spec.averaging.averaging_timeout if opt.holds_served_state else 0.0
+            wait = 2 * spec.averaging.matchmaking_time if opt.holds_served_state else 0.0
             if opt.check_state(_confirmed_hash(config["witness_file"], started, wait)):
                 break
             started = opt.begin_round()

@@ -92,3 +92,30 @@ def test_the_children_of_a_coordinator_killed_by_sigkill_end_with_it():
         coordinator.kill()
         if alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_a_child_gets_its_stdin_line_once_ready_and_end_of_file_when_there_is_none(tmp_path):
+    # the checkpointer starts beside the run's bootstrap peer and is handed its addresses once that peer listens
+    ready, logs = [], {"late": tmp_path / "late.log", "none": tmp_path / "none.log"}
+
+    def line(run_id: str) -> str:
+        wait_until(lambda: ready, 10, "the line", interval=0.05)
+        if run_id == "none":
+            raise RuntimeError("the bootstrap peer is restarting")
+        return '["/ip4/127.0.0.1/tcp/1"]'
+
+    readers = RunProcesses("reader", lambda run_id: Launch(
+        [sys.executable, "-c", "import sys; print(repr(sys.stdin.readline()), flush=True)"], log=logs[run_id],
+        stdin=lambda: line(run_id)), interval=0.05)
+    try:
+        processes = [readers.start(run_id) for run_id in logs]
+        time.sleep(0.5)
+        assert all(process.poll() is None for process in processes)  # it waits for its line
+        ready.append(True)
+        for process in processes:
+            process.wait(10)
+    finally:
+        readers.shutdown()
+    # (a child that ended is started again after the backoff: each start printed the same)
+    assert set(logs["late"].read_text().splitlines()) == {"'[\"/ip4/127.0.0.1/tcp/1\"]\\n'"}
+    assert set(logs["none"].read_text().splitlines()) == {"''"}  # end of file: the checkpointer exits, restarts
