@@ -29,12 +29,13 @@ demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
 # Chromium, its driver and PostgreSQL first (scripts/install_system_deps.sh: apt-get as root, else one line on what
-# is missing and what that does to the tests). Then two phases side by side (scripts/run_tests.sh): the
-# multi-process swarms (marked slow) one at a time, as each of them uses both cores now and then, and the in-process
-# tests beside them at the lowest CPU priority, on what the swarms leave idle.
+# is missing and what that does to the tests). Then two phases: the in-process tests on 2 pytest-xdist workers, then
+# the multi-process swarms (marked slow) one at a time, as each of them uses both cores. The first phase that fails
+# stops the target.
 test: $(STAMP)
 	scripts/install_system_deps.sh
-	BIN=$(BIN) scripts/run_tests.sh
+	$(BIN)/python -m pytest -q --durations=15 -m "not slow" -n 2
+	$(BIN)/python -m pytest -q --durations=15 -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
