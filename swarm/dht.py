@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import hivemind
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hivemind.p2p import P2PDaemonError
 from hivemind.utils.crypto import RSAPrivateKey
 from omi.protos import pb, signing
 from omi.protos.tokens import TokenProvider, is_valid_access_token
@@ -35,6 +36,10 @@ from omi.swarm.tokens import AccessDenied, CoordinatorTokenAuthorizer, MintingTo
 logger = logging.getLogger(__name__)
 
 DHT_START_TIMEOUT = 180.0  # seconds a DHT process may take to come up (its libp2p daemon too) on a loaded machine
+# hivemind joins the initial peers with one ping each, lost after its wait_timeout (3 s): a busy bootstrap peer or a
+# slow link misses it now and then (seen: a volunteer started beside three others on a loaded machine exited)
+DHT_START_TRIES = 3
+DHT_START_BACKOFF = 2.0  # seconds before the second try; each later one waits that much longer
 
 
 class _DHT(hivemind.DHT):
@@ -170,6 +175,7 @@ def start_dht(spec: pb.RunSpec, token_provider: TokenProvider, *, swarm_key: RSA
     :param announce_host: the address other peers should dial (needs an explicit ``port``)
     :returns: a started ``hivemind.DHT``; it re-publishes the node's token in the run's token registry
     :raises AccessDenied: if the provider's token is not valid now (a banned node cannot renew it)
+    :raises RuntimeError: if no initial peer answered in ``DHT_START_TRIES`` tries (P2PDaemonError: none reachable)
     """
     if not spec.dht_prefix or "." in spec.dht_prefix:
         raise ValueError(f"RunSpec.dht_prefix must be non-empty and without '.', got {spec.dht_prefix!r}")
@@ -179,7 +185,16 @@ def start_dht(spec: pb.RunSpec, token_provider: TokenProvider, *, swarm_key: RSA
         # every peer would refuse us; say why instead of hivemind's "bootstrap failed"
         raise AccessDenied(f"the access token of node {token.node_id or '?'} is not valid for run {spec.run_id!r} "
                            "(expired, of another run, or not bound to this swarm key): renew it first")
-    return make_dht(spec, token_provider, swarm_key, initial_peers=list(spec.initial_peers),
-                    identity_path=None if identity_path is None else str(identity_path), host=host, port=port,
-                    client_mode=client_mode, announce_host=announce_host)
+    for attempt in range(1, DHT_START_TRIES + 1):
+        try:
+            return make_dht(spec, token_provider, swarm_key, initial_peers=list(spec.initial_peers),
+                            identity_path=None if identity_path is None else str(identity_path), host=host,
+                            port=port, client_mode=client_mode, announce_host=announce_host)
+        except (RuntimeError, P2PDaemonError) as e:  # no initial peer answered (or reachable), or no DHT process
+            if attempt == DHT_START_TRIES:
+                raise
+            logger.warning("the DHT peer did not start (%s); trying again in %.0f s (try %d of %d)", e,
+                           DHT_START_BACKOFF * attempt, attempt + 1, DHT_START_TRIES)
+            time.sleep(DHT_START_BACKOFF * attempt)
+    raise AssertionError("unreachable")
 

@@ -6,7 +6,7 @@ import time
 
 import hivemind
 import pytest
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from hivemind.proto import dht_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.timed_storage import get_dht_time
@@ -286,6 +286,24 @@ def test_a_dht_process_that_dies_while_starting_is_a_clear_error_not_a_wait_with
     dht = _DiesWhileStarting(start=False)
     with pytest.raises(RuntimeError, match=r"the DHT process did not start \(exit code 3\)"):  # not the timeout's
         _start(dht, timeout=600)
+
+
+def test_a_dht_whose_bootstrap_peer_does_not_answer_tries_again_then_says_so(coordinator_key, tmp_path, monkeypatch,
+                                                                            caplog):
+    # hivemind pings each initial peer once (3 s); a volunteer whose ping was lost (a busy bootstrap peer, seen on a
+    # loaded machine) exited at once. It tries DHT_START_TRIES times, then the error is hivemind's.
+    from omi.swarm import dht as swarm_dht
+
+    monkeypatch.setattr(swarm_dht, "DHT_START_BACKOFF", 0.1)
+    gone = load_or_create_peer_identity(tmp_path / "gone.id")  # a bootstrap peer that is not running
+    spec = make_spec(coordinator_key, initial_peers=(f"/ip4/127.0.0.1/tcp/1/p2p/{gone}",))
+    files = make_peer_files(tmp_path / "peer", coordinator_key, spec)
+    with caplog.at_level("WARNING", logger="omi.swarm.dht"), \
+            pytest.raises((RuntimeError, P2PDaemonError), match="bootstrap"):  # the daemon's, or the ping's
+        swarm.start_dht(spec, swarm.TokenFile(files.token_path),
+                        swarm_key=swarm.load_or_create_swarm_key(files.swarm_key_path))
+    tries = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert len(tries) == swarm_dht.DHT_START_TRIES - 1, tries
 
 
 def test_only_an_identity_this_process_generated_skips_hiveminds_check_that_it_is_free(tmp_path):
