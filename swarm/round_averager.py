@@ -119,12 +119,14 @@ class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
                            skip: frozenset[str] = frozenset()):
         """hivemind's ``load_state_from_peers``, trying the peers in order of priority but skipping those in ``skip``
         (base58 peer ids) and, with ``expect``, every peer whose θ (the first ``count`` tensors) does not hash to
-        it; returns ``(metadata, tensors, peer id)`` of the first state accepted, or None."""
+        it (without: the witness, :data:`WITNESS_PRIORITY`); returns ``(metadata, tensors, peer id)`` of the first
+        state accepted, or None."""
         return run_in_averager(self, "_load_state_checked", timeout=timeout, count=count, expect=expect,
                                skip=sorted(skip))
 
     async def _load_state_checked(self, future: MPFuture, count: int, expect: str | None, skip: list[str]):
-        await load_state_checked(self, future, count=count, expect=expect, skip=skip, theta_hash=theta_hash)
+        await load_state_checked(self, future, count=count, expect=expect, skip=skip, theta_hash=theta_hash,
+                                 checked_only=WITNESS_PRIORITY)
 
     def download_state(self, state: GlobalState, *, timeout: float, skip: set[str], expect: str | None = None
                        ) -> tuple[ServedState, str] | None:
@@ -138,6 +140,12 @@ class RoundAverager(AccessControlledAveragerMixin, DecentralizedAverager):
             logger.warning("peer %s served a state of the wrong shape; ignored", loaded[2])
             return None
         return served, loaded[2]
+
+
+# the state-sharing priority of the coordinator's witness: below every trainer's (about their round), and a load
+# takes its state only when it checks θ against the hash the coordinator published (``expect``); a plain load skips
+# it (a witness one round behind made a peer that needed the newest round retry for the whole load timeout)
+WITNESS_PRIORITY = -1e9
 
 
 def rounds_prefix(spec: pb.RunSpec) -> str:

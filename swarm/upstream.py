@@ -411,9 +411,10 @@ def run_in_averager(averager, method: str, *, timeout: float, **kwargs):
 
 # Follows hivemind.averaging.averager.DecentralizedAverager._load_state_from_peers (hivemind 1.1.12), changed: skips
 # the peers in `skip` and, with `expect`, every peer whose θ (the first `count` tensors, hashed by theta_hash) is not
-# it; returns the peer too; each read waits next_chunk_timeout (hivemind's applies it only when given a timeout)
+# it; without `expect`, every peer announcing the priority `checked_only` or less; returns the peer too; each read
+# waits next_chunk_timeout (hivemind's applies it only when given a timeout)
 async def load_state_checked(averager, future: MPFuture, *, count: int, expect: str | None, skip: list[str],
-                             theta_hash: Callable[[list[torch.Tensor]], str]) -> None:
+                             theta_hash: Callable[[list[torch.Tensor]], str], checked_only: float) -> None:
     """Run in the averager's process (:func:`run_in_averager`); sets ``future`` to ``(metadata, tensors, peer id)``
     of the first state accepted, or None."""
     timeout = averager.next_chunk_timeout if averager.next_chunk_timeout is not None else averager.request_timeout
@@ -424,7 +425,8 @@ async def load_state_checked(averager, future: MPFuture, *, count: int, expect: 
                     if isinstance(info, ValueWithExpiration) and isinstance(info.value, (float, int))} \
             if isinstance(found, dict) else {}
         for peer in sorted(priority, key=priority.get, reverse=True):
-            if peer == averager.peer_id or peer.to_base58() in skip:
+            if peer == averager.peer_id or peer.to_base58() in skip or \
+                    (expect is None and priority[peer][0] <= checked_only):
                 continue
             try:
                 stub = averager.get_stub(averager._p2p, peer, namespace=averager.prefix)

@@ -4,8 +4,9 @@ A node's word moves nothing: not the run's round, not what a checkpoint holds. T
 coordinator's checkpointer process, takes part in each round's all-reduce like a volunteer but sends a zero
 pseudo-gradient with weight 0 (bandwidth 0: it reduces no part either), so the average every member receives is
 the trainers' alone — and it receives the same bytes they do. It applies the same outer step to the θ_r it holds
-and so holds θ_{r+1} itself. It serves that state to peers that load one, after every trainer (the lowest
-priority), so the witnessed θ can be had even when no trainer holds it::
+and so holds θ_{r+1} itself. It serves that state to loads that check θ against the published hash, after every
+trainer (:data:`~omi.swarm.round_averager.WITNESS_PRIORITY`), so the witnessed θ can be had even when no trainer
+holds it::
 
     witness = RoundWitness(dht, spec, model)
     while not stop.is_set():
@@ -38,12 +39,11 @@ from omi.protos import pb
 from omi.swarm.consistency import group_outcome
 from omi.swarm.diloco import GlobalState
 from omi.swarm.follower import add_progress_validators, read_progress
-from omi.swarm.round_averager import cancel_step, make_round_averager
+from omi.swarm.round_averager import WITNESS_PRIORITY, cancel_step, make_round_averager
 
 logger = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between two looks at the step and the swarm's progress
-WITNESS_PRIORITY = -1e9  # the witness serves its state after every trainer (they serve at about their round)
 
 
 def trainer_rounds(dht: hivemind.DHT, spec: pb.RunSpec) -> list[int]:
@@ -108,9 +108,10 @@ class RoundWitness:
         self._loaded_from: str | None = None
         self._round_began, self._round_seconds = time.monotonic(), float("inf")  # when the state's round began
         self.wait = wait or 4 * (averaging.matchmaking_time + averaging.averaging_timeout)
-        # bandwidth 0: hivemind gives it no part to reduce; not in client mode, so that it serves the θ it holds, last
-        # of all peers (a peer whose group failed may find no trainer holding the witnessed θ: seen, two honest
-        # peers lost a round that a state forger and the witness averaged, and both then loaded the forger's θ)
+        # bandwidth 0: hivemind gives it no part to reduce; not in client mode, so that it serves the θ it holds to
+        # loads that check it against the published hash, last of all peers (a peer whose group failed may find no
+        # trainer holding the witnessed θ: seen, two honest peers lost a round that a state forger and the witness
+        # averaged, and both then loaded the forger's θ)
         self.averager = make_round_averager(spec, dht, deltas=[torch.zeros_like(p) for p in self.state.theta],
                                             state=self.state.serve, bandwidth=0.0)
         self.averager.state_sharing_priority = WITNESS_PRIORITY

@@ -96,7 +96,7 @@ def test_a_forked_averager_renews_torchs_thread_pool_before_its_threads_quantize
 def test_the_witness_serves_its_state_after_every_trainer(tmp_path, coordinator_key):
     # seen on CI: two honest peers lost a round that a state forger and the witness averaged; both loaded the forger's
     # θ (it announces the top priority), and no trainer held the θ the witness published. The witness now serves the
-    # state it holds, last of all peers: a check against the published hash finds it there.
+    # state it holds to loads that check θ against the published hash, after every trainer.
     from omi.swarm.diloco import GlobalState
     from omi.swarm.witness import RoundWitness
     from swarm_helpers import tiny_model
@@ -118,6 +118,8 @@ def test_the_witness_serves_its_state_after_every_trainer(tmp_path, coordinator_
             served, peer = loader.download_state(wanted, timeout=30.0, skip=set(), expect=wanted.hash())
             assert peer == dhts[0].peer_id.to_base58(), peer
             assert all(torch.equal(a, b) for a, b in zip(served.theta, params, strict=True))
+            # a load that checks nothing never takes the witness's state (it may be a round behind the trainers')
+            assert loader.download_state(wanted, timeout=30.0, skip={dhts[1].peer_id.to_base58()}) is None
         finally:
             for averager in (loader, forger, witness):
                 averager.shutdown()
