@@ -275,7 +275,7 @@ class RoundOptimizer:
         if previous is None and self.spec.rounds.overlap and self.round > 0:
             previous = RoundAllReduce(self.averager, self.spec, self.round - 1, "", missed=True)
         self._previous = previous
-        logger.info("loaded round %d's state from a peer", self.round)
+        logger.info("loaded round %d's state (θ %s…) from peer %s", self.round, self.start_hash[:12], loaded[1])
         return True
 
     def check_state(self, expected: str) -> bool:
