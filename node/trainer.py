@@ -141,13 +141,18 @@ class Trainer:
     def _await_witnessed(self, round_number: int, assignment: pb.WorkAssignment) -> pb.WorkAssignment:
         """This peer loaded θ from a peer, and the coordinator has not published the round's hash yet: ask again for
         up to two matchmaking times, so that a θ served by a forger is refused before it is trained from. The witness
-        publishes the hash as its all-reduce of the previous round ends, the one the peers served from ended too;
-        when it missed that round it publishes none (seen with a wait of ``averaging_timeout``: 20 s of a joiner's
-        round spent waiting for it). An unwitnessed run publishes none."""
+        publishes the hash as its all-reduce of the previous round ends, the one the peers served from ended too.
+        When it missed that round it holds this one unconfirmed and publishes none: the run's round (the witness's)
+        has reached this one without a hash, and the wait ends (seen, waiting without that check: 4-20 s of a
+        joiner's round, in short test rounds the whole round). An unwitnessed run publishes none."""
         if not self.spec.witnessed:
             return assignment
         deadline = time.monotonic() + 2 * self.spec.averaging.matchmaking_time
-        while not assignment.state_hash and time.monotonic() < deadline and not self.stop.wait(WITNESSED_POLL):
+        while not assignment.state_hash and time.monotonic() < deadline:
+            if self.client.get_run_status().summary.round >= round_number:
+                return self._get_work(round_number)  # published meanwhile, or never
+            if self.stop.wait(WITNESSED_POLL):
+                break
             assignment = self._get_work(round_number)
         if not assignment.state_hash:
             logger.warning("round %d: the coordinator published no θ hash for the state loaded from a peer; training "

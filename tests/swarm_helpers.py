@@ -253,16 +253,18 @@ def _wait_for_trainers(dht, spec: pb.RunSpec, config: dict) -> None:
 
 
 def _confirmed_hash(path: str, round_number: int, timeout: float) -> str:
-    """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``; 0: one look)."""
+    """The θ hash a witness's result file confirms for ``round_number`` ('' if none within ``timeout``; 0: one look;
+    '' at once if the witness holds that round unconfirmed, as the node stops waiting once the run's round is there)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             held = json.loads(Path(path).read_text())["rounds"]
         except (OSError, ValueError, KeyError):
             held = []
-        for entry in held:
-            if entry["round"] == round_number and entry["confirmed"]:
-                return entry["state_hash"]
+        entries = [entry for entry in held if entry["round"] == round_number]
+        confirmed = [entry["state_hash"] for entry in entries if entry["confirmed"]]
+        if confirmed or entries:
+            return confirmed[0] if confirmed else ""
         if time.monotonic() >= deadline:
             return ""
         time.sleep(0.2)
