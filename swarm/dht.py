@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import logging
 import multiprocessing as mp
@@ -185,16 +186,15 @@ def start_dht(spec: pb.RunSpec, token_provider: TokenProvider, *, swarm_key: RSA
         # every peer would refuse us; say why instead of hivemind's "bootstrap failed"
         raise AccessDenied(f"the access token of node {token.node_id or '?'} is not valid for run {spec.run_id!r} "
                            "(expired, of another run, or not bound to this swarm key): renew it first")
-    for attempt in range(1, DHT_START_TRIES + 1):
+    start = functools.partial(make_dht, spec, token_provider, swarm_key, initial_peers=list(spec.initial_peers),
+                              identity_path=None if identity_path is None else str(identity_path), host=host,
+                              port=port, client_mode=client_mode, announce_host=announce_host)
+    for attempt in range(1, DHT_START_TRIES):
         try:
-            return make_dht(spec, token_provider, swarm_key, initial_peers=list(spec.initial_peers),
-                            identity_path=None if identity_path is None else str(identity_path), host=host,
-                            port=port, client_mode=client_mode, announce_host=announce_host)
+            return start()
         except (RuntimeError, P2PDaemonError) as e:  # no initial peer answered (or reachable), or no DHT process
-            if attempt == DHT_START_TRIES:
-                raise
             logger.warning("the DHT peer did not start (%s); trying again in %.0f s (try %d of %d)", e,
                            DHT_START_BACKOFF * attempt, attempt + 1, DHT_START_TRIES)
             time.sleep(DHT_START_BACKOFF * attempt)
-    raise AssertionError("unreachable")
+    return start()  # the last try: its error is the caller's
 
