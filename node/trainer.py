@@ -154,7 +154,7 @@ class Trainer:
             if self.stop.wait(WITNESSED_POLL):
                 break
             assignment = self._get_work(round_number)
-        if not assignment.state_hash:
+        if not assignment.state_hash and not self.stop.is_set():
             logger.warning("round %d: the coordinator published no θ hash for the state loaded from a peer; training "
                            "from it unchecked", round_number)
         return assignment

@@ -222,3 +222,17 @@ def contribution_for(work: pb.WorkAssignment, spec: pb.RunSpec | None = None, **
     values.update(segment_hashes=[bytes([i]) * 32 for i in range(segments + 1)], end_params_hash=b"e" * 32)
     values.update(fields)
     return pb.Contribution(**values)
+
+
+def trainer(server: ServerThread, folder: Path, run_id: str = "t"):
+    """A volunteer's :class:`omi.node.trainer.Trainer`, registered for ``run_id`` with the coordinator ``server``
+    (its key and token in ``folder / "node"``): what it asks the coordinator for (work, the run's round and
+    published hashes) needs no model, data or swarm."""
+    import torch
+    from omi.node.session import NodeSession
+    from omi.node.trainer import Trainer
+
+    session = NodeSession(server.address, folder / "node", connect_attempts=1)
+    spec = session.open(run_id=run_id)
+    return Trainer(session, spec, model=torch.nn.Linear(2, 2), scheduler=None, source=None, optimizer=None,
+                   params_server=None, micro_batch_size=1)

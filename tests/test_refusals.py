@@ -6,14 +6,14 @@ import threading
 import grpc
 import pytest
 import torch
-from coordinator_helpers import FakeClock, ServerThread, contribution_for, run_toml
+from coordinator_helpers import FakeClock, ServerThread, contribution_for, run_toml, trainer
 from omi.coordinator.states import BanKind
 from omi.coordinator.store import Ban, Store, sqlite_url
 from omi.models import MicroBatchRecord, merkle_root, record_to_proto, sent_sketch
 from omi.node.cli import app
 from omi.node.client import CoordinatorClient
 from omi.node.session import NodeError, NodeSession
-from omi.node.trainer import PAUSED_POLL, RunStopped, Trainer
+from omi.node.trainer import PAUSED_POLL, RunStopped
 from omi.protos import pb
 from omi.protos.peer_ids import new_identity
 from omi.protos.refusals import refusal_of
@@ -36,14 +36,6 @@ def refusal(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     return info.value.code(), pb.Refusal.Name(refusal_of(info.value))
-
-
-def trainer(server, tmp_path, run_id: str = "t") -> Trainer:
-    """A volunteer's trainer registered for ``run_id``; ``_get_work`` needs no model, data or swarm."""
-    session = NodeSession(server.address, tmp_path / "node", connect_attempts=1)
-    spec = session.open(run_id=run_id)
-    return Trainer(session, spec, model=torch.nn.Linear(2, 2), scheduler=None, source=None, optimizer=None,
-                   params_server=None, micro_batch_size=1)
 
 
 # ---------------------------------------------------------------- the run
