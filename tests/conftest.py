@@ -73,16 +73,17 @@ def swarm_dht(coordinator_key, tmp_path):
         yield peers
 
 
-def _serve_fast_run(directory, *, witness: bool = True, shared: bool = False):
+def _serve_fast_run(directory, *, swarm: bool = True, shared: bool = False):
     """A real ``omi-coordinator serve`` process with the fast test run (``processes.FAST``), drawing no checkpoints,
-    in ``directory``; killed with its process group on exit. ``witness``: wait for the run's witness too;
+    in ``directory``; killed with its process group on exit. ``swarm``: the run's swarm peers (bootstrap, witness,
+    built-in validator) start too, and the run's witness is waited for; without, ``--swarm-host ''``;
     ``shared``: it outlives each test (a fixture of wider scope)."""
     from processes import NO_CHECKPOINTS, ServeProcess, fast_run, kill_group, outlive_the_test
 
     run_file = directory / "run.toml"
     run_file.write_text(fast_run(checkpoints=NO_CHECKPOINTS))
     server = ServeProcess(directory / "coordinator", directory / "coordinator.log", run_file=run_file,
-                          witness=witness)
+                          extra=() if swarm else ("--swarm-host", ""))
     if shared:
         outlive_the_test(server.proc)
     yield server
@@ -97,8 +98,9 @@ def coordinator(tmp_path):
 
 @pytest.fixture
 def serving_coordinator(tmp_path):
-    """As :func:`coordinator`, without waiting for the run's witness: for tests of what the API answers."""
-    yield from _serve_fast_run(tmp_path, witness=False)
+    """As :func:`coordinator`, without the run's swarm peers: for tests of what the API answers (their start costs
+    about 15 CPU-seconds of imports, scripts/cpu_by_process.py)."""
+    yield from _serve_fast_run(tmp_path, swarm=False)
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,13 @@ BIN = Path(sys.executable).parent
 def serve(tmp_path):
     processes = []
 
-    def start(validator: bool = False) -> ServeProcess:
+    def start(validator: bool = False, swarm: bool = True) -> ServeProcess:
+        """``omi-coordinator serve``; without ``swarm`` (``--swarm-host ''``) its runs have no bootstrap peer, witness
+        or built-in validator: the tests of what the coordinator itself stores and answers skip their start (about
+        15 CPU-seconds of imports each time, scripts/cpu_by_process.py)."""
+        extra = ("--validator",) if validator else ()
         process = ServeProcess(tmp_path / "state", tmp_path / "serve.log", grpc_port=grpc_port, http_port=http_port,
-                               extra=("--validator",) if validator else (), witness=False)
+                               extra=extra if swarm else (*extra, "--swarm-host", ""), witness=False)
         processes.append(process)
         return process
 
@@ -37,7 +41,7 @@ def serve(tmp_path):
 
 
 def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
-    server = serve()
+    server = serve(swarm=False)
     state = tmp_path / "state"
     assert (state / "admin_token").stat().st_mode & 0o777 == 0o600
     assert (state / "coordinator_key.pem").stat().st_mode & 0o777 == 0o600
@@ -61,7 +65,7 @@ def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
 
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
-    server = serve()
+    server = serve(swarm=False)
 
     status = nodes[0].get_run_status("digits")
     assert status.contributions == len(nodes)
@@ -88,7 +92,7 @@ def test_acknowledged_writes_survive_kill_9(serve, tmp_path):
 
 
 def test_admin_cli(serve, tmp_path):
-    server = serve()
+    server = serve(swarm=False)
     state = tmp_path / "state"
     bad = tmp_path / "bad.toml"
     bad.write_text(DIGITS.read_text().replace('id = "digits"', 'id = "other"').replace("seed = 0", "seeds = 0"))
