@@ -40,6 +40,7 @@ KINDS = (
     ("omi-node", "omi-node (other commands)"),
     ("omi-coordinator", "omi-coordinator (other commands)"),
     ("pytest", "pytest (in-process tests)"),
+    ("import sys;exec(eval(sys.stdin.readline()))", "pytest-xdist worker (in-process tests)"),  # execnet's bootstrap
     ("pip", "pip"),
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
